@@ -1,0 +1,21 @@
+"""tracelearn: make any AI agent learn from its own runs.
+
+The public, agent-side API lives here and imports OpenTelemetry only, so an agent that
+uses it stays light:
+
+    import tracelearn
+    with tracelearn.rollout(task_id="q-17", group="calc"):
+        answer = agent.run(question)
+        tracelearn.emit_reward(1.0 if answer == gold else 0.0)
+
+Subpackages (one per top-level folder of the repository): ``schemas`` (tables and attribute
+names), ``instrumentation`` (OpenTelemetry distro, rollout context, emit API, token-id capture),
+``collector`` (Parquet span writer and exporter), ``pipelines``, ``training``, ``serving``,
+``registry`` and ``cli``. Data flows one way: schemas -> capture -> pipelines -> training -> registry.
+"""
+
+from tracelearn.instrumentation.emit import emit_annotation, emit_message, emit_reward
+from tracelearn.instrumentation.rollout_context import rollout
+
+__all__ = ["emit_annotation", "emit_message", "emit_reward", "rollout"]
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""Migrations that lift a table read from an older file to the current schema version.
+
+A migration is a pure function ``pa.Table -> pa.Table`` registered for (table name, from version);
+``migrate`` applies them in order until the current version, then conforms the result to the
+current schema (columns added since then become nulls, column order follows the schema).
+"""
+
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from tracelearn.schemas.tables import TableSpec
+
+Migration = Callable[[pa.Table], pa.Table]
+
+# (table name, version the migration reads) -> function producing version + 1.
+MIGRATIONS: dict[tuple[str, int], Migration] = {}
+
+
+class SchemaVersionError(ValueError):
+    """A file's schema version cannot be read by this tracelearn."""
+
+
+def register_migration(table: str, from_version: int) -> Callable[[Migration], Migration]:
+    """Decorator registering ``fn`` as the migration of ``table`` from ``from_version``."""
+
+    def register(fn: Migration) -> Migration:
+        MIGRATIONS[(table, from_version)] = fn
+        return fn
+
+    return register
+
+
+def conform(table: pa.Table, spec: TableSpec) -> pa.Table:
+    """Select the spec's columns in order, adding missing nullable ones as nulls and casting types."""
+    columns = []
+    for field in spec.schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(table.num_rows, field.type))
+        else:
+            raise SchemaVersionError(
+                f"table {spec.name!r} lacks required column {field.name!r} and no migration adds it"
+            )
+    return pa.Table.from_arrays(columns, schema=spec.schema_with_metadata())
+
+
+def migrate(table: pa.Table, spec: TableSpec, version: int, source: str) -> pa.Table:
+    """Lift ``table`` (read at ``version`` from ``source``) to ``spec.version``."""
+    if version > spec.version:
+        raise SchemaVersionError(
+            f"{source}: {spec.name} schema version {version} is newer than this tracelearn reads "
+            f"({spec.version}); upgrade tracelearn"
+        )
+    while version < spec.version:
+        step = MIGRATIONS.get((spec.name, version))
+        if step is None:
+            raise SchemaVersionError(
+                f"{source}: no migration for {spec.name} from schema version {version} "
+                f"(current is {spec.version})"
+            )
+        table = step(table)
+        version += 1
+    return conform(table, spec)

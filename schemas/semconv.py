@@ -1,0 +1,90 @@
+"""Attribute names: the ones tracelearn writes, and the ``gen_ai.*`` / framework ones it reads.
+
+Everything that names a span attribute, a baggage key or a resource attribute is defined here once,
+so the capture side, the collector and the pipelines cannot disagree on a spelling.
+"""
+
+from typing import Final
+
+# --- Our own attributes (written by tracelearn.instrumentation) -------------------------------------
+ROLLOUT_ID: Final = "tracelearn.rollout.id"
+ATTEMPT_ID: Final = "tracelearn.rollout.attempt_id"
+TASK_ID: Final = "tracelearn.task.id"
+GROUP_ID: Final = "tracelearn.rollout.group"
+AGENT_NAME: Final = "tracelearn.agent.name"
+SPAN_TYPE: Final = "tracelearn.span.type"
+
+REWARD_NAME: Final = "tracelearn.reward.name"
+REWARD_VALUE: Final = "tracelearn.reward.value"
+REWARD_PRIMARY: Final = "tracelearn.reward.primary"
+ANNOTATION_NAME: Final = "tracelearn.annotation.name"
+ANNOTATION_VALUE: Final = "tracelearn.annotation.value"
+MESSAGE_ROLE: Final = "tracelearn.message.role"
+MESSAGE_CONTENT: Final = "tracelearn.message.content"
+METADATA_PREFIX: Final = "tracelearn.metadata."
+
+# Token fidelity: what the model server generated, recorded on the LLM call's span.
+PROMPT_TOKEN_IDS: Final = "tracelearn.llm.prompt_token_ids"
+RESPONSE_TOKEN_IDS: Final = "tracelearn.llm.response_token_ids"
+RESPONSE_LOGPROBS: Final = "tracelearn.llm.response_logprobs"
+TOKEN_IDS_STATUS: Final = "tracelearn.llm.token_ids_status"
+MODEL_VERSION: Final = "tracelearn.model.version"
+
+# Baggage keys that carry rollout identity across threads, tasks and (with W3C propagation) processes.
+BAGGAGE_KEYS: Final = (ROLLOUT_ID, ATTEMPT_ID, TASK_ID, GROUP_ID, AGENT_NAME)
+
+# Span names of our own spans.
+SPAN_ROLLOUT: Final = "tracelearn.rollout"
+SPAN_REWARD: Final = "tracelearn.reward"
+SPAN_ANNOTATION: Final = "tracelearn.annotation"
+SPAN_MESSAGE: Final = "tracelearn.message"
+SPAN_TOKEN_IDS: Final = "tracelearn.token_ids"
+
+# Values of SPAN_TYPE / the spans table's ``span_type`` column.
+TYPE_ROLLOUT: Final = "rollout"
+TYPE_LLM: Final = "llm"
+TYPE_TOOL: Final = "tool"
+TYPE_AGENT: Final = "agent"
+TYPE_REWARD: Final = "reward"
+TYPE_ANNOTATION: Final = "annotation"
+TYPE_MESSAGE: Final = "message"
+TYPE_TOKEN_IDS: Final = "token_ids"
+TYPE_OTHER: Final = "other"
+
+# Values of TOKEN_IDS_STATUS.
+TOKEN_IDS_FROM_SERVER: Final = "server"
+TOKEN_IDS_NOT_REQUESTED: Final = "not_requested"
+TOKEN_IDS_REJECTED: Final = "rejected_by_server"
+TOKEN_IDS_MISSING: Final = "missing_in_response"
+
+# --- OpenTelemetry resource / GenAI semantic conventions we read -------------------------------------
+SERVICE_NAME: Final = "service.name"
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_SYSTEM: Final = "gen_ai.system"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_PROMPT_TOKENS_OLD: Final = "gen_ai.usage.prompt_tokens"
+GEN_AI_USAGE_COMPLETION_TOKENS_OLD: Final = "gen_ai.usage.completion_tokens"
+GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
+GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
+GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
+GEN_AI_AGENT_NAME: Final = "gen_ai.agent.name"
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
+# Traceloop's pre-0.55 flattened form: gen_ai.prompt.{i}.role / .content, gen_ai.completion.{i}.*
+GEN_AI_PROMPT_PREFIX: Final = "gen_ai.prompt."
+GEN_AI_COMPLETION_PREFIX: Final = "gen_ai.completion."
+# The official openai-v2 instrumentation logs messages as span events with these names.
+GEN_AI_EVENT_PREFIX: Final = "gen_ai."
+GEN_AI_CHOICE_EVENT: Final = "gen_ai.choice"
+
+# Traceloop framework attributes (LangChain and friends).
+TRACELOOP_SPAN_KIND: Final = "traceloop.span.kind"
+TRACELOOP_ENTITY_NAME: Final = "traceloop.entity.name"
+TRACELOOP_WORKFLOW_NAME: Final = "traceloop.workflow.name"
+TRACELOOP_AGENT_KINDS: Final = frozenset({"agent", "workflow"})
+TRACELOOP_TOOL_KIND: Final = "tool"
