@@ -15,7 +15,7 @@ names), ``instrumentation`` (OpenTelemetry distro, rollout context, emit API, to
 """
 
 from tracelearn.instrumentation.emit import emit_annotation, emit_message, emit_reward
-from tracelearn.instrumentation.rollout_context import rollout
+from tracelearn.instrumentation.rollout_context import agent, rollout
 
-__all__ = ["emit_annotation", "emit_message", "emit_reward", "rollout"]
+__all__ = ["agent", "emit_annotation", "emit_message", "emit_reward", "rollout"]
 __version__ = "0.1.0"

@@ -249,15 +249,25 @@ def float_list(value: Any) -> list[float] | None:
 
 
 def agent_name_of(attributes: Mapping[str, Any]) -> str | None:
-    """The agent a span declares itself to be (not inherited): ours, gen_ai.agent.name, or Traceloop's."""
+    """The agent a span belongs to.
+
+    In order: the user's explicit ``tracelearn.agent()`` / ``rollout(agent=)`` (baggage), the span's own
+    ``gen_ai.agent.name`` or Traceloop agent entity, the name inherited from its ancestors at start,
+    and last the span's own Traceloop workflow name.
+    """
     for key in (sc.AGENT_NAME, sc.GEN_AI_AGENT_NAME):
         value = attributes.get(key)
         if isinstance(value, str) and value:
             return value
-    if attributes.get(sc.TRACELOOP_SPAN_KIND) in sc.TRACELOOP_AGENT_KINDS:
-        value = attributes.get(sc.TRACELOOP_ENTITY_NAME)
-        if isinstance(value, str) and value:
-            return value
+    kind = attributes.get(sc.TRACELOOP_SPAN_KIND)
+    entity = attributes.get(sc.TRACELOOP_ENTITY_NAME)
+    if kind == "agent" and isinstance(entity, str) and entity:
+        return entity
+    inherited = attributes.get(sc.AGENT_INHERITED)
+    if isinstance(inherited, str) and inherited:
+        return inherited
+    if kind == "workflow" and isinstance(entity, str) and entity:
+        return entity
     return None
 
 

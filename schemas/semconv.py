@@ -12,6 +12,8 @@ ATTEMPT_ID: Final = "tracelearn.rollout.attempt_id"
 TASK_ID: Final = "tracelearn.task.id"
 GROUP_ID: Final = "tracelearn.rollout.group"
 AGENT_NAME: Final = "tracelearn.agent.name"
+# Agent resolved from the span's ancestors at start (frameworks name agents on outer spans).
+AGENT_INHERITED: Final = "tracelearn.agent.inherited"
 SPAN_TYPE: Final = "tracelearn.span.type"
 
 REWARD_NAME: Final = "tracelearn.reward.name"
@@ -56,6 +58,8 @@ TOKEN_IDS_FROM_SERVER: Final = "server"
 TOKEN_IDS_NOT_REQUESTED: Final = "not_requested"
 TOKEN_IDS_REJECTED: Final = "rejected_by_server"
 TOKEN_IDS_MISSING: Final = "missing_in_response"
+# Set by the collector on LLM spans that no token-id hook saw (our instrumentor was not active).
+TOKEN_IDS_NOT_CAPTURED: Final = "not_captured"
 
 # --- OpenTelemetry resource / GenAI semantic conventions we read -------------------------------------
 SERVICE_NAME: Final = "service.name"

@@ -107,7 +107,7 @@ SPANS = TableSpec(
             _field("response_logprobs", LOGPROBS, "Log-probability of each response token under the "
                    "serving policy."),
             _field("token_ids_status", pa.string(), "server, not_requested, rejected_by_server or "
-                   "missing_in_response (null for non-LLM spans)."),
+                   "missing_in_response, or not_captured when no token-id hook saw the call (null for non-LLM spans)."),
             _field("tool_name", pa.string(), "Tool name for tool spans."),
             _field("reward", pa.float64(), "Reward value, for reward spans."),
             _field("reward_name", pa.string(), "Reward name, for reward spans."),

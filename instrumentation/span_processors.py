@@ -1,0 +1,269 @@
+"""Span processors installed by our configurator.
+
+* ``RolloutContextSpanProcessor`` copies rollout identity from baggage onto each span at start and
+  resolves which agent a span belongs to from its ancestors (frameworks name agents on outer spans).
+* ``DurableBatchSpanProcessor`` replaces the SDK's BatchSpanProcessor, which silently drops spans
+  when its 2048-span queue is full: ours has a large bound, blocks the producer briefly when full,
+  counts and reports anything it still has to drop, and flushes whenever a rollout (root span) ends.
+"""
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import baggage, context, trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from tracelearn.schemas import semconv as sc
+
+logger = logging.getLogger(__name__)
+
+# Strength of an agent-name declaration: an explicit agent beats a workflow's top-level step, which
+# beats the workflow itself; nested framework internals (prompt templates, sequences) declare nothing.
+AGENT_STRENGTH_EXPLICIT = 3
+AGENT_STRENGTH_STEP = 2
+AGENT_STRENGTH_WORKFLOW = 1
+
+
+def declared_agent(attributes: Mapping[str, Any], parent_kind: str | None) -> tuple[str, int] | None:
+    """The agent name a span declares and how strongly, given the Traceloop kind of its parent."""
+    explicit = attributes.get(sc.GEN_AI_AGENT_NAME)
+    if isinstance(explicit, str) and explicit:
+        return explicit, AGENT_STRENGTH_EXPLICIT
+    kind = attributes.get(sc.TRACELOOP_SPAN_KIND)
+    entity = attributes.get(sc.TRACELOOP_ENTITY_NAME)
+    if not isinstance(entity, str) or not entity:
+        return None
+    if kind == "agent":
+        return entity, AGENT_STRENGTH_EXPLICIT
+    if kind == "task" and parent_kind == "workflow":
+        return entity, AGENT_STRENGTH_STEP
+    if kind == "workflow":
+        return entity, AGENT_STRENGTH_WORKFLOW
+    return None
+
+
+class RolloutContextSpanProcessor(SpanProcessor):
+    """Stamps rollout identity (from baggage) and the inherited agent name on every span at start."""
+
+    def __init__(self) -> None:
+        # Live spans only (removed at end): span_id -> (resolved agent, strength, traceloop kind).
+        self._agents: dict[int, tuple[str | None, int, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: context.Context | None = None) -> None:
+        try:
+            self._stamp(span, parent_context)
+        except Exception:  # instrumentation never raises into the agent
+            logger.exception("tracelearn: stamping rollout context on a span failed")
+
+    def _stamp(self, span: Span, parent_context: context.Context | None) -> None:
+        for key in sc.BAGGAGE_KEYS:
+            value = baggage.get_baggage(key, parent_context)
+            if value is not None and (span.attributes is None or key not in span.attributes):
+                span.set_attribute(key, str(value))
+        parent = trace.get_current_span(parent_context)
+        parent_ctx = parent.get_span_context()
+        if not parent_ctx.is_valid or not isinstance(parent, ReadableSpan):
+            self._remember(span, None, 0)
+            return
+        with self._lock:
+            inherited, strength, grandparent_kind = self._agents.get(parent_ctx.span_id, (None, 0, None))
+        own = declared_agent(parent.attributes or {}, grandparent_kind)
+        if own is not None and own[1] >= strength:
+            inherited, strength = own
+        if inherited is not None:
+            span.set_attribute(sc.AGENT_INHERITED, inherited)
+        self._remember(span, inherited, strength)
+        # A span's own Traceloop kind is set after start; record the parent's for the grandchildren.
+        with self._lock:
+            parent_kind = (parent.attributes or {}).get(sc.TRACELOOP_SPAN_KIND)
+            known = self._agents.get(parent_ctx.span_id)
+            if known is not None and known[2] is None and isinstance(parent_kind, str):
+                self._agents[parent_ctx.span_id] = (known[0], known[1], parent_kind)
+
+    def _remember(self, span: Span, agent_name: str | None, strength: int) -> None:
+        with self._lock:
+            self._agents[span.get_span_context().span_id] = (agent_name, strength, None)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is not None:
+            with self._lock:
+                self._agents.pop(span.context.span_id, None)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._agents.clear()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        logger.warning("tracelearn: %s=%r is not an integer; using %d", name, raw, default)
+        return default
+    return value if value > 0 else default
+
+
+class DurableBatchSpanProcessor(SpanProcessor):
+    """Batches ended spans to an exporter on a worker thread, without silent drops.
+
+    Queue bound ``max(OTEL_BSP_MAX_QUEUE_SIZE, TRACELEARN_QUEUE_SIZE)`` (default 65536 spans). When the
+    queue is full, ``on_end`` waits up to ``TRACELEARN_QUEUE_BLOCK_MS`` (default 200 ms) for room; a
+    span still without room is dropped, counted, and reported (a warning once, and at shutdown).
+    A root span ending (the end of a rollout) triggers an export and a flush of the exporter.
+    """
+
+    def __init__(
+        self,
+        span_exporter: SpanExporter,
+        max_queue_size: int | None = None,
+        schedule_delay_millis: int | None = None,
+        max_export_batch_size: int | None = None,
+        block_millis: int | None = None,
+    ) -> None:
+        self.exporter = span_exporter
+        self.max_queue_size = max_queue_size or max(
+            _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048), _env_int("TRACELEARN_QUEUE_SIZE", 65536)
+        )
+        self.schedule_delay = (schedule_delay_millis or _env_int("OTEL_BSP_SCHEDULE_DELAY", 1000)) / 1000
+        self.max_export_batch_size = max_export_batch_size or _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048)
+        self.block_seconds = (block_millis or _env_int("TRACELEARN_QUEUE_BLOCK_MS", 200)) / 1000
+        self.dropped = 0
+        self.exported = 0
+        self.failed_exports = 0
+        self._queue: collections.deque[ReadableSpan] = collections.deque()
+        self._condition = threading.Condition()
+        self._flush_requested = 0
+        self._flushes_done = 0
+        self._shutdown = False
+        self._warned_drop = False
+        self._worker = self._start_worker()
+        os.register_at_fork(after_in_child=self._restart_after_fork)
+
+    def _start_worker(self) -> threading.Thread:
+        worker = threading.Thread(target=self._run, name="tracelearn-span-export", daemon=True)
+        worker.start()
+        return worker
+
+    def _restart_after_fork(self) -> None:
+        # The worker thread does not survive fork; the child starts its own with an empty queue.
+        self._queue.clear()
+        self._condition = threading.Condition()
+        self._worker = self._start_worker()
+
+    def on_start(self, span: Span, parent_context: context.Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._shutdown or not span.context or not span.context.trace_flags.sampled:
+            return
+        with self._condition:
+            if len(self._queue) >= self.max_queue_size:
+                deadline = time.monotonic() + self.block_seconds
+                while len(self._queue) >= self.max_queue_size and time.monotonic() < deadline:
+                    self._condition.wait(deadline - time.monotonic())
+                if len(self._queue) >= self.max_queue_size:
+                    self._count_drop()
+                    return
+            self._queue.append(span)
+            if span.parent is None:
+                self._flush_requested += 1
+            if span.parent is None or len(self._queue) >= self.max_export_batch_size:
+                self._condition.notify_all()
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        if not self._warned_drop:
+            self._warned_drop = True
+            logger.warning(
+                "tracelearn: span queue full (%d spans) for %.0f ms; dropping spans and counting them. "
+                "Raise TRACELEARN_QUEUE_SIZE or check that the exporter keeps up.",
+                self.max_queue_size,
+                self.block_seconds * 1000,
+            )
+
+    def _take_batch(self) -> list[ReadableSpan]:
+        count = min(len(self._queue), self.max_export_batch_size)
+        return [self._queue.popleft() for _ in range(count)]
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                if (
+                    len(self._queue) < self.max_export_batch_size
+                    and not self._shutdown
+                    and self._flush_requested == self._flushes_done
+                ):
+                    self._condition.wait(self.schedule_delay)
+                batch = self._take_batch()
+                flush_target = self._flush_requested
+                stopping = self._shutdown
+                self._condition.notify_all()  # producers blocked on a full queue
+            if batch:
+                self._export(batch)
+            with self._condition:
+                drained = not self._queue
+            if drained and flush_target > self._flushes_done:
+                self._flush_exporter()
+                with self._condition:
+                    self._flushes_done = flush_target
+                    self._condition.notify_all()
+            if stopping and drained:
+                return
+
+    def _export(self, batch: Sequence[ReadableSpan]) -> None:
+        try:
+            result = self.exporter.export(batch)
+        except Exception:
+            logger.exception("tracelearn: span exporter raised; %d spans not exported", len(batch))
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(batch)
+        else:
+            self.failed_exports += len(batch)
+
+    def _flush_exporter(self) -> None:
+        try:
+            self.exporter.force_flush()
+        except Exception:
+            logger.exception("tracelearn: flushing the span exporter failed")
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._condition:
+            self._flush_requested += 1
+            target = self._flush_requested
+            self._condition.notify_all()
+            while self._flushes_done < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._worker.is_alive():
+                    return False
+                self._condition.wait(remaining)
+        return True
+
+    def shutdown(self) -> None:
+        if self._shutdown:
+            return
+        self.force_flush()
+        with self._condition:
+            self._shutdown = True
+            self._condition.notify_all()
+        self._worker.join(timeout=30)
+        if self.dropped:
+            logger.warning("tracelearn: %d spans were dropped because the queue stayed full", self.dropped)
+        try:
+            self.exporter.shutdown()
+        except Exception:
+            logger.exception("tracelearn: shutting the span exporter down failed")
