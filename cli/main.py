@@ -1,9 +1,16 @@
-"""Entry point of the ``tracelearn`` command: one click group, subcommand groups registered lazily."""
+"""Entry point of the ``tracelearn`` command: one click group; each subcommand lives in its own module."""
 
 import click
+
+from tracelearn.cli.demo import demo
+from tracelearn.cli.spans import spans
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tracelearn")
 def main() -> None:
     """tracelearn: make any AI agent learn from its own runs."""
+
+
+main.add_command(demo)
+main.add_command(spans)

@@ -77,7 +77,7 @@ def write_parquet_atomically(
             )
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, final)
+        temp.replace(final)
         fsync_directory(directory)
     except BaseException:
         temp.unlink(missing_ok=True)

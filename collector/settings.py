@@ -12,13 +12,17 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "TRACELEARN_ROLL_BYTES": ("67108864", "Roll a spans file when its buffered rows reach this many bytes."),
     "TRACELEARN_ROLL_SECONDS": ("60", "Roll a spans file when its oldest buffered span is this old."),
     "TRACELEARN_COMPRESSION": ("zstd", "Parquet compression: zstd, snappy, gzip, lz4, brotli or none."),
-    "TRACELEARN_MAX_ATTRIBUTE_BYTES": ("8388608", "Attribute values longer than this are truncated "
-                                       "(and counted)."),
+    "TRACELEARN_MAX_ATTRIBUTE_BYTES": ("8388608", "Attribute values longer than this are truncated (and counted)."),
     "TRACELEARN_QUEUE_SIZE": ("65536", "Span queue bound of our batch processor (never drops silently)."),
-    "TRACELEARN_QUEUE_BLOCK_MS": ("200", "How long a full queue blocks the agent before a span is dropped "
-                                  "and counted."),
-    "TRACELEARN_TOKEN_IDS": ("auto", "Ask OpenAI-compatible servers for token ids and logprobs: on, off, "
-                             "or auto (loopback and private addresses only)."),
+    "TRACELEARN_QUEUE_BLOCK_MS": (
+        "200",
+        "How long a full queue blocks the agent before a span is dropped and counted.",
+    ),
+    "TRACELEARN_TOKEN_IDS": (
+        "auto",
+        "Ask OpenAI-compatible servers for token ids and logprobs: on, off, "
+        "or auto (loopback and private addresses only).",
+    ),
     "TRACELEARN_MODEL_CACHE": ("~/.cache/tracelearn/models", "Where the default model is unpacked at setup."),
 }
 

@@ -83,4 +83,3 @@ class ParquetSpanExporter(SpanExporter):
             logger.error("tracelearn: %d spans could not be written before shutdown and are lost", lost)
         if self.spans_lost:
             logger.error("tracelearn: %d spans were lost in total", self.spans_lost)
-

@@ -26,7 +26,7 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 # Promoted into typed columns and not repeated (as JSON text) in the raw attribute map.
 TYPED_ONLY_ATTRIBUTES = frozenset({sc.PROMPT_TOKEN_IDS, sc.RESPONSE_TOKEN_IDS, sc.RESPONSE_LOGPROBS})
 
-Partition = tuple[str, str]
+Partition = tuple[str, ...]
 SpanEvent = tuple[str, int, Mapping[str, Any]]
 SpanLink = tuple[int, int, Mapping[str, Any]]
 
@@ -177,9 +177,7 @@ class SpanColumns:
                 nz.as_int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS, attrs.get(sc.GEN_AI_USAGE_PROMPT_TOKENS_OLD)))
             )
             cols["output_tokens"].append(
-                nz.as_int(
-                    attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS, attrs.get(sc.GEN_AI_USAGE_COMPLETION_TOKENS_OLD))
-                )
+                nz.as_int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS, attrs.get(sc.GEN_AI_USAGE_COMPLETION_TOKENS_OLD)))
             )
         elif kind == sc.TYPE_MESSAGE:
             message = {"role": attrs.get(sc.MESSAGE_ROLE), "content": attrs.get(sc.MESSAGE_CONTENT)}
@@ -196,7 +194,9 @@ class SpanColumns:
         cols["response_token_ids"].append(nz.int_list(attrs.get(sc.RESPONSE_TOKEN_IDS)))
         cols["response_logprobs"].append(nz.float_list(attrs.get(sc.RESPONSE_LOGPROBS)))
         status = attrs.get(sc.TOKEN_IDS_STATUS)
-        cols["token_ids_status"].append(str(status) if status is not None else (sc.TOKEN_IDS_NOT_CAPTURED if is_llm else None))
+        cols["token_ids_status"].append(
+            str(status) if status is not None else (sc.TOKEN_IDS_NOT_CAPTURED if is_llm else None)
+        )
         cols["tool_name"].append(nz.tool_name_of(record.name, attrs) if kind == sc.TYPE_TOOL else None)
         if kind == sc.TYPE_REWARD:
             cols["reward"].append(nz.as_float(attrs.get(sc.REWARD_VALUE)))

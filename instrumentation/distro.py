@@ -10,14 +10,20 @@ user chose them.
 import os
 from typing import Any
 
-from opentelemetry.environment_variables import OTEL_LOGS_EXPORTER, OTEL_METRICS_EXPORTER, OTEL_TRACES_EXPORTER
-from opentelemetry.instrumentation.distro import BaseDistro
+from opentelemetry.environment_variables import (
+    OTEL_LOGS_EXPORTER,
+    OTEL_METRICS_EXPORTER,
+    OTEL_TRACES_EXPORTER,
+)
+
+# The instrumentation package ships no type information for its distro module.
+from opentelemetry.instrumentation.distro import BaseDistro  # type: ignore[attr-defined]
 from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
 from tracelearn.instrumentation.span_processors import DurableBatchSpanProcessor, RolloutContextSpanProcessor
 
 
-class TracelearnDistro(BaseDistro):
+class TracelearnDistro(BaseDistro):  # type: ignore[misc]
     """Defaults: traces to the tracelearn Parquet exporter; metrics and logs off."""
 
     def _configure(self, **kwargs: Any) -> None:
@@ -32,4 +38,4 @@ class TracelearnConfigurator(_OTelSDKConfigurator):
     def _configure(self, **kwargs: Any) -> None:
         kwargs.setdefault("span_processors", [RolloutContextSpanProcessor()])
         kwargs.setdefault("export_span_processor", DurableBatchSpanProcessor)
-        super()._configure(**kwargs)
+        super()._configure(**kwargs)  # type: ignore[no-untyped-call]

@@ -28,7 +28,7 @@ def _reward_items(value: float | Mapping[str, float]) -> list[tuple[str, float]]
             raise ValueError("emit_reward got an empty mapping; give at least one named reward")
     else:
         items = [(DEFAULT_REWARD_NAME, value)]
-    checked = []
+    checked: list[tuple[str, float]] = []
     for name, reward in items:
         if not isinstance(name, str) or not name:
             raise TypeError(f"reward names must be non-empty strings, got {name!r}")

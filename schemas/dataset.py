@@ -25,9 +25,7 @@ def dataset_files(root: str | Path) -> list[Path]:
     if not path.is_dir():
         raise DatasetError(f"{path}: no such file or directory")
     return sorted(
-        p
-        for p in path.rglob("*.parquet")
-        if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+        p for p in path.rglob("*.parquet") if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
     )
 
 
@@ -50,8 +48,7 @@ def file_schema_version(path: Path, expected: TableSpec) -> int:
     raw = metadata.get(SCHEMA_VERSION_KEY)
     if raw is None:
         raise DatasetError(
-            f"{path}: no {SCHEMA_VERSION_KEY.decode()} in the Parquet metadata; "
-            f"not a tracelearn {expected.name} file"
+            f"{path}: no {SCHEMA_VERSION_KEY.decode()} in the Parquet metadata; not a tracelearn {expected.name} file"
         )
     table = metadata.get(TABLE_NAME_KEY, expected.name.encode()).decode()
     if table != expected.name:

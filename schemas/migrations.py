@@ -57,8 +57,7 @@ def migrate(table: pa.Table, spec: TableSpec, version: int, source: str) -> pa.T
         step = MIGRATIONS.get((spec.name, version))
         if step is None:
             raise SchemaVersionError(
-                f"{source}: no migration for {spec.name} from schema version {version} "
-                f"(current is {spec.version})"
+                f"{source}: no migration for {spec.name} from schema version {version} (current is {spec.version})"
             )
         table = step(table)
         version += 1

@@ -82,32 +82,54 @@ SPANS = TableSpec(
             _field("attributes", STRING_MAP, "All span attributes, raw (nothing is dropped)."),
             _field("events", pa.list_(SPAN_EVENT), "Span events: name, time, attributes."),
             _field("links", pa.list_(SPAN_LINK), "Span links: trace_id, span_id, attributes."),
-            _field("span_type", pa.string(), "llm, tool, agent, reward, annotation, message, rollout, "
-                   "token_ids or other (derived from the attributes)."),
-            _field("rollout_id", pa.string(), "Rollout id: from tracelearn.rollout() or baggage, else "
-                   "the trace id (one trace is one rollout)."),
+            _field(
+                "span_type",
+                pa.string(),
+                "llm, tool, agent, reward, annotation, message, rollout, "
+                "token_ids or other (derived from the attributes).",
+            ),
+            _field(
+                "rollout_id",
+                pa.string(),
+                "Rollout id: from tracelearn.rollout() or baggage, else the trace id (one trace is one rollout).",
+            ),
             _field("attempt_id", pa.string(), "Attempt id within the rollout, if set."),
-            _field("task_id", pa.string(), "Task id if set explicitly; otherwise null here and "
-                   "derived per rollout by the pipeline (hash of the first user message)."),
+            _field(
+                "task_id",
+                pa.string(),
+                "Task id if set explicitly; otherwise null here and "
+                "derived per rollout by the pipeline (hash of the first user message).",
+            ),
             _field("group_id", pa.string(), "Rollout group (for example the task family), if set."),
-            _field("agent_name", pa.string(), "Agent that made the call: gen_ai.agent.name, "
-                   "tracelearn.agent.name or the framework's entity name, inherited from ancestors."),
+            _field(
+                "agent_name",
+                pa.string(),
+                "Agent that made the call: gen_ai.agent.name, "
+                "tracelearn.agent.name or the framework's entity name, inherited from ancestors.",
+            ),
             _field("operation_name", pa.string(), "gen_ai.operation.name (chat, text_completion, ...)."),
             _field("request_model", pa.string(), "gen_ai.request.model."),
             _field("response_model", pa.string(), "gen_ai.response.model."),
             _field("response_id", pa.string(), "gen_ai.response.id (joins token ids to the call)."),
             _field("finish_reason", pa.string(), "First of gen_ai.response.finish_reasons."),
-            _field("input_messages", pa.string(), "Prompt messages as JSON text: "
-                   '[{"role": ..., "content": ..., "tool_calls"?: ..., "tool_call_id"?: ...}].'),
+            _field(
+                "input_messages",
+                pa.string(),
+                "Prompt messages as JSON text: "
+                '[{"role": ..., "content": ..., "tool_calls"?: ..., "tool_call_id"?: ...}].',
+            ),
             _field("output_messages", pa.string(), "Response messages, same JSON shape."),
             _field("input_tokens", pa.int64(), "gen_ai.usage.input_tokens."),
             _field("output_tokens", pa.int64(), "gen_ai.usage.output_tokens."),
             _field("prompt_token_ids", TOKEN_IDS, "Prompt token ids as the model server tokenized them."),
             _field("response_token_ids", TOKEN_IDS, "Response token ids as the model server generated them."),
-            _field("response_logprobs", LOGPROBS, "Log-probability of each response token under the "
-                   "serving policy."),
-            _field("token_ids_status", pa.string(), "server, not_requested, rejected_by_server or "
-                   "missing_in_response, or not_captured when no token-id hook saw the call (null for non-LLM spans)."),
+            _field("response_logprobs", LOGPROBS, "Log-probability of each response token under the serving policy."),
+            _field(
+                "token_ids_status",
+                pa.string(),
+                "server, not_requested, rejected_by_server or "
+                "missing_in_response, or not_captured when no token-id hook saw the call (null for non-LLM spans).",
+            ),
             _field("tool_name", pa.string(), "Tool name for tool spans."),
             _field("reward", pa.float64(), "Reward value, for reward spans."),
             _field("reward_name", pa.string(), "Reward name, for reward spans."),
@@ -124,8 +146,7 @@ FEEDBACK = TableSpec(
     "pipeline on trace_id or rollout_id.",
     schema=pa.schema(
         [
-            _field("feedback_id", pa.string(), "Unique id of this feedback item (de-duplication key).",
-                   nullable=False),
+            _field("feedback_id", pa.string(), "Unique id of this feedback item (de-duplication key).", nullable=False),
             _field("trace_id", pa.string(), "Trace the feedback is about (32 hex), or null."),
             _field("rollout_id", pa.string(), "Rollout the feedback is about, or null."),
             _field("name", pa.string(), "Reward name.", nullable=False),
@@ -176,8 +197,7 @@ TRANSITIONS = TableSpec(
             _field("attempt_id", pa.string(), "Attempt id, if any."),
             _field("task_id", pa.string(), "Task id."),
             _field("group_id", pa.string(), "Group key used for advantages."),
-            _field("step_index", pa.int32(), "Order of the call within the rollout (0-based).",
-                   nullable=False),
+            _field("step_index", pa.int32(), "Order of the call within the rollout (0-based).", nullable=False),
             _field("agent_name", pa.string(), "Agent that made the call."),
             _field("model", pa.string(), "Model that answered."),
             _field("prompt_messages", pa.string(), "Prompt messages (JSON text)."),

@@ -1,0 +1,128 @@
+"""``tracelearn demo``: the end-to-end demo on the embedded defaults (no GPU, no network, no accounts).
+
+Today it covers capture: it serves the embedded policy model, runs the bundled calculator agent under
+``opentelemetry-instrument`` (agent code unchanged) on the example tasks, and prints what landed in
+the spans dataset. Later capabilities extend this same command until it runs the whole loop.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from tracelearn.cli.spans import render_stats
+from tracelearn.collector.span_stats import spans_stats
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_AGENT = REPO_ROOT / "examples" / "calc" / "agent.py"
+EXAMPLE_TASKS = REPO_ROOT / "examples" / "calc" / "tasks.jsonl"
+SERVER_READY_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until_ready(url: str, server: subprocess.Popen[bytes], console: Console) -> None:
+    """Poll ``url`` until it answers 200, failing early if the server process exits."""
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+    with console.status("loading the policy model into the embedded server..."):
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise click.ClickException(f"the model server exited with code {server.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+    raise click.ClickException(f"the model server did not answer {url} within {SERVER_READY_TIMEOUT_S} s")
+
+
+def venv_tool(name: str) -> str:
+    """A console script of the running interpreter's environment (not whatever PATH finds first)."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if found is None:
+        raise click.ClickException(f"{name} not found; run scripts/bootstrap.sh")
+    return found
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="A few tasks only (CI smoke run, well under 3 minutes).")
+@click.option("--model", default="smollm2", show_default=True, help="Policy model to serve.")
+@click.option("--tasks", "tasks_path", type=click.Path(exists=True, path_type=Path), default=EXAMPLE_TASKS)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Run at most this many tasks.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the run's data goes (default: runs/demo-<time>).",
+)
+def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: Path | None) -> None:
+    """Serve the policy, run the example agent under OpenTelemetry, show the captured dataset."""
+    console = Console()
+    workdir = workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    limit = limit or (4 if quick else None)
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    console.rule("[bold]1. serve the policy model")
+    server_log = (workdir / "server.log").open("wb")
+    server = subprocess.Popen(
+        [venv_tool("tracelearn"), "serve", "--model", model, "--port", str(port)],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until_ready(f"{base_url}/models", server, console)
+        console.print(f"policy [bold]{model}[/] served at {base_url} (log: {workdir / 'server.log'})")
+
+        console.rule("[bold]2. run the agent under opentelemetry-instrument (agent code unchanged)")
+        command = [
+            venv_tool("opentelemetry-instrument"),
+            "--traces_exporter",
+            "tracelearn",
+            sys.executable,
+            str(EXAMPLE_AGENT),
+            "--tasks",
+            str(tasks_path),
+            "--model",
+            model,
+        ]
+        if limit is not None:
+            command += ["--limit", str(limit)]
+        env = {
+            **os.environ,
+            "TRACELEARN_DATA": str(data),
+            "OTEL_SERVICE_NAME": "calc-agent",
+            "OPENAI_BASE_URL": base_url,
+            "OPENAI_API_KEY": "not-needed",
+        }
+        console.print("$ " + " ".join(command[:5]) + " ...", style="dim")
+        agent = subprocess.run(command, env=env, check=False)
+        if agent.returncode != 0:
+            raise click.ClickException(f"the agent exited with code {agent.returncode}")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        server_log.close()
+
+    console.rule("[bold]3. what was captured: tracelearn spans stats " + str(data))
+    render_stats(spans_stats(data), console)

