@@ -15,7 +15,12 @@ from opentelemetry import trace
 from tracelearn.schemas import semconv as sc
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer("tracelearn")
+
+
+def _tracer() -> trace.Tracer:
+    # Looked up per call: a module-level proxy tracer would stay bound to the first provider it saw.
+    return trace.get_tracer("tracelearn")
+
 
 DEFAULT_REWARD_NAME = "reward"
 AttributeValue = str | bool | int | float
@@ -54,7 +59,7 @@ def emit_reward(value: float | Mapping[str, float], primary: str | None = None) 
         if not math.isfinite(reward):
             logger.warning("tracelearn: reward %r is %s; not recorded", name, reward)
             continue
-        with tracer.start_as_current_span(
+        with _tracer().start_as_current_span(
             sc.SPAN_REWARD,
             attributes={
                 sc.SPAN_TYPE: sc.TYPE_REWARD,
@@ -73,7 +78,7 @@ def _attribute_value(value: Any) -> AttributeValue:
 def emit_annotation(name: str, value: Any = True, **attributes: Any) -> None:
     """Record a named annotation (a label, a score, a note) on the current rollout."""
     extra = {f"{sc.METADATA_PREFIX}{key}": _attribute_value(v) for key, v in attributes.items()}
-    with tracer.start_as_current_span(
+    with _tracer().start_as_current_span(
         sc.SPAN_ANNOTATION,
         attributes={
             sc.SPAN_TYPE: sc.TYPE_ANNOTATION,
@@ -87,7 +92,7 @@ def emit_annotation(name: str, value: Any = True, **attributes: Any) -> None:
 
 def emit_message(role: str, content: str) -> None:
     """Record a message (for example the final answer shown to a user) on the current rollout."""
-    with tracer.start_as_current_span(
+    with _tracer().start_as_current_span(
         sc.SPAN_MESSAGE,
         attributes={sc.SPAN_TYPE: sc.TYPE_MESSAGE, sc.MESSAGE_ROLE: role, sc.MESSAGE_CONTENT: content},
     ):

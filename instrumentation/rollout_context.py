@@ -22,7 +22,12 @@ from opentelemetry.trace import Status, StatusCode
 from tracelearn.schemas import semconv as sc
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer("tracelearn")
+
+
+def _tracer() -> trace.Tracer:
+    # Looked up per call: a module-level proxy tracer would stay bound to the first provider it saw.
+    return trace.get_tracer("tracelearn")
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -91,7 +96,7 @@ class rollout:  # noqa: N801 - used as a context manager and decorator, so lower
         attributes: dict[str, Any] = {**identity, sc.SPAN_TYPE: sc.TYPE_ROLLOUT}
         for key, value in self.metadata.items():
             attributes[sc.METADATA_PREFIX + key] = value if isinstance(value, str | int | float | bool) else str(value)
-        span = tracer.start_span(sc.SPAN_ROLLOUT, context=ctx, attributes=attributes)
+        span = _tracer().start_span(sc.SPAN_ROLLOUT, context=ctx, attributes=attributes)
         token = context.attach(trace.set_span_in_context(span, ctx))
         self._tokens.append((token, span))
         return self
