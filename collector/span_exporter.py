@@ -10,6 +10,7 @@ roll or flush, and spans that cannot be kept at shutdown are counted in the log.
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -60,17 +61,18 @@ class ParquetSpanExporter(SpanExporter):
             self.spans_lost += len(spans)
             return SpanExportResult.FAILURE
 
-    def _write(self, action: Callable[[], object]) -> bool:
+    def _write(self, action: Callable[[], list[Path]]) -> bool:
+        """Run a writer action; report the first failure and the recovery, not every retry."""
         try:
-            action()
+            written = action()
         except WriteError as exc:
             if not self._write_failed:
                 logger.error("tracelearn: %s; spans stay buffered in memory and are retried", exc)
             self._write_failed = True
             return False
-        if self._write_failed:
+        if self._write_failed and written:
             logger.warning("tracelearn: writing spans works again under %s", self.settings.spans_root)
-        self._write_failed = False
+            self._write_failed = False
         return True
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:

@@ -52,7 +52,8 @@ class RolloutContextSpanProcessor(SpanProcessor):
     """Stamps rollout identity (from baggage) and the inherited agent name on every span at start."""
 
     def __init__(self) -> None:
-        # Live spans only (removed at end): span_id -> (resolved agent, strength, traceloop kind).
+        # Live spans only (removed at end): span_id -> (inherited agent, its strength, the Traceloop
+        # kind of the span's parent), enough to resolve the agent of the span's children.
         self._agents: dict[int, tuple[str | None, int, str | None]] = {}
         self._lock = threading.Lock()
 
@@ -70,26 +71,23 @@ class RolloutContextSpanProcessor(SpanProcessor):
         parent = trace.get_current_span(parent_context)
         parent_ctx = parent.get_span_context()
         if not parent_ctx.is_valid or not isinstance(parent, ReadableSpan):
-            self._remember(span, None, 0)
+            self._remember(span, None, 0, None)
             return
+        # The parent's attributes are complete by now (frameworks set them right after starting it).
+        parent_attributes = parent.attributes or {}
         with self._lock:
             inherited, strength, grandparent_kind = self._agents.get(parent_ctx.span_id, (None, 0, None))
-        own = declared_agent(parent.attributes or {}, grandparent_kind)
+        own = declared_agent(parent_attributes, grandparent_kind)
         if own is not None and own[1] >= strength:
             inherited, strength = own
         if inherited is not None:
             span.set_attribute(sc.AGENT_INHERITED, inherited)
-        self._remember(span, inherited, strength)
-        # A span's own Traceloop kind is set after start; record the parent's for the grandchildren.
-        with self._lock:
-            parent_kind = (parent.attributes or {}).get(sc.TRACELOOP_SPAN_KIND)
-            known = self._agents.get(parent_ctx.span_id)
-            if known is not None and known[2] is None and isinstance(parent_kind, str):
-                self._agents[parent_ctx.span_id] = (known[0], known[1], parent_kind)
+        parent_kind = parent_attributes.get(sc.TRACELOOP_SPAN_KIND)
+        self._remember(span, inherited, strength, parent_kind if isinstance(parent_kind, str) else None)
 
-    def _remember(self, span: Span, agent_name: str | None, strength: int) -> None:
+    def _remember(self, span: Span, agent_name: str | None, strength: int, parent_kind: str | None) -> None:
         with self._lock:
-            self._agents[span.get_span_context().span_id] = (agent_name, strength, None)
+            self._agents[span.get_span_context().span_id] = (agent_name, strength, parent_kind)
 
     def on_end(self, span: ReadableSpan) -> None:
         if span.context is not None:

@@ -27,7 +27,11 @@ def test_parts_messages_become_openai_messages_with_tool_calls() -> None:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "5"},

@@ -46,14 +46,14 @@ def test_reader_fills_columns_missing_from_a_file(tmp_path: Path) -> None:
 
 
 def test_reader_refuses_a_newer_version_naming_the_file(tmp_path: Path) -> None:
-    path = write_with_version(feedback_rows(1), tmp_path / "future.parquet", FEEDBACK.version + 1)
+    write_with_version(feedback_rows(1), tmp_path / "future.parquet", FEEDBACK.version + 1)
     with pytest.raises(SchemaVersionError, match=r"future\.parquet.*newer.*upgrade tracelearn"):
         read_table(tmp_path, "feedback")
 
 
 def test_reader_refuses_files_without_a_version(tmp_path: Path) -> None:
     path = write_with_version(feedback_rows(1), tmp_path / "plain.parquet", None)
-    with pytest.raises(DatasetError, match="plain.parquet.*tracelearn.schema_version"):
+    with pytest.raises(DatasetError, match=r"plain\.parquet.*tracelearn\.schema_version"):
         read_table(path, "feedback")
 
 
