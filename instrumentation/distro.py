@@ -7,6 +7,7 @@ makes ``tracelearn`` the default traces exporter and turns metrics and logs expo
 user chose them.
 """
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,8 @@ from opentelemetry.sdk._configuration import _OTelSDKConfigurator
 
 from tracelearn.instrumentation.span_processors import DurableBatchSpanProcessor, RolloutContextSpanProcessor
 
+logger = logging.getLogger(__name__)
+
 
 class TracelearnDistro(BaseDistro):  # type: ignore[misc]
     """Defaults: traces to the tracelearn Parquet exporter; metrics and logs off."""
@@ -36,6 +39,16 @@ class TracelearnConfigurator(_OTelSDKConfigurator):
     """OTel's SDK configurator with our span processors."""
 
     def _configure(self, **kwargs: Any) -> None:
+        if "tracelearn" in os.environ.get(OTEL_TRACES_EXPORTER, ""):
+            # Validate our settings up front: one clear line instead of a traceback from deep inside
+            # the SDK. The agent then runs without capture rather than not at all.
+            from tracelearn.collector.settings import CaptureSettings, SettingsError
+
+            try:
+                CaptureSettings.from_env()
+            except SettingsError as exc:
+                logger.error("tracelearn: capture is off for this process: %s", exc)
+                return
         kwargs.setdefault("span_processors", [RolloutContextSpanProcessor()])
         kwargs.setdefault("export_span_processor", DurableBatchSpanProcessor)
         super()._configure(**kwargs)  # type: ignore[no-untyped-call]
