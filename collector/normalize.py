@@ -252,8 +252,8 @@ def agent_name_of(attributes: Mapping[str, Any]) -> str | None:
     """The agent a span belongs to.
 
     In order: the user's explicit ``tracelearn.agent()`` / ``rollout(agent=)`` (baggage), the span's own
-    ``gen_ai.agent.name`` or Traceloop agent entity, the name inherited from its ancestors at start,
-    and last the span's own Traceloop workflow name.
+    ``gen_ai.agent.name`` or Traceloop agent entity, the LangGraph node it ran in, the name inherited
+    from its ancestors at start, and last the span's own Traceloop workflow name.
     """
     for key in (sc.AGENT_NAME, sc.GEN_AI_AGENT_NAME):
         value = attributes.get(key)
@@ -263,6 +263,9 @@ def agent_name_of(attributes: Mapping[str, Any]) -> str | None:
     entity = attributes.get(sc.TRACELOOP_ENTITY_NAME)
     if kind == "agent" and isinstance(entity, str) and entity:
         return entity
+    node = attributes.get(sc.LANGGRAPH_NODE)
+    if isinstance(node, str) and node:
+        return node
     inherited = attributes.get(sc.AGENT_INHERITED)
     if isinstance(inherited, str) and inherited:
         return inherited

@@ -23,28 +23,23 @@ from tracelearn.schemas import semconv as sc
 
 logger = logging.getLogger(__name__)
 
-# Strength of an agent-name declaration: an explicit agent beats a workflow's top-level step, which
-# beats the workflow itself; nested framework internals (prompt templates, sequences) declare nothing.
-AGENT_STRENGTH_EXPLICIT = 3
-AGENT_STRENGTH_STEP = 2
-AGENT_STRENGTH_WORKFLOW = 1
+def declared_agent(attributes: Mapping[str, Any], parent_kind: str | None) -> str | None:
+    """The agent name a span declares, given the Traceloop kind of its parent.
 
-
-def declared_agent(attributes: Mapping[str, Any], parent_kind: str | None) -> tuple[str, int] | None:
-    """The agent name a span declares and how strongly, given the Traceloop kind of its parent."""
+    Declarations: ``gen_ai.agent.name``, a Traceloop ``agent`` or ``workflow`` entity, and a ``task``
+    directly under a workflow (a LangGraph node, a top-level chain step). Tasks nested in tasks are
+    framework internals (prompt templates, sequences) and declare nothing. The nearest declaring
+    ancestor names a span's agent, so a graph's node beats the graph that contains it.
+    """
     explicit = attributes.get(sc.GEN_AI_AGENT_NAME)
     if isinstance(explicit, str) and explicit:
-        return explicit, AGENT_STRENGTH_EXPLICIT
+        return explicit
     kind = attributes.get(sc.TRACELOOP_SPAN_KIND)
     entity = attributes.get(sc.TRACELOOP_ENTITY_NAME)
     if not isinstance(entity, str) or not entity:
         return None
-    if kind == "agent":
-        return entity, AGENT_STRENGTH_EXPLICIT
-    if kind == "task" and parent_kind == "workflow":
-        return entity, AGENT_STRENGTH_STEP
-    if kind == "workflow":
-        return entity, AGENT_STRENGTH_WORKFLOW
+    if kind in ("agent", "workflow") or (kind == "task" and parent_kind == "workflow"):
+        return entity
     return None
 
 
@@ -52,9 +47,9 @@ class RolloutContextSpanProcessor(SpanProcessor):
     """Stamps rollout identity (from baggage) and the inherited agent name on every span at start."""
 
     def __init__(self) -> None:
-        # Live spans only (removed at end): span_id -> (inherited agent, its strength, the Traceloop
-        # kind of the span's parent), enough to resolve the agent of the span's children.
-        self._agents: dict[int, tuple[str | None, int, str | None]] = {}
+        # Live spans only (removed at end): span_id -> (inherited agent, Traceloop kind of the span's
+        # parent), enough to resolve the agent of the span's children.
+        self._agents: dict[int, tuple[str | None, str | None]] = {}
         self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: context.Context | None = None) -> None:
@@ -71,23 +66,21 @@ class RolloutContextSpanProcessor(SpanProcessor):
         parent = trace.get_current_span(parent_context)
         parent_ctx = parent.get_span_context()
         if not parent_ctx.is_valid or not isinstance(parent, ReadableSpan):
-            self._remember(span, None, 0, None)
+            self._remember(span, None, None)
             return
         # The parent's attributes are complete by now (frameworks set them right after starting it).
         parent_attributes = parent.attributes or {}
         with self._lock:
-            inherited, strength, grandparent_kind = self._agents.get(parent_ctx.span_id, (None, 0, None))
-        own = declared_agent(parent_attributes, grandparent_kind)
-        if own is not None and own[1] >= strength:
-            inherited, strength = own
+            inherited, grandparent_kind = self._agents.get(parent_ctx.span_id, (None, None))
+        inherited = declared_agent(parent_attributes, grandparent_kind) or inherited
         if inherited is not None:
             span.set_attribute(sc.AGENT_INHERITED, inherited)
         parent_kind = parent_attributes.get(sc.TRACELOOP_SPAN_KIND)
-        self._remember(span, inherited, strength, parent_kind if isinstance(parent_kind, str) else None)
+        self._remember(span, inherited, parent_kind if isinstance(parent_kind, str) else None)
 
-    def _remember(self, span: Span, agent_name: str | None, strength: int, parent_kind: str | None) -> None:
+    def _remember(self, span: Span, agent_name: str | None, parent_kind: str | None) -> None:
         with self._lock:
-            self._agents[span.get_span_context().span_id] = (agent_name, strength, parent_kind)
+            self._agents[span.get_span_context().span_id] = (agent_name, parent_kind)
 
     def on_end(self, span: ReadableSpan) -> None:
         if span.context is not None:

@@ -30,6 +30,8 @@ PROMPT_TOKEN_IDS: Final = "tracelearn.llm.prompt_token_ids"
 RESPONSE_TOKEN_IDS: Final = "tracelearn.llm.response_token_ids"
 RESPONSE_LOGPROBS: Final = "tracelearn.llm.response_logprobs"
 TOKEN_IDS_STATUS: Final = "tracelearn.llm.token_ids_status"
+# Set when a response had several choices (n > 1): the ids and logprobs recorded are choice 0's.
+RESPONSE_CHOICE_COUNT: Final = "tracelearn.llm.response_choice_count"
 MODEL_VERSION: Final = "tracelearn.model.version"
 
 # Baggage keys that carry rollout identity across threads, tasks and (with W3C propagation) processes.
@@ -92,3 +94,7 @@ TRACELOOP_ENTITY_NAME: Final = "traceloop.entity.name"
 TRACELOOP_WORKFLOW_NAME: Final = "traceloop.workflow.name"
 TRACELOOP_AGENT_KINDS: Final = frozenset({"agent", "workflow"})
 TRACELOOP_TOOL_KIND: Final = "tool"
+# Traceloop copies LangGraph's node name onto the spans created inside that node.
+LANGGRAPH_NODE: Final = "traceloop.association.properties.langgraph_node"
+# Set by Traceloop on LLM spans (e.g. LangChain's), with or without the gen_ai.* attributes.
+TRACELOOP_LLM_REQUEST_TYPE: Final = "llm.request.type"
