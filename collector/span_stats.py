@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracelearn.collector.token_join import attach_token_ids
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import dataset_files, read_table
 from tracelearn.schemas.identity import task_id_from_messages
@@ -96,7 +97,7 @@ def spans_stats(root: str | Path) -> SpanStats:
     if (path / "spans").is_dir():
         path = path / "spans"
     files = dataset_files(path)
-    spans = read_table(path, "spans")
+    spans = attach_token_ids(read_table(path, "spans"))
     llm = spans.filter(pc.equal(spans.column("span_type"), sc.TYPE_LLM))
     rewards = spans.filter(pc.equal(spans.column("span_type"), sc.TYPE_REWARD))
     primary = rewards.filter(pc.fill_null(rewards.column("reward_is_primary"), False))
