@@ -1,0 +1,304 @@
+"""The bundled example agent: arithmetic word problems solved with a calculator tool.
+
+A plain OpenAI-SDK agent that knows nothing of tracelearn. Per task it runs a short loop (call the
+model; run the tool calls it asks for and send back their results; stop at a message without tool
+calls, or after ``--max-turns``), scores the final answer with ``reward.score`` and prints one JSON
+line. Under ``opentelemetry-instrument`` its LLM calls are traced by the installed instrumentations;
+the agent itself only uses the OpenTelemetry API: a ``calc.task`` span per task carrying the task id,
+and a ``tracelearn.reward`` child span with the reward (attribute names written out, because the
+agent does not import tracelearn).
+
+    opentelemetry-instrument python examples/calc/agent.py --tasks examples/calc/tasks.jsonl
+
+Environment: ``OPENAI_BASE_URL`` (default http://127.0.0.1:8000/v1), ``OPENAI_API_KEY`` (default
+"not-needed"), ``OPENAI_MODEL`` (default SmolLM2-135M-Instruct, or ``--model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import json
+import operator
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+from opentelemetry import trace
+from reward import score
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Short on purpose: the default policy is a 135M model that loses the thread in long prompts.
+SYSTEM_PROMPT = "Solve the arithmetic. Use the calculator tool, then reply with the number only."
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression such as 12 + 30.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "e.g. 12 + 30"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+_OPERATORS: dict[type, Callable[..., float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+_MAX_EXPONENT = 64
+_MAX_EXPRESSION_CHARS = 200
+
+tracer = trace.get_tracer("examples.calc")
+
+
+# --- The tool ---------------------------------------------------------------------------------------
+
+
+def _evaluate(node: ast.AST) -> float:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
+            raise ValueError(f"exponent {right} is too large")
+        return _OPERATORS[type(node.op)](left, right)
+    raise ValueError(f"{type(node).__name__} is not arithmetic")
+
+
+def calculate(expression: str) -> str:
+    """Evaluate arithmetic (numbers, + - * / // % ** and parentheses) without ``eval``."""
+    if len(expression) > _MAX_EXPRESSION_CHARS:
+        raise ValueError("expression is too long")
+    value = _evaluate(ast.parse(expression.replace("^", "**"), mode="eval"))
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(round(value, 6) if isinstance(value, float) else value)
+
+
+def run_tool(name: str, arguments: str) -> str:
+    """A tool call's result; every failure (bad JSON, unknown tool, bad expression) is a result too."""
+    try:
+        if name != "calculator":
+            return f"error: unknown tool {name!r}"
+        parsed = json.loads(arguments or "{}")
+        expression = parsed.get("expression") if isinstance(parsed, dict) else parsed
+        if not isinstance(expression, str | int | float):
+            return 'error: call calculator with {"expression": "..."}'
+        return calculate(str(expression))
+    except (ValueError, SyntaxError, ArithmeticError, RecursionError) as error:
+        return f"error: {error}"
+
+
+# --- The loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    id: str
+    question: str
+    answer: str
+
+
+@dataclass
+class Turn:
+    """One assistant message, whether it came whole or in chunks."""
+
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, message: Any) -> Turn:
+        calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            for c in message.tool_calls or ()
+            if getattr(c, "function", None) is not None
+        ]
+        return cls(content=message.content or "", tool_calls=calls)
+
+    def add_chunk(self, chunk: Any) -> None:
+        for choice in chunk.choices[:1]:
+            delta = choice.delta
+            self.content += delta.content or ""
+            for call in delta.tool_calls or ():
+                while len(self.tool_calls) <= call.index:
+                    self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                slot = self.tool_calls[call.index]
+                slot["id"] = call.id or slot["id"]
+                if call.function is not None:
+                    slot["function"]["name"] += call.function.name or ""
+                    slot["function"]["arguments"] += call.function.arguments or ""
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content or None}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return message
+
+
+@dataclass
+class Settings:
+    model: str
+    max_turns: int
+    max_tokens: int
+    temperature: float
+    stream: bool
+
+
+def _request(settings: Settings, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "model": settings.model,
+        "messages": messages,
+        "tools": [CALCULATOR_TOOL],
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature,
+        "stream": settings.stream,
+    }
+
+
+def _first_messages(task: Task) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.question}]
+
+
+def _after(turn: Turn, messages: list[dict[str, Any]]) -> str | None:
+    """Append the turn (and its tool results) to ``messages``; the final answer if there were no calls."""
+    messages.append(turn.message())
+    if not turn.tool_calls:
+        return turn.content.strip()
+    for call in turn.tool_calls:
+        result = run_tool(call["function"]["name"], call["function"]["arguments"])
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    return None
+
+
+def solve(client: openai.OpenAI, settings: Settings, task: Task) -> str:
+    messages = _first_messages(task)
+    for _ in range(settings.max_turns):
+        response = client.chat.completions.create(**_request(settings, messages))
+        turn = Turn()
+        if settings.stream:
+            for chunk in response:
+                turn.add_chunk(chunk)
+        else:
+            turn = Turn.of(response.choices[0].message)
+        answer = _after(turn, messages)
+        if answer is not None:
+            return answer
+    return ""
+
+
+async def solve_async(client: openai.AsyncOpenAI, settings: Settings, task: Task) -> str:
+    messages = _first_messages(task)
+    for _ in range(settings.max_turns):
+        response = await client.chat.completions.create(**_request(settings, messages))
+        turn = Turn()
+        if settings.stream:
+            async for chunk in response:
+                turn.add_chunk(chunk)
+        else:
+            turn = Turn.of(response.choices[0].message)
+        answer = _after(turn, messages)
+        if answer is not None:
+            return answer
+    return ""
+
+
+# --- Tasks, rewards, output ---------------------------------------------------------------------------
+
+
+def read_tasks(path: Path, limit: int | None) -> list[Task]:
+    tasks = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            try:
+                tasks.append(Task(id=str(row["id"]), question=str(row["question"]), answer=str(row["answer"])))
+            except KeyError as missing:
+                raise SystemExit(f"{path}:{number}: task has no {missing} field (needs id, question, answer)") from None
+    return tasks[:limit] if limit is not None else tasks
+
+
+def _report(task: Task, answer: str, error: str | None) -> None:
+    reward = score(answer, task.answer)
+    with tracer.start_as_current_span(
+        "tracelearn.reward",
+        attributes={
+            "tracelearn.span.type": "reward",
+            "tracelearn.reward.name": "correct",
+            "tracelearn.reward.value": reward,
+            "tracelearn.reward.primary": True,
+        },
+    ):
+        pass
+    line = {"id": task.id, "answer": answer, "gold": task.answer, "reward": reward, "correct": reward == 1.0}
+    if error is not None:
+        line["error"] = error
+    print(json.dumps(line), flush=True)
+
+
+def run(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str) -> None:
+    client = openai.OpenAI(base_url=base_url, api_key=api_key)
+    for task in tasks:
+        with tracer.start_as_current_span("calc.task", attributes={"tracelearn.task.id": task.id}):
+            answer, error = "", None
+            try:
+                answer = solve(client, settings, task)
+            except openai.APIError as failure:  # one failed task must not end the run
+                error = f"{type(failure).__name__}: {failure}"
+            _report(task, answer, error)
+
+
+async def run_async(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str) -> None:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key)
+    for task in tasks:
+        with tracer.start_as_current_span("calc.task", attributes={"tracelearn.task.id": task.id}):
+            answer, error = "", None
+            try:
+                answer = await solve_async(client, settings, task)
+            except openai.APIError as failure:
+                error = f"{type(failure).__name__}: {failure}"
+            _report(task, answer, error)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--tasks", type=Path, default=Path(__file__).with_name("tasks.jsonl"))
+    parser.add_argument("--limit", type=int, default=None, help="only the first N tasks")
+    parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL", DEFAULT_MODEL))
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--stream", action="store_true", help="use streaming calls")
+    parser.add_argument("--async", dest="use_async", action="store_true", help="use AsyncOpenAI")
+    args = parser.parse_args(argv)
+    tasks = read_tasks(args.tasks, args.limit)
+    settings = Settings(args.model, args.max_turns, args.max_tokens, args.temperature, args.stream)
+    base_url = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    api_key = os.environ.get("OPENAI_API_KEY") or "not-needed"
+    if args.use_async:
+        asyncio.run(run_async(tasks, settings, base_url, api_key))
+    else:
+        run(tasks, settings, base_url, api_key)
+
+
+if __name__ == "__main__":
+    main()
