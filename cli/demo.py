@@ -102,6 +102,8 @@ def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: 
             str(tasks_path),
             "--model",
             model,
+            "--concurrency",
+            "4",
         ]
         if limit is not None:
             command += ["--limit", str(limit)]

@@ -23,6 +23,7 @@ import json
 import operator
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,16 +256,22 @@ def _report(task: Task, answer: str, error: str | None) -> None:
     print(json.dumps(line), flush=True)
 
 
-def run(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str) -> None:
+def run_task(client: openai.OpenAI, settings: Settings, task: Task) -> None:
+    with tracer.start_as_current_span("calc.task", attributes={"tracelearn.task.id": task.id}):
+        answer, error = "", None
+        try:
+            answer = solve(client, settings, task)
+        except openai.APIError as failure:  # one failed task must not end the run
+            error = f"{type(failure).__name__}: {failure}"
+        _report(task, answer, error)
+
+
+def run(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str, concurrency: int = 1) -> None:
     client = openai.OpenAI(base_url=base_url, api_key=api_key)
-    for task in tasks:
-        with tracer.start_as_current_span("calc.task", attributes={"tracelearn.task.id": task.id}):
-            answer, error = "", None
-            try:
-                answer = solve(client, settings, task)
-            except openai.APIError as failure:  # one failed task must not end the run
-                error = f"{type(failure).__name__}: {failure}"
-            _report(task, answer, error)
+    # Several tasks in flight let a batching model server (vLLM, tracelearn serve) decode them together.
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for _ in pool.map(lambda task: run_task(client, settings, task), tasks):
+            pass
 
 
 async def run_async(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str) -> None:
@@ -289,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--stream", action="store_true", help="use streaming calls")
     parser.add_argument("--async", dest="use_async", action="store_true", help="use AsyncOpenAI")
+    parser.add_argument("--concurrency", type=int, default=1, help="tasks in flight at once (sync mode)")
     args = parser.parse_args(argv)
     tasks = read_tasks(args.tasks, args.limit)
     settings = Settings(args.model, args.max_turns, args.max_tokens, args.temperature, args.stream)
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.use_async:
         asyncio.run(run_async(tasks, settings, base_url, api_key))
     else:
-        run(tasks, settings, base_url, api_key)
+        run(tasks, settings, base_url, api_key, max(1, args.concurrency))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def request_of(server: ScriptedLLMServer, response_id: str) -> dict[str, Any]:
     return server.requests[number - 1].body
 
 
-@pytest.mark.parametrize("mode", [[], ["--stream"], ["--async"], ["--async", "--stream"]], ids=str)
+@pytest.mark.parametrize(
+    "mode", [[], ["--stream"], ["--async"], ["--async", "--stream"], ["--concurrency", "2"]], ids=str
+)
 def test_openai_sdk_agent_calls_tools_and_lands_exact_token_ids(
     tmp_path: Path, scripted_llm_server: ScriptedLLMServer, mode: list[str]
 ) -> None:
