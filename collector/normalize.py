@@ -24,16 +24,37 @@ LLM_OPERATIONS = frozenset({"chat", "text_completion", "completion", "generate_c
 AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
 
 
+# What ``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` does, without building an
+# encoder per call (``json.dumps`` does whenever it is given options).
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# Likewise ``json.dumps(value, ensure_ascii=False)``: tool-call arguments keep json's default spacing.
+_ARGUMENTS_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+def _is_mapping(value: Any) -> bool:
+    """``isinstance(value, Mapping)``, answering the common case (parsed JSON: a dict) without the ABC check."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def attribute_text(value: Any) -> str:
     """An attribute value as the text stored in the spans table: strings as-is, the rest as JSON."""
     if isinstance(value, str):
         return value
+    # Exact scalar types next, written as the JSON encoder writes them: this runs for every
+    # attribute of every captured span.
+    kind = type(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, tuple):
         value = list(value)
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return _COMPACT_JSON.encode(value)
     except (TypeError, ValueError):
         return str(value)
 
@@ -42,13 +63,13 @@ def _text_of_parts(parts: Sequence[Any]) -> str | None:
     texts = [
         str(part.get("content", ""))
         for part in parts
-        if isinstance(part, Mapping) and part.get("type") in ("text", None, "reasoning_text")
+        if _is_mapping(part) and part.get("type") in ("text", None, "reasoning_text")
     ]
     return "".join(texts) if texts else None
 
 
 def _arguments_text(arguments: Any) -> str:
-    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return arguments if isinstance(arguments, str) else _ARGUMENTS_JSON.encode(arguments)
 
 
 def parts_message_to_openai(message: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -62,7 +83,7 @@ def parts_message_to_openai(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(parts, list):
         content = message.get("content")
         return [{"role": role, "content": content if isinstance(content, str) else None}]
-    responses = [p for p in parts if isinstance(p, Mapping) and p.get("type") == "tool_call_response"]
+    responses = [p for p in parts if _is_mapping(p) and p.get("type") == "tool_call_response"]
     if responses:
         return [
             {"role": "tool", "tool_call_id": p.get("id"), "content": attribute_text(p.get("response"))}
@@ -76,7 +97,7 @@ def parts_message_to_openai(message: Mapping[str, Any]) -> list[dict[str, Any]]:
             "function": {"name": p.get("name"), "arguments": _arguments_text(p.get("arguments", {}))},
         }
         for p in parts
-        if isinstance(p, Mapping) and p.get("type") == "tool_call"
+        if _is_mapping(p) and p.get("type") == "tool_call"
     ]
     if tool_calls:
         out["tool_calls"] = tool_calls
@@ -93,7 +114,7 @@ def parts_messages_to_openai(text: str) -> list[dict[str, Any]] | None:
         return None
     out: list[dict[str, Any]] = []
     for message in messages:
-        if isinstance(message, Mapping):
+        if _is_mapping(message):
             out.extend(parts_message_to_openai(message))
     return out
 
@@ -144,7 +165,7 @@ def messages_json(messages: list[dict[str, Any]] | None) -> str | None:
     """Normalized messages as compact JSON text (``None`` stays ``None``)."""
     if messages is None:
         return None
-    return json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT_JSON.encode(messages)
 
 
 def input_messages(attributes: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -224,6 +245,10 @@ def as_float(value: Any) -> float | None:
     return None
 
 
+_INT_TYPES = frozenset({int})
+_FLOAT_TYPES = frozenset({float})
+
+
 def int_list(value: Any) -> list[int] | None:
     """A token-id list attribute (a sequence of ints, or JSON text of one)."""
     if isinstance(value, str):
@@ -231,6 +256,8 @@ def int_list(value: Any) -> list[int] | None:
             value = json.loads(value)
         except ValueError:
             return None
+    if type(value) in (tuple, list) and set(map(type, value)) <= _INT_TYPES:
+        return list(value)  # the common case (hundreds of ids per span), checked at C speed
     if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return list(value)
     return None
@@ -243,6 +270,8 @@ def float_list(value: Any) -> list[float] | None:
             value = json.loads(value)
         except ValueError:
             return None
+    if type(value) in (tuple, list) and set(map(type, value)) <= _FLOAT_TYPES:
+        return list(value)  # the common case, checked at C speed; ``float(v)`` of a float is ``v``
     if isinstance(value, Sequence) and all(isinstance(v, int | float) for v in value):
         return [float(v) for v in value]
     return None

@@ -67,9 +67,11 @@ def from_readable_span(span: ReadableSpan) -> SpanRecord:
         status_message=span.status.description,
         resource=span.resource.attributes,
         scope_name=span.instrumentation_scope.name if span.instrumentation_scope else None,
-        attributes=span.attributes or {},
-        events=[(e.name, e.timestamp, e.attributes or {}) for e in span.events],
-        links=[(link.context.trace_id, link.context.span_id, link.attributes or {}) for link in span.links],
+        # Plain dict copies: the SDK's BoundedAttributes answers every look-up in Python code, and a
+        # span's attributes are read some thirty times on the way to a row.
+        attributes=dict(span.attributes or {}),
+        events=[(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
+        links=[(link.context.trace_id, link.context.span_id, dict(link.attributes or {})) for link in span.links],
     )
 
 
@@ -89,26 +91,58 @@ class SpanColumns:
         self.truncated_values = 0
         self._columns: dict[Partition, dict[str, list[Any]]] = {}
         self._days: dict[int, str] = {}
+        self._service_segments: dict[str, str] = {}
+        # Spans of one process share one resource object: its string map is computed once and reused
+        # (with the number of values it truncated, so ``truncated_values`` counts as if recomputed).
+        # Keyed by identity, so a record's resource mapping must not change after it is added (SDK
+        # resources are immutable; a receiver builds a new mapping per resource).
+        self._resource_map: tuple[Mapping[str, Any], list[tuple[str, str]], int] | None = None
 
     def __len__(self) -> int:
         return sum(len(cols["trace_id"]) for cols in self._columns.values())
 
-    def _text(self, value: Any) -> str:
-        text = nz.attribute_text(value)
-        if len(text) > self.max_attribute_bytes:
-            self.truncated_values += 1
-            if self.truncated_values == 1:
-                logger.warning(
-                    "tracelearn: an attribute value of %d characters was truncated to %d "
-                    "(TRACELEARN_MAX_ATTRIBUTE_BYTES); further truncations are only counted",
-                    len(text),
-                    self.max_attribute_bytes,
-                )
-            text = text[: self.max_attribute_bytes]
-        return text
+    def _truncated(self, text: str) -> str:
+        """``text`` cut to ``max_attribute_bytes``, counted (and logged the first time)."""
+        self.truncated_values += 1
+        if self.truncated_values == 1:
+            logger.warning(
+                "tracelearn: an attribute value of %d characters was truncated to %d "
+                "(TRACELEARN_MAX_ATTRIBUTE_BYTES); further truncations are only counted",
+                len(text),
+                self.max_attribute_bytes,
+            )
+        return text[: self.max_attribute_bytes]
 
     def _string_map(self, attributes: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-        return [(str(k), self._text(v)) for k, v in attributes.items() if k not in skip]
+        # The hot loop of capture (every attribute of every span): strings, most values, are kept as-is.
+        limit = self.max_attribute_bytes
+        attribute_text = nz.attribute_text
+        pairs = []
+        for key, value in attributes.items():
+            if key in skip:
+                continue
+            text = value if type(value) is str else attribute_text(value)
+            if len(text) > limit:
+                text = self._truncated(text)
+            pairs.append((key if type(key) is str else str(key), text))
+        return pairs
+
+    def _resource_attributes(self, resource: Mapping[str, Any]) -> list[tuple[str, str]]:
+        cached = self._resource_map
+        if cached is not None and cached[0] is resource:
+            self.truncated_values += cached[2]
+            return cached[1]
+        before = self.truncated_values
+        pairs = self._string_map(resource)
+        self._resource_map = (resource, pairs, self.truncated_values - before)
+        return pairs
+
+    def _service_segment(self, service: str) -> str:
+        segment = self._service_segments.get(service)
+        if segment is None:
+            segment = path_segment_safe(service)
+            self._service_segments[service] = segment
+        return segment
 
     def _day(self, start_ns: int) -> str:
         day = start_ns // NS_PER_DAY
@@ -122,7 +156,7 @@ class SpanColumns:
         """Append one span; returns its partition."""
         attrs = record.attributes
         service = service_of(record.resource)
-        partition = (self._day(record.start_ns), path_segment_safe(service))
+        partition = (self._day(record.start_ns), self._service_segment(service))
         cols = self._columns.get(partition)
         if cols is None:
             cols = {name: [] for name in COLUMNS}
@@ -146,7 +180,7 @@ class SpanColumns:
         cols["status_message"].append(record.status_message or None)
         cols["service_name"].append(service)
         cols["scope_name"].append(record.scope_name)
-        cols["resource_attributes"].append(self._string_map(record.resource))
+        cols["resource_attributes"].append(self._resource_attributes(record.resource))
         cols["attributes"].append(self._string_map(attrs, TYPED_ONLY_ATTRIBUTES))
         cols["events"].append(
             [{"name": name, "time": time_ns, "attributes": self._string_map(a)} for name, time_ns, a in record.events]
