@@ -18,17 +18,31 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from tracelearn.schemas import semconv as sc
 
 LLM_OPERATIONS = frozenset({"chat", "text_completion", "completion", "generate_content", "embeddings"})
 AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
 
 
-# What ``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` does, without building an
-# encoder per call (``json.dumps`` does whenever it is given options).
+# Compact JSON without ASCII escaping; orjson does it about 10x faster than the json module on the
+# capture hot path (message normalization), json remains the fallback for what orjson refuses
+# (integers beyond 64 bits, non-string keys).
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-# Likewise ``json.dumps(value, ensure_ascii=False)``: tool-call arguments keep json's default spacing.
-_ARGUMENTS_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+def compact_json(value: Any) -> str:
+    """``value`` as compact JSON text (non-finite floats inside containers become ``null``)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return _COMPACT_JSON.encode(value)
+
+
+def parse_json(text: str) -> Any:
+    """Parse JSON text; raises ``ValueError`` when it is not JSON."""
+    return orjson.loads(text)
 
 
 def _is_mapping(value: Any) -> bool:
@@ -54,51 +68,58 @@ def attribute_text(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
     try:
-        return _COMPACT_JSON.encode(value)
+        return compact_json(value)
     except (TypeError, ValueError):
         return str(value)
 
 
-def _text_of_parts(parts: Sequence[Any]) -> str | None:
-    texts = [
-        str(part.get("content", ""))
-        for part in parts
-        if _is_mapping(part) and part.get("type") in ("text", None, "reasoning_text")
-    ]
-    return "".join(texts) if texts else None
-
-
 def _arguments_text(arguments: Any) -> str:
-    return arguments if isinstance(arguments, str) else _ARGUMENTS_JSON.encode(arguments)
+    """Tool-call arguments as the JSON text the OpenAI API carries (instrumentations may parse them)."""
+    return arguments if isinstance(arguments, str) else compact_json(arguments)
+
+
+TEXT_PART_TYPES = frozenset({"text", "reasoning_text"})
 
 
 def parts_message_to_openai(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One GenAI-conventions message (with ``parts``) as one or more OpenAI chat messages.
 
     A message holding several ``tool_call_response`` parts becomes one ``tool`` message per part,
-    as the OpenAI API represents it.
+    as the OpenAI API represents it. One pass over the parts: this runs for every message of every
+    captured LLM call.
     """
     role = str(message.get("role", "user"))
     parts = message.get("parts")
     if not isinstance(parts, list):
         content = message.get("content")
         return [{"role": role, "content": content if isinstance(content, str) else None}]
-    responses = [p for p in parts if _is_mapping(p) and p.get("type") == "tool_call_response"]
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    responses: list[dict[str, Any]] = []
+    for part in parts:
+        if not _is_mapping(part):
+            continue
+        kind = part.get("type")
+        if kind in TEXT_PART_TYPES or kind is None:
+            texts.append(str(part.get("content", "")))
+        elif kind == "tool_call":
+            tool_calls.append(
+                {
+                    "id": part.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": part.get("name"),
+                        "arguments": _arguments_text(part.get("arguments", {})),
+                    },
+                }
+            )
+        elif kind == "tool_call_response":
+            responses.append(
+                {"role": "tool", "tool_call_id": part.get("id"), "content": attribute_text(part.get("response"))}
+            )
     if responses:
-        return [
-            {"role": "tool", "tool_call_id": p.get("id"), "content": attribute_text(p.get("response"))}
-            for p in responses
-        ]
-    out: dict[str, Any] = {"role": role, "content": _text_of_parts(parts)}
-    tool_calls = [
-        {
-            "id": p.get("id"),
-            "type": "function",
-            "function": {"name": p.get("name"), "arguments": _arguments_text(p.get("arguments", {}))},
-        }
-        for p in parts
-        if _is_mapping(p) and p.get("type") == "tool_call"
-    ]
+        return responses
+    out: dict[str, Any] = {"role": role, "content": "".join(texts) if texts else None}
     if tool_calls:
         out["tool_calls"] = tool_calls
     return [out]
@@ -107,7 +128,7 @@ def parts_message_to_openai(message: Mapping[str, Any]) -> list[dict[str, Any]]:
 def parts_messages_to_openai(text: str) -> list[dict[str, Any]] | None:
     """``gen_ai.input.messages`` / ``gen_ai.output.messages`` JSON text as OpenAI chat messages."""
     try:
-        messages = json.loads(text)
+        messages = parse_json(text)
     except (TypeError, ValueError):
         return None
     if not isinstance(messages, list):
@@ -165,7 +186,7 @@ def messages_json(messages: list[dict[str, Any]] | None) -> str | None:
     """Normalized messages as compact JSON text (``None`` stays ``None``)."""
     if messages is None:
         return None
-    return _COMPACT_JSON.encode(messages)
+    return compact_json(messages)
 
 
 def input_messages(attributes: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -253,7 +274,7 @@ def int_list(value: Any) -> list[int] | None:
     """A token-id list attribute (a sequence of ints, or JSON text of one)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except ValueError:
             return None
     if type(value) in (tuple, list) and set(map(type, value)) <= _INT_TYPES:
@@ -267,7 +288,7 @@ def float_list(value: Any) -> list[float] | None:
     """A logprob list attribute (a sequence of numbers, or JSON text of one)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except ValueError:
             return None
     if type(value) in (tuple, list) and set(map(type, value)) <= _FLOAT_TYPES:

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from tracelearn.collector import normalize as nz
 from tracelearn.collector.parquet_writer import path_segment_safe
 from tracelearn.schemas import semconv as sc
-from tracelearn.schemas.tables import SPANS
+from tracelearn.schemas.tables import SPANS, STRING_MAP
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,21 @@ class SpanRecord:
     links: Sequence[SpanLink] = field(default_factory=tuple)
 
 
+def plain_attributes(attributes: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The plain dict behind the SDK's ``BoundedAttributes`` (read-only use), else a copy.
+
+    Every look-up on ``BoundedAttributes`` runs Python code and a span's attributes are read some
+    thirty times on the way to a row; an ended span's attributes no longer change, so reading its
+    underlying dict (a private field of the pinned SDK version) is safe and saves the copy too.
+    """
+    if attributes is None:
+        return {}
+    inner = getattr(attributes, "_dict", None)
+    if type(inner) is dict:
+        return inner
+    return dict(attributes)
+
+
 def from_readable_span(span: ReadableSpan) -> SpanRecord:
     """An SDK span as a ``SpanRecord``."""
     ctx = span.context
@@ -67,11 +82,9 @@ def from_readable_span(span: ReadableSpan) -> SpanRecord:
         status_message=span.status.description,
         resource=span.resource.attributes,
         scope_name=span.instrumentation_scope.name if span.instrumentation_scope else None,
-        # Plain dict copies: the SDK's BoundedAttributes answers every look-up in Python code, and a
-        # span's attributes are read some thirty times on the way to a row.
-        attributes=dict(span.attributes or {}),
-        events=[(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
-        links=[(link.context.trace_id, link.context.span_id, dict(link.attributes or {})) for link in span.links],
+        attributes=plain_attributes(span.attributes),
+        events=[(e.name, e.timestamp, plain_attributes(e.attributes)) for e in span.events],
+        links=[(link.context.trace_id, link.context.span_id, plain_attributes(link.attributes)) for link in span.links],
     )
 
 
@@ -80,7 +93,18 @@ def service_of(resource: Mapping[str, Any]) -> str:
     return value if isinstance(value, str) and value else "unknown_service"
 
 
-COLUMNS = tuple(SPANS.schema.names)
+# The row tuple holds every column but ``attributes``, which is kept as flat key/value lists.
+ROW_COLUMNS = tuple(name for name in SPANS.schema.names if name != "attributes")
+
+
+@dataclass(slots=True)
+class PartitionRows:
+    """Spans buffered for one partition: a tuple per span plus the flat attribute map."""
+
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    attribute_keys: list[str] = field(default_factory=list)
+    attribute_values: list[str] = field(default_factory=list)
+    attribute_offsets: list[int] = field(default_factory=lambda: [0])
 
 
 class SpanColumns:
@@ -89,17 +113,19 @@ class SpanColumns:
     def __init__(self, max_attribute_bytes: int = 8 * 1024 * 1024) -> None:
         self.max_attribute_bytes = max_attribute_bytes
         self.truncated_values = 0
-        self._columns: dict[Partition, dict[str, list[Any]]] = {}
+        self._buffers: dict[Partition, PartitionRows] = {}
         self._days: dict[int, str] = {}
         self._service_segments: dict[str, str] = {}
         # Spans of one process share one resource object: its string map is computed once and reused
         # (with the number of values it truncated, so ``truncated_values`` counts as if recomputed).
         # Keyed by identity, so a record's resource mapping must not change after it is added (SDK
         # resources are immutable; a receiver builds a new mapping per resource).
-        self._resource_map: tuple[Mapping[str, Any], list[tuple[str, str]], int] | None = None
+        self._resource_map: tuple[Mapping[str, Any], int, int] | None = None
+        # Distinct resource string maps; rows store an index and the column is built with ``take``.
+        self._resources: list[list[tuple[str, str]]] = []
 
     def __len__(self) -> int:
-        return sum(len(cols["trace_id"]) for cols in self._columns.values())
+        return sum(len(buffer.rows) for buffer in self._buffers.values())
 
     def _truncated(self, text: str) -> str:
         """``text`` cut to ``max_attribute_bytes``, counted (and logged the first time)."""
@@ -127,15 +153,33 @@ class SpanColumns:
             pairs.append((key if type(key) is str else str(key), text))
         return pairs
 
-    def _resource_attributes(self, resource: Mapping[str, Any]) -> list[tuple[str, str]]:
+    def _append_string_map(
+        self, attributes: Mapping[str, Any], keys: list[str], values: list[str], skip: frozenset[str]
+    ) -> None:
+        # Flat key and value lists (one Arrow MapArray per batch) instead of a list of pairs per span:
+        # no tuple per attribute, and Arrow copies two string lists instead of parsing nested ones.
+        limit = self.max_attribute_bytes
+        attribute_text = nz.attribute_text
+        for key, value in attributes.items():
+            if key in skip:
+                continue
+            text = value if type(value) is str else attribute_text(value)
+            if len(text) > limit:
+                text = self._truncated(text)
+            keys.append(key if type(key) is str else str(key))
+            values.append(text)
+
+    def _resource_index(self, resource: Mapping[str, Any]) -> int:
+        """Index of ``resource``'s string map among the distinct resources seen by this builder."""
         cached = self._resource_map
         if cached is not None and cached[0] is resource:
             self.truncated_values += cached[2]
             return cached[1]
         before = self.truncated_values
-        pairs = self._string_map(resource)
-        self._resource_map = (resource, pairs, self.truncated_values - before)
-        return pairs
+        self._resources.append(self._string_map(resource))
+        index = len(self._resources) - 1
+        self._resource_map = (resource, index, self.truncated_values - before)
+        return index
 
     def _service_segment(self, service: str) -> str:
         segment = self._service_segments.get(service)
@@ -155,92 +199,87 @@ class SpanColumns:
     def add(self, record: SpanRecord) -> Partition:
         """Append one span; returns its partition."""
         attrs = record.attributes
+        get = attrs.get
         service = service_of(record.resource)
         partition = (self._day(record.start_ns), self._service_segment(service))
-        cols = self._columns.get(partition)
-        if cols is None:
-            cols = {name: [] for name in COLUMNS}
-            self._columns[partition] = cols
+        buffer = self._buffers.get(partition)
+        if buffer is None:
+            buffer = self._buffers[partition] = PartitionRows()
         kind = nz.span_type(record.name, attrs)
         is_llm = kind == sc.TYPE_LLM
         trace_hex = format(record.trace_id, "032x")
-        rollout_id = attrs.get(sc.ROLLOUT_ID)
+        rollout_id = get(sc.ROLLOUT_ID)
+        self._append_string_map(attrs, buffer.attribute_keys, buffer.attribute_values, TYPED_ONLY_ATTRIBUTES)
+        buffer.attribute_offsets.append(len(buffer.attribute_keys))
 
-        cols["trace_id"].append(trace_hex)
-        cols["span_id"].append(format(record.span_id, "016x"))
-        cols["parent_span_id"].append(
-            format(record.parent_span_id, "016x") if record.parent_span_id is not None else None
-        )
-        cols["name"].append(record.name)
-        cols["kind"].append(record.kind)
-        cols["start_time"].append(record.start_ns)
-        cols["end_time"].append(record.end_ns)
-        cols["duration_ns"].append(record.end_ns - record.start_ns)
-        cols["status_code"].append(record.status_code)
-        cols["status_message"].append(record.status_message or None)
-        cols["service_name"].append(service)
-        cols["scope_name"].append(record.scope_name)
-        cols["resource_attributes"].append(self._resource_attributes(record.resource))
-        cols["attributes"].append(self._string_map(attrs, TYPED_ONLY_ATTRIBUTES))
-        cols["events"].append(
-            [{"name": name, "time": time_ns, "attributes": self._string_map(a)} for name, time_ns, a in record.events]
-            or None
-        )
-        cols["links"].append(
-            [
-                {"trace_id": format(t, "032x"), "span_id": format(s, "016x"), "attributes": self._string_map(a)}
-                for t, s, a in record.links
-            ]
-            or None
-        )
-        cols["span_type"].append(kind)
-        cols["rollout_id"].append(str(rollout_id) if rollout_id is not None else trace_hex)
-        cols["attempt_id"].append(_str_or_none(attrs.get(sc.ATTEMPT_ID)))
-        cols["task_id"].append(_str_or_none(attrs.get(sc.TASK_ID)))
-        cols["group_id"].append(_str_or_none(attrs.get(sc.GROUP_ID)))
-        cols["agent_name"].append(nz.agent_name_of(attrs))
-        cols["operation_name"].append(_str_or_none(attrs.get(sc.GEN_AI_OPERATION_NAME)))
-        cols["request_model"].append(_str_or_none(attrs.get(sc.GEN_AI_REQUEST_MODEL)))
-        cols["response_model"].append(_str_or_none(attrs.get(sc.GEN_AI_RESPONSE_MODEL)))
-        cols["response_id"].append(_str_or_none(attrs.get(sc.GEN_AI_RESPONSE_ID)))
-        cols["finish_reason"].append(nz.first_of(attrs.get(sc.GEN_AI_RESPONSE_FINISH_REASONS)))
+        input_messages = output_messages = None
+        input_tokens = output_tokens = None
         if is_llm:
-            cols["input_messages"].append(nz.messages_json(nz.input_messages(attrs)))
-            cols["output_messages"].append(nz.messages_json(nz.output_messages(attrs)))
-            cols["input_tokens"].append(
-                nz.as_int(attrs.get(sc.GEN_AI_USAGE_INPUT_TOKENS, attrs.get(sc.GEN_AI_USAGE_PROMPT_TOKENS_OLD)))
-            )
-            cols["output_tokens"].append(
-                nz.as_int(attrs.get(sc.GEN_AI_USAGE_OUTPUT_TOKENS, attrs.get(sc.GEN_AI_USAGE_COMPLETION_TOKENS_OLD)))
-            )
+            input_messages = nz.messages_json(nz.input_messages(attrs))
+            output_messages = nz.messages_json(nz.output_messages(attrs))
+            input_tokens = nz.as_int(get(sc.GEN_AI_USAGE_INPUT_TOKENS, get(sc.GEN_AI_USAGE_PROMPT_TOKENS_OLD)))
+            output_tokens = nz.as_int(get(sc.GEN_AI_USAGE_OUTPUT_TOKENS, get(sc.GEN_AI_USAGE_COMPLETION_TOKENS_OLD)))
         elif kind == sc.TYPE_MESSAGE:
-            message = {"role": attrs.get(sc.MESSAGE_ROLE), "content": attrs.get(sc.MESSAGE_CONTENT)}
-            cols["input_messages"].append(None)
-            cols["output_messages"].append(nz.messages_json([message]))
-            cols["input_tokens"].append(None)
-            cols["output_tokens"].append(None)
-        else:
-            cols["input_messages"].append(None)
-            cols["output_messages"].append(None)
-            cols["input_tokens"].append(None)
-            cols["output_tokens"].append(None)
-        cols["prompt_token_ids"].append(nz.int_list(attrs.get(sc.PROMPT_TOKEN_IDS)))
-        cols["response_token_ids"].append(nz.int_list(attrs.get(sc.RESPONSE_TOKEN_IDS)))
-        cols["response_logprobs"].append(nz.float_list(attrs.get(sc.RESPONSE_LOGPROBS)))
-        status = attrs.get(sc.TOKEN_IDS_STATUS)
-        cols["token_ids_status"].append(
-            str(status) if status is not None else (sc.TOKEN_IDS_NOT_CAPTURED if is_llm else None)
-        )
-        cols["tool_name"].append(nz.tool_name_of(record.name, attrs) if kind == sc.TYPE_TOOL else None)
+            output_messages = nz.messages_json([{"role": get(sc.MESSAGE_ROLE), "content": get(sc.MESSAGE_CONTENT)}])
+        reward = reward_name = reward_is_primary = None
         if kind == sc.TYPE_REWARD:
-            cols["reward"].append(nz.as_float(attrs.get(sc.REWARD_VALUE)))
-            cols["reward_name"].append(_str_or_none(attrs.get(sc.REWARD_NAME)) or "reward")
-            primary = attrs.get(sc.REWARD_PRIMARY)
-            cols["reward_is_primary"].append(primary if isinstance(primary, bool) else primary in ("true", "1"))
-        else:
-            cols["reward"].append(None)
-            cols["reward_name"].append(None)
-            cols["reward_is_primary"].append(None)
+            reward = nz.as_float(get(sc.REWARD_VALUE))
+            reward_name = _str_or_none(get(sc.REWARD_NAME)) or "reward"
+            primary = get(sc.REWARD_PRIMARY)
+            reward_is_primary = primary if isinstance(primary, bool) else primary in ("true", "1")
+        status = get(sc.TOKEN_IDS_STATUS)
+        events = record.events
+        links = record.links
+        # One tuple per span in schema order (see ROW_COLUMNS); columns are formed once per batch.
+        buffer.rows.append(
+            (
+                trace_hex,
+                format(record.span_id, "016x"),
+                format(record.parent_span_id, "016x") if record.parent_span_id is not None else None,
+                record.name,
+                record.kind,
+                record.start_ns,
+                record.end_ns,
+                record.end_ns - record.start_ns,
+                record.status_code,
+                record.status_message or None,
+                service,
+                record.scope_name,
+                self._resource_index(record.resource),
+                [{"name": name, "time": time_ns, "attributes": self._string_map(a)} for name, time_ns, a in events]
+                if events
+                else None,
+                [
+                    {"trace_id": format(t, "032x"), "span_id": format(s, "016x"), "attributes": self._string_map(a)}
+                    for t, s, a in links
+                ]
+                if links
+                else None,
+                kind,
+                str(rollout_id) if rollout_id is not None else trace_hex,
+                _str_or_none(get(sc.ATTEMPT_ID)),
+                _str_or_none(get(sc.TASK_ID)),
+                _str_or_none(get(sc.GROUP_ID)),
+                nz.agent_name_of(attrs),
+                _str_or_none(get(sc.GEN_AI_OPERATION_NAME)),
+                _str_or_none(get(sc.GEN_AI_REQUEST_MODEL)),
+                _str_or_none(get(sc.GEN_AI_RESPONSE_MODEL)),
+                _str_or_none(get(sc.GEN_AI_RESPONSE_ID)),
+                nz.first_of(get(sc.GEN_AI_RESPONSE_FINISH_REASONS)),
+                input_messages,
+                output_messages,
+                input_tokens,
+                output_tokens,
+                nz.int_list(get(sc.PROMPT_TOKEN_IDS)),
+                nz.int_list(get(sc.RESPONSE_TOKEN_IDS)),
+                nz.float_list(get(sc.RESPONSE_LOGPROBS)),
+                str(status) if status is not None else (sc.TOKEN_IDS_NOT_CAPTURED if is_llm else None),
+                nz.tool_name_of(record.name, attrs) if kind == sc.TYPE_TOOL else None,
+                reward,
+                reward_name,
+                reward_is_primary,
+            )
+        )
         return partition
 
     def add_all(self, records: Iterable[SpanRecord]) -> None:
@@ -249,8 +288,10 @@ class SpanColumns:
 
     def take(self) -> dict[Partition, pa.RecordBatch]:
         """The accumulated rows as one record batch per partition; the builder is emptied."""
-        columns, self._columns = self._columns, {}
-        return {partition: _to_batch(cols) for partition, cols in columns.items()}
+        buffers, self._buffers = self._buffers, {}
+        resources, self._resources, self._resource_map = self._resources, [], None
+        resource_maps = _checked_array(resources, STRING_MAP)
+        return {partition: _to_batch(buffer, resource_maps) for partition, buffer in buffers.items()}
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -259,16 +300,32 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else nz.attribute_text(value)
 
 
-def _to_batch(cols: dict[str, list[Any]]) -> pa.RecordBatch:
+def _checked_array(values: list[Any], type_: pa.DataType) -> pa.Array:
+    try:
+        return pa.array(values, type=type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+        # Strings with lone surrogates (non-UTF-8 bytes decoded with surrogateescape) cannot be
+        # encoded as Arrow UTF-8; replace the offending characters instead of losing the span.
+        return pa.array(_replace_invalid_utf8(values), type=type_)
+
+
+def _to_batch(buffer: "PartitionRows", resource_maps: pa.Array) -> pa.RecordBatch:
+    columns = dict(zip(ROW_COLUMNS, zip(*buffer.rows, strict=True), strict=True))
     arrays = []
     for spec_field in SPANS.schema:
-        values = cols[spec_field.name]
-        try:
-            arrays.append(pa.array(values, type=spec_field.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
-            # Strings with lone surrogates (non-UTF-8 bytes decoded with surrogateescape) cannot be
-            # encoded as Arrow UTF-8; replace the offending characters instead of losing the span.
-            arrays.append(pa.array(_replace_invalid_utf8(values), type=spec_field.type))
+        if spec_field.name == "attributes":
+            arrays.append(
+                pa.MapArray.from_arrays(
+                    pa.array(buffer.attribute_offsets, pa.int32()),
+                    _checked_array(buffer.attribute_keys, pa.string()),
+                    _checked_array(buffer.attribute_values, pa.string()),
+                    type=STRING_MAP,
+                )
+            )
+        elif spec_field.name == "resource_attributes":
+            arrays.append(resource_maps.take(pa.array(columns["resource_attributes"], pa.int32())))
+        else:
+            arrays.append(_checked_array(list(columns[spec_field.name]), spec_field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SPANS.schema)
 
 

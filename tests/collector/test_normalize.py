@@ -30,7 +30,7 @@ def test_parts_messages_become_openai_messages_with_tool_calls() -> None:
                 {
                     "id": "call_1",
                     "type": "function",
-                    "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'},
+                    "function": {"name": "calculator", "arguments": '{"expression":"2+3"}'},
                 }
             ],
         },
@@ -61,7 +61,7 @@ def test_old_flattened_traceloop_form() -> None:
         "gen_ai.prompt.1.role": "assistant",
         "gen_ai.prompt.1.tool_calls.0.id": "call_1",
         "gen_ai.prompt.1.tool_calls.0.name": "calculator",
-        "gen_ai.prompt.1.tool_calls.0.arguments": '{"expression": "2+3"}',
+        "gen_ai.prompt.1.tool_calls.0.arguments": '{"expression":"2+3"}',
         "gen_ai.prompt.2.role": "tool",
         "gen_ai.prompt.2.tool_call_id": "call_1",
         "gen_ai.prompt.2.content": "5",
@@ -74,7 +74,7 @@ def test_old_flattened_traceloop_form() -> None:
     messages = nz.input_messages(attributes)
     assert messages is not None
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "user"]  # numeric, not text, order
-    assert messages[1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression": "2+3"}'}
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": '{"expression":"2+3"}'}
     assert messages[2]["tool_call_id"] == "call_1"
     assert nz.output_messages(attributes) == [{"role": "assistant", "content": "5"}]
 
