@@ -3,6 +3,7 @@
 import click
 
 from tracelearn.cli.demo import demo
+from tracelearn.cli.serve import serve
 from tracelearn.cli.spans import spans
 
 
@@ -14,3 +15,4 @@ def main() -> None:
 
 main.add_command(demo)
 main.add_command(spans)
+main.add_command(serve)

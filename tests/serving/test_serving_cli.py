@@ -1,0 +1,49 @@
+"""``tracelearn serve`` as a user runs it: a real process that prints its URL, answers, and stops on SIGTERM."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from openai import OpenAI
+
+from tracelearn.cli.serve import serve
+from tracelearn.serving.http_server import free_port
+from tracelearn.serving.model_store import FETCH_COMMAND
+
+
+def test_missing_default_model_fails_with_the_setup_command(tmp_path: Path) -> None:
+    result = CliRunner().invoke(serve, ["--model", "smollm2"], env={"TRACELEARN_MODEL_CACHE": str(tmp_path)})
+    assert result.exit_code == 1
+    assert FETCH_COMMAND in result.output
+
+
+def test_serve_prints_its_url_answers_and_stops_cleanly_on_sigterm(tiny_model_dir: Path) -> None:
+    port = free_port()
+    tracelearn = Path(sys.executable).parent / "tracelearn"
+    process = subprocess.Popen(
+        [str(tracelearn), "serve", "--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert process.stdout is not None
+    try:
+        lines = []
+        while not any(line.startswith("serving ") for line in lines):
+            line = process.stdout.readline()
+            if not line:
+                pytest.fail("the server exited before serving:\n" + "".join(lines))
+            lines.append(line)
+        assert f"serving tiny on http://127.0.0.1:{port}/v1" in lines[-1]
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.choices[0].finish_reason in {"stop", "length"}
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "shutting down" in output

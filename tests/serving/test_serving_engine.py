@@ -1,0 +1,133 @@
+"""The generation engine: batching that changes nothing a request sees, joins and leaves, cancellation."""
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tracelearn.serving.batching import PaddedCache, left_pad
+from tracelearn.serving.engine import ContextLengthError, GenerationEngine, GenerationResult
+from tracelearn.serving.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def prompt(engine: GenerationEngine, text: str) -> list[int]:
+    encoded = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def test_left_pad_aligns_last_tokens_and_counts_positions_over_real_tokens() -> None:
+    ids, mask, positions = left_pad([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def _cache(rows: int, columns: int, fill: float) -> DynamicCache:
+    tensor = torch.full((rows, 2, columns, 4), fill)
+    return DynamicCache(ddp_cache_data=[(tensor, tensor.clone()), (tensor.clone(), tensor.clone())])
+
+
+def test_padded_cache_concat_pads_left_and_select_trims_unused_columns() -> None:
+    short = PaddedCache(_cache(1, 2, 1.0), torch.tensor([[1, 1]]))
+    long = PaddedCache(_cache(1, 4, 2.0), torch.tensor([[0, 1, 1, 1]]))
+    both = short.concat(long)
+    assert both.mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    keys = next(iter(both.cache))[0]
+    assert keys.shape == (2, 2, 4, 4)
+    assert keys[0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    only_short = both.select([0])
+    assert only_short.mask.tolist() == [[1, 1]]
+    assert next(iter(only_short.cache))[0][0, 0, :, 0].tolist() == [1.0, 1.0]
+
+
+def test_batched_generation_equals_one_at_a_time(engine: GenerationEngine) -> None:
+    prompts = [prompt(engine, "tell me " * k + "a story") for k in range(1, 6)]
+    sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=11)
+
+    async def alone(params: SamplingParams) -> list[GenerationResult]:
+        return [await engine.generate(p, params) for p in prompts]
+
+    async def together(params: SamplingParams) -> list[GenerationResult]:
+        return list(await asyncio.gather(*(engine.generate(p, params) for p in prompts)))
+
+    for params in (GREEDY, sampled):  # a seeded row draws the same tokens whoever shares its batch
+        single, batched = asyncio.run(alone(params)), asyncio.run(together(params))
+        assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+        assert [r.text for r in batched] == [r.text for r in single]
+        for a, b in zip(single, batched, strict=True):
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
+def test_a_request_joins_a_running_batch_and_leaves_it_early(engine: GenerationEngine) -> None:
+    long_prompt, short_prompt = prompt(engine, "a long answer please " * 3), prompt(engine, "hi")
+    long_params = SamplingParams(max_tokens=60, temperature=0)
+    short_params = SamplingParams(max_tokens=8, temperature=0)
+
+    async def alone() -> tuple[GenerationResult, GenerationResult]:
+        return await engine.generate(long_prompt, long_params), await engine.generate(short_prompt, short_params)
+
+    async def overlapping() -> tuple[GenerationResult, GenerationResult]:
+        long_run = asyncio.create_task(engine.generate(long_prompt, long_params))
+        started = engine.stats().tokens_generated
+        while engine.stats().tokens_generated < started + 10:  # the long request is mid-flight
+            await asyncio.sleep(0.001)
+        short = await engine.generate(short_prompt, short_params)
+        return await long_run, short
+
+    expected = asyncio.run(alone())
+    before = engine.stats().batch_sizes.get(2, 0)
+    results = asyncio.run(overlapping())
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+    assert [r.text for r in results] == [r.text for r in expected]
+    assert [r.finish_reason for r in results] == ["length", "length"]
+    assert engine.stats().batch_sizes.get(2, 0) > before
+
+
+def test_stop_token_ids_end_the_response_and_stay_in_the_ids(engine: GenerationEngine) -> None:
+    ids = asyncio.run(engine.generate(prompt(engine, "count"), GREEDY)).token_ids
+    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(ids[3],))
+    result = asyncio.run(engine.generate(prompt(engine, "count"), params))
+    assert result.token_ids == ids[: ids.index(ids[3]) + 1]
+    assert result.finish_reason == "stop"
+    assert result.text == engine.tokenizer.decode(result.token_ids[:-1], skip_special_tokens=True)
+
+
+def test_closing_a_stream_cancels_its_request(engine: GenerationEngine) -> None:
+    long_prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 3 plus 4?"}],
+        add_generation_prompt=True, tokenize=True, return_dict=True,
+    )["input_ids"]
+    params = SamplingParams(max_tokens=400, temperature=0)
+    full_length = len(asyncio.run(engine.generate(long_prompt, params)).token_ids)
+    assert full_length > 100  # greedy runs long enough for an early exit to show
+
+    async def read_two_then_leave() -> None:
+        async with contextlib.aclosing(engine.stream(long_prompt, params)) as stream:
+            read = 0
+            async for _ in stream:
+                read += 1
+                if read == 2:
+                    break
+
+    before = engine.stats().tokens_generated
+    asyncio.run(read_two_then_leave())
+    time.sleep(0.2)
+    settled = engine.stats().tokens_generated
+    time.sleep(0.2)
+    assert engine.stats().tokens_generated == settled, "the engine kept generating for a closed stream"
+    assert settled - before < full_length // 2
+    assert asyncio.run(engine.generate(prompt(engine, "still there?"), GREEDY)).token_ids
+
+
+def test_requests_that_cannot_fit_the_context_are_refused(engine: GenerationEngine) -> None:
+    assert engine.check_fits(10, None) == engine.context_length - 10
+    with pytest.raises(ContextLengthError, match="maximum context length"):
+        engine.check_fits(10, engine.context_length)
+    with pytest.raises(ContextLengthError):
+        engine.submit([1] * engine.context_length, GREEDY, lambda _: None)

@@ -1,0 +1,44 @@
+"""Token choice: nucleus filtering, greedy, seeds, and the logprobs reported."""
+
+import pytest
+import torch
+
+from tracelearn.serving.sampling import SamplingParams, choose_token, make_generator, nucleus_filter, score_token
+
+
+def test_nucleus_filter_keeps_the_smallest_set_reaching_top_p() -> None:
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    # 0.5 + 0.3 = 0.8 reaches top_p = 0.8: keep those two, renormalized.
+    assert torch.allclose(nucleus_filter(probs, 0.8), torch.tensor([0.0, 0.625, 0.0, 0.375]))
+    assert torch.allclose(nucleus_filter(probs, 0.81), torch.tensor([0.0, 0.5, 0.15, 0.3]) / 0.95)
+    assert torch.allclose(nucleus_filter(probs, 0.1), torch.tensor([0.0, 1.0, 0.0, 0.0]))  # never empty
+
+
+def test_greedy_takes_the_argmax_and_seeds_reproduce_samples() -> None:
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    assert choose_token(logits, SamplingParams(max_tokens=1, temperature=0), make_generator(None)) == 1
+    params = SamplingParams(max_tokens=1, temperature=1.5, seed=5)
+    first = [choose_token(logits, params, g) for g in [make_generator(5)] for _ in range(20)]
+    second = [choose_token(logits, params, g) for g in [make_generator(5)] for _ in range(20)]
+    assert first == second
+    assert len(set(first)) > 1
+    nucleus = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.4)  # token 1 alone holds ~0.45
+    assert {choose_token(logits, nucleus, make_generator(s)) for s in range(30)} == {1}
+
+
+def test_score_token_reports_the_raw_logprob_and_top_alternatives() -> None:
+    logprobs = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0]), dim=-1)
+    choice = score_token(logprobs, 0, top_k=2)
+    assert choice.token_id == 0
+    assert choice.logprob == pytest.approx(float(logprobs[0]))
+    assert [i for i, _ in choice.top_logprobs] == [2, 1]
+    assert score_token(logprobs, 2, top_k=0).top_logprobs == ()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_logprobs": -1}, {"stop": ("",)}],
+)
+def test_invalid_sampling_params_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**{"max_tokens": 4, **bad})  # type: ignore[arg-type]
