@@ -11,7 +11,8 @@ The torch loop never runs on the asyncio thread; the API awaits ``stream`` / ``g
 bridge the worker's callbacks into an ``asyncio.Queue``.
 
 Per request the engine returns the prompt token ids it was given, the response token ids as sampled
-(including the end-of-turn token when the model emits one), each token's logprob under the raw model
+(including the end-of-turn token when the model emits one, and the token that completed a stop
+string, whose text is cut at the stop string as OpenAI and vLLM do), each token's logprob under the raw model
 distribution (see ``tracelearn.serving.sampling``), the text and a finish reason: ``stop`` (end-of-turn
 token or stop string) or ``length`` (``max_tokens`` or the context reached). ``tool_calls`` is decided
 by the API, which parses the text.
