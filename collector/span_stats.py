@@ -112,7 +112,8 @@ def spans_stats(root: str | Path) -> SpanStats:
     if llm.num_rows:
         keyed = pa.table(
             {
-                "agent": llm.column("agent_name").fill_null("(none)"),
+                # A process without named agents is one agent: its service.
+                "agent": pc.coalesce(llm.column("agent_name"), llm.column("service_name")).fill_null("(none)"),
                 "model": pc.coalesce(llm.column("response_model"), llm.column("request_model")).fill_null("(none)"),
                 "input_tokens": llm.column("input_tokens").fill_null(0),
                 "output_tokens": llm.column("output_tokens").fill_null(0),
@@ -161,8 +162,8 @@ def spans_stats(root: str | Path) -> SpanStats:
         rollouts=len(pc.unique(spans.column("rollout_id"))),
         tasks=len(set(rollout_task_ids(spans).values())),
         services=sorted(_count_by(spans, "service_name")),
-        first_span=start.isoformat() if start is not None else None,
-        last_span=end.isoformat() if end is not None else None,
+        first_span=start.isoformat(sep=" ", timespec="seconds") if start is not None else None,
+        last_span=end.isoformat(sep=" ", timespec="seconds") if end is not None else None,
         llm_calls=llm.num_rows,
         tool_calls=int(pc.sum(pc.equal(spans.column("span_type"), sc.TYPE_TOOL)).as_py() or 0),
         errors=int(pc.sum(pc.equal(spans.column("status_code"), "ERROR")).as_py() or 0),

@@ -22,6 +22,7 @@ import asyncio
 import json
 import operator
 import os
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -253,7 +254,9 @@ def _report(task: Task, answer: str, error: str | None) -> None:
     line = {"id": task.id, "answer": answer, "gold": task.answer, "reward": reward, "correct": reward == 1.0}
     if error is not None:
         line["error"] = error
-    print(json.dumps(line), flush=True)
+    # One write per line: tasks report from several threads at once (--concurrency).
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
 
 
 def run_task(client: openai.OpenAI, settings: Settings, task: Task) -> None:
