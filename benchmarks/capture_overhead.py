@@ -15,13 +15,15 @@ in rotating order over ``--repeats`` repetitions; the medians are compared:
 * ``noop``: Traceloop's ``OpenAIInstrumentor`` + SDK ``TracerProvider`` + ``DurableBatchSpanProcessor``
   in front of an exporter that returns SUCCESS and does nothing;
 * ``parquet``: tracelearn capture as our configurator installs it: ``RolloutContextSpanProcessor`` +
-  ``DurableBatchSpanProcessor`` in front of ``ParquetSpanExporter`` (every rollout end writes its
-  file: conversion, Parquet, fsync, rename);
+  ``DurableBatchSpanProcessor`` in front of ``ParquetSpanExporter`` (every rollout end appends its
+  spans to the spool and fsyncs; Parquet files are written at the roll, here at shutdown);
 * ``parquet+token_ids``: the same plus ``TokenIdsInstrumentor`` (token ids and logprobs asked for,
   read back and recorded), when that module imports.
 
 Measured per configuration: ``time.process_time()`` (all threads of the agent process, the exporter's
-worker included) over ``--calls`` calls plus the final ``force_flush``, after a warm-up. Nothing is
+worker included) over ``--calls`` calls plus the final ``force_flush`` and ``shutdown`` (for ``parquet``
+the roll of every measured span into Parquet, which a long run does once per
+``TRACELEARN_ROLL_SECONDS``), after a warm-up. Nothing is
 asserted: the script prints the added CPU per call of ``parquet`` over ``noop`` (median of the
 per-repeat differences) against the target.
 
@@ -248,14 +250,14 @@ def worker(config: str, base_url: str, calls: int, per_rollout: int, warmup: int
                 provider.force_flush()
             return index
 
-        next_index = run(warmup, 0)  # imports, connections, the first file: not measured
+        next_index = run(warmup, 0)  # imports, connections, the first spool append: not measured
         gc.collect()
         cpu, wall = time.process_time(), time.perf_counter()
         run(calls, next_index)
+        if provider is not None:
+            provider.shutdown()  # the roll into Parquet, once for all measured calls
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         files = len(list(Path(tmp).rglob("*.parquet")))
-        if provider is not None:
-            provider.shutdown()
     print(json.dumps({"config": config, "calls": calls, "cpu_s": cpu, "wall_s": wall, "files": files}))
 
 
@@ -297,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=400, help="measured LLM calls per configuration run")
     parser.add_argument("--repeats", type=int, default=5, help="runs per configuration, in rotating order")
-    parser.add_argument("--calls-per-rollout", type=int, default=4, help="LLM calls per rollout (file per rollout)")
+    parser.add_argument("--calls-per-rollout", type=int, default=4, help="LLM calls per rollout (one spool append)")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured calls before measuring")
     parser.add_argument("--server", choices=("auto", "scripted", "builtin"), default="auto")
     parser.add_argument(

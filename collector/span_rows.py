@@ -16,7 +16,7 @@ import pyarrow as pa
 from opentelemetry.sdk.trace import ReadableSpan
 
 from tracelearn.collector import normalize as nz
-from tracelearn.collector.parquet_writer import path_segment_safe
+from tracelearn.collector.atomic_files import Partition, path_segment_safe
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SPANS, STRING_MAP
 
@@ -26,7 +26,6 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 # Promoted into typed columns and not repeated (as JSON text) in the raw attribute map.
 TYPED_ONLY_ATTRIBUTES = frozenset({sc.PROMPT_TOKEN_IDS, sc.RESPONSE_TOKEN_IDS, sc.RESPONSE_LOGPROBS})
 
-Partition = tuple[str, ...]
 SpanEvent = tuple[str, int, Mapping[str, Any]]
 SpanLink = tuple[int, int, Mapping[str, Any]]
 
@@ -121,8 +120,8 @@ class SpanColumns:
         # Keyed by identity, so a record's resource mapping must not change after it is added (SDK
         # resources are immutable; a receiver builds a new mapping per resource).
         self._resource_map: tuple[Mapping[str, Any], int, int] | None = None
-        # Distinct resource string maps; rows store an index and the column is built with ``take``.
-        self._resources: list[list[tuple[str, str]]] = []
+        # Distinct resource string maps as (keys, values); rows store an index into this list.
+        self._resources: list[tuple[list[str], list[str]]] = []
 
     def __len__(self) -> int:
         return sum(len(buffer.rows) for buffer in self._buffers.values())
@@ -176,7 +175,10 @@ class SpanColumns:
             self.truncated_values += cached[2]
             return cached[1]
         before = self.truncated_values
-        self._resources.append(self._string_map(resource))
+        keys: list[str] = []
+        values: list[str] = []
+        self._append_string_map(resource, keys, values, frozenset())
+        self._resources.append((keys, values))
         index = len(self._resources) - 1
         self._resource_map = (resource, index, self.truncated_values - before)
         return index
@@ -290,8 +292,7 @@ class SpanColumns:
         """The accumulated rows as one record batch per partition; the builder is emptied."""
         buffers, self._buffers = self._buffers, {}
         resources, self._resources, self._resource_map = self._resources, [], None
-        resource_maps = _checked_array(resources, STRING_MAP)
-        return {partition: _to_batch(buffer, resource_maps) for partition, buffer in buffers.items()}
+        return {partition: _to_batch(buffer, resources) for partition, buffer in buffers.items()}
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -309,23 +310,48 @@ def _checked_array(values: list[Any], type_: pa.DataType) -> pa.Array:
         return pa.array(_replace_invalid_utf8(values), type=type_)
 
 
-def _to_batch(buffer: "PartitionRows", resource_maps: pa.Array) -> pa.RecordBatch:
+def _string_map_array(offsets: list[int], keys: list[str], values: list[str]) -> pa.Array:
+    return pa.MapArray.from_arrays(
+        pa.array(offsets, pa.int32()),
+        _checked_array(keys, pa.string()),
+        _checked_array(values, pa.string()),
+        type=STRING_MAP,
+    )
+
+
+def _resource_array(indices: Sequence[int], resources: Sequence[tuple[list[str], list[str]]]) -> pa.Array:
+    """Each row's resource map, from its index into the batch's distinct resources.
+
+    Built flat like the attribute map: ``take`` on a map array costs more than the rest of the
+    resource column for a rollout-sized batch.
+    """
+    offsets, keys, values = [0], [], []
+    for index in indices:
+        resource_keys, resource_values = resources[index]
+        keys += resource_keys
+        values += resource_values
+        offsets.append(len(keys))
+    return _string_map_array(offsets, keys, values)
+
+
+def _column_array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+    # Most promoted columns are empty for most spans (rewards, token ids, tools, events, links):
+    # an all-null array skips Arrow's per-value conversion, which costs most for nested types.
+    if values.count(None) == len(values):
+        return pa.nulls(len(values), type_)
+    return _checked_array(list(values), type_)
+
+
+def _to_batch(buffer: "PartitionRows", resources: Sequence[tuple[list[str], list[str]]]) -> pa.RecordBatch:
     columns = dict(zip(ROW_COLUMNS, zip(*buffer.rows, strict=True), strict=True))
     arrays = []
     for spec_field in SPANS.schema:
         if spec_field.name == "attributes":
-            arrays.append(
-                pa.MapArray.from_arrays(
-                    pa.array(buffer.attribute_offsets, pa.int32()),
-                    _checked_array(buffer.attribute_keys, pa.string()),
-                    _checked_array(buffer.attribute_values, pa.string()),
-                    type=STRING_MAP,
-                )
-            )
+            arrays.append(_string_map_array(buffer.attribute_offsets, buffer.attribute_keys, buffer.attribute_values))
         elif spec_field.name == "resource_attributes":
-            arrays.append(resource_maps.take(pa.array(columns["resource_attributes"], pa.int32())))
+            arrays.append(_resource_array(columns["resource_attributes"], resources))
         else:
-            arrays.append(_checked_array(list(columns[spec_field.name]), spec_field.type))
+            arrays.append(_column_array(columns[spec_field.name], spec_field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SPANS.schema)
 
 

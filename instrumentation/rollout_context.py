@@ -36,7 +36,7 @@ FLUSH_TIMEOUT_MILLIS = 10_000
 
 
 def flush_traces(timeout_millis: int = FLUSH_TIMEOUT_MILLIS) -> None:
-    """Ask the global tracer provider to flush (files are rolled at the end of every rollout).
+    """Ask the global tracer provider to flush (the rollout's spans are spooled to disk, fsynced).
 
     A no-op when no SDK provider is configured; never raises into the agent.
     """

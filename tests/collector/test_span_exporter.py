@@ -1,6 +1,10 @@
 """The in-process Parquet exporter behind our batch processor, with the real OpenTelemetry SDK."""
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,9 +14,11 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from support.capture import installed_capture
+from support.capture import capture_settings, installed_capture
 
-from tracelearn.collector.parquet_writer import TEMP_SUFFIX
+from tracelearn.collector.atomic_files import TEMP_SUFFIX
+from tracelearn.collector.span_exporter import ParquetSpanExporter
+from tracelearn.collector.spool import SPOOL_DIR, read_segment
 from tracelearn.instrumentation.span_processors import DurableBatchSpanProcessor
 from tracelearn.schemas.dataset import dataset_files, read_table
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY
@@ -46,14 +52,60 @@ def test_spans_land_in_hive_partitions_with_hex_ids_and_version(tmp_path: Path) 
     assert rows["root"]["service_name"] == "calc agent/v1"
 
 
-def test_the_end_of_a_root_span_flushes_a_file_without_waiting_for_shutdown(tmp_path: Path) -> None:
+def spool_segments(data: Path) -> list[Path]:
+    spool = data / "spans" / SPOOL_DIR
+    return sorted(spool.glob("spool-*.arrows")) if spool.exists() else []
+
+
+def spooled_span_names(data: Path) -> list[str]:
+    return [
+        name
+        for segment in spool_segments(data)
+        for batches in read_segment(segment, partition_width=2).batches.values()
+        for batch in batches
+        for name in batch.column("name").to_pylist()
+    ]
+
+
+def test_the_end_of_a_root_span_is_on_disk_in_the_spool_without_waiting_for_shutdown(tmp_path: Path) -> None:
     with installed_capture(tmp_path, TRACELEARN_ROLL_SECONDS=3600):
         with trace.get_tracer("test").start_as_current_span("rollout"):
             pass
         deadline = time.monotonic() + 5
-        while not spans_files(tmp_path) and time.monotonic() < deadline:
+        while not spooled_span_names(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(read_table(tmp_path / "spans", "spans")) == 1
+        assert spooled_span_names(tmp_path) == ["rollout"], "the end of a rollout appends it to the spool, fsynced"
+        assert not spans_files(tmp_path), "Parquet files are written at the roll (size, age) or shutdown"
+    assert [row["name"] for row in span_rows(tmp_path)] == ["rollout"]
+    assert not spool_segments(tmp_path), "the roll at shutdown deletes the segment it wrote"
+
+
+def test_a_new_exporter_replays_what_an_exited_agent_spooled_and_leaves_live_spools_alone(tmp_path: Path) -> None:
+    exited_agent = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from pathlib import Path
+        from opentelemetry import trace
+        from support.capture import installed_capture
+
+        with installed_capture(Path({str(tmp_path)!r})) as (provider, _, _):
+            with trace.get_tracer("test").start_as_current_span("flushed-then-killed"):
+                pass
+            provider.force_flush()
+            os._exit(0)  # no shutdown: the rollout is only in the spool
+        """
+    )
+    subprocess.run([sys.executable, "-c", exited_agent], check=True)
+    with installed_capture(tmp_path) as (provider, _, _):
+        with trace.get_tracer("test").start_as_current_span("live"):
+            pass
+        provider.force_flush()
+        ParquetSpanExporter(capture_settings(tmp_path)).shutdown()
+        assert [row["name"] for row in span_rows(tmp_path)] == ["flushed-then-killed"]
+        assert spooled_span_names(tmp_path) == ["live"], "a live writer's spool is never replayed"
+    assert sorted(row["name"] for row in span_rows(tmp_path)) == ["flushed-then-killed", "live"]
+    assert not spool_segments(tmp_path)
 
 
 def test_files_roll_by_size(tmp_path: Path) -> None:
@@ -82,6 +134,36 @@ def test_files_roll_by_age(tmp_path: Path) -> None:
                     pass
                 time.sleep(0.25)
             assert spans_files(tmp_path), "an old buffer should roll into a file while the root is open"
+
+
+def test_an_idle_agents_last_rollout_rolls_by_age(tmp_path: Path) -> None:
+    with installed_capture(tmp_path, TRACELEARN_ROLL_SECONDS=0.2):
+        with trace.get_tracer("test").start_as_current_span("last-rollout"):
+            pass
+        deadline = time.monotonic() + 5
+        while not spans_files(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)  # no spans arrive: the roll thread notices the age
+        assert [row["name"] for row in span_rows(tmp_path)] == ["last-rollout"]
+        assert not spool_segments(tmp_path)
+
+
+def test_a_forked_worker_that_ends_without_shutdown_lands_its_rollouts_through_the_parent(tmp_path: Path) -> None:
+    with installed_capture(tmp_path, TRACELEARN_ROLL_SECONDS=0.2) as (provider, _, _):
+        with trace.get_tracer("test").start_as_current_span("parent-rollout"):
+            pass
+        provider.force_flush()
+        pid = os.fork()
+        if pid == 0:  # a pool worker: its own rollout, then the pool ends it with os._exit
+            with trace.get_tracer("test").start_as_current_span("worker-rollout"):
+                pass
+            os._exit(0 if provider.force_flush() else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        deadline = time.monotonic() + 5
+        while len(spans_files(tmp_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the parent's roll thread replays the worker's spool
+        assert sorted(row["name"] for row in span_rows(tmp_path)) == ["parent-rollout", "worker-rollout"]
+    assert sorted(row["name"] for row in span_rows(tmp_path)) == ["parent-rollout", "worker-rollout"]
 
 
 def test_two_writers_sharing_a_dataset_never_clobber_each_other(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Faults while capturing, in real agent processes under ``opentelemetry-instrument``.
 
-A killed agent (``kill -9``) and a disk that refuses writes must leave only complete, readable Parquet
-files, and the agent itself must keep running when the disk fails.
+A killed agent (``kill -9``) must lose no rollout it flushed: the next writer on the host replays its
+spool into the dataset, each rollout once and whole. A disk that refuses writes must leave only
+complete, readable Parquet files, and the agent itself must keep running when the disk fails.
 """
 
 import os
@@ -12,16 +13,20 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.compute as pc
 
-from tracelearn.collector.parquet_writer import (
+from tracelearn.collector.atomic_files import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
     path_segment_safe,
     remove_abandoned_temp_files,
 )
+from tracelearn.collector.settings import CaptureSettings
+from tracelearn.collector.span_exporter import ParquetSpanExporter
+from tracelearn.collector.spool import SPOOL_DIR
 from tracelearn.schemas.dataset import dataset_files, read_table
 
 VENV_BIN = Path(sys.executable).parent
@@ -42,6 +47,7 @@ AGENT = textwrap.dedent(
                 with tracer.start_as_current_span("chat", attributes={"gen_ai.operation.name": "chat", "p": payload}):
                     pass
             tracelearn.emit_reward(1.0)
+        print("flushed", i, flush=True)  # rollout() returns once its spans are on disk
         i += 1
         time.sleep(0.02)
     print("agent finished", i, flush=True)
@@ -49,11 +55,14 @@ AGENT = textwrap.dedent(
 )
 
 
-def start_agent(tmp_path: Path, rollouts: int, payload: int, **popen: object) -> subprocess.Popen[str]:
+def start_agent(
+    tmp_path: Path, rollouts: int, payload: int, preexec_fn: Callable[[], None] | None = None, **settings: str
+) -> subprocess.Popen[str]:
     script = tmp_path / "agent.py"
     script.write_text(AGENT)
     env = {
         **os.environ,
+        **settings,
         "TRACELEARN_DATA": str(tmp_path / "data"),
         "OTEL_SERVICE_NAME": "fault-agent",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
@@ -64,27 +73,35 @@ def start_agent(tmp_path: Path, rollouts: int, payload: int, **popen: object) ->
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **popen,  # type: ignore[arg-type]
+        preexec_fn=preexec_fn,
     )
 
 
-def test_kill_9_mid_rollout_leaves_only_complete_files_with_complete_rollouts(tmp_path: Path) -> None:
-    agent = start_agent(tmp_path, rollouts=-1, payload=100)
-    spans_root = tmp_path / "data" / "spans"
+def test_kill_9_loses_no_flushed_rollout_and_the_next_writer_lands_each_once_and_whole(tmp_path: Path) -> None:
+    agent = start_agent(tmp_path, rollouts=-1, payload=100, TRACELEARN_ROLL_SECONDS="3600")
+    assert agent.stdout is not None
+    lines: list[str] = []
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if spans_root.exists() and len(dataset_files(spans_root)) >= 5:
-            break
-        time.sleep(0.05)
+    while len(lines) < 5 and time.monotonic() < deadline and agent.poll() is None:
+        lines.append(agent.stdout.readline())
     agent.send_signal(signal.SIGKILL)
     agent.wait()
-    spans = read_table(spans_root, "spans")  # every file is a complete Parquet file
-    assert len(dataset_files(spans_root)) >= 5
-    rollout_ids = set(spans.column("rollout_id").to_pylist())
-    for rollout_id in rollout_ids:
-        rollout = spans.filter(pc.equal(spans.column("rollout_id"), rollout_id))
-        # A rollout lands whole: the flush at its end writes all of its spans together.
+    flushed = [line.split()[1] for line in lines + agent.stdout.readlines() if line.startswith("flushed ")]
+    assert len(flushed) >= 5, agent.stderr.read() if agent.stderr else ""
+    spans_root = tmp_path / "data" / "spans"
+    assert not dataset_files(spans_root), "nothing rolled yet: the flushed rollouts are only in the spool"
+
+    ParquetSpanExporter(CaptureSettings.from_env({"TRACELEARN_DATA": str(tmp_path / "data")})).shutdown()
+
+    spans = read_table(spans_root, "spans")
+    assert len(set(spans.column("span_id").to_pylist())) == len(spans), "no span twice"
+    task_ids = set(spans.column("task_id").to_pylist())
+    assert {f"t-{i}" for i in flushed} <= task_ids, "every rollout the agent flushed is in the dataset"
+    for task_id in task_ids:
+        rollout = spans.filter(pc.equal(spans.column("task_id"), task_id))
         assert sorted(rollout.column("span_type").to_pylist()) == ["llm", "llm", "llm", "reward", "rollout"]
+    assert not list((spans_root / SPOOL_DIR).iterdir()), "the dead agent's spool is replayed and gone"
+    assert not list(spans_root.rglob(f"*{TEMP_SUFFIX}"))
 
 
 def test_a_disk_that_refuses_writes_never_stops_the_agent(tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""Files that appear complete or not at all, and the names that say which process wrote them.
+
+Owns: the atomic Parquet write (temp name, fsync, rename, directory fsync), hive partition paths,
+the writer identity carried in file names (host, pid), the check that a writer process has exited,
+and the removal of temp files such a writer left behind. The spool and the partitioned writer both
+build on these; nothing here buffers rows.
+"""
+
+import os
+import re
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEMP_PREFIX = ".tmp-"
+TEMP_SUFFIX = ".parquet.tmp"
+ROW_GROUP_ROWS = 1_000_000
+
+UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+# Hive partition values of one row, in the table's ``partition_columns`` order.
+Partition = tuple[str, ...]
+
+
+def path_segment_safe(value: str) -> str:
+    """``value`` usable as one path segment: a partition value like ``my/agent`` must not escape."""
+    cleaned = UNSAFE_PATH_CHARS.sub("_", value)
+    return cleaned if cleaned.strip(".") else "_"
+
+
+def local_host() -> str:
+    """This host's name as it appears in file names."""
+    return path_segment_safe(socket.gethostname())
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` of this host has exited (a process we may not signal still runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def partition_directory(root: Path, columns: Sequence[str], values: Partition) -> Path:
+    """``root/col=value/...``, the hive directory of one partition."""
+    return root.joinpath(*(f"{column}={value}" for column, value in zip(columns, values, strict=True)))
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomically(
+    table: pa.Table, directory: Path, file_name: str, compression: str, row_group_rows: int = ROW_GROUP_ROWS
+) -> Path:
+    """Write ``table`` to ``directory/file_name`` so that the file appears complete or not at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / file_name
+    temp = directory / f"{TEMP_PREFIX}{file_name.removesuffix('.parquet')}-{os.getpid()}{TEMP_SUFFIX}"
+    try:
+        with temp.open("wb") as handle:
+            pq.write_table(
+                table,
+                handle,
+                compression=None if compression == "none" else compression,
+                row_group_size=row_group_rows,
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        temp.replace(final)
+        fsync_directory(directory)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def remove_abandoned_temp_files(directory: Path) -> int:
+    """Delete temp files in ``directory`` whose writer pid (on this host) no longer runs."""
+    removed = 0
+    host = local_host()
+    for temp in directory.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        stem = temp.name.removesuffix(TEMP_SUFFIX)
+        pid_text = stem.rsplit("-", 1)[-1]
+        if host in stem and pid_text.isdigit() and process_gone(int(pid_text)):
+            temp.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -1,0 +1,406 @@
+"""The write-ahead spool: rows on disk, fsynced, before they are rolled into Parquet files.
+
+Owns the spool's files and their life: appending (the durability of an acknowledged flush), deleting
+a segment once its rows are in Parquet, and replaying the segments of writers that exited without
+rolling (a ``kill -9``, a crash, a disk that refused the final write). It does not buffer rows or
+decide when to roll: ``PartitionedParquetWriter`` does, and writes the Parquet files from memory.
+
+Layout: ``<root>/_spool/spool-<stamp>-<host>-<pid>-<writer id>-<sequence>.arrows`` (the leading
+underscore keeps dataset readers out). A segment is one Arrow IPC stream: the table schema, then
+record batches, each carrying its hive partition values in the batch's custom metadata. A writer
+appends to one segment at a time, one ``write`` and one ``fsync`` per append: a group commit of
+every row exported since the previous flush. A roll seals the segment and writes its rows as one
+Parquet file per partition named after it, ``part-<stamp>-<host>-<pid>-<writer id>-<sequence>.parquet``;
+once those are durable the segment is deleted.
+
+Replay writes a dead writer's segment as those same file names, skipping names that already exist,
+so a crash between "Parquet written" and "segment deleted" (in a roll or in a replay) never lands a
+row twice, and two processes replaying one segment at once write the same files. A segment is read
+up to its first incomplete or invalid message: what a kill tore off its tail was never acknowledged.
+Rows repeated within a segment (a retried delivery) are kept once, by (trace_id, span_id).
+"""
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tracelearn.collector.atomic_files import (
+    Partition,
+    fsync_directory,
+    local_host,
+    partition_directory,
+    path_segment_safe,
+    process_gone,
+    remove_abandoned_temp_files,
+    write_parquet_atomically,
+)
+from tracelearn.schemas.migrations import SchemaVersionError, migrate
+from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TableSpec
+
+logger = logging.getLogger(__name__)
+
+SPOOL_DIR = "_spool"
+SEGMENT_PREFIX = "spool-"
+SEGMENT_SUFFIX = ".arrows"
+PARTITION_KEY = b"tracelearn.partition"
+SPAN_KEY = ("trace_id", "span_id")
+STREAM_BUFFER_BYTES = 1 << 16
+
+# Writer ids created in this process: a segment with this process's pid but another writer id was
+# left by an earlier process that had the same pid (a restarted container's agent is often pid 1).
+_OWN_WRITER_IDS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """Who wrote a segment and when; also names the Parquet files its rows become."""
+
+    stamp: str
+    host: str
+    pid: int
+    writer_id: str
+    sequence: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.stamp}-{self.host}-{self.pid}-{self.writer_id}-{self.sequence:06d}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{SEGMENT_PREFIX}{self.stem}{SEGMENT_SUFFIX}"
+
+    @property
+    def parquet_name(self) -> str:
+        """The file, in each partition directory, that holds this segment's rows of that partition."""
+        return f"part-{self.stem}.parquet"
+
+    @classmethod
+    def parse(cls, file_name: str) -> "SegmentName | None":
+        """The name of a segment file, or ``None`` for anything else (host names may contain ``-``)."""
+        if not (file_name.startswith(SEGMENT_PREFIX) and file_name.endswith(SEGMENT_SUFFIX)):
+            return None
+        stamp, _, rest = file_name.removeprefix(SEGMENT_PREFIX).removesuffix(SEGMENT_SUFFIX).partition("-")
+        parts = rest.rsplit("-", 3)
+        if len(parts) != 4 or not (parts[1].isdigit() and parts[3].isdigit()) or not parts[0]:
+            return None
+        host, pid, writer_id, sequence = parts
+        return cls(stamp, host, int(pid), writer_id, int(sequence))
+
+
+def writer_gone(name: SegmentName) -> bool:
+    """Whether the writer of segment ``name`` has exited; writers on other hosts cannot be checked."""
+    if name.host != local_host():
+        return False
+    if name.pid == os.getpid():
+        return name.writer_id not in _OWN_WRITER_IDS
+    return process_gone(name.pid)
+
+
+# --- Appending --------------------------------------------------------------------------------------
+
+
+class _StreamBytes:
+    """The bytes an Arrow IPC stream writer produces, held until the next append takes them.
+
+    The stream writer never touches the file: an append writes what it produced in one ``write``, so
+    a failed write cannot leave the writer's state and the file disagreeing. (Arrow buffers in front
+    of it, so this Python object sees a few large writes instead of one per column buffer.)
+    """
+
+    closed = False
+
+    def __init__(self) -> None:
+        self._chunks: list[Any] = []
+        self._position = 0
+
+    def write(self, data: Any) -> int:
+        self._chunks.append(data)
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks = []
+        return data
+
+
+class SpoolSegment:
+    """One segment file, open for appending; created empty (with its directory entry durable)."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self._bytes = _StreamBytes()
+        self._buffered = pa.BufferedOutputStream(pa.PythonFile(self._bytes, mode="w"), STREAM_BUFFER_BYTES)
+        self._stream = pa.ipc.new_stream(self._buffered, schema)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fsync_directory(path.parent)
+        except OSError:
+            self.close()
+            path.unlink(missing_ok=True)
+            raise
+
+    def append(self, batches: Iterable[tuple[Partition, pa.RecordBatch]]) -> None:
+        """Append the batches and fsync. On ``OSError`` the file is cut back to its previous end."""
+        for partition, batch in batches:
+            self._stream.write_batch(batch, custom_metadata={PARTITION_KEY: json.dumps(partition).encode()})
+        self._buffered.flush()
+        data = memoryview(self._bytes.take())
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+            os.fsync(self._fd)
+        except OSError:
+            # Best effort: a torn tail is tolerated by replay anyway, but a clean file frees the space.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)
+            raise
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class _Segment:
+    name: SegmentName
+    path: Path
+    pending_rows: int = 0  # rows appended here and not yet in a durable Parquet file
+    file: SpoolSegment | None = None
+
+
+class Spool:
+    """One writer's spool: appends go to the active segment; a segment is deleted when its rows are in Parquet.
+
+    Not thread-safe: ``PartitionedParquetWriter`` serializes the calls.
+    """
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory = directory
+        self.schema = schema
+        self.writer_id = uuid.uuid4().hex[:8]
+        _OWN_WRITER_IDS.add(self.writer_id)
+        self._host = local_host()
+        self._pid = os.getpid()
+        self._sequence = 0
+        self._active: _Segment | None = None
+        self._segments: dict[SegmentName, _Segment] = {}
+
+    def _next_name(self) -> SegmentName:
+        self._sequence += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        return SegmentName(stamp, self._host, self._pid, self.writer_id, self._sequence)
+
+    def _open(self) -> _Segment:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = self._next_name()
+        segment = _Segment(name, self.directory / name.file_name)
+        segment.file = SpoolSegment(segment.path, self.schema)
+        self._segments[name] = segment
+        self._active = segment
+        return segment
+
+    def append(self, batches: Sequence[tuple[Partition, pa.RecordBatch]]) -> SegmentName:
+        """Append and fsync; returns the segment that now holds the rows. Raises ``OSError`` (disk).
+
+        A segment whose append failed is not appended to again (the next append opens a new one): it
+        keeps only what earlier appends put there and is deleted once those rows are in Parquet.
+        """
+        segment = self._active or self._open()
+        assert segment.file is not None, "the active segment is open"
+        try:
+            segment.file.append(batches)
+        except BaseException:
+            # Whatever failed, the stream writer's state and the file may now disagree.
+            self._end_appends(segment)
+            raise
+        segment.pending_rows += sum(batch.num_rows for _, batch in batches)
+        return segment.name
+
+    def seal(self) -> SegmentName:
+        """End appends to the active segment before a roll; returns the name the rolled files take.
+
+        Rows rolled now that were never spooled go into the files of this name too: a replay of the
+        segment finds the files there and skips them, which is right, since they hold its rows.
+        """
+        segment = self._active
+        if segment is None:
+            return self._next_name()
+        self._end_appends(segment)
+        return segment.name
+
+    def mark_written(self, name: SegmentName, rows: int) -> None:
+        """``rows`` of segment ``name`` are in a durable Parquet file."""
+        segment = self._segments.get(name)
+        if segment is not None:
+            segment.pending_rows -= rows
+            self._delete_if_done(segment)
+
+    def close(self) -> None:
+        """Close the open segment file; segments still holding rows stay on disk for replay."""
+        if self._active is not None:
+            self._end_appends(self._active)
+
+    def _end_appends(self, segment: _Segment) -> None:
+        if segment.file is not None:
+            segment.file.close()
+            segment.file = None
+        if self._active is segment:
+            self._active = None
+        self._delete_if_done(segment)
+
+    def _delete_if_done(self, segment: _Segment) -> None:
+        if segment.pending_rows > 0 or segment is self._active:
+            return
+        del self._segments[segment.name]
+        try:
+            segment.path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning(
+                "tracelearn: cannot delete spool segment %s (%s); its rows are in Parquet already, "
+                "so replaying it later writes nothing",
+                segment.path,
+                exc,
+            )
+
+
+# --- Replay -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentContents:
+    """What a segment holds up to its first incomplete or invalid message."""
+
+    schema: pa.Schema | None = None
+    batches: dict[Partition, list[pa.RecordBatch]] = field(default_factory=dict)
+    torn: bool = False
+
+
+def _partition_of(metadata: Any, width: int) -> Partition:
+    raw = (metadata or {}).get(PARTITION_KEY)
+    values = json.loads(raw) if raw is not None else None
+    if not isinstance(values, list) or len(values) != width or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"batch metadata {PARTITION_KEY.decode()}={raw!r} is not {width} partition values")
+    # Written as path-safe already; cleaned again so that no file can steer a write out of the root.
+    return tuple(path_segment_safe(v) for v in values)
+
+
+def read_segment(path: Path, partition_width: int) -> SegmentContents:
+    """Every complete, valid batch of the segment at ``path``, by partition, in append order."""
+    contents = SegmentContents()
+    with pa.OSFile(str(path)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except (ValueError, OSError):
+            contents.torn = source.size() > 0  # empty: created, killed before its first append
+            return contents
+        contents.schema = reader.schema
+        while True:
+            try:
+                batch, metadata = reader.read_next_batch_with_custom_metadata()
+                batch.validate(full=True)
+                partition = _partition_of(metadata, partition_width)
+            except StopIteration:
+                return contents
+            except (ValueError, OSError):  # pa.ArrowInvalid is a ValueError
+                contents.torn = True
+                return contents
+            contents.batches.setdefault(partition, []).append(batch)
+
+
+def unique_rows(table: pa.Table, key: Sequence[str] = SPAN_KEY) -> pa.Table:
+    """``table`` with the first row of each ``key`` value only, in the original order."""
+    row = "__row"
+    numbered = table.append_column(row, pa.array(range(table.num_rows), pa.int64()))
+    first = numbered.group_by(list(key), use_threads=False).aggregate([(row, "min")]).column(f"{row}_min")
+    if len(first) == table.num_rows:
+        return table
+    return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+def _schema_version(schema: pa.Schema, path: Path) -> int:
+    raw = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
+    if raw is None:
+        raise SchemaVersionError(f"{path}: no {SCHEMA_VERSION_KEY.decode()} in the stream schema")
+    return int(raw)
+
+
+@dataclass
+class ReplayReport:
+    """What ``replay_spools`` did."""
+
+    segments: int = 0
+    rows: int = 0
+    duplicates: int = 0
+    torn_tails: int = 0
+    files: list[Path] = field(default_factory=list)
+
+
+def replay_segment(path: Path, name: SegmentName, root: Path, spec: TableSpec, compression: str) -> ReplayReport:
+    """Write the rows of one segment as Parquet files (those not there yet), then delete it."""
+    contents = read_segment(path, len(spec.partition_columns))
+    report = ReplayReport(segments=1, torn_tails=int(contents.torn))
+    if contents.schema is not None:
+        version = _schema_version(contents.schema, path)
+        for partition, batches in contents.batches.items():
+            directory = partition_directory(root, spec.partition_columns, partition)
+            if (directory / name.parquet_name).exists():
+                continue  # written by the roll, or by an earlier replay of this segment
+            table = migrate(pa.Table.from_batches(batches, schema=contents.schema), spec, version, str(path))
+            unique = unique_rows(table)
+            if directory.is_dir():
+                remove_abandoned_temp_files(directory)
+            report.files.append(write_parquet_atomically(unique, directory, name.parquet_name, compression))
+            report.rows += unique.num_rows
+            report.duplicates += table.num_rows - unique.num_rows
+    path.unlink(missing_ok=True)
+    return report
+
+
+def replay_spools(root: Path, spec: TableSpec, compression: str) -> ReplayReport:
+    """Replay every segment under ``root/_spool`` whose writer (on this host) has exited.
+
+    Segments of live writers, and of other hosts (whose processes cannot be checked), are left
+    alone. A segment of a newer schema version is logged and left for a newer tracelearn. Raises
+    ``OSError`` when a file cannot be written; whatever was replayed before stays replayed.
+    """
+    report = ReplayReport()
+    directory = root / SPOOL_DIR
+    if not directory.is_dir():
+        return report
+    for path in sorted(directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")):
+        name = SegmentName.parse(path.name)
+        if name is None or not writer_gone(name):
+            continue
+        try:
+            done = replay_segment(path, name, root, spec, compression)
+        except FileNotFoundError:
+            continue  # another process replayed it meanwhile
+        except SchemaVersionError as exc:
+            logger.error("tracelearn: spool segment %s is not replayed: %s", path, exc)
+            continue
+        report.segments += done.segments
+        report.rows += done.rows
+        report.duplicates += done.duplicates
+        report.torn_tails += done.torn_tails
+        report.files.extend(done.files)
+    return report
