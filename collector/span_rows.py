@@ -138,23 +138,17 @@ class SpanColumns:
             )
         return text[: self.max_attribute_bytes]
 
-    def _string_map(self, attributes: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-        # The hot loop of capture (every attribute of every span): strings, most values, are kept as-is.
-        limit = self.max_attribute_bytes
-        attribute_text = nz.attribute_text
-        pairs = []
-        for key, value in attributes.items():
-            if key in skip:
-                continue
-            text = value if type(value) is str else attribute_text(value)
-            if len(text) > limit:
-                text = self._truncated(text)
-            pairs.append((key if type(key) is str else str(key), text))
-        return pairs
+    def _string_map(self, attributes: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Attributes as (key, text) pairs, for the nested maps of events and links (rare, small)."""
+        keys: list[str] = []
+        values: list[str] = []
+        self._append_string_map(attributes, keys, values, frozenset())
+        return list(zip(keys, values, strict=True))
 
     def _append_string_map(
         self, attributes: Mapping[str, Any], keys: list[str], values: list[str], skip: frozenset[str]
     ) -> None:
+        # The hot loop of capture (every attribute of every span); strings, most values, are kept as-is.
         # Flat key and value lists (one Arrow MapArray per batch) instead of a list of pairs per span:
         # no tuple per attribute, and Arrow copies two string lists instead of parsing nested ones.
         limit = self.max_attribute_bytes
