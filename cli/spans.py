@@ -34,6 +34,10 @@ def render_stats(stats: SpanStats, console: Console) -> None:
         ("input / output tokens", f"{stats.input_tokens} / {stats.output_tokens}"),
         ("token ids (LLM calls)", ", ".join(f"{k}: {v}" for k, v in sorted(stats.token_ids_status.items())) or "-"),
         ("rollouts with a reward", stats.rollouts_with_reward),
+        (
+            "spooled, not yet in Parquet",
+            f"{stats.spool_segments} segments ({stats.spool_bytes / 1024:.0f} KiB)" if stats.spool_segments else "-",
+        ),
         ("mean primary reward", "-" if stats.mean_primary_reward is None else f"{stats.mean_primary_reward:.3f}"),
     ]
     for name, value in rows:

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR
 from tracelearn.collector.token_join import attach_token_ids
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import dataset_files, read_table
@@ -56,6 +57,8 @@ class SpanStats:
     token_ids_status: dict[str, int]
     rollouts_with_reward: int
     mean_primary_reward: float | None
+    spool_segments: int = 0
+    spool_bytes: int = 0
     by_agent_model: list[GroupStats] = field(default_factory=list)
     rewards: list[RewardStats] = field(default_factory=list)
 
@@ -97,6 +100,8 @@ def spans_stats(root: str | Path) -> SpanStats:
     if (path / "spans").is_dir():
         path = path / "spans"
     files = dataset_files(path)
+    # Rollouts flushed by running writers sit in the write-ahead spool until their files roll.
+    segments = [p for p in (path / SPOOL_DIR).glob(f"*{SEGMENT_SUFFIX}") if p.is_file()]
     spans = attach_token_ids(read_table(path, "spans"))
     llm = spans.filter(pc.equal(spans.column("span_type"), sc.TYPE_LLM))
     rewards = spans.filter(pc.equal(spans.column("span_type"), sc.TYPE_REWARD))
@@ -172,6 +177,8 @@ def spans_stats(root: str | Path) -> SpanStats:
         token_ids_status=_count_by(llm, "token_ids_status"),
         rollouts_with_reward=len(primary_values),
         mean_primary_reward=sum(primary_values) / len(primary_values) if primary_values else None,
+        spool_segments=len(segments),
+        spool_bytes=sum(p.stat().st_size for p in segments),
         by_agent_model=groups,
         rewards=reward_stats,
     )
