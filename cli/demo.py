@@ -34,13 +34,20 @@ def free_port() -> int:
         return port
 
 
-def wait_until_ready(url: str, server: subprocess.Popen[bytes], console: Console) -> None:
-    """Poll ``url`` until it answers 200, failing early if the server process exits."""
+def log_tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_until_ready(url: str, server: subprocess.Popen[bytes], log: Path, console: Console) -> None:
+    """Poll ``url`` until it answers 200, failing early (with the server's last words) if it exits."""
     deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
     with console.status("loading the policy model into the embedded server..."):
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                raise click.ClickException(f"the model server exited with code {server.returncode}")
+                raise click.ClickException(
+                    f"the model server exited with code {server.returncode}; its log ends with:\n{log_tail(log)}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -88,7 +95,7 @@ def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: 
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_until_ready(f"{base_url}/models", server, console)
+        wait_until_ready(f"{base_url}/models", server, workdir / "server.log", console)
         console.print(f"policy [bold]{model}[/] served at {base_url} (log: {workdir / 'server.log'})")
 
         console.rule("[bold]2. run the agent under opentelemetry-instrument (agent code unchanged)")

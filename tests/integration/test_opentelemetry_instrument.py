@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from tracelearn.cli.main import main
@@ -66,3 +67,10 @@ def test_stats_on_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["spans", "stats", str(tmp_path / "nowhere")])
     assert result.exit_code != 0
     assert "no such file or directory" in result.output
+
+
+def test_demo_without_the_model_says_how_to_fetch_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACELEARN_MODEL_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(main, ["demo", "--quick", "--workdir", str(tmp_path / "run")])
+    assert result.exit_code != 0
+    assert "python -m tracelearn.serving.model_store fetch" in result.output
