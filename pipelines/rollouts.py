@@ -1,0 +1,298 @@
+"""Spans -> rollouts: one row per rollout, the first stage of the experience pipeline.
+
+Identity: a span belongs to the rollout named by its ``rollout_id`` column, which capture fills with
+the trace id unless ``tracelearn.rollout()`` or baggage set one (so one trace is one rollout, and an
+explicit id may join several traces). The task id is the explicit one if any span carries it, else
+the hash of the first user message of the rollout's earliest LLM call
+(``tracelearn.schemas.identity.task_id_from_messages``, shared with ``tracelearn spans stats``).
+
+Orphans: a span whose parent is not among its rollout's spans (the parent was lost, or is still in
+flight) stays in its rollout and is counted (``orphan_spans``); a rollout with orphans and no root
+span is ``incomplete``.
+
+Late spans: ``split_by_watermark`` keeps a rollout out of a build until its last span ended more than
+``lateness`` before the build time; deferred rollouts are returned and counted, and the next build
+(whose input still holds their spans) includes them. A rollout row is a pure function of all of its
+spans, so rebuilding a partition after late spans arrived yields the complete row; the output writer
+replaces the previous output of that partition (reruns replace, never duplicate). Output is sorted by
+``rollout_id``, so the same input gives the same rows in the same order.
+"""
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import polars as pl
+import pyarrow as pa
+
+from tracelearn.schemas import semconv as sc
+from tracelearn.schemas.identity import task_id_from_messages
+from tracelearn.schemas.migrations import conform
+from tracelearn.schemas.tables import ROLLOUTS
+
+DEFAULT_LATENESS = dt.timedelta(minutes=10)
+REWARDS_DTYPE = pl.List(pl.Struct({"key": pl.String, "value": pl.Float64}))
+TIME_DTYPE = pl.Datetime("ns", "UTC")
+ERROR = "ERROR"
+ROLLOUT_COLUMNS = tuple(ROLLOUTS.schema.names)
+
+MissingRewardPolicy = Literal["keep", "drop", "fill"]
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How rollouts are built: watermark lateness and what to do with rollouts that have no reward.
+
+    ``missing_reward``: ``keep`` (final_reward stays null), ``drop`` (the rollout is left out), or
+    ``fill`` (final_reward = ``fill_reward`` under ``fill_reward_name``; ``rewards`` stays as emitted).
+    """
+
+    lateness: dt.timedelta = DEFAULT_LATENESS
+    missing_reward: MissingRewardPolicy = "keep"
+    fill_reward: float = 0.0
+    fill_reward_name: str = "missing"
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    """Counts reported by a rollout build."""
+
+    rollouts: int
+    with_reward: int
+    without_reward: int
+    deferred: int
+    orphan_spans: int
+    error_rollouts: int
+    incomplete_rollouts: int
+    error_spans: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RolloutBuild:
+    """The result of ``build_closed_rollouts``: closed rollouts, deferred ones, and the counts."""
+
+    rollouts: pl.DataFrame
+    deferred: pl.DataFrame
+    summary: RolloutSummary
+
+
+def _ordered(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Spans de-duplicated by (trace_id, span_id) and sorted so that "first" is well defined."""
+    return spans.unique(subset=["trace_id", "span_id"], keep="first", maintain_order=False).sort(
+        ["rollout_id", "start_time", "trace_id", "span_id"]
+    )
+
+
+def with_parent_found(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Add ``parent_found`` (bool): the span is a root or its parent is among its rollout's spans.
+
+    Reads ``rollout_id``, ``trace_id``, ``span_id``, ``parent_span_id``.
+    """
+    parents = (
+        spans.select("rollout_id", "trace_id", pl.col("span_id").alias("parent_span_id"))
+        .unique()
+        .with_columns(pl.lit(True).alias("parent_found"))
+    )
+    return spans.join(parents, on=["rollout_id", "trace_id", "parent_span_id"], how="left").with_columns(
+        (pl.col("parent_span_id").is_null() | pl.col("parent_found").fill_null(False)).alias("parent_found")
+    )
+
+
+def orphan_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Spans whose parent is missing from their rollout: ``rollout_id, trace_id, span_id, parent_span_id, name``.
+
+    Reads ``rollout_id``, ``trace_id``, ``span_id``, ``parent_span_id``, ``name``. Sorted by rollout and span.
+    """
+    return (
+        with_parent_found(spans.unique(subset=["trace_id", "span_id"]))
+        .filter(~pl.col("parent_found"))
+        .select("rollout_id", "trace_id", "span_id", "parent_span_id", "name")
+        .sort(["rollout_id", "trace_id", "span_id"])
+    )
+
+
+def rollout_rewards(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Per rollout: ``final_reward``, ``reward_name`` (the primary reward) and ``rewards`` (all, by name).
+
+    Reads reward spans (``span_type == 'reward'``): ``rollout_id``, ``reward``, ``reward_name``,
+    ``reward_is_primary``, ``end_time``, ``span_id``. The primary reward is the first emitted one flagged
+    primary, else the first emitted; when a name is emitted twice, ``rewards`` keeps the first value.
+    """
+    rewards = (
+        spans.filter((pl.col("span_type") == sc.TYPE_REWARD) & pl.col("reward").is_not_null())
+        .with_columns(pl.col("reward_name").fill_null("reward"))
+        .sort(["rollout_id", "end_time", "trace_id", "span_id"])
+    )
+    not_primary = ~pl.col("reward_is_primary").fill_null(False)
+    primary = rewards.group_by("rollout_id").agg(
+        pl.col("reward").sort_by(not_primary, maintain_order=True).first().alias("final_reward"),
+        pl.col("reward_name").sort_by(not_primary, maintain_order=True).first().alias("reward_name"),
+    )
+    named = (
+        rewards.unique(subset=["rollout_id", "reward_name"], keep="first", maintain_order=True)
+        .sort(["rollout_id", "reward_name"])
+        .group_by("rollout_id", maintain_order=True)
+        .agg(pl.struct(key=pl.col("reward_name"), value=pl.col("reward")).alias("rewards"))
+    )
+    return primary.join(named, on="rollout_id", how="left")
+
+
+def rollout_task_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Per rollout: ``task_id``, the explicit one (earliest span carrying it) else the derived one.
+
+    Reads ``rollout_id``, ``task_id``, ``span_type``, ``input_messages``, ``start_time``. The derived id
+    hashes the first user message of the earliest LLM call with messages; the hash runs once per
+    distinct prompt, not per span.
+    """
+    ordered = spans.sort(["rollout_id", "start_time", "trace_id", "span_id"])
+    explicit = (
+        ordered.filter(pl.col("task_id").is_not_null())
+        .group_by("rollout_id")
+        .agg(pl.col("task_id").first().alias("explicit_task_id"))
+    )
+    first_prompt = (
+        ordered.filter((pl.col("span_type") == sc.TYPE_LLM) & pl.col("input_messages").is_not_null())
+        .group_by("rollout_id")
+        .agg(pl.col("input_messages").first())
+    )
+    derived = (
+        first_prompt.select("input_messages")
+        .unique()
+        .with_columns(
+            pl.col("input_messages")
+            .map_elements(task_id_from_messages, return_dtype=pl.String)
+            .alias("derived_task_id")
+        )
+    )
+    derived_by_rollout = first_prompt.join(derived, on="input_messages", how="left").select(
+        "rollout_id", "derived_task_id"
+    )
+    rollouts = spans.select("rollout_id").unique()
+    return (
+        rollouts.join(explicit, on="rollout_id", how="left")
+        .join(derived_by_rollout, on="rollout_id", how="left")
+        .select("rollout_id", pl.coalesce("explicit_task_id", "derived_task_id").alias("task_id"))
+    )
+
+
+def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Spans -> one row per rollout, with exactly the ROLLOUTS columns, sorted by ``rollout_id``.
+
+    Reads the spans columns ``rollout_id``, ``attempt_id``, ``trace_id``, ``span_id``,
+    ``parent_span_id``, ``task_id``, ``group_id``, ``service_name``, ``agent_name``, ``span_type``,
+    ``start_time``, ``end_time``, ``status_code``, ``input_messages``, ``input_tokens``,
+    ``output_tokens`` and the reward columns. ``rewards`` is a list of ``{key, value}`` structs
+    (``rollouts_to_arrow`` turns it into the Arrow map). Status: ``error`` if a root or rollout span
+    failed, else ``incomplete`` if the rollout has orphan spans and no root span, else ``ok``.
+    """
+    ordered = with_parent_found(_ordered(spans)).sort(["rollout_id", "start_time", "trace_id", "span_id"])
+    is_root = pl.col("parent_span_id").is_null()
+    is_llm = pl.col("span_type") == sc.TYPE_LLM
+    is_error = pl.col("status_code") == ERROR
+    top_error = ((is_root | (pl.col("span_type") == sc.TYPE_ROLLOUT)) & is_error).any()
+    incomplete = (~is_root.any()) & (~pl.col("parent_found")).any()
+    counts = ordered.group_by("rollout_id").agg(
+        pl.col("attempt_id").drop_nulls().first(),
+        pl.col("trace_id").unique().sort().alias("trace_ids"),
+        pl.col("group_id").drop_nulls().first(),
+        pl.col("service_name").drop_nulls().first(),
+        pl.col("agent_name").drop_nulls().unique(maintain_order=True).alias("agents"),
+        pl.col("start_time").min(),
+        pl.col("end_time").max(),
+        pl.when(top_error)
+        .then(pl.lit("error"))
+        .when(incomplete)
+        .then(pl.lit("incomplete"))
+        .otherwise(pl.lit("ok"))
+        .first()
+        .alias("status"),
+        pl.len().cast(pl.Int64).alias("n_spans"),
+        is_llm.sum().cast(pl.Int64).alias("n_llm_calls"),
+        (pl.col("span_type") == sc.TYPE_TOOL).sum().cast(pl.Int64).alias("n_tool_calls"),
+        is_error.sum().cast(pl.Int64).alias("n_errors"),
+        pl.col("input_tokens").filter(is_llm).sum().cast(pl.Int64),
+        pl.col("output_tokens").filter(is_llm).sum().cast(pl.Int64),
+    )
+    return (
+        counts.join(rollout_task_ids(ordered), on="rollout_id", how="left")
+        .join(rollout_rewards(ordered), on="rollout_id", how="left")
+        .with_columns(pl.col("rewards").fill_null(pl.lit([], dtype=REWARDS_DTYPE)))
+        .select(ROLLOUT_COLUMNS)
+        .sort("rollout_id")
+    )
+
+
+def watermark_cutoff(now: dt.datetime, lateness: dt.timedelta = DEFAULT_LATENESS) -> dt.datetime:
+    """The instant before which a rollout's last span must have ended for the rollout to be built."""
+    if now.tzinfo is None:
+        raise ValueError(f"build time {now.isoformat()} has no time zone; pass an aware datetime (UTC)")
+    if lateness < dt.timedelta(0):
+        raise ValueError(f"lateness {lateness} is negative")
+    return now.astimezone(dt.UTC) - lateness
+
+
+def split_by_watermark(
+    rollouts: pl.LazyFrame, now: dt.datetime, lateness: dt.timedelta = DEFAULT_LATENESS
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """(closed, deferred) rollouts for a build at ``now``; reads ``end_time``, adds nothing.
+
+    Closed: the last span ended strictly before ``now - lateness``; late spans of a closed rollout are
+    only picked up by rebuilding its partition. Deferred: the rest, left for a later build.
+    """
+    cutoff = pl.lit(watermark_cutoff(now, lateness), dtype=TIME_DTYPE)
+    closed = pl.col("end_time") < cutoff
+    return rollouts.filter(closed), rollouts.filter(~closed)
+
+
+def apply_missing_reward(rollouts: pl.LazyFrame, config: RolloutConfig) -> pl.LazyFrame:
+    """Drop or fill rollouts without ``final_reward`` per ``config.missing_reward``; reads ``final_reward``."""
+    if config.missing_reward == "drop":
+        return rollouts.filter(pl.col("final_reward").is_not_null())
+    if config.missing_reward == "fill":
+        missing = pl.col("final_reward").is_null()
+        return rollouts.with_columns(
+            pl.when(missing).then(pl.lit(config.fill_reward)).otherwise(pl.col("final_reward")).alias("final_reward"),
+            pl.when(missing)
+            .then(pl.lit(config.fill_reward_name))
+            .otherwise(pl.col("reward_name"))
+            .alias("reward_name"),
+        )
+    return rollouts
+
+
+def rollout_summary(rollouts: pl.DataFrame, deferred: pl.DataFrame, orphans: pl.DataFrame) -> RolloutSummary:
+    """Counts over built rollouts (before any missing-reward policy), deferred ones and orphan spans."""
+    with_reward = int(rollouts.get_column("final_reward").is_not_null().sum())
+    status = rollouts.get_column("status")
+    return RolloutSummary(
+        rollouts=rollouts.height,
+        with_reward=with_reward,
+        without_reward=rollouts.height - with_reward,
+        deferred=deferred.height,
+        orphan_spans=orphans.height,
+        error_rollouts=int((status == "error").sum()),
+        incomplete_rollouts=int((status == "incomplete").sum()),
+        error_spans=int(rollouts.get_column("n_errors").sum()),
+    )
+
+
+def build_closed_rollouts(spans: pl.LazyFrame, now: dt.datetime, config: RolloutConfig | None = None) -> RolloutBuild:
+    """Build the rollouts closed at ``now``, defer the open ones, apply the missing-reward policy, count.
+
+    The summary's ``orphan_spans`` counts orphans of the closed rollouts only (deferred ones may still
+    receive their parents).
+    """
+    config = config or RolloutConfig()
+    closed, deferred = split_by_watermark(build_rollouts(spans), now, config.lateness)
+    orphans = orphan_spans(spans).join(closed.select("rollout_id"), on="rollout_id", how="semi")
+    built, open_, orphan_rows, kept = pl.collect_all([closed, deferred, orphans, apply_missing_reward(closed, config)])
+    return RolloutBuild(rollouts=kept, deferred=open_, summary=rollout_summary(built, open_, orphan_rows))
+
+
+def rollouts_to_arrow(rollouts: pl.DataFrame) -> pa.Table:
+    """The rollouts as an Arrow table of the ROLLOUTS schema (with version metadata), ready to write."""
+    table = rollouts.with_columns(pl.col("rewards").cast(pl.Map(pl.String, pl.Float64))).to_arrow()
+    return conform(table, ROLLOUTS)
