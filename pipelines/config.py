@@ -1,0 +1,394 @@
+"""``pipeline.yaml``: the experience pipeline's configuration, parsed and validated before any data.
+
+Example (every key is optional; an omitted key takes the default shown in the comment)::
+
+    select: {agent: "writer|planner", llm_call: "chat"}   # all agents, all LLM calls
+    reward: {function: examples.calc.reward:score, name: correct}   # source: emitted
+    stages: [drop_failed_rollouts, {my_pkg.stages:dedupe_by_prompt: {keep: last}}]   # none
+    credit: {method: identical}              # identical | discounted(gamma) | last_step | process
+    advantage: {method: grpo, group_by: task_id, normalize_std: true, level: rollout}
+    watermark: {lateness_seconds: 600}
+    trajectory: false
+
+``reward``: ``source`` is ``emitted`` (``emit_reward`` spans), ``function`` (``function``, a
+``module:function`` applied in the pipeline, stored under ``name``, default the function's name) or
+``feedback`` (the feedback table). ``primary`` names the primary reward (default: the first emitted,
+or ``name`` for a function). ``missing`` says what happens to a rollout without a reward: ``drop``
+(default; counted), ``keep`` (reward null) or ``fill`` (with ``fill_value``, default 0).
+
+:func:`load_config` reads a file (or gives the defaults for ``None``), :func:`parse_config` a
+mapping; both check every field and raise :class:`PipelineConfigError` naming the file, the key
+path, the bad value and what is allowed. Stages and the reward function are imported and checked
+at load. :func:`config_hash` is the ``pipeline_config_hash`` written into every output row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tracelearn.pipelines.advantages import ADVANTAGE_LEVELS
+from tracelearn.pipelines.credit import CREDIT_METHODS
+from tracelearn.pipelines.rollouts import DEFAULT_LATENESS, RolloutConfig
+from tracelearn.pipelines.stages import StageError, StageSpec, import_callable, resolve_stage
+
+__all__ = [
+    "ADVANTAGE_METHODS",
+    "MISSING_REWARD_POLICIES",
+    "REWARD_SOURCES",
+    "AdvantageConfig",
+    "CreditConfig",
+    "PipelineConfig",
+    "PipelineConfigError",
+    "RewardConfig",
+    "SelectConfig",
+    "WatermarkConfig",
+    "config_as_dict",
+    "config_hash",
+    "load_config",
+    "parse_config",
+    "rollout_config",
+]
+
+REWARD_SOURCES: tuple[str, ...] = ("emitted", "function", "feedback")
+MISSING_REWARD_POLICIES: tuple[str, ...] = ("drop", "keep", "fill")
+ADVANTAGE_METHODS: tuple[str, ...] = ("grpo",)
+DEFAULT_SOURCE = "<defaults>"
+
+
+class PipelineConfigError(ValueError):
+    """A pipeline config is invalid; the message names the file, the key, the value and the fix."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        self.source = source
+        self.key = key
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which LLM calls become transitions: ``agent`` is a regex (full match) on ``agent_name``,
+    ``llm_call`` the allowed ``gen_ai.operation.name`` values; ``None`` means all."""
+
+    agent: str | None = None
+    llm_call: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Where rewards come from, which is primary, and what to do with rollouts without one."""
+
+    source: str = "emitted"
+    function: str | None = None
+    name: str | None = None
+    primary: str | None = None
+    missing: str = "drop"
+    fill_value: float | None = None
+
+
+@dataclass(frozen=True)
+class CreditConfig:
+    """Arguments of ``tracelearn.pipelines.credit.assign_credit``."""
+
+    method: str = "identical"
+    gamma: float = 1.0
+    include_final_reward: bool = True
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """Arguments of ``tracelearn.pipelines.advantages.grpo_advantages``."""
+
+    method: str = "grpo"
+    group_by: tuple[str, ...] = ("task_id",)
+    normalize_std: bool = True
+    level: str = "rollout"
+    epsilon: float = 1e-6
+
+
+@dataclass(frozen=True)
+class WatermarkConfig:
+    """How long after its last span a rollout waits before it is built (late spans)."""
+
+    lateness_seconds: float = DEFAULT_LATENESS.total_seconds()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole parsed ``pipeline.yaml``; ``PipelineConfig()`` is the defaults."""
+
+    select: SelectConfig = field(default_factory=SelectConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    stages: tuple[StageSpec, ...] = ()
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+    trajectory: bool = False
+
+
+# Field checks ------------------------------------------------------------------------------------
+
+
+class _Checker:
+    """Field checks that raise :class:`PipelineConfigError` for one config source."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> PipelineConfigError:
+        return PipelineConfigError(self.source, key, message)
+
+    def section(self, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        value = raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(key, f"{value!r} must be a mapping with keys {', '.join(allowed)}")
+        self.known_keys(value, key, allowed)
+        return dict(value)
+
+    def known_keys(self, value: Mapping[Any, Any], prefix: str, allowed: tuple[str, ...]) -> None:
+        for name in value:
+            if name not in allowed:
+                where = f"{prefix}.{name}" if prefix else str(name)
+                raise self.fail(where, f"unknown key {name!r}; allowed keys: {', '.join(allowed)}")
+
+    def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"{value!r} is unknown; use one of {', '.join(allowed)}")
+        return str(value)
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"{value!r} must be true or false")
+        return value
+
+    def number(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self.fail(key, f"{value!r} must be a finite number")
+        return float(value)
+
+    def name(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"{value!r} must be a non-empty string")
+        return value
+
+    def names(self, value: Any, key: str) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise self.fail(key, f"{value!r} must be a name or a non-empty list of names")
+        return tuple(self.name(item, f"{key}[{i}]") for i, item in enumerate(items))
+
+
+# Sections ----------------------------------------------------------------------------------------
+
+
+def _parse_select(check: _Checker, raw: Mapping[str, Any]) -> SelectConfig:
+    section = check.section(raw, "select", ("agent", "llm_call"))
+    agent = section.get("agent")
+    if agent is not None:
+        check.name(agent, "select.agent")
+        try:
+            re.compile(agent)
+        except re.error as exc:
+            raise check.fail("select.agent", f"{agent!r} is not a valid regular expression ({exc})") from None
+    llm_call = section.get("llm_call")
+    return SelectConfig(agent=agent, llm_call=None if llm_call is None else check.names(llm_call, "select.llm_call"))
+
+
+def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
+    section = check.section(raw, "reward", ("source", "function", "name", "primary", "missing", "fill_value"))
+    function = section.get("function")
+    source = check.choice(
+        section.get("source", "function" if function is not None else "emitted"), "reward.source", REWARD_SOURCES
+    )
+    name = section.get("name")
+    if source == "function":
+        if function is None:
+            raise check.fail("reward.function", "is required when reward.source is 'function' (module:function)")
+        check.name(function, "reward.function")
+        try:
+            import_callable(function, "reward function")
+        except StageError as exc:
+            raise check.fail("reward.function", str(exc)) from None
+        name = check.name(name, "reward.name") if name is not None else function.rpartition(":")[2].split(".")[-1]
+    else:
+        for key, value in (("function", function), ("name", name)):
+            if value is not None:
+                raise check.fail(
+                    f"reward.{key}", f"{value!r} is only used with reward.source 'function', not {source!r}"
+                )
+    primary = section.get("primary")
+    primary = check.name(primary, "reward.primary") if primary is not None else name
+    missing = check.choice(section.get("missing", "drop"), "reward.missing", MISSING_REWARD_POLICIES)
+    fill_value = section.get("fill_value")
+    if missing == "fill":
+        fill_value = check.number(fill_value, "reward.fill_value") if fill_value is not None else 0.0
+    elif fill_value is not None:
+        raise check.fail(
+            "reward.fill_value", f"{fill_value!r} is only used with reward.missing 'fill', not {missing!r}"
+        )
+    return RewardConfig(source, function, name, primary, missing, fill_value)
+
+
+def _parse_stages(check: _Checker, raw: Mapping[str, Any]) -> tuple[StageSpec, ...]:
+    value = raw.get("stages")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise check.fail("stages", f"{value!r} must be a list of stage names or {{name: {{params}}}} mappings")
+    specs = []
+    for i, item in enumerate(value):
+        key = f"stages[{i}]"
+        if isinstance(item, str):
+            spec = StageSpec(item)
+        elif isinstance(item, Mapping) and len(item) == 1:
+            ((name, params),) = item.items()
+            if params is None:
+                params = {}
+            if (
+                not isinstance(name, str)
+                or not isinstance(params, Mapping)
+                or not all(isinstance(k, str) for k in params)
+            ):
+                raise check.fail(key, f"{dict(item)!r} must be {{stage_name: {{param: value, ...}}}}")
+            spec = StageSpec(name, dict(params))
+        else:
+            raise check.fail(key, f"{item!r} must be a stage name or a one-key mapping {{stage_name: {{params}}}}")
+        try:
+            resolve_stage(spec)
+        except StageError as exc:
+            raise check.fail(key, str(exc)) from None
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _parse_credit(check: _Checker, raw: Mapping[str, Any]) -> CreditConfig:
+    section = check.section(raw, "credit", ("method", "gamma", "include_final_reward"))
+    method = check.choice(section.get("method", "identical"), "credit.method", CREDIT_METHODS)
+    if "gamma" in section:
+        gamma = check.number(section["gamma"], "credit.gamma")
+        if not 0.0 < gamma <= 1.0:
+            raise check.fail(
+                "credit.gamma", f"{section['gamma']!r} is out of range; use a value in (0, 1] (1 = no discount)"
+            )
+        if method != "discounted" and gamma != 1.0:
+            raise check.fail(
+                "credit.gamma", f"{section['gamma']!r} is only used by method 'discounted', not {method!r}; drop gamma"
+            )
+    elif method == "discounted":
+        raise check.fail("credit.gamma", "is required by method 'discounted' (a value in (0, 1])")
+    else:
+        gamma = 1.0
+    include = section.get("include_final_reward")
+    if include is not None and method != "process":
+        raise check.fail("credit.include_final_reward", f"{include!r} is only used by method 'process', not {method!r}")
+    include_final_reward = True if include is None else check.boolean(include, "credit.include_final_reward")
+    return CreditConfig(method, gamma, include_final_reward)
+
+
+def _parse_advantage(check: _Checker, raw: Mapping[str, Any]) -> AdvantageConfig:
+    section = check.section(raw, "advantage", ("method", "group_by", "normalize_std", "level", "epsilon"))
+    method = check.choice(section.get("method", "grpo"), "advantage.method", ADVANTAGE_METHODS)
+    group_by = check.names(section.get("group_by", "task_id"), "advantage.group_by")
+    normalize_std = check.boolean(section.get("normalize_std", True), "advantage.normalize_std")
+    level = check.choice(section.get("level", "rollout"), "advantage.level", ADVANTAGE_LEVELS)
+    epsilon = check.number(section.get("epsilon", 1e-6), "advantage.epsilon")
+    if epsilon < 0:
+        raise check.fail("advantage.epsilon", f"{section['epsilon']!r} must be >= 0")
+    return AdvantageConfig(method, group_by, normalize_std, level, epsilon)
+
+
+def _parse_watermark(check: _Checker, raw: Mapping[str, Any]) -> WatermarkConfig:
+    section = check.section(raw, "watermark", ("lateness_seconds",))
+    default = WatermarkConfig.lateness_seconds
+    lateness = check.number(section.get("lateness_seconds", default), "watermark.lateness_seconds")
+    if lateness < 0:
+        raise check.fail("watermark.lateness_seconds", f"{section['lateness_seconds']!r} must be >= 0")
+    return WatermarkConfig(lateness)
+
+
+_TOP_LEVEL: tuple[str, ...] = ("select", "reward", "stages", "credit", "advantage", "watermark", "trajectory")
+
+
+def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE) -> PipelineConfig:
+    """Validate a config mapping (as read from YAML) into a :class:`PipelineConfig`.
+
+    ``source`` (the file name) prefixes every error. Raises :class:`PipelineConfigError` for an
+    unknown key at any level, a value of the wrong type or out of range, an invalid ``select.agent``
+    regex, a stage that does not resolve or a reward function that cannot be imported.
+    """
+    check = _Checker(source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise check.fail(
+            "", f"the config must be a mapping with keys {', '.join(_TOP_LEVEL)}, not {type(raw).__name__}"
+        )
+    check.known_keys(raw, "", _TOP_LEVEL)
+    return PipelineConfig(
+        select=_parse_select(check, raw),
+        reward=_parse_reward(check, raw),
+        stages=_parse_stages(check, raw),
+        credit=_parse_credit(check, raw),
+        advantage=_parse_advantage(check, raw),
+        watermark=_parse_watermark(check, raw),
+        trajectory=check.boolean(raw.get("trajectory", False), "trajectory"),
+    )
+
+
+def load_config(path: str | Path | None) -> PipelineConfig:
+    """Read and validate ``pipeline.yaml``; ``None`` gives the defaults (see the module docstring).
+
+    Raises :class:`PipelineConfigError` naming the file for a missing file, a YAML syntax error or
+    any invalid field (see :func:`parse_config`).
+    """
+    if path is None:
+        return PipelineConfig()
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineConfigError(source, "", f"cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineConfigError(source, "", f"is not valid YAML: {exc}") from None
+    return parse_config(raw, source)
+
+
+def rollout_config(config: PipelineConfig) -> RolloutConfig:
+    """The :class:`~tracelearn.pipelines.rollouts.RolloutConfig` that ``config`` asks for."""
+    reward = config.reward
+    return RolloutConfig(
+        lateness=dt.timedelta(seconds=config.watermark.lateness_seconds),
+        missing_reward="drop" if reward.missing == "drop" else "fill" if reward.missing == "fill" else "keep",
+        fill_reward=reward.fill_value if reward.fill_value is not None else 0.0,
+    )
+
+
+def config_as_dict(config: PipelineConfig) -> dict[str, Any]:
+    """The config as plain JSON-able data (tuples as lists), defaults included."""
+    data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return data
+
+
+def config_hash(config: PipelineConfig) -> str:
+    """SHA-256 (hex) of the canonical JSON of the parsed config: ``pipeline_config_hash``.
+
+    Keys are sorted and defaults are filled in by parsing, so key order and writing a default out
+    or leaving it implicit do not change the hash; any changed value (a stage parameter included)
+    does.
+    """
+    canonical = json.dumps(config_as_dict(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,0 +1,1 @@
+"""User-stage and reward-function modules that pipeline config tests name by import path."""
