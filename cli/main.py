@@ -5,6 +5,7 @@ import click
 from tracelearn.cli.demo import demo
 from tracelearn.cli.serve import serve
 from tracelearn.cli.spans import spans
+from tracelearn.cli.transitions import transitions
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,3 +17,4 @@ def main() -> None:
 main.add_command(demo)
 main.add_command(spans)
 main.add_command(serve)
+main.add_command(transitions)

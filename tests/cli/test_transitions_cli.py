@@ -1,0 +1,62 @@
+"""``tracelearn transitions build``: summary table, files written, bad configs refused before any data."""
+
+from pathlib import Path
+
+import polars as pl
+from click.testing import CliRunner
+from support.spans_factory import SpansFactory
+
+from tracelearn.cli.main import main
+
+
+def write_spans(data: Path) -> None:
+    """Two tasks x two rollouts, two calls each (planner, writer), one reward per rollout."""
+    factory = SpansFactory(data / "spans")
+    for trace, (task, value) in enumerate([("t1", 1.0), ("t1", 0.0), ("t2", 1.0), ("t2", 1.0)], start=1):
+        root = factory.root(trace, 0, 100, task_id=task)
+        factory.llm(trace, root, 1, user=f"{task}: plan", task_id=task, agent="planner")
+        factory.llm(trace, root, 3, user=f"{task}: write", task_id=task, agent="writer")
+        factory.reward(trace, root, 99, value, task_id=task)
+    factory.write()
+
+
+def test_build_prints_a_summary_and_writes_the_datasets(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_spans(data)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text('select: {agent: "writer"}\n', encoding="utf-8")
+    args = ["transitions", "build", "--spans", str(data / "spans"), "--out", str(out), "--config", str(config)]
+    result = CliRunner().invoke(main, [*args, "--lateness-seconds", "0", "--date", "2026-11-21"])
+    assert result.exit_code == 0, result.output
+    assert "transitions build" in result.output and "zero-signal groups" in result.output
+    assert "config hash" in result.output
+    files = sorted((out / "transitions").rglob("*.parquet"))
+    assert len(files) == 1 and files[0].parent.name == "date=2026-11-21"
+    transitions = pl.read_parquet(files[0])
+    assert transitions.height == 4 and set(transitions["agent_name"]) == {"writer"}
+    assert sorted((out / "rollouts").rglob("*.parquet"))
+
+
+def test_bad_config_is_refused_before_any_output(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_spans(data)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("credit: {method: no-such-method}\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        main, ["transitions", "build", "--spans", str(data), "--out", str(out), "--config", str(config)]
+    )
+    assert result.exit_code != 0
+    assert "credit.method" in result.output and "no-such-method" in result.output
+    assert not out.exists()
+
+
+def test_unwired_reward_source_is_refused_before_any_output(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_spans(data)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("reward: {source: feedback}\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        main, ["transitions", "build", "--spans", str(data), "--out", str(out), "--config", str(config)]
+    )
+    assert result.exit_code != 0 and "not wired" in result.output
+    assert not out.exists()
