@@ -92,7 +92,6 @@ class PartitionedParquetWriter:
         self.roll_bytes = roll_bytes
         self.roll_seconds = roll_seconds
         self.compression = compression
-        self.files_written: list[Path] = []
         self.rows_written = 0
         self._buffers: dict[Partition, PartitionBuffer] = {}
         # The buffered batches not in the spool yet, oldest first: a flush appends them without
@@ -234,6 +233,5 @@ class PartitionedParquetWriter:
             .replace_schema_metadata(self.spec.schema_with_metadata().metadata)
         )
         path = write_parquet_atomically(table, directory, name.parquet_name, self.compression)
-        self.files_written.append(path)
         self.rows_written += table.num_rows
         return path

@@ -63,7 +63,6 @@ class ParquetSpanExporter(SpanExporter):
             compression=self.settings.compression,
         )
         self.columns = SpanColumns(self.settings.max_attribute_bytes)
-        self.spans_received = 0
         self.spans_lost = 0
         self._lock = threading.Lock()
         self._write_failed = False
@@ -127,7 +126,6 @@ class ParquetSpanExporter(SpanExporter):
                     return SpanExportResult.FAILURE
                 for span in spans:
                     self.columns.add(from_readable_span(span))
-                self.spans_received += len(spans)
                 self.writer.add(self.columns.take())
             self._write(self.writer.roll_due)
             return SpanExportResult.SUCCESS

@@ -79,7 +79,10 @@ def _sum(table: pa.Table, column: str) -> int:
 
 
 def rollout_task_ids(spans: pa.Table) -> dict[str, str]:
-    """Task id per rollout: the explicit one if any span carries it, else the first user message hash."""
+    """Task id per rollout: the explicit one if any span carries it, else the first user message hash.
+
+    The pipeline derives rollout task ids by the same rule in polars (``pipelines.rollouts``).
+    """
     explicit = spans.filter(pc.is_valid(spans.column("task_id"))).select(["rollout_id", "task_id"])
     tasks = dict(zip(explicit.column("rollout_id").to_pylist(), explicit.column("task_id").to_pylist(), strict=True))
     llm = spans.filter(pc.equal(spans.column("span_type"), sc.TYPE_LLM))

@@ -4,6 +4,9 @@ When no LLM span is current while the HTTP request runs (LangChain's callback-cr
 LLM instrumentation at all), the token-id hook records a ``tracelearn.token_ids`` span instead, with
 the call's ``gen_ai.response.id``. This joins those rows onto the LLM rows of the same trace and
 response id, so every reader sees the ids on the LLM call itself.
+
+This is the pyarrow form, for the base install (``spans stats``); the pipeline applies the same rule
+lazily in polars (``tracelearn.pipelines.transitions.attach_token_ids``): change both together.
 """
 
 import pyarrow as pa

@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry import baggage, context, trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from tracelearn.schemas import semconv as sc
 
@@ -132,8 +132,6 @@ class DurableBatchSpanProcessor(SpanProcessor):
         self.max_export_batch_size = max_export_batch_size or _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048)
         self.block_seconds = (block_millis or _env_int("TRACELEARN_QUEUE_BLOCK_MS", 200)) / 1000
         self.dropped = 0
-        self.exported = 0
-        self.failed_exports = 0
         self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._condition = threading.Condition()
         self._flush_requested = 0
@@ -215,15 +213,11 @@ class DurableBatchSpanProcessor(SpanProcessor):
                 return
 
     def _export(self, batch: Sequence[ReadableSpan]) -> None:
+        # A refused batch is the exporter's to report (ours logs and counts what it loses).
         try:
-            result = self.exporter.export(batch)
+            self.exporter.export(batch)
         except Exception:
             logger.exception("tracelearn: span exporter raised; %d spans not exported", len(batch))
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(batch)
-        else:
-            self.failed_exports += len(batch)
 
     def _flush_exporter(self) -> None:
         try:
