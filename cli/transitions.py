@@ -61,11 +61,8 @@ def build_command(
     """Build rollouts and credited transitions from SPANS into OUT (reruns replace, never duplicate)."""
     try:
         config = load_config(config_path)
-    except PipelineConfigError as exc:
-        raise click.ClickException(f"invalid pipeline config: {exc}") from exc
-    if lateness_seconds is not None:
-        config = dataclasses.replace(config, watermark=WatermarkConfig(lateness_seconds))
-    try:
+        if lateness_seconds is not None:
+            config = dataclasses.replace(config, watermark=WatermarkConfig(lateness_seconds))
         result = build_transitions(spans_path, out, config, date=date)
     except PipelineConfigError as exc:
         raise click.ClickException(f"invalid pipeline config: {exc}") from exc

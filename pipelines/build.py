@@ -48,7 +48,7 @@ from tracelearn.pipelines.config import (
     rollout_config,
 )
 from tracelearn.pipelines.credit import assign_credit
-from tracelearn.pipelines.rollouts import build_closed_rollouts, rollouts_to_arrow
+from tracelearn.pipelines.rollouts import build_closed_rollouts, reward_spans, rollouts_to_arrow
 from tracelearn.pipelines.spans_input import scan_spans
 from tracelearn.pipelines.stages import resolve_stages, run_stages
 from tracelearn.pipelines.transitions import (
@@ -58,7 +58,6 @@ from tracelearn.pipelines.transitions import (
     transition_counts,
     transitions_to_arrow,
 )
-from tracelearn.schemas import semconv as sc
 
 __all__ = ["COMPRESSION", "BuildResult", "build_transitions", "output_file_name", "process_rewards"]
 
@@ -121,9 +120,8 @@ def process_rewards(spans: pl.LazyFrame, rollouts: pl.LazyFrame, transitions: pl
     """
     primary = rollouts.select("rollout_id", pl.col("reward_name").alias("__primary"))
     rewards = (
-        spans.filter((pl.col("span_type") == sc.TYPE_REWARD) & pl.col("reward").is_not_null())
+        reward_spans(spans)
         .unique(subset=["trace_id", "span_id"], keep="first")
-        .with_columns(pl.col("reward_name").fill_null("reward"))
         .join(primary, on="rollout_id", how="inner")
         .filter(pl.col("reward_name") != pl.col("__primary").fill_null(""))
         .select("rollout_id", pl.col("end_time").alias("__at"), pl.col("reward").alias("value"))
@@ -154,11 +152,9 @@ def _write_partitions(
 ) -> list[Path]:
     """Write one file per ``_DATE`` value of ``frame`` under ``root/date=<value>/file_name``."""
     written = []
-    for date in sorted(frame.get_column(_DATE).unique().to_list()):
-        part = frame.filter(pl.col(_DATE) == date).drop(_DATE).sort(sort_by)
-        table = to_arrow(part)
+    for (date,), part in sorted(frame.partition_by(_DATE, as_dict=True, include_key=False).items()):
         directory = partition_directory(root, ["date"], (date,))
-        written.append(write_parquet_atomically(table, directory, file_name, COMPRESSION))
+        written.append(write_parquet_atomically(to_arrow(part.sort(sort_by)), directory, file_name, COMPRESSION))
     return written
 
 
@@ -216,7 +212,9 @@ def build_transitions(
 
     status = rollouts.select("rollout_id", pl.col("status").alias("rollout_status"))
     staged = transitions.join(status, on="rollout_id", how="left", maintain_order="left")
-    if advantage.level == "rollout":  # transition level needs credited rewards: computed after credit only
+    # The first pass only feeds the stages (the final pass replaces its columns); transition level
+    # needs credited rewards, so it is computed after credit only.
+    if stages and advantage.level == "rollout":
         staged = advantages(staged)
     staged = run_stages(staged, stages, TRANSITION_COLUMNS)
     credit = config.credit
@@ -228,13 +226,14 @@ def build_transitions(
         include_final_reward=credit.include_final_reward,
     )
     final = advantages(credited)
-    starts = rollouts.select("rollout_id", pl.col("start_time").dt.strftime("%Y-%m-%d").alias(_DATE))
+    start_date = pl.col("start_time").dt.strftime("%Y-%m-%d").alias(_DATE)
+    starts = rollouts.select("rollout_id", start_date)
     result = final.join(starts, on="rollout_id", how="left").sort(["rollout_id", "step_index"]).collect()
 
     counts = transition_counts(result.lazy())
-    zero = zero_signal_counts(result.lazy(), group_by) if result.height else {"groups": 0, "zero_signal_groups": 0}
+    zero = zero_signal_counts(result.lazy(), group_by)
     file_name = output_file_name(hash_)
-    rollout_frame = build.rollouts.with_columns(pl.col("start_time").dt.strftime("%Y-%m-%d").alias(_DATE))
+    rollout_frame = build.rollouts.with_columns(start_date)
     transitions_files = _write_partitions(
         result.select(*TRANSITION_COLUMNS, _DATE),
         out_root / "transitions",

@@ -79,13 +79,6 @@ class RolloutBuild:
     summary: RolloutSummary
 
 
-def _ordered(spans: pl.LazyFrame) -> pl.LazyFrame:
-    """Spans de-duplicated by (trace_id, span_id) and sorted so that "first" is well defined."""
-    return spans.unique(subset=["trace_id", "span_id"], keep="first", maintain_order=False).sort(
-        ["rollout_id", "start_time", "trace_id", "span_id"]
-    )
-
-
 def with_parent_found(spans: pl.LazyFrame) -> pl.LazyFrame:
     """Add ``parent_found`` (bool): the span is a root or its parent is among its rollout's spans.
 
@@ -114,6 +107,16 @@ def orphan_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
+def reward_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """The emitted rewards: spans with ``span_type == 'reward'`` and a reward, ``reward_name`` defaulting to ``reward``.
+
+    Reads ``span_type``, ``reward``, ``reward_name``; adds nothing.
+    """
+    return spans.filter((pl.col("span_type") == sc.TYPE_REWARD) & pl.col("reward").is_not_null()).with_columns(
+        pl.col("reward_name").fill_null("reward")
+    )
+
+
 def rollout_rewards(spans: pl.LazyFrame) -> pl.LazyFrame:
     """Per rollout: ``final_reward``, ``reward_name`` (the primary reward) and ``rewards`` (all, by name).
 
@@ -121,11 +124,7 @@ def rollout_rewards(spans: pl.LazyFrame) -> pl.LazyFrame:
     ``reward_is_primary``, ``end_time``, ``span_id``. The primary reward is the first emitted one flagged
     primary, else the first emitted; when a name is emitted twice, ``rewards`` keeps the first value.
     """
-    rewards = (
-        spans.filter((pl.col("span_type") == sc.TYPE_REWARD) & pl.col("reward").is_not_null())
-        .with_columns(pl.col("reward_name").fill_null("reward"))
-        .sort(["rollout_id", "end_time", "trace_id", "span_id"])
-    )
+    rewards = reward_spans(spans).sort(["rollout_id", "end_time", "trace_id", "span_id"])
     not_primary = ~pl.col("reward_is_primary").fill_null(False)
     primary = rewards.group_by("rollout_id").agg(
         pl.col("reward").sort_by(not_primary, maintain_order=True).first().alias("final_reward"),
@@ -188,7 +187,11 @@ def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
     (``rollouts_to_arrow`` turns it into the Arrow map). Status: ``error`` if a root or rollout span
     failed, else ``incomplete`` if the rollout has orphan spans and no root span, else ``ok``.
     """
-    ordered = with_parent_found(_ordered(spans)).sort(["rollout_id", "start_time", "trace_id", "span_id"])
+    # "first" in the aggregations below is well defined: the join in with_parent_found does not keep
+    # row order, so the de-duplicated spans are sorted once, after it.
+    ordered = with_parent_found(spans.unique(subset=["trace_id", "span_id"], keep="first")).sort(
+        ["rollout_id", "start_time", "trace_id", "span_id"]
+    )
     is_root = pl.col("parent_span_id").is_null()
     is_llm = pl.col("span_type") == sc.TYPE_LLM
     is_error = pl.col("status_code") == ERROR

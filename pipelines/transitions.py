@@ -20,6 +20,7 @@ import re
 import polars as pl
 import pyarrow as pa
 
+from tracelearn.pipelines.rollouts import ERROR
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.migrations import conform
 from tracelearn.schemas.tables import TRANSITIONS
@@ -31,7 +32,6 @@ TOKEN_IDS_SERVER = "server"
 # or HTTP spans in between). Deeper nesting is not detected; the retry de-duplication by response id
 # still merges such a call when both spans carry the same response id.
 NESTING_DEPTH = 4
-ERROR = "ERROR"
 _OUTER = "__outer_llm_span_id"
 _CURSOR = "__ancestor"
 _TOKEN_PREFIX = "__token_"
@@ -253,8 +253,7 @@ def merge_trajectories(transitions: pl.LazyFrame) -> pl.LazyFrame:
         (~pl.col("__continues")).cum_sum().over(group).alias("__run")
     )
     explode = {"keep_nulls": False, "empty_as_null": False}
-    first_columns = [c for c in TRANSITION_COLUMNS if c not in (*group, "response", "response_token_ids")]
-    first_columns = [c for c in first_columns if c not in ("response_logprobs", "loss_mask")]
+    first_columns = [c for c in TRANSITION_COLUMNS if c not in (*group, "response", *_PIECES.values())]
     merged = (
         runs.group_by([*group, "__run"])
         .agg(

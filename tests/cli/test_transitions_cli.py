@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import polars as pl
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from support.spans_factory import SpansFactory
 
 from tracelearn.cli.main import main
@@ -18,6 +18,18 @@ def write_spans(data: Path) -> None:
         factory.llm(trace, root, 3, user=f"{task}: write", task_id=task, agent="writer")
         factory.reward(trace, root, 99, value, task_id=task)
     factory.write()
+
+
+def build_with_config(tmp_path: Path, config_text: str) -> tuple[Result, Path]:
+    """Run ``tracelearn transitions build`` on fresh spans with ``config_text`` as pipeline.yaml."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_spans(data)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(config_text, encoding="utf-8")
+    result = CliRunner().invoke(
+        main, ["transitions", "build", "--spans", str(data), "--out", str(out), "--config", str(config)]
+    )
+    return result, out
 
 
 def test_build_prints_a_summary_and_writes_the_datasets(tmp_path: Path) -> None:
@@ -38,25 +50,13 @@ def test_build_prints_a_summary_and_writes_the_datasets(tmp_path: Path) -> None:
 
 
 def test_bad_config_is_refused_before_any_output(tmp_path: Path) -> None:
-    data, out = tmp_path / "data", tmp_path / "out"
-    write_spans(data)
-    config = tmp_path / "pipeline.yaml"
-    config.write_text("credit: {method: no-such-method}\n", encoding="utf-8")
-    result = CliRunner().invoke(
-        main, ["transitions", "build", "--spans", str(data), "--out", str(out), "--config", str(config)]
-    )
+    result, out = build_with_config(tmp_path, "credit: {method: no-such-method}\n")
     assert result.exit_code != 0
     assert "credit.method" in result.output and "no-such-method" in result.output
     assert not out.exists()
 
 
 def test_unwired_reward_source_is_refused_before_any_output(tmp_path: Path) -> None:
-    data, out = tmp_path / "data", tmp_path / "out"
-    write_spans(data)
-    config = tmp_path / "pipeline.yaml"
-    config.write_text("reward: {source: feedback}\n", encoding="utf-8")
-    result = CliRunner().invoke(
-        main, ["transitions", "build", "--spans", str(data), "--out", str(out), "--config", str(config)]
-    )
+    result, out = build_with_config(tmp_path, "reward: {source: feedback}\n")
     assert result.exit_code != 0 and "not wired" in result.output
     assert not out.exists()
