@@ -139,7 +139,14 @@ def _field(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+_INT_TYPES: Final = frozenset({int})
+_FLOAT_TYPES: Final = frozenset({float})
+
+
 def _int_list(value: Any) -> list[int] | None:
+    """Token ids as a list, or None unless ``value`` is a sequence of ints (``bool`` is not one)."""
+    if type(value) in (list, tuple) and set(map(type, value)) <= _INT_TYPES:
+        return list(value)  # what a parsed response holds (hundreds of ids per call), checked at C speed
     if (
         isinstance(value, Sequence)
         and not isinstance(value, str | bytes)
@@ -154,6 +161,8 @@ def _choice_zero_logprobs(choice: Any) -> list[float] | None:
     if not isinstance(content, Sequence) or isinstance(content, str):
         return None
     values = [_field(entry, "logprob") for entry in content]
+    if set(map(type, values)) <= _FLOAT_TYPES:
+        return values  # the common case, checked at C speed; ``float(v)`` of a float is ``v``
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return [float(v) for v in values]
     return None

@@ -100,8 +100,7 @@ def _logprobs_body(tokens: Sequence[TokenChoice], texts: TokenTexts) -> dict[str
 
     return {
         "content": [
-            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]}
-            for t in tokens
+            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]} for t in tokens
         ]
     }
 
@@ -189,8 +188,9 @@ class ChatCompletions:
     def plan(self, request: ChatCompletionRequest) -> _Plan:
         check_supported(request)
         if request.model not in self.accepted_names:
-            raise APIError(f"The model `{request.model}` does not exist.", status_code=404, param="model",
-                           code="model_not_found")
+            raise APIError(
+                f"The model `{request.model}` does not exist.", status_code=404, param="model", code="model_not_found"
+            )
         tools, instruction = _tool_setup(request)
         messages = [message.model_dump(exclude_none=True) for message in request.messages]
         try:
@@ -246,12 +246,14 @@ class ChatCompletions:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = _tool_calls_body(calls, streamed=False)
-        tokens = [TokenChoice(i, lp, top) for i, lp, top in zip(result.token_ids, result.logprobs, result.top_logprobs,
-                                                                  strict=True)]
+        logprobs = None
+        if request.logprobs:
+            tokens = zip(result.token_ids, result.logprobs, result.top_logprobs, strict=True)
+            logprobs = _logprobs_body([TokenChoice(*token) for token in tokens], self.texts)
         choice: dict[str, Any] = {
             "index": index,
             "message": message,
-            "logprobs": _logprobs_body(tokens, self.texts) if request.logprobs else None,
+            "logprobs": logprobs,
             "finish_reason": "tool_calls" if calls else result.finish_reason,
         }
         if request.return_token_ids:
@@ -388,8 +390,7 @@ def create_app(
     async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         plan = completions.plan(request)
         if request.stream:
-            return StreamingResponse(completions.stream(request, plan), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(completions.stream(request, plan), media_type="text/event-stream", headers=headers)
         return JSONResponse(await completions.complete(request, plan), headers=headers)
 
     return app
