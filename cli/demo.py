@@ -7,7 +7,6 @@ the spans dataset. Later capabilities extend this same command until it runs the
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,13 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_AGENT = REPO_ROOT / "examples" / "calc" / "agent.py"
 EXAMPLE_TASKS = REPO_ROOT / "examples" / "calc" / "tasks.jsonl"
 SERVER_READY_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -80,6 +72,9 @@ def venv_tool(name: str) -> str:
 )
 def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: Path | None) -> None:
     """Serve the policy, run the example agent under OpenTelemetry, show the captured dataset."""
+    # Imported here: the serving extra (fastapi, uvicorn) is not needed by the other subcommands.
+    from tracelearn.serving.http_server import free_port
+
     console = Console()
     workdir = workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     data = workdir / "data"
