@@ -86,6 +86,47 @@ def write_parquet_atomically(
     return final
 
 
+class AtomicParquetWriter:
+    """A Parquet file written in several appends that appears complete or not at all.
+
+    Row groups go to a temp file next to ``directory/file_name``; :meth:`commit` fsyncs it and
+    renames it into place, :meth:`abort` removes it. Used where a file is produced piece by piece
+    (a build that holds one bucket of rows at a time) and must still replace its previous version
+    in one step.
+    """
+
+    def __init__(self, schema: pa.Schema, directory: Path, file_name: str, compression: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.final = directory / file_name
+        self.temp = directory / f"{TEMP_PREFIX}{file_name.removesuffix('.parquet')}-{os.getpid()}{TEMP_SUFFIX}"
+        self._handle = self.temp.open("wb")
+        self._writer = pq.ParquetWriter(
+            self._handle, schema, compression=None if compression == "none" else compression
+        )
+
+    def write(self, table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        """Append ``table`` (the writer's schema) as one or more row groups."""
+        self._writer.write_table(table, row_group_size=row_group_rows)
+
+    def commit(self) -> Path:
+        """Close, fsync and rename the file into place; returns its final path."""
+        self._writer.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        self.temp.replace(self.final)
+        fsync_directory(self.final.parent)
+        return self.final
+
+    def abort(self) -> None:
+        """Drop everything written; the previous file at the final path (if any) stays."""
+        try:
+            self._writer.close()
+        finally:
+            self._handle.close()
+            self.temp.unlink(missing_ok=True)
+
+
 def remove_abandoned_temp_files(directory: Path) -> int:
     """Delete temp files in ``directory`` whose writer pid (on this host) no longer runs."""
     removed = 0

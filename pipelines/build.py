@@ -3,7 +3,10 @@
 :func:`build_transitions` is what ``tracelearn transitions build`` and the
 ``tracelearn_build_transitions`` DAG run. Steps, each a library function over polars LazyFrames:
 
-1. scan the spans dataset (only one ``date=`` partition when ``date`` is given);
+1. scan the spans dataset (only one ``date=`` partition when ``date`` is given) and, when it is
+   larger than ``bucket_bytes`` uncompressed, split it into buckets of whole rollouts and whole
+   advantage groups (``tracelearn.pipelines.buckets``): steps 2-6 then run once per bucket, so
+   memory is bounded by the bucket size, not the dataset size (user stages see one bucket at a time);
 2. ``build_closed_rollouts`` with the config's watermark and missing-reward policy (rollouts whose
    last span ended less than ``lateness`` before ``now`` are deferred to a later build);
 3. ``extract_transitions`` with the config's ``select`` and ``config_hash``; then
@@ -16,10 +19,13 @@
    recomputed over the rows the stages kept;
 7. write ``out/transitions/date=YYYY-MM-DD/part-<hash16>.parquet`` and
    ``out/rollouts/date=YYYY-MM-DD/part-<hash16>.parquet`` (``date`` = the rollout's start date, UTC;
-   ``hash16`` = the first 16 hex digits of the config hash) atomically.
+   ``hash16`` = the first 16 hex digits of the config hash): each bucket is appended to temp files
+   that are renamed into place only when every bucket built, so a failed build leaves the previous
+   output untouched.
 
 Idempotent: the output is a pure function of (spans, config, watermark): rows are sorted
-(rollouts by ``rollout_id``; transitions by ``rollout_id, step_index``), no build time is written,
+(rollouts by ``rollout_id``; transitions by ``rollout_id, step_index`` within each bucket, buckets in
+order), no build time is written, the buckets depend only on the input,
 and a rerun replaces the same files, so the same input and config give byte-identical files and
 never duplicates. Files of another config hash in the same partition are left alone (they are a
 different dataset version; readers filter on ``pipeline_config_hash``).
@@ -31,16 +37,28 @@ rollout whose spans cross midnight is built from the given day's spans only.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import partition_directory, write_parquet_atomically
+from tracelearn.collector.atomic_files import AtomicParquetWriter, partition_directory
 from tracelearn.pipelines.advantages import grpo_advantages, zero_signal_counts
+from tracelearn.pipelines.buckets import (
+    BUCKET_BYTES,
+    assign_buckets,
+    bucket_columns,
+    bucket_count,
+    rollout_group_keys,
+    scan_bucket,
+    spill_buckets,
+)
 from tracelearn.pipelines.config import (
     PipelineConfig,
     PipelineConfigError,
@@ -49,8 +67,8 @@ from tracelearn.pipelines.config import (
 )
 from tracelearn.pipelines.credit import assign_credit
 from tracelearn.pipelines.rollouts import build_closed_rollouts, reward_spans, rollouts_to_arrow
-from tracelearn.pipelines.spans_input import scan_spans
-from tracelearn.pipelines.stages import resolve_stages, run_stages
+from tracelearn.pipelines.spans_input import scan_spans, spans_directory
+from tracelearn.pipelines.stages import BoundStage, resolve_stages, run_stages
 from tracelearn.pipelines.transitions import (
     TRANSITION_COLUMNS,
     extract_transitions,
@@ -58,10 +76,24 @@ from tracelearn.pipelines.transitions import (
     transition_counts,
     transitions_to_arrow,
 )
+from tracelearn.schemas.dataset import dataset_files
 
 __all__ = ["COMPRESSION", "BuildResult", "build_transitions", "output_file_name", "process_rewards"]
 
 COMPRESSION = "zstd"
+SUMMARY_KEYS: tuple[str, ...] = (
+    "rollouts",
+    "deferred",
+    "dropped_without_reward",
+    "without_reward",
+    "orphan_spans",
+    "error_rollouts",
+    "transitions",
+    "without_token_ids",
+    "groups",
+    "zero_signal_groups",
+    "buckets",
+)
 _DATE = "__output_date"
 
 
@@ -72,7 +104,8 @@ class BuildResult:
     ``summary`` keys: ``rollouts`` (written), ``deferred`` (left for a later build by the watermark),
     ``dropped_without_reward``, ``without_reward`` (built rollouts with no reward, before the
     missing-reward policy), ``orphan_spans``, ``error_rollouts``, ``transitions`` (written),
-    ``without_token_ids``, ``groups``, ``zero_signal_groups``, ``files_written``.
+    ``without_token_ids``, ``groups``, ``zero_signal_groups``, ``buckets`` (how many pieces the
+    spans were built in), ``files_written``.
     """
 
     transitions_files: list[Path]
@@ -143,49 +176,23 @@ def process_rewards(spans: pl.LazyFrame, rollouts: pl.LazyFrame, transitions: pl
     )
 
 
-def _write_partitions(
-    frame: pl.DataFrame,
-    root: Path,
-    file_name: str,
-    to_arrow: Callable[[pl.DataFrame], pa.Table],
-    sort_by: list[str],
-) -> list[Path]:
-    """Write one file per ``_DATE`` value of ``frame`` under ``root/date=<value>/file_name``."""
-    written = []
-    for (date,), part in sorted(frame.partition_by(_DATE, as_dict=True, include_key=False).items()):
-        directory = partition_directory(root, ["date"], (date,))
-        written.append(write_parquet_atomically(to_arrow(part.sort(sort_by)), directory, file_name, COMPRESSION))
-    return written
+@dataclass(frozen=True)
+class _BucketBuild:
+    """One bucket's output: credited transitions and rollouts (each with ``_DATE``) and its counts."""
+
+    transitions: pl.DataFrame
+    rollouts: pl.DataFrame
+    counts: dict[str, int]
 
 
-def build_transitions(
-    spans: str | Path,
-    out: str | Path,
-    config: PipelineConfig | None = None,
-    *,
-    date: str | None = None,
-    now: dt.datetime | None = None,
-) -> BuildResult:
-    """Build rollouts and credited transitions from ``spans`` and write them under ``out``.
-
-    ``spans`` is the data root or its ``spans/`` directory; ``date`` (``YYYY-MM-DD``) limits the
-    build to that spans date partition (``None``: all dates); ``now`` is the watermark reference
-    (an aware datetime; default the current UTC time). See the module docstring for the steps and
-    the output layout. Raises :class:`PipelineConfigError` (before reading data) for a config the
-    build cannot run, ``ValueError`` for a malformed ``date``, ``StageError`` naming a stage that
-    breaks the frame, and the spans scan's ``DatasetError`` / ``SchemaVersionError``.
-    """
-    config = config or PipelineConfig()
-    _check_buildable(config)
-    _check_date(date)
-    stages = resolve_stages(config.stages)
-    hash_ = config_hash(config)
-    now = now or dt.datetime.now(dt.UTC)
-    out_root = Path(out)
-
-    lf = scan_spans(spans)
-    if date is not None:
-        lf = lf.filter(pl.col("date") == date)
+def _build_bucket(
+    lf: pl.LazyFrame,
+    config: PipelineConfig,
+    stages: list[BoundStage],
+    hash_: str,
+    now: dt.datetime,
+) -> _BucketBuild:
+    """Steps 2-6 of the module docstring over the spans of whole rollouts and whole advantage groups."""
     build = build_closed_rollouts(lf, now, rollout_config(config))
     rollouts = build.rollouts.lazy()
 
@@ -232,23 +239,11 @@ def build_transitions(
 
     counts = transition_counts(result.lazy())
     zero = zero_signal_counts(result.lazy(), group_by)
-    file_name = output_file_name(hash_)
-    rollout_frame = build.rollouts.with_columns(start_date)
-    transitions_files = _write_partitions(
-        result.select(*TRANSITION_COLUMNS, _DATE),
-        out_root / "transitions",
-        file_name,
-        transitions_to_arrow,
-        ["rollout_id", "step_index"],
-    )
-    rollouts_files = _write_partitions(
-        rollout_frame, out_root / "rollouts", file_name, rollouts_to_arrow, ["rollout_id"]
-    )
     summary = build.summary
-    return BuildResult(
-        transitions_files=transitions_files,
-        rollouts_files=rollouts_files,
-        summary={
+    return _BucketBuild(
+        transitions=result.select(*TRANSITION_COLUMNS, _DATE),
+        rollouts=build.rollouts.with_columns(start_date),
+        counts={
             "rollouts": build.rollouts.height,
             "deferred": summary.deferred,
             "dropped_without_reward": summary.without_reward if config.reward.missing == "drop" else 0,
@@ -259,7 +254,134 @@ def build_transitions(
             "without_token_ids": counts["without_token_ids"],
             "groups": zero["groups"],
             "zero_signal_groups": zero["zero_signal_groups"],
-            "files_written": len(transitions_files) + len(rollouts_files),
         },
+    )
+
+
+class _DatePartitionFiles:
+    """One appendable output file per ``date=`` partition of a table, all committed or all aborted."""
+
+    def __init__(self, root: Path, file_name: str, to_arrow: Callable[[pl.DataFrame], pa.Table]) -> None:
+        self.root = root
+        self.file_name = file_name
+        self.to_arrow = to_arrow
+        self.files: dict[str, AtomicParquetWriter] = {}
+
+    def append(self, frame: pl.DataFrame, sort_by: list[str]) -> None:
+        """Append ``frame``'s rows (sorted by ``sort_by``) to the file of each of its ``_DATE`` values."""
+        for (date,), part in frame.partition_by(_DATE, as_dict=True, include_key=False).items():
+            table = self.to_arrow(part.sort(sort_by))
+            writer = self.files.get(date)
+            if writer is None:
+                directory = partition_directory(self.root, ["date"], (date,))
+                writer = AtomicParquetWriter(table.schema, directory, self.file_name, COMPRESSION)
+                self.files[date] = writer
+            writer.write(table)
+
+    def commit(self) -> list[Path]:
+        return [self.files[date].commit() for date in sorted(self.files)]
+
+    def abort(self) -> None:
+        for writer in self.files.values():
+            writer.abort()
+
+
+def _partition_files(root: Path, files: list[Path], date: str | None) -> list[Path]:
+    """The spans files of the ``date`` partition (all files when ``date`` is None)."""
+    if date is None:
+        return files
+    return [path for path in files if f"date={date}" in path.relative_to(root).parts]
+
+
+def _bucketed_spans(
+    lf: pl.LazyFrame,
+    root: Path,
+    date: str | None,
+    group_by: tuple[str, ...],
+    bucket_bytes: int,
+    out_root: Path,
+    cleanup: contextlib.ExitStack,
+) -> Iterator[pl.LazyFrame]:
+    """The spans to build, one LazyFrame per bucket (see ``tracelearn.pipelines.buckets``).
+
+    Buckets are spilled to a temp directory under ``out_root`` (same file system as the output),
+    removed when ``cleanup`` closes.
+    """
+    columns = bucket_columns(group_by)
+    files = [] if root.is_file() else _partition_files(root, dataset_files(root), date)
+    buckets = bucket_count(files, bucket_bytes) if columns and files else 1
+    if buckets == 1:
+        yield lf
+        return
+    out_root.mkdir(parents=True, exist_ok=True)
+    spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".build-", dir=out_root)))
+    keys = rollout_group_keys(lf, columns).collect(engine="streaming")
+    assignment = assign_buckets(keys, columns, buckets)
+    for directory in spill_buckets(files, root, assignment, buckets, spill, date):
+        bucket = scan_bucket(directory)
+        if bucket is not None:
+            yield bucket
+
+
+def build_transitions(
+    spans: str | Path,
+    out: str | Path,
+    config: PipelineConfig | None = None,
+    *,
+    date: str | None = None,
+    now: dt.datetime | None = None,
+    bucket_bytes: int = BUCKET_BYTES,
+) -> BuildResult:
+    """Build rollouts and credited transitions from ``spans`` and write them under ``out``.
+
+    ``spans`` is the data root or its ``spans/`` directory; ``date`` (``YYYY-MM-DD``) limits the
+    build to that spans date partition (``None``: all dates); ``now`` is the watermark reference
+    (an aware datetime; default the current UTC time); ``bucket_bytes`` bounds the uncompressed
+    spans held in memory at once (see ``tracelearn.pipelines.buckets``). See the module docstring
+    for the steps and the output layout. Raises :class:`PipelineConfigError` (before reading data)
+    for a config the build cannot run, ``ValueError`` for a malformed ``date``, ``StageError``
+    naming a stage that breaks the frame, and the spans scan's ``DatasetError`` /
+    ``SchemaVersionError``.
+    """
+    config = config or PipelineConfig()
+    _check_buildable(config)
+    _check_date(date)
+    stages = resolve_stages(config.stages)
+    hash_ = config_hash(config)
+    now = now or dt.datetime.now(dt.UTC)
+    out_root = Path(out)
+    root = spans_directory(spans)
+
+    lf = scan_spans(spans)
+    if date is not None:
+        lf = lf.filter(pl.col("date") == date)
+    file_name = output_file_name(hash_)
+    transitions_files = _DatePartitionFiles(out_root / "transitions", file_name, transitions_to_arrow)
+    rollout_frames: list[pl.DataFrame] = []
+    totals: Counter[str] = Counter()
+    rollouts_files = _DatePartitionFiles(out_root / "rollouts", file_name, rollouts_to_arrow)
+    try:
+        with contextlib.ExitStack() as cleanup:
+            parts = _bucketed_spans(lf, root, date, config.advantage.group_by, bucket_bytes, out_root, cleanup)
+            for part in parts:
+                bucket = _build_bucket(part, config, stages, hash_, now)
+                transitions_files.append(bucket.transitions, ["rollout_id", "step_index"])
+                rollout_frames.append(bucket.rollouts)
+                totals.update(bucket.counts)
+                totals["buckets"] += 1
+        if rollout_frames:
+            rollouts_files.append(pl.concat(rollout_frames), ["rollout_id"])
+    except BaseException:
+        transitions_files.abort()
+        rollouts_files.abort()
+        raise
+    written_transitions = transitions_files.commit()
+    written_rollouts = rollouts_files.commit()
+    summary = {key: totals[key] for key in SUMMARY_KEYS}
+    summary["files_written"] = len(written_transitions) + len(written_rollouts)
+    return BuildResult(
+        transitions_files=written_transitions,
+        rollouts_files=written_rollouts,
+        summary=summary,
         config_hash=hash_,
     )
