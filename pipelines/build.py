@@ -23,6 +23,10 @@
    that are renamed into place only when every bucket built, so a failed build leaves the previous
    output untouched.
 
+Late spans: a rollout is built once its last span is older than the watermark; spans that arrive
+later still reach it, because every build reads the whole partition again and replaces its output.
+The summary's ``late_span_rollouts`` counts the rollouts a rebuild grew, so late data is visible.
+
 Idempotent: the output is a pure function of (spans, config, watermark): rows are sorted
 (rollouts by ``rollout_id``; transitions by ``rollout_id, step_index`` within each bucket, buckets in
 order), no build time is written, the buckets depend only on the input,
@@ -93,6 +97,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "groups",
     "zero_signal_groups",
     "buckets",
+    "late_span_rollouts",
 )
 _DATE = "__output_date"
 
@@ -105,7 +110,8 @@ class BuildResult:
     ``dropped_without_reward``, ``without_reward`` (built rollouts with no reward, before the
     missing-reward policy), ``orphan_spans``, ``error_rollouts``, ``transitions`` (written),
     ``without_token_ids``, ``groups``, ``zero_signal_groups``, ``buckets`` (how many pieces the
-    spans were built in), ``files_written``.
+    spans were built in), ``late_span_rollouts`` (rollouts this build rewrote with more spans than
+    the previous build of their partition saw), ``files_written``.
     """
 
     transitions_files: list[Path]
@@ -286,6 +292,26 @@ class _DatePartitionFiles:
             writer.abort()
 
 
+def late_span_rollouts(rollouts_root: Path, file_name: str, built: pl.DataFrame) -> int:
+    """How many rollouts of ``built`` had fewer spans in the previous output of their partition.
+
+    These are the rollouts that late spans (arriving after a rollout passed the watermark and was
+    built) reached only through this rebuild; counting them makes late data visible instead of
+    silently merged. Reads ``rollout_id``, ``n_spans`` and ``_DATE`` of ``built`` and the previous
+    ``rollouts`` files of the same config (``file_name``), if any.
+    """
+    previous = [
+        path
+        for (date,) in built.select(_DATE).unique().iter_rows()
+        if (path := partition_directory(rollouts_root, ["date"], (date,)) / file_name).is_file()
+    ]
+    if not previous:
+        return 0
+    before = pl.scan_parquet(previous).select("rollout_id", pl.col("n_spans").alias("__before"))
+    grown = built.lazy().join(before, on="rollout_id", how="inner").filter(pl.col("n_spans") > pl.col("__before"))
+    return grown.select(pl.len()).collect().item()
+
+
 def _partition_files(root: Path, files: list[Path], date: str | None) -> list[Path]:
     """The spans files of the ``date`` partition (all files when ``date`` is None)."""
     if date is None:
@@ -370,7 +396,9 @@ def build_transitions(
                 totals.update(bucket.counts)
                 totals["buckets"] += 1
         if rollout_frames:
-            rollouts_files.append(pl.concat(rollout_frames), ["rollout_id"])
+            built = pl.concat(rollout_frames)
+            totals["late_span_rollouts"] = late_span_rollouts(out_root / "rollouts", file_name, built)
+            rollouts_files.append(built, ["rollout_id"])
     except BaseException:
         transitions_files.abort()
         rollouts_files.abort()

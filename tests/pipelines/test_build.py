@@ -12,6 +12,7 @@ from support.spans_factory import SpansFactory, at
 from tracelearn.pipelines.build import build_transitions, output_file_name
 from tracelearn.pipelines.config import PipelineConfigError, config_hash, load_config, parse_config
 from tracelearn.pipelines.stages import StageError
+from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TRANSITIONS
 
 NOW = at(3600)  # an hour after the factory's spans: every rollout is closed
@@ -175,3 +176,20 @@ def test_process_credit_gives_intermediate_rewards_to_the_call_before_them(tmp_p
     transitions = read(result.transitions_files).sort("rollout_id", "step_index")
     assert transitions["reward"].to_list() == [1.0, 1.0, 0.0, 0.0]
     assert transitions["credited_reward"].to_list() == [0.25, 1.0, 0.25, 0.0]
+
+
+def test_a_late_span_reaches_its_rollout_on_the_next_build_and_is_counted(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = build_transitions(data, out, now=NOW)
+    assert first.summary["late_span_rollouts"] == 0
+    # A tool span of trace 1 lands after that rollout was built (another process, another file).
+    late = SpansFactory(data / "spans")
+    tool = {sc.GEN_AI_OPERATION_NAME: "execute_tool", sc.GEN_AI_TOOL_NAME: "add", sc.TASK_ID: "t1"}
+    late.span(1, "execute_tool add", 50, parent=1, attributes=tool, span_id=1000)
+    late.write()
+
+    second = build_transitions(data, out, now=NOW + dt.timedelta(hours=1))
+    assert second.summary["late_span_rollouts"] == 1
+    rollouts = read(second.rollouts_files)
+    assert rollouts.filter(pl.col("n_tool_calls") == 2)["trace_ids"].to_list() == [[f"{1:032x}"]]
+    assert read(second.transitions_files).height == 12  # replaced, not duplicated
