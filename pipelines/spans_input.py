@@ -52,3 +52,15 @@ def scan_spans(root: str | Path) -> pl.LazyFrame:
         hive_schema=PARTITION_SCHEMA,
         try_parse_hive_dates=False,
     )
+
+
+def spans_dates(root: str | Path) -> list[str]:
+    """The ``date=YYYY-MM-DD`` partitions under the spans directory of ``root`` that hold files, sorted."""
+    path = spans_directory(root)
+    if not path.is_dir():
+        return []
+    return sorted(
+        directory.name.removeprefix("date=")
+        for directory in path.glob("date=*")
+        if directory.is_dir() and any(directory.rglob("*.parquet"))
+    )

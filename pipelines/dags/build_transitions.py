@@ -7,7 +7,13 @@ Params (defaults come from the environment when the DAG file is parsed):
   data:   dataset root, spans under ``<data>/spans/`` (``$TRACELEARN_DATA``, default ``./data``)
   output: where rollouts and transitions are written (default: the data root)
   config: ``pipeline.yaml`` (``$TRACELEARN_PIPELINE_CONFIG``; empty: the built-in defaults)
-  date:   the spans date partition to build (default: the run's logical date, ``ds``)
+  date:   the spans date partition to build; empty: the dates named by the triggering asset events
+          (``extra={"date": ...}`` or ``{"dates": [...]}``), else the run's logical date, else
+          every date partition of the spans dataset (asset-triggered runs have no logical date)
+  watermark: build time for the lateness watermark (ISO 8601 with zone; empty: now). Set it to
+          rebuild a partition exactly as an earlier run did.
+
+Each date is built by its own mapped ``build`` task instance, retried on its own.
 
 Run once without a scheduler:
   AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data \
@@ -16,7 +22,7 @@ Run once without a scheduler:
 
 import logging
 import os
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
@@ -46,7 +52,8 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
             type="string",
             description="pipeline.yaml (empty: built-in defaults)",
         ),
-        "date": Param("", type="string", description="spans date partition YYYY-MM-DD (empty: the logical date)"),
+        "date": Param("", type="string", description="spans date partition YYYY-MM-DD (empty: see the docs)"),
+        "watermark": Param("", type="string", description="watermark build time, ISO 8601 (empty: now)"),
     },
     doc_md=__doc__,
 )
@@ -62,20 +69,45 @@ def tracelearn_build_transitions() -> None:
         except PipelineConfigError as exc:
             raise AirflowFailException(str(exc)) from exc
 
+    @task
+    def dates_to_build() -> list[str]:
+        """The date partitions this run builds (see the module docstring for the order of sources)."""
+        from tracelearn.pipelines.spans_input import spans_dates
+
+        context = get_current_context()
+        params = context["params"]
+        if params["date"]:
+            return [params["date"]]
+        named: set[str] = set()
+        for events in (context.get("triggering_asset_events") or {}).values():
+            for event in events:
+                extra = event.extra or {}
+                named.update([extra["date"]] if "date" in extra else extra.get("dates", []))
+        if named:
+            return sorted(named)
+        if context.get("ds"):
+            return [context["ds"]]
+        return spans_dates(params["data"])
+
     @task(inlets=[SPANS], outlets=[TRANSITIONS])
-    def build(validated: dict[str, str | None]) -> dict[str, Any]:
+    def build(date: str, validated: dict[str, str | None]) -> dict[str, Any]:
         """Build rollouts and transitions for one date partition; returns file paths and counts only."""
         from tracelearn.pipelines.build import build_transitions
         from tracelearn.pipelines.config import load_config
 
-        context = get_current_context()
-        params = context["params"]
-        date = params["date"] or context.get("ds")  # asset-triggered runs have no logical date
+        params = get_current_context()["params"]
+        try:
+            now = datetime.fromisoformat(params["watermark"]) if params["watermark"] else datetime.now(UTC)
+        except ValueError as exc:
+            raise AirflowFailException(f"watermark {params['watermark']!r} is not an ISO 8601 time") from exc
+        if now.tzinfo is None:
+            raise AirflowFailException(f"watermark {params['watermark']!r} has no time zone; add +00:00")
         result = build_transitions(
             f"{params['data']}/spans",
             params["output"] or params["data"],
             load_config(validated["config"]),
             date=date,
+            now=now,
         )
         return {
             "transitions_files": [str(path) for path in result.transitions_files],
@@ -83,18 +115,21 @@ def tracelearn_build_transitions() -> None:
             "summary": dict(result.summary),
             "config_hash": result.config_hash,
             "date": date,
+            "watermark": now.isoformat(),
         }
 
     @task
-    def report(built: dict[str, Any]) -> None:
-        """Log what was built."""
-        log.info("date %s, config %s", built["date"], built["config_hash"])
-        for key, value in sorted(built["summary"].items()):
-            log.info("  %s: %s", key, value)
-        for path in built["transitions_files"] + built["rollouts_files"]:
-            log.info("  wrote %s", path)
+    def report(builds: list[dict[str, Any]]) -> None:
+        """Log what each date's build wrote and counted."""
+        for built in builds:
+            log.info("date %s, config %s, watermark %s", built["date"], built["config_hash"], built["watermark"])
+            for key, value in sorted(built["summary"].items()):
+                log.info("  %s: %s", key, value)
+            for path in built["transitions_files"] + built["rollouts_files"]:
+                log.info("  wrote %s", path)
 
-    report(build(validate_config()))
+    validated = validate_config()
+    report(build.partial(validated=validated).expand(date=dates_to_build()))
 
 
 tracelearn_build_transitions()

@@ -11,6 +11,7 @@ from support.spans_factory import SpansFactory, at
 
 from tracelearn.pipelines.build import build_transitions, output_file_name
 from tracelearn.pipelines.config import PipelineConfigError, config_hash, load_config, parse_config
+from tracelearn.pipelines.spans_input import spans_dates
 from tracelearn.pipelines.stages import StageError
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TRANSITIONS
@@ -193,3 +194,9 @@ def test_a_late_span_reaches_its_rollout_on_the_next_build_and_is_counted(data: 
     rollouts = read(second.rollouts_files)
     assert rollouts.filter(pl.col("n_tool_calls") == 2)["trace_ids"].to_list() == [[f"{1:032x}"]]
     assert read(second.transitions_files).height == 12  # replaced, not duplicated
+
+
+def test_spans_dates_lists_the_partitions_that_hold_files(data: Path, tmp_path: Path) -> None:
+    (data / "spans" / "date=2026-11-20").mkdir()  # an empty partition is not a date to build
+    assert spans_dates(data) == ["2026-11-21"] == spans_dates(data / "spans")
+    assert spans_dates(tmp_path / "nowhere") == []

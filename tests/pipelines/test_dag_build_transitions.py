@@ -34,7 +34,7 @@ def test_dag_parses_and_builds_transitions_from_spans(tmp_path: Path) -> None:
         tmp_path / "airflow",
         DAG_ID,
         LOGICAL_DATE,
-        conf={"output": str(out)},
+        conf={"output": str(out), "watermark": "2026-11-22T00:00:00+00:00"},
         env={"TRACELEARN_DATA": str(data)},
     )
     assert result.returncode == 0, result.output[-4000:]
