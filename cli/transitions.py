@@ -1,15 +1,25 @@
 """``tracelearn transitions ...``: build RL transitions from a spans dataset."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import click
+import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from tracelearn.cli.export import export_command
 from tracelearn.pipelines.build import BuildResult, build_transitions
 from tracelearn.pipelines.config import PipelineConfigError, WatermarkConfig, load_config
+from tracelearn.pipelines.plots import PlotError, plot_transitions
 from tracelearn.pipelines.stages import StageError
+from tracelearn.pipelines.stats import (
+    TransitionStats,
+    scan_transitions,
+    transition_distributions,
+    transition_stats,
+)
 from tracelearn.schemas.dataset import DatasetError
 from tracelearn.schemas.migrations import SchemaVersionError
 
@@ -29,6 +39,43 @@ SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
 @click.group()
 def transitions() -> None:
     """Build and inspect RL transitions."""
+
+
+def render_frame(frame: pl.DataFrame, title: str, console: Console) -> None:
+    """Print ``frame`` as a table: floats to 3 decimals, nulls as ``-``, numbers right-aligned."""
+    table = Table(title=title)
+    for name, dtype in frame.schema.items():
+        # Spaces let rich wrap a long header instead of cutting it.
+        table.add_column(name.replace("_", " "), justify="right" if dtype.is_numeric() else "left")
+    for row in frame.iter_rows():
+        table.add_row(*(_cell(value) for value in row))
+    console.print(table)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def render_stats(stats: TransitionStats, console: Console) -> None:
+    """Print the overview, token-id coverage, per-agent (rewards, then token lengths), per-task and group tables."""
+    overview = Table(title="transitions dataset", show_header=False)
+    overview.add_column("what")
+    overview.add_column("value", justify="right")
+    for name, value in stats.overview.row(0, named=True).items():
+        overview.add_row(name.replace("_", " "), _cell(value))
+    overview.add_row("config hash", stats.config_hash[:16])
+    console.print(overview)
+    render_frame(stats.token_ids, "token ids", console)
+    rewards = ("transitions", "reward_mean", "reward_std", "credited_reward_mean", "advantage_mean", "advantage_std")
+    render_frame(stats.by_agent.select("agent_name", *rewards), "rewards per agent", console)
+    lengths = stats.by_agent.select("agent_name", pl.selectors.starts_with("prompt_tokens", "response_tokens"))
+    render_frame(lengths, "token lengths per agent", console)
+    render_frame(stats.by_task, "per task", console)
+    render_frame(stats.groups, f"GRPO groups ({stats.zero_signal_groups} without learning signal)", console)
 
 
 def render_build(result: BuildResult, console: Console) -> None:
@@ -69,3 +116,31 @@ def build_command(
     except (StageError, DatasetError, SchemaVersionError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     render_build(result, Console())
+
+
+@transitions.command("stats")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--config-hash", "config_hash", default=None, help="Prefix of the pipeline config hash to report on.")
+def stats_command(path: Path, plot_path: Path | None, as_json: bool, config_hash: str | None) -> None:
+    """Rewards, advantages, token lengths and zero-signal groups of the transitions under PATH.
+
+    PATH is a build's output root (holding transitions/) or its transitions/ directory.
+    """
+    try:
+        frame, chosen = scan_transitions(path, config_hash)
+        stats = transition_stats(frame, chosen)
+        if plot_path is not None:
+            plot_transitions(transition_distributions(frame), stats.groups, plot_path)
+    except (DatasetError, SchemaVersionError, PlotError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(stats.to_dict(), indent=2))
+    else:
+        render_stats(stats, Console())
+    if plot_path is not None and not as_json:
+        Console().print(f"wrote {plot_path}")
+
+
+transitions.add_command(export_command)
