@@ -49,7 +49,7 @@ from tracelearn.collector.atomic_files import partition_directory, write_parquet
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SPANS, STRING_MAP
 
-__all__ = ["DatasetSpec", "write_spans_dataset", "EPOCH", "ROLLOUTS_PER_TASK"]
+__all__ = ["EPOCH", "ROLLOUTS_PER_TASK", "DatasetSpec", "write_spans_dataset"]
 
 EPOCH = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
 EPOCH_NS = int(EPOCH.timestamp()) * 1_000_000_000
@@ -67,10 +67,45 @@ SYSTEM_PROMPTS = {
     "critic": "You are the critic. Check the draft against the request; list concrete problems.",
 }
 WORDS = (
-    "the agent plan draft review source table value result query answer step check model "
-    "token reward group task report summary policy data file search compute total number list "
-    "because however therefore first second final revised correct missing unclear"
-).split()
+    "the",
+    "agent",
+    "plan",
+    "draft",
+    "review",
+    "source",
+    "table",
+    "value",
+    "result",
+    "query",
+    "answer",
+    "step",
+    "check",
+    "model",
+    "token",
+    "reward",
+    "group",
+    "task",
+    "report",
+    "summary",
+    "policy",
+    "data",
+    "file",
+    "search",
+    "compute",
+    "total",
+    "number",
+    "list",
+    "because",
+    "however",
+    "therefore",
+    "first",
+    "second",
+    "final",
+    "revised",
+    "correct",
+    "missing",
+    "unclear",
+)
 
 
 @dataclass(frozen=True)
@@ -265,9 +300,8 @@ class _RolloutWriter:
                 promoted={"operation_name": "invoke_agent"},
             )
             clock += 200_000
-            history = histories.setdefault(
-                agent, [{"role": "system", "content": SYSTEM_PROMPTS[agent]}, {"role": "user", "content": user_question}]
-            )
+            opening = [{"role": "system", "content": SYSTEM_PROMPTS[agent]}, {"role": "user", "content": user_question}]
+            history = histories.setdefault(agent, opening)
             for _ in range(calls):
                 history.append({"role": "user", "content": _text(rng, self.corpus, rng.randint(40, 160))})
                 input_json = json.dumps(history)
