@@ -34,9 +34,8 @@ and a rerun replaces the same files, so the same input and config give byte-iden
 never duplicates. Files of another config hash in the same partition are left alone (they are a
 different dataset version; readers filter on ``pipeline_config_hash``).
 
-Limitations, reported rather than silent: ``reward.source`` ``function`` and ``feedback`` are not
-wired into the build yet (:class:`PipelineConfigError` before any data is read); with ``date``, a
-rollout whose spans cross midnight is built from the given day's spans only.
+Limitations, reported rather than silent: with ``date``, a rollout whose spans cross midnight is
+built from the given day's spans only.
 """
 
 from __future__ import annotations
@@ -65,11 +64,12 @@ from tracelearn.pipelines.buckets import (
 )
 from tracelearn.pipelines.config import (
     PipelineConfig,
-    PipelineConfigError,
     config_hash,
+    reward_sources,
     rollout_config,
 )
 from tracelearn.pipelines.credit import assign_credit
+from tracelearn.pipelines.rewards import RewardSources
 from tracelearn.pipelines.rollouts import build_closed_rollouts, reward_spans, rollouts_to_arrow
 from tracelearn.pipelines.spans_input import scan_spans, spans_directory
 from tracelearn.pipelines.stages import BoundStage, resolve_stages, run_stages
@@ -92,6 +92,11 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "without_reward",
     "orphan_spans",
     "error_rollouts",
+    "function_rewards",
+    "function_reward_missing_input",
+    "function_reward_errors",
+    "function_reward_invalid",
+    "feedback_rewards",
     "transitions",
     "without_token_ids",
     "groups",
@@ -108,7 +113,10 @@ class BuildResult:
 
     ``summary`` keys: ``rollouts`` (written), ``deferred`` (left for a later build by the watermark),
     ``dropped_without_reward``, ``without_reward`` (built rollouts with no reward, before the
-    missing-reward policy), ``orphan_spans``, ``error_rollouts``, ``transitions`` (written),
+    missing-reward policy), ``orphan_spans``, ``error_rollouts``, ``function_rewards`` (rollouts the
+    reward function rewarded) and its failures by cause ``function_reward_missing_input``,
+    ``function_reward_errors``, ``function_reward_invalid`` (the first one is logged),
+    ``feedback_rewards`` (rollouts with a feedback reward), ``transitions`` (written),
     ``without_token_ids``, ``groups``, ``zero_signal_groups``, ``buckets`` (how many pieces the
     spans were built in), ``late_span_rollouts`` (rollouts this build rewrote with more spans than
     the previous build of their partition saw), ``files_written``.
@@ -123,17 +131,6 @@ class BuildResult:
 def output_file_name(pipeline_config_hash: str) -> str:
     """The file name a build with this config writes in each date partition: ``part-<hash16>.parquet``."""
     return f"part-{pipeline_config_hash[:16]}.parquet"
-
-
-def _check_buildable(config: PipelineConfig) -> None:
-    """Refuse, before any data is read, what the build cannot do yet (named in the message)."""
-    if config.reward.source != "emitted":
-        raise PipelineConfigError(
-            "<config>",
-            "reward.source",
-            f"reward.source={config.reward.source} is not wired into the build yet; "
-            "use reward.source 'emitted' (emit_reward spans)",
-        )
 
 
 def _check_date(date: str | None) -> None:
@@ -197,9 +194,10 @@ def _build_bucket(
     stages: list[BoundStage],
     hash_: str,
     now: dt.datetime,
+    rewards: RewardSources,
 ) -> _BucketBuild:
     """Steps 2-6 of the module docstring over the spans of whole rollouts and whole advantage groups."""
-    build = build_closed_rollouts(lf, now, rollout_config(config))
+    build = build_closed_rollouts(lf, now, rollout_config(config), rewards)
     rollouts = build.rollouts.lazy()
 
     transitions = extract_transitions(
@@ -256,6 +254,11 @@ def _build_bucket(
             "without_reward": summary.without_reward,
             "orphan_spans": summary.orphan_spans,
             "error_rollouts": summary.error_rollouts,
+            "function_rewards": summary.function_rewards,
+            "function_reward_missing_input": summary.function_reward_missing_input,
+            "function_reward_errors": summary.function_reward_errors,
+            "function_reward_invalid": summary.function_reward_invalid,
+            "feedback_rewards": summary.feedback_rewards,
             "transitions": counts["transitions"],
             "without_token_ids": counts["without_token_ids"],
             "groups": zero["groups"],
@@ -370,13 +373,13 @@ def build_transitions(
     ``SchemaVersionError``.
     """
     config = config or PipelineConfig()
-    _check_buildable(config)
     _check_date(date)
     stages = resolve_stages(config.stages)
     hash_ = config_hash(config)
     now = now or dt.datetime.now(dt.UTC)
     out_root = Path(out)
     root = spans_directory(spans)
+    rewards = reward_sources(config, spans)
 
     lf = scan_spans(spans)
     if date is not None:
@@ -390,7 +393,7 @@ def build_transitions(
         with contextlib.ExitStack() as cleanup:
             parts = _bucketed_spans(lf, root, date, config.advantage.group_by, bucket_bytes, out_root, cleanup)
             for part in parts:
-                bucket = _build_bucket(part, config, stages, hash_, now)
+                bucket = _build_bucket(part, config, stages, hash_, now, rewards)
                 transitions_files.append(bucket.transitions, ["rollout_id", "step_index"])
                 rollout_frames.append(bucket.rollouts)
                 totals.update(bucket.counts)

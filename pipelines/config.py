@@ -3,17 +3,21 @@
 Example (every key is optional; an omitted key takes the default shown in the comment)::
 
     select: {agent: "writer|planner", llm_call: "chat"}   # all agents, all LLM calls
-    reward: {function: examples.calc.reward:score, name: correct}   # source: emitted
+    reward: {function: examples.calc.reward:score, name: correct}   # emitted rewards only
     stages: [drop_failed_rollouts, {my_pkg.stages:dedupe_by_prompt: {keep: last}}]   # none
     credit: {method: identical}              # identical | discounted(gamma) | last_step | process
     advantage: {method: grpo, group_by: task_id, normalize_std: true, level: rollout}
     watermark: {lateness_seconds: 600}
     trajectory: false
 
-``reward``: ``source`` is ``emitted`` (``emit_reward`` spans), ``function`` (``function``, a
-``module:function`` applied in the pipeline, stored under ``name``, default the function's name) or
-``feedback`` (the feedback table). ``primary`` names the primary reward (default: the first emitted,
-or ``name`` for a function). ``missing`` says what happens to a rollout without a reward: ``drop``
+``reward``: several sources at once, every named reward of every source lands in the rollout's
+``rewards`` (``tracelearn.pipelines.rewards`` says how each is computed and joined):
+``emitted`` (default true: ``emit_reward`` spans), ``function`` (a ``module:function`` applied to
+each rollout in the pipeline; a number it returns is stored under ``name``, default the function's
+name, a dict under its keys) and ``feedback`` (default false: the feedback table
+``<data root>/feedback/``). ``primary`` names the reward to train on (default: ``name`` when a
+function is given, else the first emitted, else the earliest feedback; required when feedback is the
+only source). ``missing`` says what happens to a rollout without a primary reward: ``drop``
 (default; counted), ``keep`` (reward null) or ``fill`` (with ``fill_value``, default 0).
 
 :func:`load_config` reads a file (or gives the defaults for ``None``), :func:`parse_config` a
@@ -39,13 +43,19 @@ import yaml
 
 from tracelearn.pipelines.advantages import ADVANTAGE_LEVELS
 from tracelearn.pipelines.credit import CREDIT_METHODS
+from tracelearn.pipelines.rewards import (
+    RewardFunctionError,
+    RewardSources,
+    feedback_directory,
+    load_reward_function,
+    scan_feedback,
+)
 from tracelearn.pipelines.rollouts import DEFAULT_LATENESS, RolloutConfig
-from tracelearn.pipelines.stages import StageError, StageSpec, import_callable, resolve_stage
+from tracelearn.pipelines.stages import StageError, StageSpec, resolve_stage
 
 __all__ = [
     "ADVANTAGE_METHODS",
     "MISSING_REWARD_POLICIES",
-    "REWARD_SOURCES",
     "AdvantageConfig",
     "CreditConfig",
     "PipelineConfig",
@@ -57,6 +67,7 @@ __all__ = [
     "config_hash",
     "load_config",
     "parse_config",
+    "reward_sources",
     "rollout_config",
 ]
 
@@ -86,11 +97,13 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Where rewards come from, which is primary, and what to do with rollouts without one."""
+    """Where rewards come from (any of emitted spans, a function, feedback), which is primary, and what
+    to do with rollouts without one."""
 
-    source: str = "emitted"
+    emitted: bool = True
     function: str | None = None
     name: str | None = None
+    feedback: bool = False
     primary: str | None = None
     missing: str = "drop"
     fill_value: float | None = None
@@ -206,30 +219,38 @@ def _parse_select(check: _Checker, raw: Mapping[str, Any]) -> SelectConfig:
     return SelectConfig(agent=agent, llm_call=None if llm_call is None else check.names(llm_call, "select.llm_call"))
 
 
+_REWARD_KEYS: tuple[str, ...] = ("emitted", "function", "name", "feedback", "primary", "missing", "fill_value")
+
+
 def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
-    section = check.section(raw, "reward", ("source", "function", "name", "primary", "missing", "fill_value"))
+    reward = raw.get("reward")
+    if isinstance(reward, Mapping) and "source" in reward:
+        raise check.fail(
+            "reward.source",
+            "is replaced by one key per source: emitted: true|false, function: module:function, "
+            "feedback: true|false (several may be on at once)",
+        )
+    section = check.section(raw, "reward", _REWARD_KEYS)
+    emitted = check.boolean(section.get("emitted", True), "reward.emitted")
+    feedback = check.boolean(section.get("feedback", False), "reward.feedback")
     function = section.get("function")
-    source = check.choice(
-        section.get("source", "function" if function is not None else "emitted"), "reward.source", REWARD_SOURCES
-    )
     name = section.get("name")
-    if source == "function":
-        if function is None:
-            raise check.fail("reward.function", "is required when reward.source is 'function' (module:function)")
+    if function is not None:
         check.name(function, "reward.function")
+        default_name = function.rpartition(":")[2].split(".")[-1]
+        name = check.name(name, "reward.name") if name is not None else default_name
         try:
-            import_callable(function, "reward function")
-        except StageError as exc:
+            load_reward_function(function, name)
+        except RewardFunctionError as exc:
             raise check.fail("reward.function", str(exc)) from None
-        name = check.name(name, "reward.name") if name is not None else function.rpartition(":")[2].split(".")[-1]
-    else:
-        for key, value in (("function", function), ("name", name)):
-            if value is not None:
-                raise check.fail(
-                    f"reward.{key}", f"{value!r} is only used with reward.source 'function', not {source!r}"
-                )
+    elif name is not None:
+        raise check.fail("reward.name", f"{name!r} names the reward function's reward; set reward.function too")
+    if not (emitted or function is not None or feedback):
+        raise check.fail("reward", "no reward source; set emitted: true, a function, or feedback: true")
     primary = section.get("primary")
     primary = check.name(primary, "reward.primary") if primary is not None else name
+    if primary is None and feedback and not emitted:
+        raise check.fail("reward.primary", "is required when feedback is the only reward source (a feedback name)")
     missing = check.choice(section.get("missing", "drop"), "reward.missing", MISSING_REWARD_POLICIES)
     fill_value = section.get("fill_value")
     if missing == "fill":
@@ -238,7 +259,7 @@ def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
         raise check.fail(
             "reward.fill_value", f"{fill_value!r} is only used with reward.missing 'fill', not {missing!r}"
         )
-    return RewardConfig(source, function, name, primary, missing, fill_value)
+    return RewardConfig(emitted, function, name, feedback, primary, missing, fill_value)
 
 
 def _parse_stages(check: _Checker, raw: Mapping[str, Any]) -> tuple[StageSpec, ...]:
@@ -375,6 +396,20 @@ def rollout_config(config: PipelineConfig) -> RolloutConfig:
         missing_reward="drop" if reward.missing == "drop" else "fill" if reward.missing == "fill" else "keep",
         fill_reward=reward.fill_value if reward.fill_value is not None else 0.0,
     )
+
+
+def reward_sources(config: PipelineConfig, data_root: str | Path) -> RewardSources:
+    """The reward sources ``config`` asks for, the feedback read from ``data_root`` (a data root or its
+    ``spans/`` directory); the reward function is imported (checked again, as at load)."""
+    reward = config.reward
+    function = None
+    if reward.function is not None:
+        try:
+            function = load_reward_function(reward.function, reward.name or reward.function)
+        except RewardFunctionError as exc:
+            raise PipelineConfigError("<config>", "reward.function", str(exc)) from None
+    feedback = scan_feedback(feedback_directory(data_root)) if reward.feedback else None
+    return RewardSources(emitted=reward.emitted, function=function, feedback=feedback, primary=reward.primary)
 
 
 def config_as_dict(config: PipelineConfig) -> dict[str, Any]:

@@ -16,15 +16,29 @@ Late spans: ``split_by_watermark`` keeps a rollout out of a build until its last
 spans, so rebuilding a partition after late spans arrived yields the complete row; the output writer
 replaces the previous output of that partition (reruns replace, never duplicate). Output is sorted by
 ``rollout_id``, so the same input gives the same rows in the same order.
+
+Rewards: ``build_rollouts`` reads the emitted ones (reward spans); ``build_closed_rollouts`` merges in
+the reward function's and the feedback table's (``tracelearn.pipelines.rewards``) for the closed
+rollouts, then applies the missing-reward policy to the merged primary reward.
 """
 
 import datetime as dt
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import polars as pl
 import pyarrow as pa
 
+from tracelearn.pipelines.rewards import (
+    REWARD_ROWS_SCHEMA,
+    SOURCE_FEEDBACK,
+    SOURCE_FUNCTION,
+    FunctionRewardReport,
+    RewardSources,
+    feedback_reward_rows,
+    function_reward_rows,
+)
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.identity import task_id_from_messages
 from tracelearn.schemas.migrations import conform
@@ -35,6 +49,12 @@ REWARDS_DTYPE = pl.List(pl.Struct({"key": pl.String, "value": pl.Float64}))
 TIME_DTYPE = pl.Datetime("ns", "UTC")
 ERROR = "ERROR"
 ROLLOUT_COLUMNS = tuple(ROLLOUTS.schema.names)
+SOURCE_EMITTED = "emitted"
+# On a name given by several sources, the later one here wins: feedback (a person or grader after the
+# run) over the pipeline's function over what the agent emitted.
+SOURCE_PRECEDENCE = {SOURCE_EMITTED: 0, SOURCE_FUNCTION: 1, SOURCE_FEEDBACK: 2}
+
+logger = logging.getLogger(__name__)
 
 MissingRewardPolicy = Literal["keep", "drop", "fill"]
 
@@ -65,6 +85,11 @@ class RolloutSummary:
     error_rollouts: int
     incomplete_rollouts: int
     error_spans: int
+    function_rewards: int = 0
+    function_reward_missing_input: int = 0
+    function_reward_errors: int = 0
+    function_reward_invalid: int = 0
+    feedback_rewards: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,11 +97,13 @@ class RolloutSummary:
 
 @dataclass(frozen=True)
 class RolloutBuild:
-    """The result of ``build_closed_rollouts``: closed rollouts, deferred ones, and the counts."""
+    """The result of ``build_closed_rollouts``: closed rollouts, deferred ones, the counts, and the
+    first reward-function failure (``None`` when none failed) for the report."""
 
     rollouts: pl.DataFrame
     deferred: pl.DataFrame
     summary: RolloutSummary
+    first_function_failure: str | None = None
 
 
 def with_parent_found(spans: pl.LazyFrame) -> pl.LazyFrame:
@@ -266,10 +293,105 @@ def apply_missing_reward(rollouts: pl.LazyFrame, config: RolloutConfig) -> pl.La
     return rollouts
 
 
-def rollout_summary(rollouts: pl.DataFrame, deferred: pl.DataFrame, orphans: pl.DataFrame) -> RolloutSummary:
-    """Counts over built rollouts (before any missing-reward policy), deferred ones and orphan spans."""
+def _emitted_reward_rows(rollouts: pl.LazyFrame) -> pl.LazyFrame:
+    """The rollouts' ``rewards`` maps as reward rows (``REWARD_ROWS_SCHEMA``, ``source = 'emitted'``)."""
+    entry = pl.col("__reward")
+    return (
+        rollouts.select("rollout_id", pl.col("rewards").alias("__reward"))
+        .explode("__reward")
+        .filter(entry.is_not_null())
+        .select(
+            "rollout_id",
+            entry.struct.field("key").alias("reward_name"),
+            entry.struct.field("value").alias("reward"),
+            pl.lit(SOURCE_EMITTED).alias("source"),
+            pl.lit(None, dtype=TIME_DTYPE).alias("time"),
+        )
+    )
+
+
+def _primary_names(rollouts: pl.LazyFrame, extra: pl.LazyFrame, sources: RewardSources) -> pl.LazyFrame:
+    """Per rollout: ``reward_name`` of the primary reward (rollouts without one are absent).
+
+    The configured ``primary``; without one, the emitted primary, else the function's reward, else
+    the earliest feedback (then by name). Reads rollouts ``rollout_id``, ``reward_name``; the reward
+    rows ``rollout_id``, ``reward_name``, ``source``, ``time``.
+    """
+    if sources.primary is not None:
+        return rollouts.select("rollout_id", pl.lit(sources.primary).alias("reward_name"))
+    candidates = [
+        extra.filter(pl.col("source") == SOURCE_FEEDBACK).select(
+            "rollout_id", "reward_name", pl.lit(2).alias("__rank"), "time"
+        )
+    ]
+    if sources.function is not None:
+        candidates.append(
+            extra.filter(
+                (pl.col("source") == SOURCE_FUNCTION) & (pl.col("reward_name") == sources.function.name)
+            ).select("rollout_id", "reward_name", pl.lit(1).alias("__rank"), "time")
+        )
+    if sources.emitted:
+        candidates.append(
+            rollouts.filter(pl.col("reward_name").is_not_null()).select(
+                "rollout_id", "reward_name", pl.lit(0).alias("__rank"), pl.lit(None, dtype=TIME_DTYPE).alias("time")
+            )
+        )
+    return (
+        pl.concat(candidates)
+        .sort(["rollout_id", "__rank", "time", "reward_name"], nulls_last=True)
+        .unique(subset=["rollout_id"], keep="first", maintain_order=True)
+        .select("rollout_id", "reward_name")
+    )
+
+
+def merge_rewards(rollouts: pl.LazyFrame, extra: pl.LazyFrame, sources: RewardSources) -> pl.LazyFrame:
+    """Replace ``final_reward``, ``reward_name`` and ``rewards`` by the merge of every source's rewards.
+
+    ``rewards`` holds every named reward of the enabled sources (emitted ones from the rollouts'
+    ``rewards``, the others from ``extra``, reward rows of ``REWARD_ROWS_SCHEMA``); a name given by
+    several sources takes the value of the one latest in ``SOURCE_PRECEDENCE``. ``final_reward`` /
+    ``reward_name`` are the primary reward (see :func:`_primary_names`), null when the rollout lacks it.
+    Reads the ROLLOUTS columns; returns them, sorted by ``rollout_id``.
+    """
+    parts = [extra.select(REWARD_ROWS_SCHEMA.names())]
+    if sources.emitted:
+        parts.append(_emitted_reward_rows(rollouts))
+    precedence = pl.col("source").replace_strict(SOURCE_PRECEDENCE, return_dtype=pl.Int8)
+    merged = (
+        pl.concat(parts)
+        .sort(["rollout_id", "reward_name", precedence])
+        .unique(subset=["rollout_id", "reward_name"], keep="last", maintain_order=True)
+    )
+    named = merged.group_by("rollout_id", maintain_order=True).agg(
+        pl.struct(key=pl.col("reward_name"), value=pl.col("reward")).alias("rewards")
+    )
+    primary = _primary_names(rollouts, extra, sources).join(
+        merged.select("rollout_id", "reward_name", pl.col("reward").alias("final_reward")),
+        on=["rollout_id", "reward_name"],
+        how="inner",
+    )
+    return (
+        rollouts.drop("final_reward", "reward_name", "rewards")
+        .join(primary, on="rollout_id", how="left")
+        .join(named, on="rollout_id", how="left")
+        .with_columns(pl.col("rewards").fill_null(pl.lit([], dtype=REWARDS_DTYPE)))
+        .select(ROLLOUT_COLUMNS)
+        .sort("rollout_id")
+    )
+
+
+def rollout_summary(
+    rollouts: pl.DataFrame,
+    deferred: pl.DataFrame,
+    orphans: pl.DataFrame,
+    function: FunctionRewardReport | None = None,
+    feedback_rollouts: int = 0,
+) -> RolloutSummary:
+    """Counts over built rollouts (before any missing-reward policy), deferred ones, orphan spans, the
+    reward function's report and the number of rollouts given a feedback reward."""
     with_reward = int(rollouts.get_column("final_reward").is_not_null().sum())
     status = rollouts.get_column("status")
+    function = function or FunctionRewardReport()
     return RolloutSummary(
         rollouts=rollouts.height,
         with_reward=with_reward,
@@ -279,20 +401,56 @@ def rollout_summary(rollouts: pl.DataFrame, deferred: pl.DataFrame, orphans: pl.
         error_rollouts=int((status == "error").sum()),
         incomplete_rollouts=int((status == "incomplete").sum()),
         error_spans=int(rollouts.get_column("n_errors").sum()),
+        function_rewards=function.rewarded,
+        function_reward_missing_input=function.missing_input,
+        function_reward_errors=function.errors,
+        function_reward_invalid=function.invalid,
+        feedback_rewards=feedback_rollouts,
     )
 
 
-def build_closed_rollouts(spans: pl.LazyFrame, now: dt.datetime, config: RolloutConfig | None = None) -> RolloutBuild:
-    """Build the rollouts closed at ``now``, defer the open ones, apply the missing-reward policy, count.
+def build_closed_rollouts(
+    spans: pl.LazyFrame,
+    now: dt.datetime,
+    config: RolloutConfig | None = None,
+    rewards: RewardSources | None = None,
+) -> RolloutBuild:
+    """Build the rollouts closed at ``now``, defer the open ones, merge the ``rewards`` sources
+    (default: the emitted rewards only), apply the missing-reward policy, count.
 
     The summary's ``orphan_spans`` counts orphans of the closed rollouts only (deferred ones may still
-    receive their parents).
+    receive their parents). Rewards of a rollout depend only on its own spans and feedback, so
+    ``spans`` may hold any set of whole rollouts.
     """
     config = config or RolloutConfig()
+    rewards = rewards or RewardSources()
     closed, deferred = split_by_watermark(build_rollouts(spans), now, config.lateness)
+    report = FunctionRewardReport()
+    extra = [pl.LazyFrame(schema=REWARD_ROWS_SCHEMA)]
+    if rewards.function is not None:
+        # The function runs in Python over the closed rollouts, so they are computed once, here.
+        closed = closed.collect().lazy()
+        function_rows, report = function_reward_rows(spans, closed, rewards.function)
+        extra.append(function_rows.lazy())
+        if report.first_failure is not None:
+            logger.warning(
+                "reward function %s gave no reward for %d rollouts; first: %s",
+                rewards.function.path,
+                report.missing_input + report.errors + report.invalid,
+                report.first_failure,
+            )
+    if rewards.feedback is not None:
+        extra.append(feedback_reward_rows(rewards.feedback, closed))
+    reward_rows = pl.concat(extra)
+    if not rewards.emitted_only:
+        closed = merge_rewards(closed, reward_rows, rewards)
+    feedback_rollouts = reward_rows.filter(pl.col("source") == SOURCE_FEEDBACK).select(pl.col("rollout_id").n_unique())
     orphans = orphan_spans(spans).join(closed.select("rollout_id"), on="rollout_id", how="semi")
-    built, open_, orphan_rows, kept = pl.collect_all([closed, deferred, orphans, apply_missing_reward(closed, config)])
-    return RolloutBuild(rollouts=kept, deferred=open_, summary=rollout_summary(built, open_, orphan_rows))
+    built, open_, orphan_rows, kept, feedback_count = pl.collect_all(
+        [closed, deferred, orphans, apply_missing_reward(closed, config), feedback_rollouts]
+    )
+    summary = rollout_summary(built, open_, orphan_rows, report, int(feedback_count.item()))
+    return RolloutBuild(rollouts=kept, deferred=open_, summary=summary, first_function_failure=report.first_failure)
 
 
 def rollouts_to_arrow(rollouts: pl.DataFrame) -> pa.Table:

@@ -4,9 +4,10 @@ A plain OpenAI-SDK agent that knows nothing of tracelearn. Per task it runs a sh
 model; run the tool calls it asks for and send back their results; stop at a message without tool
 calls, or after ``--max-turns``), scores the final answer with ``reward.score`` and prints one JSON
 line. Under ``opentelemetry-instrument`` its LLM calls are traced by the installed instrumentations;
-the agent itself only uses the OpenTelemetry API: a ``calc.task`` span per task carrying the task id,
-and a ``tracelearn.reward`` child span with the reward (attribute names written out, because the
-agent does not import tracelearn).
+the agent itself only uses the OpenTelemetry API: a ``calc.task`` span per task carrying the task id
+and the gold answer (``tracelearn.metadata.gold``, read by a pipeline reward function, see
+``pipeline.yaml``), and a ``tracelearn.reward`` child span with the reward (attribute names written
+out, because the agent does not import tracelearn).
 
     opentelemetry-instrument python examples/calc/agent.py --tasks examples/calc/tasks.jsonl
 
@@ -259,8 +260,14 @@ def _report(task: Task, answer: str, error: str | None) -> None:
     sys.stdout.flush()
 
 
+def _task_attributes(task: Task) -> dict[str, str]:
+    # The gold answer as rollout metadata lets the pipeline recompute the reward with another function
+    # (reward: {function: examples.calc.reward:score, name: correct}).
+    return {"tracelearn.task.id": task.id, "tracelearn.metadata.gold": task.answer}
+
+
 def run_task(client: openai.OpenAI, settings: Settings, task: Task) -> None:
-    with tracer.start_as_current_span("calc.task", attributes={"tracelearn.task.id": task.id}):
+    with tracer.start_as_current_span("calc.task", attributes=_task_attributes(task)):
         answer, error = "", None
         try:
             answer = solve(client, settings, task)
@@ -280,7 +287,7 @@ def run(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str, 
 async def run_async(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str) -> None:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key)
     for task in tasks:
-        with tracer.start_as_current_span("calc.task", attributes={"tracelearn.task.id": task.id}):
+        with tracer.start_as_current_span("calc.task", attributes=_task_attributes(task)):
             answer, error = "", None
             try:
                 answer = await solve_async(client, settings, task)

@@ -56,7 +56,7 @@ def test_bad_config_is_refused_before_any_output(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_unwired_reward_source_is_refused_before_any_output(tmp_path: Path) -> None:
+def test_old_reward_source_key_is_refused_before_any_output(tmp_path: Path) -> None:
     result, out = build_with_config(tmp_path, "reward: {source: feedback}\n")
-    assert result.exit_code != 0 and "not wired" in result.output
+    assert result.exit_code != 0 and "replaced by one key per source" in result.output
     assert not out.exists()

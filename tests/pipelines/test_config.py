@@ -42,7 +42,9 @@ def test_defaults_are_the_issue_defaults() -> None:
     config = load_config(None)
     assert config == PipelineConfig()
     assert config.select == SelectConfig(agent=None, llm_call=None)  # every LLM call of every agent
-    assert config.reward == RewardConfig(source="emitted", primary=None, missing="drop")  # first emitted, drop
+    assert config.reward == RewardConfig(
+        emitted=True, feedback=False, primary=None, missing="drop"
+    )  # first emitted, drop
     assert config.stages == ()
     assert config.credit == CreditConfig(method="identical", gamma=1.0)
     assert config.advantage == AdvantageConfig(
@@ -61,7 +63,7 @@ def test_full_yaml_example_parses(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL_EXAMPLE))
     assert config.select == SelectConfig(agent="writer|planner", llm_call=("chat",))
     assert config.reward == RewardConfig(
-        source="function", function="user_stages_fixture.good:score", name="correct", primary="correct", missing="drop"
+        emitted=True, function="user_stages_fixture.good:score", name="correct", primary="correct", missing="drop"
     )
     assert config.stages == (
         StageSpec("drop_failed_rollouts"),
@@ -70,6 +72,22 @@ def test_full_yaml_example_parses(tmp_path: Path) -> None:
     )
     assert config.credit == CreditConfig(method="discounted", gamma=0.9)
     assert rollout_config(config).lateness == dt.timedelta(seconds=30)
+
+
+def test_several_reward_sources_at_once_with_an_explicit_primary() -> None:
+    config = parse_config(
+        {
+            "reward": {
+                "function": "user_stages_fixture.good:score",
+                "name": "exact",
+                "feedback": True,
+                "primary": "thumbs",
+            }
+        }
+    )
+    assert config.reward == RewardConfig(
+        emitted=True, function="user_stages_fixture.good:score", name="exact", feedback=True, primary="thumbs"
+    )
 
 
 def test_reward_function_name_defaults_to_the_function_name_and_fill_value_to_zero() -> None:
@@ -105,9 +123,14 @@ def test_reward_function_name_defaults_to_the_function_name_and_fill_value_to_ze
         ({"reward": {"function": "user_stages_fixture.good:nope"}}, "reward.function", ["has no attribute 'nope'"]),
         ({"reward": {"function": "user_stages_fixture.good:NOT_CALLABLE"}}, "reward.function", ["not a function"]),
         ({"reward": {"function": "score"}}, "reward.function", ["malformed import path"]),
-        ({"reward": {"source": "function"}}, "reward.function", ["is required when reward.source is 'function'"]),
-        ({"reward": {"source": "votes"}}, "reward.source", ["'votes' is unknown", "emitted, function, feedback"]),
-        ({"reward": {"name": "correct"}}, "reward.name", ["only used with reward.source 'function'"]),
+        ({"reward": {"source": "function"}}, "reward.source", ["is replaced by one key per source", "feedback:"]),
+        ({"reward": {"name": "correct"}}, "reward.name", ["set reward.function too"]),
+        ({"reward": {"emitted": False}}, "reward", ["no reward source"]),
+        ({"reward": {"emitted": "yes"}}, "reward.emitted", ["'yes' must be true or false"]),
+        ({"reward": {"feedback": 1}}, "reward.feedback", ["must be true or false"]),
+        ({"reward": {"emitted": False, "feedback": True}}, "reward.primary", ["required when feedback is the only"]),
+        ({"reward": {"function": "reward_functions_fixture:args_only"}}, "reward.function", ["no named parameters"]),
+        ({"reward": {"function": "reward_functions_fixture:positional_only"}}, "reward.function", ["positional-only"]),
         ({"reward": {"missing": "ignore"}}, "reward.missing", ["'ignore' is unknown", "drop, keep, fill"]),
         ({"reward": {"fill_value": 1.0}}, "reward.fill_value", ["only used with reward.missing 'fill'"]),
         ({"advantage": {"level": "token"}}, "advantage.level", ["'token' is unknown", "rollout, transition"]),
@@ -156,7 +179,7 @@ def test_config_hash_ignores_key_order_and_explicit_defaults() -> None:
             "trajectory": False,
             "stages": ["drop_failed_rollouts"],
             "advantage": {"level": "rollout", "group_by": ["task_id"], "normalize_std": True, "method": "grpo"},
-            "reward": {"missing": "drop", "source": "emitted"},
+            "reward": {"missing": "drop", "emitted": True, "feedback": False},
             "credit": {"gamma": 0.9, "method": "discounted"},
             "watermark": {"lateness_seconds": 600},
             "select": {"agent": None},
@@ -175,6 +198,10 @@ def test_config_hash_ignores_key_order_and_explicit_defaults() -> None:
         {"stages": ["drop_failed_rollouts", "drop_zero_signal_groups"]},
         {"stages": [{"drop_failed_rollouts": {"keep_incomplete": True}}]},
         {"advantage": {"normalize_std": False}},
+        {"reward": {"feedback": True}},
+        {"reward": {"emitted": False, "function": "user_stages_fixture.good:score"}},
+        {"reward": {"function": "user_stages_fixture.good:score", "name": "exact"}},
+        {"reward": {"primary": "correct"}},
     ],
 )
 def test_config_hash_changes_when_a_parameter_changes(changed: dict[str, Any]) -> None:

@@ -1,0 +1,403 @@
+"""Rewards besides emitted reward spans: a reward function applied per rollout, and late feedback.
+
+Each source yields long-format reward rows ``rollout_id, reward_name, reward, source, time``
+(``REWARD_ROWS_SCHEMA``); ``tracelearn.pipelines.rollouts`` merges them with the emitted rewards into
+the rollout's ``rewards`` map and picks the primary one. Every row depends only on its own rollout's
+spans and feedback, so a build may run over any subset of whole rollouts (one bucket at a time).
+
+Reward function (``reward.function: module:function``): called once per rollout with keyword
+arguments chosen by its parameter names:
+
+- ``answer``: text content of the response of the rollout's last LLM call (by start time) that has one;
+- ``messages``: that call's prompt messages followed by its response messages (OpenAI-style dicts);
+- ``spans``: the rollout's spans as dicts ordered by start time (``attributes`` as a dict);
+- ``metadata``: the ``tracelearn.metadata.<key>`` attributes of the rollout's spans as a dict (the
+  earliest span carrying a key wins); JSON objects and arrays are decoded, scalars stay the text they
+  were stored as, because a number and the string of its digits are stored alike;
+- ``task_id``, ``rollout_id``;
+- any other name is looked up as a metadata key (``score(answer, gold)`` reads ``tracelearn.metadata.gold``);
+  a parameter with a default takes it when the key is absent; ``**kwargs`` receives every metadata key.
+
+It returns a number (stored under the configured name) or a ``dict[str, number]`` (several named
+rewards). A rollout whose needed input is absent (no such metadata key, no LLM response), whose call
+raises, or whose result is not a finite number gets no function reward; it is counted per cause in a
+:class:`FunctionRewardReport` (which keeps the first failure's message) and the build goes on.
+
+Feedback (``<data root>/feedback/date=YYYY-MM-DD/*.parquet``, the FEEDBACK table, written by
+``tracelearn.collector.feedback``): a row applies to the rollout of its ``rollout_id``, or to every
+rollout whose ``trace_ids`` hold its ``trace_id``. Rows are de-duplicated by ``feedback_id``; when a
+rollout has several feedback rows of one name, the latest by ``time`` wins (ties: the greatest
+``feedback_id``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from tracelearn.pipelines.stages import StageError, import_callable
+from tracelearn.schemas import semconv as sc
+from tracelearn.schemas.dataset import DatasetError, dataset_files, file_schema_version
+from tracelearn.schemas.migrations import SchemaVersionError
+from tracelearn.schemas.tables import FEEDBACK
+
+__all__ = [
+    "BUILTIN_ARGUMENTS",
+    "REWARD_ROWS_SCHEMA",
+    "SOURCE_FEEDBACK",
+    "SOURCE_FUNCTION",
+    "FunctionRewardReport",
+    "RewardFunction",
+    "RewardFunctionError",
+    "RewardSources",
+    "feedback_directory",
+    "feedback_reward_rows",
+    "function_reward_rows",
+    "load_reward_function",
+    "scan_feedback",
+]
+
+BUILTIN_ARGUMENTS: tuple[str, ...] = ("answer", "messages", "spans", "metadata", "task_id", "rollout_id")
+TIME_DTYPE = pl.Datetime("ns", "UTC")
+REWARD_ROWS_DTYPES: dict[str, pl.DataType] = {
+    "rollout_id": pl.String(),
+    "reward_name": pl.String(),
+    "reward": pl.Float64(),
+    "source": pl.String(),
+    "time": TIME_DTYPE,
+}
+REWARD_ROWS_SCHEMA = pl.Schema(REWARD_ROWS_DTYPES)
+SOURCE_FUNCTION = "function"
+SOURCE_FEEDBACK = "feedback"
+_ENTRIES_DTYPE = pl.List(pl.Struct({"key": pl.String, "value": pl.String}))
+_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+class RewardFunctionError(ValueError):
+    """A reward function cannot be used: not importable, or a signature the pipeline cannot call."""
+
+
+class _MissingInputError(LookupError):
+    """A rollout lacks an input the reward function asks for (counted, not raised out of the build)."""
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """A reward function checked at load: ``path`` (``module:function``), the reward ``name`` a plain
+    number is stored under, the callable and its keyword-passable parameters."""
+
+    path: str
+    name: str
+    function: Callable[..., Any]
+    parameters: tuple[inspect.Parameter, ...]
+    takes_any_keyword: bool
+
+    def needs(self, argument: str) -> bool:
+        return any(p.name == argument for p in self.parameters)
+
+
+def load_reward_function(path: str, name: str) -> RewardFunction:
+    """Import ``module:function`` and check that the pipeline can call it by keyword.
+
+    Raises :class:`RewardFunctionError` naming the function when it cannot be imported, has no
+    readable signature, has positional-only parameters, or takes no keyword-passable parameter.
+    """
+    try:
+        function = import_callable(path, "reward function")
+    except StageError as exc:
+        raise RewardFunctionError(str(exc)) from None
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        raise RewardFunctionError(
+            f"reward function {path!r}: its signature cannot be read; wrap it in a Python function"
+        ) from None
+    kinds = {p.name: p.kind for p in signature.parameters.values()}
+    positional_only = [n for n, k in kinds.items() if k is inspect.Parameter.POSITIONAL_ONLY]
+    if positional_only:
+        raise RewardFunctionError(
+            f"reward function {path!r}: parameters {', '.join(positional_only)} are positional-only; "
+            "the pipeline passes arguments by name, drop the '/'"
+        )
+    parameters = tuple(p for p in signature.parameters.values() if p.kind in _KEYWORD_KINDS)
+    takes_any_keyword = inspect.Parameter.VAR_KEYWORD in kinds.values()
+    if not parameters and not takes_any_keyword:
+        raise RewardFunctionError(
+            f"reward function {path!r}: takes no named parameters; name the inputs it needs "
+            f"({', '.join(BUILTIN_ARGUMENTS)} or metadata keys), e.g. def score(answer, gold)"
+        )
+    return RewardFunction(path, name, function, parameters, takes_any_keyword)
+
+
+@dataclass
+class FunctionRewardReport:
+    """What applying a reward function did: rollouts rewarded, failures per cause, the first failure."""
+
+    rewarded: int = 0
+    missing_input: int = 0
+    errors: int = 0
+    invalid: int = 0
+    first_failure: str | None = None
+
+    def fail(self, cause: str, rollout_id: str, message: str) -> None:
+        setattr(self, cause, getattr(self, cause) + 1)
+        if self.first_failure is None:
+            self.first_failure = f"rollout {rollout_id}: {message}"
+
+
+@dataclass(frozen=True)
+class RewardSources:
+    """Which rewards a rollout build uses and which is primary (``None``: the emitted primary, else
+    the earliest feedback). ``feedback`` is the feedback table (see :func:`scan_feedback`)."""
+
+    emitted: bool = True
+    function: RewardFunction | None = None
+    feedback: pl.LazyFrame | None = None
+    primary: str | None = None
+
+    @property
+    def emitted_only(self) -> bool:
+        """Nothing to merge: the rollouts' emitted reward columns are already final."""
+        return self.emitted and self.function is None and self.feedback is None and self.primary is None
+
+
+# Reward function ---------------------------------------------------------------------------------
+
+
+def _decoded(text: str) -> Any:
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _messages(text: str | None) -> list[dict[str, Any]]:
+    if text is None:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _text_content(messages: list[dict[str, Any]]) -> str:
+    """The text of the response messages (string content, or the text parts of a parts list)."""
+    texts = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "".join(texts)
+
+
+def _function_inputs(spans: pl.LazyFrame, rollouts: pl.LazyFrame, with_spans: bool) -> pl.DataFrame:
+    """Per rollout of ``rollouts``: ``rollout_id``, ``task_id``, ``input_messages``, ``output_messages``
+    (of the last LLM call with a response), ``metadata`` (list of ``{key, value}``) and, with
+    ``with_spans``, ``spans`` (list of span structs ordered by start time).
+
+    Reads spans ``rollout_id``, ``trace_id``, ``span_id``, ``span_type``, ``start_time``,
+    ``attributes``, ``input_messages``, ``output_messages``; rollouts ``rollout_id``, ``task_id``.
+    """
+    ids = rollouts.select("rollout_id", "task_id")
+    ordered = (
+        spans.join(ids.select("rollout_id"), on="rollout_id", how="semi")
+        .unique(subset=["trace_id", "span_id"], keep="first")
+        .sort(["rollout_id", "start_time", "trace_id", "span_id"])
+        .with_columns(pl.col("attributes").cast(_ENTRIES_DTYPE))
+    )
+    last_call = (
+        ordered.filter((pl.col("span_type") == sc.TYPE_LLM) & pl.col("output_messages").is_not_null())
+        .group_by("rollout_id")
+        .agg(pl.col("input_messages").last(), pl.col("output_messages").last())
+    )
+    metadata = (
+        ordered.select("rollout_id", pl.col("attributes").alias("__attribute"))
+        .explode("__attribute")
+        .unnest("__attribute")
+        .filter(pl.col("key").str.starts_with(sc.METADATA_PREFIX))
+        .with_columns(pl.col("key").str.strip_prefix(sc.METADATA_PREFIX))
+        .unique(subset=["rollout_id", "key"], keep="first", maintain_order=True)
+        .group_by("rollout_id")
+        .agg(pl.struct("key", "value").alias("metadata"))
+    )
+    inputs = ids.join(last_call, on="rollout_id", how="left").join(metadata, on="rollout_id", how="left")
+    if with_spans:
+        all_spans = ordered.group_by("rollout_id").agg(pl.struct(pl.all().exclude("rollout_id")).alias("spans"))
+        inputs = inputs.join(all_spans, on="rollout_id", how="left")
+    return inputs.sort("rollout_id").collect()
+
+
+def _span_dict(span: dict[str, Any], rollout_id: str) -> dict[str, Any]:
+    attributes = span.get("attributes")
+    if isinstance(attributes, list):
+        span = {**span, "attributes": {item["key"]: item["value"] for item in attributes}}
+    return {"rollout_id": rollout_id, **span}
+
+
+def _arguments(function: RewardFunction, row: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of one call; raises :class:`_MissingInputError` naming what is absent."""
+    metadata = {item["key"]: _decoded(item["value"]) for item in row.get("metadata") or ()}
+    response = _messages(row["output_messages"])
+    builtins: dict[str, Callable[[], Any]] = {
+        "answer": lambda: _text_content(response),
+        "messages": lambda: _messages(row["input_messages"]) + response,
+        "spans": lambda: [_span_dict(span, row["rollout_id"]) for span in row.get("spans") or ()],
+        "metadata": lambda: metadata,
+        "task_id": lambda: row["task_id"],
+        "rollout_id": lambda: row["rollout_id"],
+    }
+    arguments: dict[str, Any] = {}
+    for parameter in function.parameters:
+        name = parameter.name
+        if name in ("answer", "messages") and row["output_messages"] is None:
+            raise _MissingInputError(f"{name!r}: the rollout has no LLM call with a response")
+        if name in builtins:
+            arguments[name] = builtins[name]()
+        elif name in metadata:
+            arguments[name] = metadata[name]
+        elif parameter.default is inspect.Parameter.empty:
+            raise _MissingInputError(f"{name!r}: no metadata key {sc.METADATA_PREFIX}{name} on the rollout's spans")
+    if function.takes_any_keyword:
+        arguments.update({k: v for k, v in metadata.items() if k not in arguments and k not in builtins})
+    return arguments
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(float(value))
+
+
+def _named_rewards(function: RewardFunction, result: Any) -> dict[str, float]:
+    """The call's result as ``{name: value}``; raises ``TypeError`` saying what is wrong with it."""
+    if isinstance(result, Mapping):
+        if not result:
+            raise TypeError("returned an empty dict")
+        for key, value in result.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"returned a dict with key {key!r}; reward names are non-empty strings")
+            if not _is_finite_number(value):
+                raise TypeError(f"returned {key}={value!r}, not a finite number")
+        return {key: float(value) for key, value in result.items()}
+    if not _is_finite_number(result):
+        raise TypeError(f"returned {result!r}, not a finite number or a dict of them")
+    return {function.name: float(result)}
+
+
+def function_reward_rows(
+    spans: pl.LazyFrame, rollouts: pl.LazyFrame, function: RewardFunction
+) -> tuple[pl.DataFrame, FunctionRewardReport]:
+    """Apply ``function`` to every rollout of ``rollouts``: reward rows (``REWARD_ROWS_SCHEMA``,
+    ``source = 'function'``, sorted by rollout and name) and the report of what failed and why.
+
+    Reads the columns listed in :func:`_function_inputs` (every spans column when the function takes
+    ``spans``). One Python call per rollout: a reward function is user Python code.
+    """
+    inputs = _function_inputs(spans, rollouts, with_spans=function.needs("spans"))
+    report = FunctionRewardReport()
+    rows: list[tuple[str, str, float]] = []
+    for row in inputs.iter_rows(named=True):
+        rollout_id = row["rollout_id"]
+        try:
+            arguments = _arguments(function, row)
+        except _MissingInputError as missing:
+            report.fail("missing_input", rollout_id, f"{function.path} needs {missing}")
+            continue
+        try:
+            result = function.function(**arguments)
+        except Exception as exc:  # user code: one failing rollout must not fail the build
+            report.fail("errors", rollout_id, f"{function.path} raised {type(exc).__name__}: {exc}")
+            continue
+        try:
+            named = _named_rewards(function, result)
+        except TypeError as exc:
+            report.fail("invalid", rollout_id, f"{function.path} {exc}")
+            continue
+        report.rewarded += 1
+        rows.extend((rollout_id, name, value) for name, value in sorted(named.items()))
+    frame = pl.DataFrame(rows, schema=["rollout_id", "reward_name", "reward"], orient="row").with_columns(
+        pl.lit(SOURCE_FUNCTION).alias("source"), pl.lit(None, dtype=TIME_DTYPE).alias("time")
+    )
+    return frame.cast(REWARD_ROWS_SCHEMA), report
+
+
+# Feedback ----------------------------------------------------------------------------------------
+
+
+def feedback_directory(data_root: str | Path) -> Path:
+    """The feedback table's directory of a data root: ``<root>/feedback``.
+
+    ``data_root`` may also be the root's ``spans/`` directory (as the build accepts either).
+    """
+    path = Path(data_root)
+    if path.name == "spans" and not (path / "spans").is_dir():
+        path = path.parent
+    return path / "feedback"
+
+
+def scan_feedback(directory: str | Path) -> pl.LazyFrame:
+    """The feedback rows under ``directory`` (FEEDBACK columns); an empty frame when there are none.
+
+    Raises ``SchemaVersionError`` naming a file written with another feedback schema version and
+    ``DatasetError`` for a file that is not a feedback file.
+    """
+    path = Path(directory)
+    files = dataset_files(path) if path.exists() else []
+    for file in files:
+        version = file_schema_version(file, FEEDBACK)
+        if version != FEEDBACK.version:
+            raise SchemaVersionError(
+                f"{file}: feedback schema version {version}; this tracelearn reads version {FEEDBACK.version}"
+            )
+    empty = pl.from_arrow(FEEDBACK.schema.empty_table())
+    if not isinstance(empty, pl.DataFrame):  # pragma: no cover - from_arrow of a table is a frame
+        raise DatasetError(f"{path}: the feedback schema did not convert to a frame")
+    if not files:
+        return empty.lazy()
+    return pl.scan_parquet(files, schema=empty.schema)
+
+
+def feedback_reward_rows(feedback: pl.LazyFrame, rollouts: pl.LazyFrame) -> pl.LazyFrame:
+    """Feedback rewards of ``rollouts`` (``REWARD_ROWS_SCHEMA``, ``source = 'feedback'``), one per
+    rollout and name: the latest by ``time`` (ties: greatest ``feedback_id``).
+
+    Reads feedback ``feedback_id``, ``trace_id``, ``rollout_id``, ``name``, ``value``, ``time``;
+    rollouts ``rollout_id``, ``trace_ids``.
+    """
+    unique = feedback.unique(subset=["feedback_id"], keep="first").select(
+        "feedback_id", "trace_id", pl.col("rollout_id").alias("__rollout"), "name", "value", "time"
+    )
+    by_rollout = unique.join(
+        rollouts.select(pl.col("rollout_id").alias("__rollout")), on="__rollout", how="inner"
+    ).with_columns(pl.col("__rollout").alias("rollout_id"))
+    traces = rollouts.select("rollout_id", pl.col("trace_ids").alias("trace_id")).explode("trace_id")
+    by_trace = unique.filter(pl.col("trace_id").is_not_null()).join(traces, on="trace_id", how="inner")
+    columns = ["rollout_id", "feedback_id", "name", "value", "time"]
+    return (
+        pl.concat([by_rollout.select(columns), by_trace.select(columns)])
+        .unique(subset=["rollout_id", "feedback_id"], keep="first")
+        .group_by(["rollout_id", "name"])
+        .agg(
+            pl.col("value").sort_by(["time", "feedback_id"]).last().alias("reward"),
+            pl.col("time").max(),
+        )
+        .select(
+            "rollout_id",
+            pl.col("name").alias("reward_name"),
+            "reward",
+            pl.lit(SOURCE_FEEDBACK).alias("source"),
+            pl.col("time").cast(TIME_DTYPE),
+        )
+        .sort(["rollout_id", "reward_name"])
+    )

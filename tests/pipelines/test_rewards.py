@@ -1,0 +1,177 @@
+"""The reward engine over real spans Parquet: function rewards, feedback, several sources, the primary."""
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from support.spans_factory import SpansFactory, at
+
+from tracelearn.collector.feedback import append_feedback, feedback_item
+from tracelearn.pipelines.config import parse_config, reward_sources, rollout_config
+from tracelearn.pipelines.rewards import RewardFunctionError, load_reward_function
+from tracelearn.pipelines.rollouts import RolloutBuild, build_closed_rollouts
+from tracelearn.pipelines.spans_input import scan_spans
+
+LATER = at(3600)
+
+
+def trace_hex(trace: int) -> str:
+    return format(trace, "032x")
+
+
+def task_run(factory: SpansFactory, trace: int, gold: str | None, emitted: float | None = None) -> None:
+    """One calc task: a root span with the gold answer as metadata, an LLM call answering "42"."""
+    attributes = {"tracelearn.task.id": f"t{trace}"}
+    if gold is not None:
+        attributes["tracelearn.metadata.gold"] = gold
+    root = factory.span(trace, "calc.task", 0, 10, attributes=attributes)
+    factory.llm(trace, root, 1, "what is 6*7?")
+    if emitted is not None:
+        factory.reward(trace, root, 9, emitted, name="correct")
+
+
+def build(tmp_path: Path, factory: SpansFactory, reward: dict[str, Any]) -> RolloutBuild:
+    factory.write()
+    config = parse_config({"reward": reward})
+    return build_closed_rollouts(scan_spans(tmp_path), LATER, rollout_config(config), reward_sources(config, tmp_path))
+
+
+def by_id(result: RolloutBuild) -> dict[str, dict[str, Any]]:
+    rows = result.rollouts.to_dicts()
+    return {row["rollout_id"]: {**row, "rewards": {r["key"]: r["value"] for r in row["rewards"]}} for row in rows}
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> SpansFactory:
+    return SpansFactory(tmp_path / "spans")
+
+
+def test_function_reward_reads_a_metadata_key_by_parameter_name(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="42")
+    task_run(factory, 2, gold="41")
+    rollouts = by_id(build(tmp_path, factory, {"function": "reward_functions_fixture:exact", "name": "correct"}))
+    assert rollouts[trace_hex(1)]["final_reward"] == 1.0 and rollouts[trace_hex(1)]["reward_name"] == "correct"
+    assert rollouts[trace_hex(2)]["rewards"] == {"correct": 0.0}
+
+
+def test_a_dict_result_gives_several_named_rewards(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="42")
+    result = build(tmp_path, factory, {"function": "reward_functions_fixture:graded", "primary": "short"})
+    (row,) = by_id(result).values()
+    assert row["rewards"] == {"correct": 1.0, "short": 1.0}
+    assert (row["reward_name"], row["final_reward"]) == ("short", 1.0)
+
+
+def test_spans_and_messages_arguments(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="42")
+    (row,) = by_id(build(tmp_path, factory, {"function": "reward_functions_fixture:span_count"})).values()
+    assert row["rewards"] == {"span_count": 2.0}
+
+
+def test_failing_rollouts_are_counted_per_cause_and_the_build_goes_on(
+    tmp_path: Path, factory: SpansFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    for trace, gold in enumerate(["42", "boom", "nan", "text", None], 1):
+        task_run(factory, trace, gold=gold)
+    result = build(tmp_path, factory, {"function": "reward_functions_fixture:fragile", "missing": "drop"})
+    summary = result.summary
+    assert (summary.function_rewards, summary.function_reward_errors) == (1, 1)
+    assert (summary.function_reward_invalid, summary.function_reward_missing_input) == (2, 1)
+    assert summary.without_reward == 4 and result.rollouts.height == 1
+    assert result.first_function_failure is not None and "grader crashed" in result.first_function_failure
+    assert "gave no reward for 4 rollouts" in caplog.text
+
+
+def test_a_parameter_default_stands_in_for_an_absent_metadata_key(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold=None)
+    (row,) = by_id(build(tmp_path, factory, {"function": "reward_functions_fixture:with_default"})).values()
+    assert row["final_reward"] == 1.0
+
+
+def test_args_only_function_is_refused_at_load() -> None:
+    with pytest.raises(RewardFunctionError, match="no named parameters"):
+        load_reward_function("reward_functions_fixture:args_only", "x")
+
+
+def add_feedback(tmp_path: Path, **raw: Any) -> None:
+    append_feedback(tmp_path, [feedback_item(raw)])
+
+
+def test_feedback_joins_by_trace_and_rollout_id_dedupes_and_the_latest_wins(
+    tmp_path: Path, factory: SpansFactory
+) -> None:
+    task_run(factory, 1, gold="42", emitted=1.0)
+    task_run(factory, 2, gold="42", emitted=0.0)
+    one = trace_hex(1)
+    early, late = at(100), at(200)
+    add_feedback(tmp_path, feedback_id="a", trace_id=one, name="thumbs", value=0.0, time=early)
+    add_feedback(tmp_path, feedback_id="b", rollout_id=one, name="thumbs", value=1.0, time=late)
+    add_feedback(tmp_path, feedback_id="b", rollout_id=one, name="thumbs", value=1.0, time=late)  # redelivered
+    add_feedback(tmp_path, feedback_id="c", trace_id=trace_hex(2), rollout_id=trace_hex(2), name="thumbs", value=-1.0)
+    add_feedback(tmp_path, feedback_id="d", rollout_id="someone-else", name="thumbs", value=5.0)
+    result = build(tmp_path, factory, {"feedback": True})
+    rollouts = by_id(result)
+    assert rollouts[one]["rewards"] == {"correct": 1.0, "thumbs": 1.0}
+    assert rollouts[trace_hex(2)]["rewards"] == {"correct": 0.0, "thumbs": -1.0}
+    assert rollouts[one]["reward_name"] == "correct", "without primary the emitted one stays primary"
+    assert result.summary.feedback_rewards == 2
+
+
+def test_several_sources_with_an_explicit_primary_and_the_missing_policy_after_merging(
+    tmp_path: Path, factory: SpansFactory
+) -> None:
+    task_run(factory, 1, gold="42", emitted=0.5)
+    task_run(factory, 2, gold="42", emitted=0.5)
+    add_feedback(tmp_path, rollout_id=trace_hex(1), name="thumbs", value=1.0)
+    reward = {"function": "reward_functions_fixture:exact", "name": "exact", "feedback": True, "primary": "thumbs"}
+    rollouts = by_id(build(tmp_path, factory, {**reward, "missing": "fill", "fill_value": -1.0}))
+    assert rollouts[trace_hex(1)]["rewards"] == {"correct": 0.5, "exact": 1.0, "thumbs": 1.0}
+    assert (rollouts[trace_hex(1)]["reward_name"], rollouts[trace_hex(1)]["final_reward"]) == ("thumbs", 1.0)
+    assert rollouts[trace_hex(2)]["final_reward"] == -1.0, "no thumbs: filled although other rewards exist"
+    assert rollouts[trace_hex(2)]["rewards"] == {"correct": 0.5, "exact": 1.0}
+    dropped = build(tmp_path, SpansFactory(tmp_path / "unused"), {**reward, "missing": "drop"})
+    assert dropped.rollouts.get_column("rollout_id").to_list() == [trace_hex(1)]
+    assert dropped.summary.without_reward == 1
+
+
+def test_emitted_off_keeps_only_the_other_sources(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="41", emitted=1.0)
+    (row,) = by_id(build(tmp_path, factory, {"emitted": False, "function": "reward_functions_fixture:exact"})).values()
+    assert row["rewards"] == {"exact": 0.0} and row["final_reward"] == 0.0
+
+
+def test_a_function_reward_overrides_an_emitted_one_of_the_same_name(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="41", emitted=1.0)
+    (row,) = by_id(build(tmp_path, factory, {"function": "reward_functions_fixture:exact", "name": "correct"})).values()
+    assert row["rewards"] == {"correct": 0.0} and row["final_reward"] == 0.0
+
+
+def test_rewards_of_a_rollout_do_not_depend_on_the_other_rollouts_in_the_build(
+    tmp_path: Path, factory: SpansFactory
+) -> None:
+    for trace in (1, 2, 3):
+        task_run(factory, trace, gold="42", emitted=0.0)
+    add_feedback(tmp_path, rollout_id=trace_hex(2), name="thumbs", value=1.0)
+    factory.write()
+    config = parse_config({"reward": {"function": "reward_functions_fixture:exact", "feedback": True}})
+    sources = reward_sources(config, tmp_path)
+    spans = scan_spans(tmp_path)
+    whole = build_closed_rollouts(spans, LATER, rollout_config(config), sources).rollouts
+    parts = [
+        build_closed_rollouts(spans.filter(pl.col("rollout_id").is_in(ids)), LATER, rollout_config(config), sources)
+        for ids in ([trace_hex(1)], [trace_hex(2), trace_hex(3)])
+    ]
+    assert pl.concat([p.rollouts for p in parts]).equals(whole)
+
+
+def test_default_sources_leave_emitted_rewards_as_they_were(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="42", emitted=1.0)
+    factory.write()
+    spans = scan_spans(tmp_path)
+    config = parse_config({})
+    plain = build_closed_rollouts(spans, LATER, rollout_config(config))
+    wired = build_closed_rollouts(spans, LATER, rollout_config(config), reward_sources(config, tmp_path))
+    assert plain.rollouts.equals(wired.rollouts)
+    assert dt.timedelta(0) < LATER - at(0)
