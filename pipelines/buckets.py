@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from tracelearn.pipelines.spans_input import PARTITION_SCHEMA
 from tracelearn.schemas import semconv as sc
+from tracelearn.schemas.dataset import DatasetFiles
 from tracelearn.schemas.identity import task_id_from_messages
 
 __all__ = [
@@ -59,16 +60,16 @@ def bucket_columns(group_by: Sequence[str]) -> list[str]:
     return [column for column in group_by if column in ROLLOUT_LEVEL_COLUMNS]
 
 
-def uncompressed_bytes(files: Sequence[Path]) -> int:
+def uncompressed_bytes(files: DatasetFiles) -> int:
     """Total uncompressed size of ``files`` from their Parquet footers (no data pages are read)."""
     total = 0
-    for path in files:
-        metadata = pq.read_metadata(path)
+    for path in files.paths:
+        metadata = pq.read_metadata(path, filesystem=files.filesystem)
         total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     return total
 
 
-def bucket_count(files: Sequence[Path], bucket_bytes: int = BUCKET_BYTES) -> int:
+def bucket_count(files: DatasetFiles, bucket_bytes: int = BUCKET_BYTES) -> int:
     """How many buckets keep each under ``bucket_bytes`` uncompressed (at least 1)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket size {bucket_bytes} bytes must be positive")
@@ -146,30 +147,27 @@ def assign_buckets(keys: pl.DataFrame, columns: Sequence[str], buckets: int) -> 
     return with_key.join(hashed, on=KEY, how="left", nulls_equal=True).select("rollout_id", BUCKET).sort("rollout_id")
 
 
-def _spans_dataset(files: Sequence[Path], root: Path) -> ds.Dataset:
+def _spans_dataset(files: DatasetFiles) -> ds.Dataset:
     partitioning = ds.partitioning(pa.schema([(name, pa.string()) for name in PARTITION_SCHEMA]), flavor="hive")
     return ds.dataset(
-        [str(p) for p in files], format="parquet", partitioning=partitioning, partition_base_dir=str(root)
+        list(files.paths),
+        format="parquet",
+        filesystem=files.filesystem,
+        partitioning=partitioning,
+        partition_base_dir=files.base,
     )
 
 
-def spill_buckets(
-    files: Sequence[Path],
-    root: Path,
-    assignment: pl.DataFrame,
-    buckets: int,
-    directory: Path,
-    date: str | None = None,
-) -> list[Path]:
+def spill_buckets(files: DatasetFiles, assignment: pl.DataFrame, buckets: int, directory: Path) -> list[Path]:
     """Write each bucket's spans to ``directory/bucket=NNNNN/`` as Arrow IPC (lz4) files, one pass.
 
-    ``files`` are the spans dataset's Parquet files under ``root`` (hive ``date=``/``service=``
-    directories become string columns, as ``scan_spans`` makes them); ``assignment`` maps
-    ``rollout_id`` to ``__bucket``; with ``date`` only that partition is read. Spans of rollouts not
-    in ``assignment`` are skipped. Reads record batches and writes them out, so memory stays at a few
-    batches whatever the dataset size. Returns the bucket directories, index = bucket.
+    ``files`` are the spans dataset's Parquet files (hive ``date=``/``service=`` directories become
+    string columns, as ``scan_spans`` makes them); ``assignment`` maps ``rollout_id`` to
+    ``__bucket``. Spans of rollouts not in ``assignment`` are skipped. Reads record batches and
+    writes them out, so memory stays at a few batches whatever the dataset size. Returns the bucket
+    directories, index = bucket.
     """
-    dataset = _spans_dataset(files, root)
+    dataset = _spans_dataset(files)
     ids = pa.array(assignment.get_column("rollout_id").to_list(), pa.string())
     bucket_of = pa.array(assignment.get_column(BUCKET).to_list(), pa.uint32())
     directories = [directory / f"bucket={b:05d}" for b in range(buckets)]
@@ -177,7 +175,7 @@ def spill_buckets(
         path.mkdir(parents=True, exist_ok=True)
     options = pa.ipc.IpcWriteOptions(compression="lz4")
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-    scanner = dataset.scanner(filter=None if date is None else ds.field("date") == date, batch_size=_SPILL_BATCH_ROWS)
+    scanner = dataset.scanner(batch_size=_SPILL_BATCH_ROWS)
     try:
         for batch in scanner.to_batches():
             if batch.num_rows == 0:

@@ -71,7 +71,7 @@ from tracelearn.pipelines.config import (
 from tracelearn.pipelines.credit import assign_credit
 from tracelearn.pipelines.rewards import RewardSources
 from tracelearn.pipelines.rollouts import build_closed_rollouts, reward_spans, rollouts_to_arrow
-from tracelearn.pipelines.spans_input import scan_spans, spans_directory
+from tracelearn.pipelines.spans_input import scan_files, spans_files
 from tracelearn.pipelines.stages import BoundStage, resolve_stages, run_stages
 from tracelearn.pipelines.transitions import (
     TRANSITION_COLUMNS,
@@ -80,7 +80,7 @@ from tracelearn.pipelines.transitions import (
     transition_counts,
     transitions_to_arrow,
 )
-from tracelearn.schemas.dataset import dataset_files
+from tracelearn.schemas.dataset import DatasetFiles
 
 __all__ = ["COMPRESSION", "BuildResult", "build_transitions", "output_file_name", "process_rewards"]
 
@@ -312,20 +312,11 @@ def late_span_rollouts(rollouts_root: Path, file_name: str, built: pl.DataFrame)
         return 0
     before = pl.scan_parquet(previous).select("rollout_id", pl.col("n_spans").alias("__before"))
     grown = built.lazy().join(before, on="rollout_id", how="inner").filter(pl.col("n_spans") > pl.col("__before"))
-    return grown.select(pl.len()).collect().item()
-
-
-def _partition_files(root: Path, files: list[Path], date: str | None) -> list[Path]:
-    """The spans files of the ``date`` partition (all files when ``date`` is None)."""
-    if date is None:
-        return files
-    return [path for path in files if f"date={date}" in path.relative_to(root).parts]
+    return int(grown.select(pl.len()).collect().item())
 
 
 def _bucketed_spans(
-    lf: pl.LazyFrame,
-    root: Path,
-    date: str | None,
+    files: DatasetFiles,
     group_by: tuple[str, ...],
     bucket_bytes: int,
     out_root: Path,
@@ -336,9 +327,9 @@ def _bucketed_spans(
     Buckets are spilled to a temp directory under ``out_root`` (same file system as the output),
     removed when ``cleanup`` closes.
     """
+    lf = scan_files(files)
     columns = bucket_columns(group_by)
-    files = [] if root.is_file() else _partition_files(root, dataset_files(root), date)
-    buckets = bucket_count(files, bucket_bytes) if columns and files else 1
+    buckets = bucket_count(files, bucket_bytes) if columns and not files.single_file else 1
     if buckets == 1:
         yield lf
         return
@@ -346,7 +337,7 @@ def _bucketed_spans(
     spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".build-", dir=out_root)))
     keys = rollout_group_keys(lf, columns).collect(engine="streaming")
     assignment = assign_buckets(keys, columns, buckets)
-    for directory in spill_buckets(files, root, assignment, buckets, spill, date):
+    for directory in spill_buckets(files, assignment, buckets, spill):
         bucket = scan_bucket(directory)
         if bucket is not None:
             yield bucket
@@ -363,7 +354,8 @@ def build_transitions(
 ) -> BuildResult:
     """Build rollouts and credited transitions from ``spans`` and write them under ``out``.
 
-    ``spans`` is the data root or its ``spans/`` directory; ``date`` (``YYYY-MM-DD``) limits the
+    ``spans`` is the data root or its ``spans/`` directory, a local path or an object-storage URI
+    (``s3://bucket/data``; the output ``out`` is local); ``date`` (``YYYY-MM-DD``) limits the
     build to that spans date partition (``None``: all dates); ``now`` is the watermark reference
     (an aware datetime; default the current UTC time); ``bucket_bytes`` bounds the uncompressed
     spans held in memory at once (see ``tracelearn.pipelines.buckets``). See the module docstring
@@ -378,12 +370,8 @@ def build_transitions(
     hash_ = config_hash(config)
     now = now or dt.datetime.now(dt.UTC)
     out_root = Path(out)
-    root = spans_directory(spans)
+    files = spans_files(spans, date)
     rewards = reward_sources(config, spans)
-
-    lf = scan_spans(spans)
-    if date is not None:
-        lf = lf.filter(pl.col("date") == date)
     file_name = output_file_name(hash_)
     transitions_files = _DatePartitionFiles(out_root / "transitions", file_name, transitions_to_arrow)
     rollout_frames: list[pl.DataFrame] = []
@@ -391,8 +379,8 @@ def build_transitions(
     rollouts_files = _DatePartitionFiles(out_root / "rollouts", file_name, rollouts_to_arrow)
     try:
         with contextlib.ExitStack() as cleanup:
-            parts = _bucketed_spans(lf, root, date, config.advantage.group_by, bucket_bytes, out_root, cleanup)
-            for part in parts:
+            parts = _bucketed_spans(files, config.advantage.group_by, bucket_bytes, out_root, cleanup)
+            for part in parts if files.paths else ():
                 bucket = _build_bucket(part, config, stages, hash_, now, rewards)
                 transitions_files.append(bucket.transitions, ["rollout_id", "step_index"])
                 rollout_frames.append(bucket.rollouts)

@@ -1,66 +1,94 @@
 """The spans dataset as a polars LazyFrame: the edge where the experience pipeline reads capture output.
 
-Every file's ``tracelearn.schema_version`` is checked before anything is scanned, so a dataset written
-by a newer tracelearn fails up front with the file named instead of mid-query.
+The dataset may be a local directory or a URI in object storage (``s3://bucket/data``; see
+``tracelearn.schemas.dataset.locate_files``). Every file's ``tracelearn.schema_version`` is checked
+before anything is scanned, so a dataset written by a newer tracelearn fails up front with the file
+named instead of mid-query.
 """
 
 from pathlib import Path
 
 import polars as pl
 
-from tracelearn.schemas.dataset import DatasetError, dataset_files, file_schema_version
+from tracelearn.schemas.dataset import DatasetError, DatasetFiles, file_schema_version, is_directory, locate_files
 from tracelearn.schemas.migrations import SchemaVersionError
 from tracelearn.schemas.tables import SPANS
 
 PARTITION_SCHEMA = {"date": pl.String, "service": pl.String}
 
 
-def spans_directory(root: str | Path) -> Path:
-    """The spans table's directory: ``root/spans`` when ``root`` is a data root holding one, else ``root``."""
-    path = Path(root)
-    return path / "spans" if (path / "spans").is_dir() else path
+def spans_location(root: str | Path) -> str:
+    """The spans table's location: ``root/spans`` when ``root`` is a data root holding one, else ``root``."""
+    text = str(root).rstrip("/")
+    child = f"{text}/spans"
+    return child if is_directory(child) else text
 
 
-def scan_spans(root: str | Path) -> pl.LazyFrame:
-    """Lazily scan every complete spans file under ``root`` (a data root, its ``spans/`` folder, or a file).
-
-    Adds the hive partition columns ``date`` and ``service`` (strings) when ``root`` is a directory.
-    Raises ``SchemaVersionError`` naming the file when one was written with a newer (or an older,
-    not lazily migratable) spans schema, and ``DatasetError`` when there is nothing to scan.
-    """
-    path = spans_directory(root)
-    files = dataset_files(path)
-    if not files:
-        raise DatasetError(f"{path}: no spans Parquet files (expected date=YYYY-MM-DD/service=NAME/*.parquet)")
-    for file in files:
-        version = file_schema_version(file, SPANS)
+def _check_versions(files: DatasetFiles) -> None:
+    for path in files.paths:
+        version = file_schema_version(path, SPANS, files.filesystem)
+        where = files.uri(path)
         if version > SPANS.version:
             raise SchemaVersionError(
-                f"{file}: spans schema version {version} is newer than this tracelearn reads ({SPANS.version}); "
+                f"{where}: spans schema version {version} is newer than this tracelearn reads ({SPANS.version}); "
                 "upgrade tracelearn"
             )
         if version < SPANS.version:
             raise SchemaVersionError(
-                f"{file}: spans schema version {version} is older than {SPANS.version}; the lazy scan does not "
+                f"{where}: spans schema version {version} is older than {SPANS.version}; the lazy scan does not "
                 "migrate, rewrite the partition with tracelearn.schemas.dataset.read_table first"
             )
-    if path.is_file():
-        return pl.scan_parquet(files)
+
+
+def spans_files(root: str | Path, date: str | None = None) -> DatasetFiles:
+    """The spans dataset's files (only the ``date=`` partition when ``date`` is given), versions checked.
+
+    Raises ``DatasetError`` when there is no spans file at all, ``SchemaVersionError`` naming a file
+    written with a newer (or an older, not lazily migratable) spans schema.
+    """
+    files = locate_files(spans_location(root))
+    if not files.paths:
+        raise DatasetError(
+            f"{files.uri(files.base)}: no spans Parquet files (expected date=YYYY-MM-DD/service=NAME/*.parquet)"
+        )
+    if date is not None:
+        files = DatasetFiles(
+            files.filesystem,
+            files.base,
+            tuple(path for path in files.paths if f"/date={date}/" in path),
+            files.scheme,
+            files.single_file,
+        )
+    _check_versions(files)
+    return files
+
+
+def scan_files(files: DatasetFiles) -> pl.LazyFrame:
+    """Lazily scan ``files``; a directory's hive partitions ``date`` and ``service`` become string columns."""
+    if files.single_file:
+        return pl.scan_parquet(files.uris())
     return pl.scan_parquet(
-        files,
+        files.uris(),
         hive_partitioning=True,
         hive_schema=PARTITION_SCHEMA,
         try_parse_hive_dates=False,
     )
 
 
+def scan_spans(root: str | Path) -> pl.LazyFrame:
+    """Lazily scan every complete spans file under ``root`` (a data root, its ``spans/`` folder, a file, or a URI).
+
+    Adds the hive partition columns ``date`` and ``service`` (strings) when ``root`` is a directory.
+    Raises as :func:`spans_files` does.
+    """
+    return scan_files(spans_files(root))
+
+
 def spans_dates(root: str | Path) -> list[str]:
-    """The ``date=YYYY-MM-DD`` partitions under the spans directory of ``root`` that hold files, sorted."""
-    path = spans_directory(root)
-    if not path.is_dir():
+    """The ``date=YYYY-MM-DD`` partitions of the spans dataset under ``root`` that hold files, sorted."""
+    try:
+        files = locate_files(spans_location(root))
+    except DatasetError:
         return []
-    return sorted(
-        directory.name.removeprefix("date=")
-        for directory in path.glob("date=*")
-        if directory.is_dir() and any(directory.rglob("*.parquet"))
-    )
+    dates = {part.removeprefix("date=") for path in files.paths for part in path.split("/") if part.startswith("date=")}
+    return sorted(dates)

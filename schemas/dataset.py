@@ -2,11 +2,18 @@
 
 Every file is checked: its ``tracelearn.schema_version`` must be present and not newer than this
 code; older files are migrated. Temporary files being written (dot-prefixed) are never read.
+
+Datasets may live on the local disk or in object storage: :func:`locate_files` takes a path or a
+URI (``s3://bucket/data``, ``gs://...``, ``abfs://...``) and lists the files through a pyarrow
+filesystem; credentials and endpoints come from the usual environment (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, ...), which pyarrow and polars both read.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tracelearn.schemas.migrations import SchemaVersionError, migrate
@@ -29,6 +36,79 @@ def dataset_files(root: str | Path) -> list[Path]:
     )
 
 
+@dataclass(frozen=True)
+class DatasetFiles:
+    """The complete Parquet files of a dataset directory (or one file), local or in object storage.
+
+    ``paths`` and ``base`` are paths inside ``filesystem``; :meth:`uris` gives what polars scans
+    (plain paths locally, ``scheme://path`` in object storage).
+    """
+
+    filesystem: pafs.FileSystem
+    base: str
+    paths: tuple[str, ...]
+    scheme: str = ""
+    single_file: bool = False
+
+    def uri(self, path: str) -> str:
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+    def uris(self) -> list[str]:
+        return [self.uri(path) for path in self.paths]
+
+    def child(self, name: str) -> str:
+        """The URI (or local path) of ``base/name``."""
+        return self.uri(f"{self.base.rstrip('/')}/{name}")
+
+
+def _filesystem(root: str | Path) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, URI scheme or "" for the local disk) of a path or URI."""
+    text = str(root)
+    if "://" not in text or text.startswith("file://"):
+        return pafs.LocalFileSystem(), str(Path(text.removeprefix("file://")).absolute()), ""
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise DatasetError(f"{text}: not a readable dataset location ({exc})") from None
+    return filesystem, path, text.split("://", 1)[0]
+
+
+def locate_files(root: str | Path) -> DatasetFiles:
+    """The complete Parquet files under ``root`` (a path or URI of a directory or one file).
+
+    Skips names starting with ``.`` or ``_`` (temp files, spools). Raises :class:`DatasetError`
+    naming ``root`` when it does not exist or cannot be listed.
+    """
+    filesystem, base, scheme = _filesystem(root)
+    try:
+        info = filesystem.get_file_info(base)
+        if info.type == pafs.FileType.File:
+            return DatasetFiles(filesystem, base, (base,), scheme, single_file=True)
+        if info.type != pafs.FileType.Directory:
+            raise DatasetError(f"{root}: no such file or directory")
+        listing = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    except OSError as exc:
+        raise DatasetError(f"{root}: cannot list the dataset ({exc})") from None
+    prefix = base.rstrip("/") + "/"
+    paths = sorted(
+        entry.path
+        for entry in listing
+        if entry.type == pafs.FileType.File
+        and entry.path.endswith(".parquet")
+        and not any(part.startswith((".", "_")) for part in entry.path.removeprefix(prefix).split("/"))
+    )
+    return DatasetFiles(filesystem, base, tuple(paths), scheme)
+
+
+def is_directory(location: str | Path) -> bool:
+    """Whether ``location`` (a path or URI) is a directory; ``False`` when it is missing or unreachable."""
+    filesystem, path, _ = _filesystem(location)
+    try:
+        return bool(filesystem.get_file_info(path).type == pafs.FileType.Directory)
+    except OSError:
+        return False
+
+
 def hive_partition_values(path: Path, root: Path) -> dict[str, str]:
     """``{"date": "2026-11-21", "service": "calc"}`` from a path like ``root/date=.../service=.../f``."""
     values = {}
@@ -39,10 +119,10 @@ def hive_partition_values(path: Path, root: Path) -> dict[str, str]:
     return values
 
 
-def file_schema_version(path: Path, expected: TableSpec) -> int:
-    """The schema version recorded in ``path``'s Parquet metadata, checking the table name."""
+def file_schema_version(path: Path | str, expected: TableSpec, filesystem: pafs.FileSystem | None = None) -> int:
+    """The schema version recorded in ``path``'s Parquet metadata (in ``filesystem``), checking the table name."""
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = pq.read_schema(str(path), filesystem=filesystem).metadata or {}
     except (OSError, pa.ArrowInvalid) as exc:
         raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
     raw = metadata.get(SCHEMA_VERSION_KEY)

@@ -7,8 +7,8 @@ import pytest
 from polars.testing import assert_frame_equal
 from support.spans_factory import SpansFactory, at
 
-from tracelearn.pipelines.build import build_transitions
 from tracelearn.pipelines.buckets import assign_buckets, bucket_columns, rollout_group_keys
+from tracelearn.pipelines.build import build_transitions
 from tracelearn.pipelines.config import parse_config
 from tracelearn.pipelines.spans_input import scan_spans
 
