@@ -29,10 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from tracelearn.pipelines.rollouts import first_by_call_order, rollout_task_ids
 from tracelearn.pipelines.spans_input import PARTITION_SCHEMA
-from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import DatasetFiles
-from tracelearn.schemas.identity import task_id_from_messages
 
 __all__ = [
     "BUCKET_BYTES",
@@ -51,7 +50,6 @@ BUCKET_BYTES = 256 * 1024 * 1024
 ROLLOUT_LEVEL_COLUMNS: tuple[str, ...] = ("task_id", "group_id", "attempt_id", "rollout_id")
 BUCKET = "__bucket"
 KEY = "__group_key"
-_ORDER = ["start_time", "trace_id", "span_id"]
 _SPILL_BATCH_ROWS = 65_536
 
 
@@ -76,47 +74,19 @@ def bucket_count(files: DatasetFiles, bucket_bytes: int = BUCKET_BYTES) -> int:
     return max(1, math.ceil(uncompressed_bytes(files) / bucket_bytes))
 
 
-def _first_by_time(column: str) -> pl.Expr:
-    """The rollout's earliest non-null ``column`` (ties by trace and span id), as ``build_rollouts`` picks it."""
-    present = pl.col(column).is_not_null()
-    return pl.col(column).filter(present).sort_by([pl.col(c).filter(present) for c in _ORDER]).first()
-
-
 def rollout_group_keys(spans: pl.LazyFrame, columns: Sequence[str]) -> pl.LazyFrame:
     """Per rollout: ``rollout_id`` and ``columns`` with the values the build will give the rollout.
 
-    ``task_id`` is the explicit one (earliest span carrying it) else the hash of the first user
-    message of the earliest LLM call with messages: the rule of ``rollouts.rollout_task_ids``, computed
-    so that only one prompt per rollout is held (the key of the earliest call is found first, then its
-    messages are joined). Reads ``rollout_id``, ``start_time``, ``trace_id``, ``span_id`` and, as
-    needed, ``task_id``, ``group_id``, ``attempt_id``, ``span_type``, ``input_messages``.
+    ``task_id`` follows ``rollouts.rollout_task_ids`` (explicit, else derived from the first prompt),
+    the others are the earliest non-null value, as ``rollouts.build_rollouts`` picks them. Reads
+    ``rollout_id``, ``start_time``, ``trace_id``, ``span_id`` and, as needed, ``task_id``,
+    ``group_id``, ``attempt_id``, ``span_type``, ``input_messages``; only small columns are grouped.
     """
-    plain = [c for c in columns if c != "rollout_id"]
-    keys = spans.group_by("rollout_id").agg(*(_first_by_time(c).alias(c) for c in plain))
-    if "task_id" not in plain:
-        return keys.select("rollout_id", *plain)
-    calls = spans.filter((pl.col("span_type") == sc.TYPE_LLM) & pl.col("input_messages").is_not_null())
-    first_call = calls.group_by("rollout_id").agg(
-        pl.col("trace_id").sort_by(_ORDER).first(), pl.col("span_id").sort_by(_ORDER).first()
-    )
-    prompts = first_call.join(
-        calls.select("rollout_id", "trace_id", "span_id", "input_messages"),
-        on=["rollout_id", "trace_id", "span_id"],
-        how="inner",
-    ).unique(subset=["rollout_id"], keep="any")
-    derived = (
-        prompts.select("input_messages")
-        .unique()
-        .with_columns(
-            pl.col("input_messages").map_elements(task_id_from_messages, return_dtype=pl.String).alias("__derived")
-        )
-    )
-    derived_by_rollout = prompts.join(derived, on="input_messages", how="left").select("rollout_id", "__derived")
-    return (
-        keys.join(derived_by_rollout, on="rollout_id", how="left")
-        .with_columns(pl.coalesce("task_id", "__derived").alias("task_id"))
-        .select("rollout_id", *plain)
-    )
+    plain = [c for c in columns if c not in ("rollout_id", "task_id")]
+    keys = spans.group_by("rollout_id").agg(*(first_by_call_order(c).alias(c) for c in plain))
+    if "task_id" in columns:
+        keys = keys.join(rollout_task_ids(spans), on="rollout_id", how="left")
+    return keys.select("rollout_id", *(c for c in columns if c != "rollout_id"))
 
 
 def _stable_bucket(key: str | None, buckets: int) -> int:

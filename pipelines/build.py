@@ -71,7 +71,7 @@ from tracelearn.pipelines.config import (
 from tracelearn.pipelines.credit import assign_credit
 from tracelearn.pipelines.rewards import RewardSources
 from tracelearn.pipelines.rollouts import build_closed_rollouts, reward_spans, rollouts_to_arrow
-from tracelearn.pipelines.spans_input import scan_files, spans_files
+from tracelearn.pipelines.spans_input import distinct_spans, scan_files, spans_files
 from tracelearn.pipelines.stages import BoundStage, resolve_stages, run_stages
 from tracelearn.pipelines.transitions import (
     TRANSITION_COLUMNS,
@@ -157,7 +157,7 @@ def process_rewards(spans: pl.LazyFrame, rollouts: pl.LazyFrame, transitions: pl
     primary = rollouts.select("rollout_id", pl.col("reward_name").alias("__primary"))
     rewards = (
         reward_spans(spans)
-        .unique(subset=["trace_id", "span_id"], keep="first")
+        .pipe(distinct_spans)
         .join(primary, on="rollout_id", how="inner")
         .filter(pl.col("reward_name") != pl.col("__primary").fill_null(""))
         .select("rollout_id", pl.col("end_time").alias("__at"), pl.col("reward").alias("value"))

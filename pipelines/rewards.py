@@ -43,6 +43,7 @@ from typing import Any
 
 import polars as pl
 
+from tracelearn.pipelines.spans_input import distinct_spans
 from tracelearn.pipelines.stages import StageError, import_callable
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import DatasetError, dataset_files, file_schema_version
@@ -214,7 +215,7 @@ def _function_inputs(spans: pl.LazyFrame, rollouts: pl.LazyFrame, with_spans: bo
     ids = rollouts.select("rollout_id", "task_id")
     ordered = (
         spans.join(ids.select("rollout_id"), on="rollout_id", how="semi")
-        .unique(subset=["trace_id", "span_id"], keep="first")
+        .pipe(distinct_spans)
         .sort(["rollout_id", "start_time", "trace_id", "span_id"])
         .with_columns(pl.col("attributes").cast(_ENTRIES_DTYPE))
     )

@@ -39,6 +39,7 @@ from tracelearn.pipelines.rewards import (
     feedback_reward_rows,
     function_reward_rows,
 )
+from tracelearn.pipelines.spans_input import distinct_spans
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.identity import task_id_from_messages
 from tracelearn.schemas.migrations import conform
@@ -127,7 +128,7 @@ def orphan_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
     Reads ``rollout_id``, ``trace_id``, ``span_id``, ``parent_span_id``, ``name``. Sorted by rollout and span.
     """
     return (
-        with_parent_found(spans.unique(subset=["trace_id", "span_id"]))
+        with_parent_found(distinct_spans(spans))
         .filter(~pl.col("parent_found"))
         .select("rollout_id", "trace_id", "span_id", "parent_span_id", "name")
         .sort(["rollout_id", "trace_id", "span_id"])
@@ -166,23 +167,32 @@ def rollout_rewards(spans: pl.LazyFrame) -> pl.LazyFrame:
     return primary.join(named, on="rollout_id", how="left")
 
 
+_CALL_ORDER = ["start_time", "trace_id", "span_id"]
+
+
+def first_by_call_order(column: str) -> pl.Expr:
+    """The earliest non-null ``column`` of a group (by start time, then trace and span id), as an aggregation."""
+    present = pl.col(column).is_not_null()
+    return pl.col(column).filter(present).sort_by([pl.col(c).filter(present) for c in _CALL_ORDER]).first()
+
+
 def rollout_task_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     """Per rollout: ``task_id``, the explicit one (earliest span carrying it) else the derived one.
 
-    Reads ``rollout_id``, ``task_id``, ``span_type``, ``input_messages``, ``start_time``. The derived id
-    hashes the first user message of the earliest LLM call with messages; the hash runs once per
-    distinct prompt, not per span.
+    Reads ``rollout_id``, ``task_id``, ``span_type``, ``input_messages``, ``start_time``, ``trace_id``,
+    ``span_id`` (one row per span). The derived id hashes the first user message of the earliest LLM
+    call with messages. Only that call's messages are read: its key is found on the id columns first,
+    so no sort or group ever carries the prompts; the hash runs once per distinct prompt, not per span.
     """
-    ordered = spans.sort(["rollout_id", "start_time", "trace_id", "span_id"])
-    explicit = (
-        ordered.filter(pl.col("task_id").is_not_null())
-        .group_by("rollout_id")
-        .agg(pl.col("task_id").first().alias("explicit_task_id"))
+    explicit = spans.group_by("rollout_id").agg(first_by_call_order("task_id").alias("explicit_task_id"))
+    calls = spans.filter((pl.col("span_type") == sc.TYPE_LLM) & pl.col("input_messages").is_not_null())
+    first_call = calls.group_by("rollout_id").agg(
+        pl.col("trace_id").sort_by(_CALL_ORDER).first(), pl.col("span_id").sort_by(_CALL_ORDER).first()
     )
-    first_prompt = (
-        ordered.filter((pl.col("span_type") == sc.TYPE_LLM) & pl.col("input_messages").is_not_null())
-        .group_by("rollout_id")
-        .agg(pl.col("input_messages").first())
+    first_prompt = first_call.join(
+        calls.select("rollout_id", "trace_id", "span_id", "input_messages"),
+        on=["rollout_id", "trace_id", "span_id"],
+        how="inner",
     )
     derived = (
         first_prompt.select("input_messages")
@@ -196,11 +206,8 @@ def rollout_task_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     derived_by_rollout = first_prompt.join(derived, on="input_messages", how="left").select(
         "rollout_id", "derived_task_id"
     )
-    rollouts = spans.select("rollout_id").unique()
-    return (
-        rollouts.join(explicit, on="rollout_id", how="left")
-        .join(derived_by_rollout, on="rollout_id", how="left")
-        .select("rollout_id", pl.coalesce("explicit_task_id", "derived_task_id").alias("task_id"))
+    return explicit.join(derived_by_rollout, on="rollout_id", how="left").select(
+        "rollout_id", pl.coalesce("explicit_task_id", "derived_task_id").alias("task_id")
     )
 
 
@@ -216,9 +223,8 @@ def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
     """
     # "first" in the aggregations below is well defined: the join in with_parent_found does not keep
     # row order, so the de-duplicated spans are sorted once, after it.
-    ordered = with_parent_found(spans.unique(subset=["trace_id", "span_id"], keep="first")).sort(
-        ["rollout_id", "start_time", "trace_id", "span_id"]
-    )
+    distinct = distinct_spans(spans)
+    ordered = with_parent_found(distinct).sort(["rollout_id", "start_time", "trace_id", "span_id"])
     is_root = pl.col("parent_span_id").is_null()
     is_llm = pl.col("span_type") == sc.TYPE_LLM
     is_error = pl.col("status_code") == ERROR
@@ -247,7 +253,7 @@ def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("output_tokens").filter(is_llm).sum().cast(pl.Int64),
     )
     return (
-        counts.join(rollout_task_ids(ordered), on="rollout_id", how="left")
+        counts.join(rollout_task_ids(distinct), on="rollout_id", how="left")
         .join(rollout_rewards(ordered), on="rollout_id", how="left")
         .with_columns(pl.col("rewards").fill_null(pl.lit([], dtype=REWARDS_DTYPE)))
         .select(ROLLOUT_COLUMNS)
@@ -424,12 +430,13 @@ def build_closed_rollouts(
     """
     config = config or RolloutConfig()
     rewards = rewards or RewardSources()
-    closed, deferred = split_by_watermark(build_rollouts(spans), now, config.lateness)
+    # Collected once: closed, deferred, the reward merge and the orphan filter all read it, and a
+    # lazy plan would rebuild it for each of them.
+    built_rollouts = build_rollouts(spans).collect().lazy()
+    closed, deferred = split_by_watermark(built_rollouts, now, config.lateness)
     report = FunctionRewardReport()
     extra = [pl.LazyFrame(schema=REWARD_ROWS_SCHEMA)]
     if rewards.function is not None:
-        # The function runs in Python over the closed rollouts, so they are computed once, here.
-        closed = closed.collect().lazy()
         function_rows, report = function_reward_rows(spans, closed, rewards.function)
         extra.append(function_rows.lazy())
         if report.first_failure is not None:

