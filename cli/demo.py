@@ -1,10 +1,14 @@
 """``tracelearn demo``: the end-to-end demo on the embedded defaults (no GPU, no network, no accounts).
 
-Today it covers capture: it serves the embedded policy model, runs the bundled calculator agent under
-``opentelemetry-instrument`` (agent code unchanged) on the example tasks, and prints what landed in
-the spans dataset. Later capabilities extend this same command until it runs the whole loop.
+Today it covers capture and the experience pipeline: it serves the embedded policy model, runs the
+bundled calculator agent under ``opentelemetry-instrument`` (agent code unchanged) on the example
+tasks, prints what landed in the spans dataset, builds RL transitions from those spans with
+``examples/calc/pipeline.yaml`` (its reward function re-scores every rollout from the gold answer the
+agent recorded as ``tracelearn.metadata.gold``), and prints the transitions' statistics next to a
+``report.png``. Later capabilities extend this same command until it runs the whole loop.
 """
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -18,11 +22,18 @@ import click
 from rich.console import Console
 
 from tracelearn.cli.spans import render_stats
+from tracelearn.cli.transitions import render_build
+from tracelearn.cli.transitions import render_stats as render_transition_stats
 from tracelearn.collector.span_stats import spans_stats
+from tracelearn.pipelines.build import build_transitions
+from tracelearn.pipelines.config import PipelineConfig, PipelineConfigError, WatermarkConfig, load_config
+from tracelearn.pipelines.plots import plot_transitions
+from tracelearn.pipelines.stats import scan_transitions, transition_distributions, transition_stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_AGENT = REPO_ROOT / "examples" / "calc" / "agent.py"
 EXAMPLE_TASKS = REPO_ROOT / "examples" / "calc" / "tasks.jsonl"
+EXAMPLE_PIPELINE = REPO_ROOT / "examples" / "calc" / "pipeline.yaml"
 SERVER_READY_TIMEOUT_S = 300
 
 
@@ -48,6 +59,20 @@ def wait_until_ready(url: str, server: subprocess.Popen[bytes], log: Path, conso
                 pass
             time.sleep(0.5)
     raise click.ClickException(f"the model server did not answer {url} within {SERVER_READY_TIMEOUT_S} s")
+
+
+def load_example_pipeline() -> PipelineConfig:
+    """``examples/calc/pipeline.yaml`` with no watermark wait.
+
+    Its reward function is the module path ``examples.calc.reward:score``; ``examples/`` is not part of
+    the installed package, so the repository root goes on ``sys.path`` (appended: the installed
+    packages keep precedence) for the config's import to find it, as ``PYTHONPATH=.`` would from the
+    repository root. The watermark is zero because the agent process has exited and flushed: no
+    span of these rollouts can still arrive.
+    """
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    return dataclasses.replace(load_config(EXAMPLE_PIPELINE), watermark=WatermarkConfig(lateness_seconds=0.0))
 
 
 def venv_tool(name: str) -> str:
@@ -76,6 +101,10 @@ def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: 
     from tracelearn.serving.http_server import free_port
 
     console = Console()
+    try:  # before anything runs: a broken pipeline config should not cost a capture first
+        config = load_example_pipeline()
+    except PipelineConfigError as exc:
+        raise click.ClickException(f"invalid pipeline config: {exc}") from exc
     workdir = workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -130,3 +159,23 @@ def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: 
 
     console.rule("[bold]3. what was captured: tracelearn spans stats " + str(data))
     render_stats(spans_stats(data), console)
+
+    console.rule(f"[bold]4. spans -> transitions: tracelearn transitions build --config {EXAMPLE_PIPELINE.name}")
+    with console.status("building rollouts and credited transitions..."):
+        result = build_transitions(data, data, config)
+    render_build(result, console)
+    if not result.transitions_files:
+        raise click.ClickException("the build wrote no transitions; see the summary above")
+
+    console.rule("[bold]5. what the transitions say: tracelearn transitions stats --plot")
+    frame, chosen = scan_transitions(data, result.config_hash)
+    stats = transition_stats(frame, chosen)
+    render_transition_stats(stats, console)
+    if stats.zero_signal_groups:
+        console.print(
+            f"{stats.zero_signal_groups} GRPO group(s) have no learning signal (one rollout per task, or equal "
+            "rewards): their advantages are 0. Training runs several rollouts per task.",
+            style="dim",
+        )
+    report = plot_transitions(transition_distributions(frame), stats.groups, workdir / "report.png")
+    console.print(f"wrote {report}")

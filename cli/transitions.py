@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tracelearn.cli.export import export_command
+from tracelearn.pipelines.buckets import BUCKET_BYTES
 from tracelearn.pipelines.build import BuildResult, build_transitions
 from tracelearn.pipelines.config import PipelineConfigError, WatermarkConfig, load_config
 from tracelearn.pipelines.plots import PlotError, plot_transitions
@@ -23,15 +24,23 @@ from tracelearn.pipelines.stats import (
 from tracelearn.schemas.dataset import DatasetError
 from tracelearn.schemas.migrations import SchemaVersionError
 
+MIB = 1024 * 1024
 SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("rollouts built", "rollouts"),
     ("rollouts deferred (watermark)", "deferred"),
     ("rollouts dropped without reward", "dropped_without_reward"),
+    ("rollouts rebuilt with late spans", "late_span_rollouts"),
+    ("rollouts rewarded by the function", "function_rewards"),
+    ("  function input missing", "function_reward_missing_input"),
+    ("  function raised", "function_reward_errors"),
+    ("  function result not a finite number", "function_reward_invalid"),
+    ("rollouts with a feedback reward", "feedback_rewards"),
     ("transitions", "transitions"),
     ("transitions missing token ids", "without_token_ids"),
     ("advantage groups", "groups"),
     ("zero-signal groups", "zero_signal_groups"),
     ("orphan spans", "orphan_spans"),
+    ("buckets built", "buckets"),
     ("files written", "files_written"),
 )
 
@@ -92,7 +101,8 @@ def render_build(result: BuildResult, console: Console) -> None:
 
 
 @transitions.command("build")
-@click.option("--spans", "spans_path", required=True, type=click.Path(path_type=Path), help="Data root or spans/.")
+# A string, not a click.Path: pathlib would fold ``s3://bucket`` into ``s3:/bucket``.
+@click.option("--spans", "spans_path", required=True, help="Data root or spans/, local or s3://bucket/data.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output root (transitions/, rollouts/).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="pipeline.yaml.")
 @click.option("--date", default=None, help="Only this spans date partition (YYYY-MM-DD).")
@@ -102,20 +112,39 @@ def render_build(result: BuildResult, console: Console) -> None:
     default=None,
     help="Watermark lateness, overriding the config's watermark.lateness_seconds.",
 )
+@click.option(
+    "--bucket-mb",
+    type=click.IntRange(min=1),
+    default=BUCKET_BYTES // MIB,
+    show_default=True,
+    help="Hold at most about this many MiB of uncompressed spans in memory; larger datasets are built in buckets.",
+)
 def build_command(
-    spans_path: Path, out: Path, config_path: Path | None, date: str | None, lateness_seconds: float | None
+    spans_path: str,
+    out: Path,
+    config_path: Path | None,
+    date: str | None,
+    lateness_seconds: float | None,
+    bucket_mb: int,
 ) -> None:
-    """Build rollouts and credited transitions from SPANS into OUT (reruns replace, never duplicate)."""
+    """Build rollouts and credited transitions from SPANS into OUT (reruns replace, never duplicate).
+
+    SPANS is a data root or its spans/ directory, local or object storage (s3://bucket/data).
+    """
+    console = Console()
     try:
         config = load_config(config_path)
         if lateness_seconds is not None:
             config = dataclasses.replace(config, watermark=WatermarkConfig(lateness_seconds))
-        result = build_transitions(spans_path, out, config, date=date)
+        with console.status(f"building transitions from {spans_path} ..."):
+            result = build_transitions(spans_path, out, config, date=date, bucket_bytes=bucket_mb * MIB)
     except PipelineConfigError as exc:
         raise click.ClickException(f"invalid pipeline config: {exc}") from exc
     except (StageError, DatasetError, SchemaVersionError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    render_build(result, Console())
+    except OSError as exc:  # an unreadable object store or an unwritable output root
+        raise click.ClickException(f"reading {spans_path} or writing {out} failed: {exc}") from exc
+    render_build(result, console)
 
 
 @transitions.command("stats")

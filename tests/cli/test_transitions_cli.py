@@ -1,5 +1,7 @@
 """``tracelearn transitions build``: summary table, files written, bad configs refused before any data."""
 
+import re
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -38,15 +40,66 @@ def test_build_prints_a_summary_and_writes_the_datasets(tmp_path: Path) -> None:
     config = tmp_path / "pipeline.yaml"
     config.write_text('select: {agent: "writer"}\n', encoding="utf-8")
     args = ["transitions", "build", "--spans", str(data / "spans"), "--out", str(out), "--config", str(config)]
-    result = CliRunner().invoke(main, [*args, "--lateness-seconds", "0", "--date", "2026-11-21"])
+    result = CliRunner().invoke(main, [*args, "--lateness-seconds", "0", "--date", "2026-11-21", "--bucket-mb", "1"])
     assert result.exit_code == 0, result.output
     assert "transitions build" in result.output and "zero-signal groups" in result.output
     assert "config hash" in result.output
+    assert summary_value(result.output, "rollouts built") == 4
+    assert summary_value(result.output, "buckets built") == 1
+    for label in ("rollouts rewarded by the function", "function raised", "rollouts with a feedback reward"):
+        assert summary_value(result.output, label) == 0
+    assert summary_value(result.output, "rollouts rebuilt with late spans") == 0
     files = sorted((out / "transitions").rglob("*.parquet"))
     assert len(files) == 1 and files[0].parent.name == "date=2026-11-21"
     transitions = pl.read_parquet(files[0])
     assert transitions.height == 4 and set(transitions["agent_name"]) == {"writer"}
     assert sorted((out / "rollouts").rglob("*.parquet"))
+
+
+def summary_value(output: str, label: str) -> int:
+    """The number on the build summary row ``label``."""
+    found = re.search(rf"{re.escape(label)}\s*│\s*(\d+)\s*│", output)
+    assert found, f"no row {label!r} in:\n{output}"
+    return int(found.group(1))
+
+
+def test_summary_counts_function_rewards_failures_feedback_and_late_spans(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_spans(data)
+    (tmp_path / "reward_fns.py").write_text(
+        "def by_task(task_id):\n"
+        "    if task_id == 't2':\n"
+        "        raise RuntimeError('no grader for t2')\n"
+        "    return 0.5\n",
+        encoding="utf-8",
+    )
+    feedback = ["feedback", "add", str(data), "--name", "thumbs", "--value", "1"]
+    rollout_id = pl.read_parquet(data / "spans" / "**" / "*.parquet")["rollout_id"].drop_nulls()[0]
+    assert CliRunner().invoke(main, [*feedback, "--rollout-id", rollout_id]).exit_code == 0
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        "reward: {function: reward_fns:by_task, name: graded, feedback: true, primary: graded, missing: keep}\n",
+        encoding="utf-8",
+    )
+    args = ["transitions", "build", "--spans", str(data), "--out", str(out), "--config", str(config)]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        result = CliRunner().invoke(main, [*args, "--lateness-seconds", "0"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert summary_value(result.output, "rollouts rewarded by the function") == 2
+    assert summary_value(result.output, "function raised") == 2
+    assert summary_value(result.output, "function input missing") == 0
+    assert summary_value(result.output, "rollouts with a feedback reward") == 1
+
+
+def test_bucket_mb_must_be_positive(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["transitions", "build", "--spans", str(tmp_path), "--out", str(tmp_path / "out"), "--bucket-mb", "0"]
+    )
+    assert result.exit_code == 2 and "--bucket-mb" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_config_is_refused_before_any_output(tmp_path: Path) -> None:
