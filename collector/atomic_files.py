@@ -95,13 +95,25 @@ class AtomicParquetWriter:
     in one step.
     """
 
-    def __init__(self, schema: pa.Schema, directory: Path, file_name: str, compression: str) -> None:
+    def __init__(
+        self,
+        schema: pa.Schema,
+        directory: Path,
+        file_name: str,
+        compression: str,
+        dictionary_columns: list[str] | None = None,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.final = directory / file_name
         self.temp = directory / f"{TEMP_PREFIX}{file_name.removesuffix('.parquet')}-{os.getpid()}{TEMP_SUFFIX}"
         self._handle = self.temp.open("wb")
         self._writer = pq.ParquetWriter(
-            self._handle, schema, compression=None if compression == "none" else compression
+            self._handle,
+            schema,
+            compression=None if compression == "none" else compression,
+            # Dictionary-encoding long, mostly distinct text (prompts) costs time and grows the file;
+            # callers name the low-cardinality columns where it pays off (None: every column).
+            use_dictionary=True if dictionary_columns is None else dictionary_columns,
         )
 
     def write(self, table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> None:

@@ -104,6 +104,18 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "buckets",
     "late_span_rollouts",
 )
+# Repeated values in transitions; prompts, responses and token lists stay plain (mostly distinct).
+TRANSITION_DICTIONARY_COLUMNS = (
+    "rollout_id",
+    "attempt_id",
+    "task_id",
+    "group_id",
+    "agent_name",
+    "model",
+    "token_ids_source",
+    "trace_id",
+    "pipeline_config_hash",
+)
 _DATE = "__output_date"
 
 
@@ -197,6 +209,9 @@ def _build_bucket(
     rewards: RewardSources,
 ) -> _BucketBuild:
     """Steps 2-6 of the module docstring over the spans of whole rollouts and whole advantage groups."""
+    # A bucket is bounded by bucket_bytes, so its spans are read and decoded once here rather than
+    # once by each query below (rollouts, transitions, process rewards).
+    lf = lf.collect().lazy()
     build = build_closed_rollouts(lf, now, rollout_config(config), rewards)
     rollouts = build.rollouts.lazy()
 
@@ -270,10 +285,17 @@ def _build_bucket(
 class _DatePartitionFiles:
     """One appendable output file per ``date=`` partition of a table, all committed or all aborted."""
 
-    def __init__(self, root: Path, file_name: str, to_arrow: Callable[[pl.DataFrame], pa.Table]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        file_name: str,
+        to_arrow: Callable[[pl.DataFrame], pa.Table],
+        dictionary_columns: list[str] | None = None,
+    ) -> None:
         self.root = root
         self.file_name = file_name
         self.to_arrow = to_arrow
+        self.dictionary_columns = dictionary_columns
         self.files: dict[str, AtomicParquetWriter] = {}
 
     def append(self, frame: pl.DataFrame, sort_by: list[str]) -> None:
@@ -283,7 +305,9 @@ class _DatePartitionFiles:
             writer = self.files.get(date)
             if writer is None:
                 directory = partition_directory(self.root, ["date"], (date,))
-                writer = AtomicParquetWriter(table.schema, directory, self.file_name, COMPRESSION)
+                writer = AtomicParquetWriter(
+                    table.schema, directory, self.file_name, COMPRESSION, self.dictionary_columns
+                )
                 self.files[date] = writer
             writer.write(table)
 
@@ -373,7 +397,9 @@ def build_transitions(
     files = spans_files(spans, date)
     rewards = reward_sources(config, spans)
     file_name = output_file_name(hash_)
-    transitions_files = _DatePartitionFiles(out_root / "transitions", file_name, transitions_to_arrow)
+    transitions_files = _DatePartitionFiles(
+        out_root / "transitions", file_name, transitions_to_arrow, list(TRANSITION_DICTIONARY_COLUMNS)
+    )
     rollout_frames: list[pl.DataFrame] = []
     totals: Counter[str] = Counter()
     rollouts_files = _DatePartitionFiles(out_root / "rollouts", file_name, rollouts_to_arrow)
