@@ -224,8 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"equality on {len(theirs['rollouts']):,} shared rollouts: {len(problems)} mismatch(es)")
     for problem in problems[:20]:
         print(f"  {problem}")
-    for label, rate in (("same rollouts", same_rate), (f"{ours[n]['spans']:,}-span build (extrapolated AL)", n_rate)):
-        ratio = rate / theirs_rate
+    # Ours always includes reading Parquet and writing Parquet; the first two ratios compare that with
+    # Agent Lightning's adapter alone (its favourable case), the last with its reading + converting +
+    # adapting, the same work from files on disk to transitions.
+    theirs_end_to_end = timings["spans"] / (timings["read_s"] + timings["convert_s"] + timings["adapt_s"])
+    for label, rate, base in (
+        ("same rollouts, vs its adapter alone", same_rate, theirs_rate),
+        (f"{ours[n]['spans']:,}-span build, vs its adapter alone (extrapolated)", n_rate, theirs_rate),
+        (f"{ours[n]['spans']:,}-span build, vs its read+convert+adapt (extrapolated)", n_rate, theirs_end_to_end),
+    ):
+        ratio = rate / base
         verdict = "PASS" if ratio >= THROUGHPUT_TARGET else "BELOW TARGET"
         print(f"throughput ratio, {label}: {ratio:.1f}x (target {THROUGHPUT_TARGET:.0f}x): {verdict}")
     if len(sizes) == 2:

@@ -412,9 +412,23 @@ def reward_sources(config: PipelineConfig, data_root: str | Path) -> RewardSourc
     return RewardSources(emitted=reward.emitted, function=function, feedback=feedback, primary=reward.primary)
 
 
+def _as_floats(value: Any) -> Any:
+    """``value`` with every int in a ``float`` field made a float (``0`` and ``0.0`` are one setting)."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    changes = {}
+    for field_ in dataclasses.fields(value):
+        current = getattr(value, field_.name)
+        if field_.type in ("float", "float | None") and isinstance(current, int) and not isinstance(current, bool):
+            changes[field_.name] = float(current)
+        elif dataclasses.is_dataclass(current):
+            changes[field_.name] = _as_floats(current)
+    return dataclasses.replace(value, **changes) if changes else value
+
+
 def config_as_dict(config: PipelineConfig) -> dict[str, Any]:
     """The config as plain JSON-able data (tuples as lists), defaults included."""
-    data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(_as_floats(config)), default=str))
     return data
 
 

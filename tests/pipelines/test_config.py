@@ -213,3 +213,12 @@ def test_stage_order_changes_the_hash() -> None:
     one = parse_config({"stages": ["drop_failed_rollouts", "drop_zero_signal_groups"]})
     other = parse_config({"stages": ["drop_zero_signal_groups", "drop_failed_rollouts"]})
     assert config_hash(one) != config_hash(other)
+
+
+def test_an_int_and_a_float_of_the_same_value_hash_alike() -> None:
+    assert config_hash(PipelineConfig(watermark=WatermarkConfig(0))) == config_hash(
+        PipelineConfig(watermark=WatermarkConfig(0.0))
+    )
+    assert config_hash(parse_config({"credit": {"method": "discounted", "gamma": 1}})) == config_hash(
+        parse_config({"credit": {"method": "discounted", "gamma": 1.0}})
+    )
