@@ -42,6 +42,7 @@ import polars as pl
 import pyarrow as pa
 
 from tracelearn.collector.atomic_files import write_parquet_atomically
+from tracelearn.pipelines.stats import transitions_directory
 from tracelearn.schemas.dataset import DatasetError, read_table
 
 __all__ = [
@@ -165,19 +166,13 @@ class VerlExport:
     bad_messages: list[BadMessages] = field(default_factory=list)
 
 
-def resolve_transitions_directory(path: Path) -> Path:
-    """``path`` itself when it is a transitions dataset, or ``path/transitions`` for a build output root."""
-    nested = path / "transitions"
-    return nested if nested.is_dir() else path
-
-
 def load_transitions(path: Path, config_hash_prefix: str | None = None) -> pl.LazyFrame:
     """The transitions under ``path`` (output root or its ``transitions/``) of one pipeline config.
 
     Several config hashes may coexist in a build output (one file per hash and date); unless
     ``config_hash_prefix`` picks one, more than one is an :class:`ExportError` listing them.
     """
-    directory = resolve_transitions_directory(path)
+    directory = transitions_directory(path)
     try:
         transitions = pl.from_arrow(read_table(directory, "transitions"))
     except DatasetError as exc:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tracelearn.schemas.dataset import DatasetError, DatasetFiles, file_schema_version, is_directory, locate_files
-from tracelearn.schemas.migrations import SchemaVersionError
+from tracelearn.schemas.dataset import DatasetError, DatasetFiles, is_directory, locate_files, require_current_version
 from tracelearn.schemas.tables import SPANS
 
 PARTITION_SCHEMA = {"date": pl.String, "service": pl.String}
@@ -36,18 +35,8 @@ def spans_location(root: str | Path) -> str:
 
 def _check_versions(files: DatasetFiles) -> None:
     for path in files.paths:
-        version = file_schema_version(path, SPANS, files.filesystem)
-        where = files.uri(path)
-        if version > SPANS.version:
-            raise SchemaVersionError(
-                f"{where}: spans schema version {version} is newer than this tracelearn reads ({SPANS.version}); "
-                "upgrade tracelearn"
-            )
-        if version < SPANS.version:
-            raise SchemaVersionError(
-                f"{where}: spans schema version {version} is older than {SPANS.version}; the lazy scan does not "
-                "migrate, rewrite the partition with tracelearn.schemas.dataset.read_table first"
-            )
+        fix = "rewrite the partition with tracelearn.schemas.dataset.read_table first"
+        require_current_version(path, SPANS, fix, files.filesystem, files.uri(path))
 
 
 def spans_files(root: str | Path, date: str | None = None) -> DatasetFiles:

@@ -20,8 +20,7 @@ import polars as pl
 from tracelearn.pipelines.advantages import grpo_advantages
 from tracelearn.pipelines.rollouts import rollout_rewards, rollout_task_ids
 from tracelearn.schemas import semconv as sc
-from tracelearn.schemas.dataset import DatasetError, dataset_files, file_schema_version
-from tracelearn.schemas.migrations import SchemaVersionError
+from tracelearn.schemas.dataset import DatasetError, dataset_files, require_current_version
 from tracelearn.schemas.tables import TRANSITIONS
 
 __all__ = [
@@ -62,17 +61,7 @@ def transitions_directory(root: str | Path) -> Path:
 def _check_versions(files: list[Path]) -> None:
     """Refuse, naming the file, a transitions file the lazy scan cannot read as the current schema."""
     for file in files:
-        version = file_schema_version(file, TRANSITIONS)
-        if version > TRANSITIONS.version:
-            raise SchemaVersionError(
-                f"{file}: transitions schema version {version} is newer than this tracelearn reads "
-                f"({TRANSITIONS.version}); upgrade tracelearn"
-            )
-        if version < TRANSITIONS.version:
-            raise SchemaVersionError(
-                f"{file}: transitions schema version {version} is older than {TRANSITIONS.version}; the lazy scan "
-                "does not migrate, rebuild the partition with `tracelearn transitions build`"
-            )
+        require_current_version(file, TRANSITIONS, "rebuild the partition with `tracelearn transitions build`")
 
 
 def choose_config_hash(hashes: list[str], prefix: str | None) -> str:

@@ -139,6 +139,29 @@ def file_schema_version(path: Path | str, expected: TableSpec, filesystem: pafs.
         raise SchemaVersionError(f"{path}: schema version {raw!r} is not an integer") from None
 
 
+def require_current_version(
+    path: Path | str, spec: TableSpec, older_fix: str, filesystem: pafs.FileSystem | None = None, where: str = ""
+) -> None:
+    """Refuse, naming the file, a file a lazy scan cannot read as the current schema of ``spec``.
+
+    Lazy scans (polars) read files as they are, without ``migrate``: a newer version means upgrade,
+    an older one is refused with ``older_fix`` (how to rewrite it). ``where`` names the file in the
+    message (default ``path``; a URI for object storage).
+    """
+    version = file_schema_version(path, spec, filesystem)
+    where = where or str(path)
+    if version > spec.version:
+        raise SchemaVersionError(
+            f"{where}: {spec.name} schema version {version} is newer than this tracelearn reads ({spec.version}); "
+            "upgrade tracelearn"
+        )
+    if version < spec.version:
+        raise SchemaVersionError(
+            f"{where}: {spec.name} schema version {version} is older than {spec.version}; the lazy scan does not "
+            f"migrate, {older_fix}"
+        )
+
+
 def read_table_file(path: Path, spec: TableSpec) -> pa.Table:
     """One file as the current schema of ``spec`` (migrated if older)."""
     version = file_schema_version(path, spec)
