@@ -1,0 +1,858 @@
+"""The LLM gateway: an OpenAI-compatible proxy that records every chat completion as an LLM span.
+
+An unmodified agent points its ``base_url`` at the gateway; the gateway forwards to one upstream
+(vLLM, ``tracelearn serve``, a hosted API) and owns four things:
+
+* **Faithful proxying.** ``/v1/chat/completions`` (streamed server-sent events are passed on event by
+  event), ``/v1/models`` and every other ``/v1/*`` path keep the upstream's status codes, error
+  bodies and headers (``retry-after`` included). An upstream that cannot be reached is a 502 (a
+  timeout a 504) with an OpenAI error body naming the upstream.
+* **Token ids.** Chat requests get ``"return_token_ids": true`` and ``"logprobs": true`` (vLLM's
+  extension; the embedded server has it too) unless the client asked for them itself, and what the
+  client did not ask for is stripped from the response, so the agent sees exactly the semantics it
+  requested. Whom to ask (``token_ids``): ``on`` every upstream, ``off`` none, ``auto`` (default)
+  upstreams on loopback, private addresses and local names, the rule of
+  ``tracelearn.instrumentation.token_ids`` (a hosted API never receives the fields). An upstream that
+  answers 400/422 with an error naming one of the added fields is remembered as not supporting it
+  and the request is sent again without it, so a mis-guessed upstream costs one extra request, once.
+* **One LLM span per call**, through the global tracer provider (or the one given), named
+  ``chat {model}`` with the attributes the in-process instrumentation writes and the pipeline reads:
+  ``gen_ai.operation.name``, request/response model, response id, finish reasons, usage, messages as
+  ``gen_ai.input.messages`` / ``gen_ai.output.messages`` (GenAI parts JSON), token ids, logprobs and
+  ``tracelearn.llm.token_ids_status``, and ``tracelearn.model.version``. A W3C ``traceparent`` (and
+  ``baggage``: rollout identity) on the request continues the caller's trace; otherwise each call is
+  a trace of its own. The span's context is sent upstream as ``traceparent``.
+* **Prompt substitution** (optional, ``PromptRule``): the system message of a chat request is
+  replaced by a registry prompt, re-read when its alias moves. The rule: a request is substituted
+  when it has a system (or developer) message as its first message and its ``model`` matches the
+  rule's model (a rule without a model matches every request); requests without a system message are
+  never given one. The first matching rule wins. The span records the messages the upstream saw and
+  ``tracelearn.prompt.ref`` (``name@version``).
+
+The model version is read from the upstream: the ``x-tracelearn-model-version`` header of
+``tracelearn serve``, else ``system_fingerprint``, else the response's (or request's) model name. It is
+recorded on the span and returned in the ``x-tracelearn-model-version`` response header (for a stream,
+from the first event, which the gateway reads before answering).
+
+Use both this gateway and an in-process LLM instrumentation on the same calls only with trace
+propagation: the gateway's span is then nested under the agent's and the pipeline counts the call once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from tracelearn.instrumentation.token_ids import (
+    LOGPROBS,
+    RETURN_TOKEN_IDS,
+    TokenIdsCapture,
+    should_request_token_ids,
+    token_ids_mode,
+)
+from tracelearn.schemas import semconv as sc
+
+if TYPE_CHECKING:
+    from tracelearn.registry import ArtifactVersion, Registry
+
+# The header ``tracelearn serve`` sends (serving.openai_api.MODEL_VERSION_HEADER; not imported, because
+# that module loads torch).
+MODEL_VERSION_HEADER: Final = "x-tracelearn-model-version"
+PROMPT_VERSION_HEADER: Final = "x-tracelearn-prompt-version"
+
+# Gateway attributes (candidates for schemas.semconv once the lead settles their names).
+GATEWAY_UPSTREAM: Final = "tracelearn.gateway.upstream"
+PROMPT_REF: Final = "tracelearn.prompt.ref"  # the version substituted, name@N
+PROMPT_REQUESTED: Final = "tracelearn.prompt.requested"  # the reference configured, e.g. name@production
+HTTP_STATUS: Final = "http.response.status_code"
+ERROR_TYPE: Final = "error.type"
+
+TOKEN_ID_FIELDS: Final = (RETURN_TOKEN_IDS, LOGPROBS)
+_REJECTION_STATUSES: Final = frozenset({400, 422})
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy recomputes; never forwarded either way.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_SYSTEM_ROLES: Final = frozenset({"system", "developer"})
+
+_log = logging.getLogger(__name__)
+
+
+class GatewayConfigError(ValueError):
+    """A gateway setting that cannot work (bad upstream URL, bad prompt rule, missing prompt)."""
+
+
+# --- Prompt substitution ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptRule:
+    """Replace the system message of requests for ``model`` (``None``: every model) by ``reference``."""
+
+    reference: str
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PromptRule:
+        """``REF`` or ``MODEL=REF`` (``calc-system@production``, ``calc-policy=calc-system@production``)."""
+        model, separator, reference = text.strip().rpartition("=")
+        if not reference or (separator and not model):
+            raise GatewayConfigError(
+                f"prompt substitution {text!r}: write PROMPT_REF or MODEL=PROMPT_REF, e.g. calc-system@production"
+            )
+        return cls(reference=reference, model=model or None)
+
+    def matches(self, model: Any) -> bool:
+        return self.model is None or self.model == model
+
+
+@dataclass(frozen=True)
+class SubstitutedPrompt:
+    version: ArtifactVersion
+    text: str
+
+
+class PromptSource:
+    """One registry prompt reference, cached; ``refresh`` re-reads the text only when the alias moved.
+
+    ``start`` polls every ``poll_seconds`` on a daemon thread; a failed poll is logged (once per
+    kind of failure) and the last good prompt stays in use.
+    """
+
+    def __init__(self, registry: Registry, rule: PromptRule, poll_seconds: float = 5.0) -> None:
+        self.registry = registry
+        self.rule = rule
+        self.poll_seconds = poll_seconds
+        self._current: SubstitutedPrompt | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failures: set[str] = set()
+
+    @property
+    def current(self) -> SubstitutedPrompt:
+        if self._current is None:
+            self.refresh()
+        assert self._current is not None
+        return self._current
+
+    def refresh(self) -> bool:
+        """Resolve the reference now; returns whether the substituted version changed."""
+        version = self.registry.resolve(self.rule.reference)
+        held = self._current
+        if held is not None and held.version.name == version.name and held.version.version == version.version:
+            return False
+        version, text = self.registry.read_prompt(version.ref)
+        self._current = SubstitutedPrompt(version, text)
+        if held is not None:
+            _log.info("gateway: %s now substitutes %s (was %s)", self.rule.reference, version.ref, held.version.ref)
+        return True
+
+    def start(self) -> PromptSource:
+        self.refresh()  # fail at startup, with the registry's message, not on the first request
+        self._thread = threading.Thread(target=self._poll, name="tracelearn-gateway-prompt", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.refresh()
+            except Exception as error:
+                kind = type(error).__name__
+                level = logging.DEBUG if kind in self._failures else logging.WARNING
+                self._failures.add(kind)
+                _log.log(level, "gateway: cannot refresh prompt %s (%s); keeping %s", self.rule.reference, error,
+                         self._current.version.ref if self._current else "none")
+
+
+def substitute_system_prompt(body: dict[str, Any], text: str) -> bool:
+    """Replace the content of ``body``'s leading system/developer message by ``text``; whether it did."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return False
+    first = messages[0]
+    if not isinstance(first, dict) or first.get("role") not in _SYSTEM_ROLES:
+        return False
+    messages[0] = {**first, "content": text}
+    return True
+
+
+# --- Span attributes --------------------------------------------------------------------------------
+
+
+def _text_parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "content": content}]
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                parts.append({"type": "text", "content": str(part.get("text", ""))})
+            elif isinstance(part, dict):
+                parts.append({"type": str(part.get("type", "unknown"))})  # images etc.: kind only
+        return parts
+    return []
+
+
+def _tool_call_parts(calls: Any) -> list[dict[str, Any]]:
+    parts = []
+    for call in calls or ():
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") or {}
+        parts.append(
+            {"type": "tool_call", "id": call.get("id"), "name": function.get("name"),
+             "arguments": function.get("arguments")}
+        )
+    return parts
+
+
+def input_messages_json(messages: Any) -> str:
+    """OpenAI chat messages as GenAI ``gen_ai.input.messages`` JSON (role + parts)."""
+    converted = []
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role", "user")
+        if role == "tool":
+            parts: list[dict[str, Any]] = [
+                {"type": "tool_call_response", "id": message.get("tool_call_id"), "response": message.get("content")}
+            ]
+        else:
+            parts = _text_parts(message.get("content")) + _tool_call_parts(message.get("tool_calls"))
+        converted.append({"role": role, "parts": parts})
+    return json.dumps(converted, ensure_ascii=False)
+
+
+@dataclass
+class _ChoiceOutput:
+    content: str = ""
+    has_content: bool = False
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def add_message(self, message: Mapping[str, Any]) -> None:
+        if isinstance(message.get("content"), str):
+            self.content += message["content"]
+            self.has_content = True
+        for index, call in enumerate(message.get("tool_calls") or ()):
+            if isinstance(call, dict):
+                self.tool_calls[index] = call
+
+    def add_delta(self, delta: Mapping[str, Any]) -> None:
+        if isinstance(delta.get("content"), str):
+            self.content += delta["content"]
+            self.has_content = self.has_content or bool(delta["content"])
+        for piece in delta.get("tool_calls") or ():
+            if not isinstance(piece, dict):
+                continue
+            empty = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            call = self.tool_calls.setdefault(int(piece.get("index", len(self.tool_calls))), empty)
+            if piece.get("id"):
+                call["id"] = piece["id"]
+            function = piece.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] += function["name"]
+            if function.get("arguments"):
+                call["function"]["arguments"] += function["arguments"]
+
+    def message(self) -> dict[str, Any]:
+        parts = _text_parts(self.content) if self.has_content else []
+        parts += _tool_call_parts([self.tool_calls[i] for i in sorted(self.tool_calls)])
+        out: dict[str, Any] = {"role": "assistant", "parts": parts}
+        if self.finish_reason is not None:
+            out["finish_reason"] = self.finish_reason
+        return out
+
+
+@dataclass
+class _ResponseRecord:
+    """What the span learns from a response (or the events of a stream)."""
+
+    asked_token_ids: bool
+    capture: TokenIdsCapture = field(default_factory=TokenIdsCapture)
+    choices: dict[int, _ChoiceOutput] = field(default_factory=dict)
+    model: str | None = None
+    fingerprint: str | None = None
+    usage: Mapping[str, Any] | None = None
+    error: str | None = None
+
+    def _top(self, body: Mapping[str, Any]) -> None:
+        if self.model is None and isinstance(body.get("model"), str):
+            self.model = body["model"]
+        if self.fingerprint is None and isinstance(body.get("system_fingerprint"), str):
+            self.fingerprint = body["system_fingerprint"]
+        if isinstance(body.get("usage"), dict):
+            self.usage = body["usage"]
+        if isinstance(body.get("error"), dict):
+            self.error = str(body["error"].get("message") or body["error"])
+
+    def add_response(self, body: Mapping[str, Any]) -> None:
+        self._top(body)
+        self.capture.add_response(body)
+        for choice in body.get("choices") or ():
+            if isinstance(choice, dict):
+                output = self.choices.setdefault(int(choice.get("index") or 0), _ChoiceOutput())
+                output.add_message(choice.get("message") or {})
+                output.finish_reason = choice.get("finish_reason")
+
+    def add_chunk(self, chunk: Mapping[str, Any]) -> None:
+        self._top(chunk)
+        self.capture.add_chunk(chunk)
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                output = self.choices.setdefault(int(choice.get("index") or 0), _ChoiceOutput())
+                output.add_delta(choice.get("delta") or {})
+                if choice.get("finish_reason") is not None:
+                    output.finish_reason = choice["finish_reason"]
+
+    def attributes(self, status_when_not_asked: str) -> dict[str, Any]:
+        attributes: dict[str, Any] = {}
+        if self.model is not None:
+            attributes[sc.GEN_AI_RESPONSE_MODEL] = self.model
+        if self.choices:
+            outputs = [self.choices[i] for i in sorted(self.choices)]
+            attributes[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([o.message() for o in outputs], ensure_ascii=False)
+            reasons = [o.finish_reason for o in outputs if o.finish_reason is not None]
+            if reasons:
+                attributes[sc.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
+        if self.usage is not None:
+            for key, name in (("prompt_tokens", sc.GEN_AI_USAGE_INPUT_TOKENS),
+                              ("completion_tokens", sc.GEN_AI_USAGE_OUTPUT_TOKENS)):
+                if isinstance(self.usage.get(key), int):
+                    attributes[name] = self.usage[key]
+        if self.asked_token_ids:
+            attributes.update(self.capture.attributes())
+        else:
+            if self.capture.response_id is not None:
+                attributes[sc.GEN_AI_RESPONSE_ID] = self.capture.response_id
+            attributes[sc.TOKEN_IDS_STATUS] = status_when_not_asked
+        return attributes
+
+    def model_version(self, header: str | None, requested_model: Any) -> str:
+        for candidate in (header, self.fingerprint, self.model, requested_model):
+            if isinstance(candidate, str) and candidate:
+                return candidate
+        return "unknown"
+
+
+# --- Stripping what the client did not ask for ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ClientAsked:
+    token_ids: bool
+    logprobs: bool
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> _ClientAsked:
+        return cls(token_ids=bool(body.get(RETURN_TOKEN_IDS)), logprobs=bool(body.get(LOGPROBS)))
+
+    def strip(self, body: dict[str, Any], streamed: bool) -> bool:
+        """Remove from a response (or a chunk) what the client did not ask for; False: drop the chunk.
+
+        A chunk that carried only what was stripped (a delta's token ids or logprobs) is dropped, as
+        the upstream would not have sent it to this client.
+        """
+        if not self.token_ids:
+            body.pop("prompt_token_ids", None)
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return True
+        carried_only_extras = bool(choices)
+        for choice in choices:
+            if not isinstance(choice, dict):
+                carried_only_extras = False
+                continue
+            if not self.token_ids:
+                choice.pop("token_ids", None)
+            if not self.logprobs and "logprobs" in choice:
+                choice["logprobs"] = None
+            kept = choice.get("delta") or choice.get("finish_reason") is not None or choice.get("logprobs")
+            if not streamed or kept or choice.get("token_ids") is not None:
+                carried_only_extras = False
+        visible = {key for key in body if key not in ("id", "object", "created", "model", "choices",
+                                                         "system_fingerprint", "usage")}
+        if body.get("usage") is not None or visible:
+            carried_only_extras = False
+        return not (streamed and carried_only_extras)
+
+
+# --- The upstream -----------------------------------------------------------------------------------
+
+
+def normalize_upstream(url: str) -> str:
+    """The upstream's OpenAI base URL: ``http://host:8000`` becomes ``http://host:8000/v1``."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise GatewayConfigError(f"upstream {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000/v1")
+    base = url.strip().rstrip("/")
+    return base if parts.path.strip("/") else base + "/v1"
+
+
+def _error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+
+
+def _forwarded_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name: value for name, value in headers if name.lower() not in _HOP_BY_HOP}
+
+
+def _response_headers(headers: httpx.Headers, decoded: bool) -> dict[str, str]:
+    """Upstream response headers for the client; ``decoded``: the body was decompressed by httpx."""
+    kept = {}
+    for name, value in headers.multi_items():
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or (decoded and lower == "content-encoding"):
+            continue
+        kept[name] = value
+    return kept
+
+
+def _rejected_fields(status: int, text: str, injected: Sequence[str]) -> list[str]:
+    """The fields we added that an error response refuses (empty: the error is the client's own)."""
+    if status not in _REJECTION_STATUSES:
+        return []
+    return [name for name in injected if name in text]
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or timed out (answered as 502 / 504)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(_error_body(self.message, "upstream_error", self.code), status_code=self.status)
+
+
+class Gateway:
+    """The proxy's state: the upstream client, what it learned about the upstream, the prompt sources."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        token_ids: str = "auto",
+        prompt_sources: Sequence[PromptSource] = (),
+        tracer_provider: trace.TracerProvider | None = None,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.upstream = normalize_upstream(upstream)
+        self.mode = token_ids_mode(token_ids)
+        self.prompt_sources = list(prompt_sources)
+        self.tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self.rejected_fields: set[str] = set()  # learned: the upstream refuses these fields
+        self.timeout = httpx.Timeout(timeout_s, connect=10.0)
+        self._client: httpx.AsyncClient | None = None
+        parts = urlsplit(self.upstream)
+        self._server_attributes: dict[str, Any] = {
+            "server.address": parts.hostname or "",
+            GATEWAY_UPSTREAM: self.upstream,
+        }
+        if parts.port is not None:
+            self._server_attributes["server.port"] = parts.port
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        # Created on first use, inside the serving event loop.
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def close(self) -> None:
+        """Stop polling the registry (the HTTP client closes with the event loop)."""
+        for source in self.prompt_sources:
+            source.stop()
+
+    def url(self, path: str, query: str) -> str:
+        return f"{self.upstream}/{path.lstrip('/')}" + (f"?{query}" if query else "")
+
+    def unreachable(self, error: httpx.TransportError) -> UpstreamError:
+        if isinstance(error, httpx.TimeoutException):
+            return UpstreamError(504, f"the upstream model server {self.upstream} did not answer in time "
+                                      f"({type(error).__name__}); raise --timeout or check its load",
+                                 "upstream_timeout")
+        return UpstreamError(502, f"the upstream model server {self.upstream} could not be reached "
+                                  f"({type(error).__name__}: {error}); check that it is running and that --upstream "
+                                  "names it", "upstream_unreachable")
+
+    def fields_to_add(self, body: Mapping[str, Any]) -> list[str]:
+        if not should_request_token_ids(self.upstream, self.mode):
+            return []
+        return [name for name in TOKEN_ID_FIELDS if not body.get(name) and name not in self.rejected_fields]
+
+    def prompt_for(self, model: Any) -> PromptSource | None:
+        return next((source for source in self.prompt_sources if source.rule.matches(model)), None)
+
+    # -- generic /v1/* ---------------------------------------------------------------------------------
+
+    async def forward(self, request: Request, path: str) -> Response:
+        """Any other ``/v1/*`` request, passed through unchanged (bytes streamed both ways)."""
+        upstream_request = self.client.build_request(
+            request.method, self.url(path, request.url.query), headers=_forwarded_headers(request.headers.items()),
+            content=await request.body(),
+        )
+        try:
+            response = await self.client.send(upstream_request, stream=True)
+        except httpx.TransportError as error:
+            return self.unreachable(error).response()
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for piece in response.aiter_raw():
+                    yield piece
+            finally:
+                await response.aclose()
+
+        return StreamingResponse(body(), status_code=response.status_code,
+                                 headers=_response_headers(response.headers, decoded=False))
+
+    # -- chat completions ------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return await self.forward_body(request, raw)  # the upstream answers a malformed body its own way
+        parent = propagate.extract(dict(request.headers))
+        model = body.get("model")
+        span = self.tracer.start_span(f"chat {model}", context=parent, kind=SpanKind.CLIENT,
+                                      attributes=self._request_attributes(body, parent))
+        try:
+            substituted = self._substitute(body, span)
+            asked = _ClientAsked.of(body)
+            headers = _forwarded_headers(request.headers.items())
+            headers.pop("traceparent", None)
+            headers.pop("tracestate", None)
+            headers["accept-encoding"] = "identity"
+            propagate.inject(headers, context=trace.set_span_in_context(span, parent))
+            span.set_attribute(sc.GEN_AI_INPUT_MESSAGES, input_messages_json(body.get("messages")))
+            extra_headers = {PROMPT_VERSION_HEADER: substituted} if substituted else {}
+            if body.get("stream"):
+                return await self._stream(body, headers, asked, span, extra_headers)
+            return await self._complete(body, headers, asked, span, extra_headers)
+        except BaseException as error:
+            _end_with_error(span, error)
+            raise
+
+    async def forward_body(self, request: Request, raw: bytes) -> Response:
+        try:
+            response = await self.client.request(request.method, self.url("chat/completions", request.url.query),
+                                                 headers=_forwarded_headers(request.headers.items()), content=raw)
+        except httpx.TransportError as error:
+            return self.unreachable(error).response()
+        return Response(response.content, status_code=response.status_code,
+                        headers=_response_headers(response.headers, decoded=True))
+
+    def _request_attributes(self, body: Mapping[str, Any], parent: otel_context.Context) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: "chat",
+            sc.GEN_AI_PROVIDER_NAME: "openai",
+            **self._server_attributes,
+        }
+        if isinstance(body.get("model"), str):
+            attributes[sc.GEN_AI_REQUEST_MODEL] = body["model"]
+        for key in ("temperature", "top_p", "max_tokens", "seed"):
+            value = body.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                attributes[f"gen_ai.request.{key}"] = value
+        # Rollout identity travels in W3C baggage; the gateway process has no rollout of its own.
+        for key, value in baggage.get_all(parent).items():
+            if key in sc.BAGGAGE_KEYS and isinstance(value, str):
+                attributes[key] = value
+        return attributes
+
+    def _substitute(self, body: dict[str, Any], span: trace.Span) -> str | None:
+        source = self.prompt_for(body.get("model"))
+        if source is None:
+            return None
+        prompt = source.current
+        if not substitute_system_prompt(body, prompt.text):
+            return None
+        span.set_attributes({PROMPT_REF: prompt.version.ref, PROMPT_REQUESTED: source.rule.reference})
+        return prompt.version.ref
+
+    async def _send_chat(
+        self, body: dict[str, Any], headers: dict[str, str], stream: bool
+    ) -> tuple[httpx.Response, bool]:
+        """POST the chat request with the token-id fields the upstream takes; returns (response, asked ids).
+
+        A 400/422 naming a field we added teaches the gateway that the upstream refuses it; the
+        request is then sent again without it (at most once per added field).
+        """
+        added = self.fields_to_add(body)
+        while True:
+            sent = {**body, **dict.fromkeys(added, True)}
+            request = self.client.build_request("POST", self.url("chat/completions", ""), headers=headers, json=sent)
+            try:
+                response = await self.client.send(request, stream=stream)
+            except httpx.TransportError as error:
+                raise self.unreachable(error) from error
+            if not added or response.status_code not in _REJECTION_STATUSES:
+                return response, bool(sent.get(RETURN_TOKEN_IDS))
+            text = (await response.aread()).decode("utf-8", errors="replace")
+            refused = _rejected_fields(response.status_code, text, added)
+            if not refused:
+                return response, bool(sent.get(RETURN_TOKEN_IDS))
+            await response.aclose()
+            self.rejected_fields.update(refused)
+            _log.info("gateway: %s rejected %s (HTTP %s); retrying without and not sending them again",
+                      self.upstream, ", ".join(refused), response.status_code)
+            added = [name for name in added if name not in refused]
+
+    def _status_when_not_asked(self) -> str:
+        rejected = RETURN_TOKEN_IDS in self.rejected_fields
+        return sc.TOKEN_IDS_REJECTED if rejected else sc.TOKEN_IDS_NOT_REQUESTED
+
+    async def _complete(
+        self, body: dict[str, Any], headers: dict[str, str], asked: _ClientAsked, span: trace.Span,
+        extra_headers: dict[str, str],
+    ) -> Response:
+        try:
+            response, asked_ids = await self._send_chat(body, headers, stream=False)
+        except UpstreamError as error:
+            _end_with_upstream_error(span, error)
+            return error.response()
+        content = response.content
+        span.set_attribute(HTTP_STATUS, response.status_code)
+        out_headers = _response_headers(response.headers, decoded=True)
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            payload = None
+        if response.status_code >= 400 or not isinstance(payload, dict):
+            _end_failed(span, response.status_code, content)
+            return Response(content, status_code=response.status_code, headers=out_headers)
+        record = _ResponseRecord(asked_token_ids=asked_ids)
+        record.add_response(payload)
+        version = record.model_version(response.headers.get(MODEL_VERSION_HEADER), body.get("model"))
+        span.set_attributes(record.attributes(self._status_when_not_asked()))
+        span.set_attribute(sc.MODEL_VERSION, version)
+        span.end()
+        asked.strip(payload, streamed=False)
+        out_headers.update({MODEL_VERSION_HEADER: version, **extra_headers})
+        out_headers.pop("content-type", None)
+        return JSONResponse(payload, status_code=response.status_code, headers=out_headers)
+
+    async def _stream(
+        self, body: dict[str, Any], headers: dict[str, str], asked: _ClientAsked, span: trace.Span,
+        extra_headers: dict[str, str],
+    ) -> Response:
+        try:
+            response, asked_ids = await self._send_chat(body, headers, stream=True)
+        except UpstreamError as error:
+            _end_with_upstream_error(span, error)
+            return error.response()
+        span.set_attribute(HTTP_STATUS, response.status_code)
+        out_headers = _response_headers(response.headers, decoded=True)
+        if response.status_code >= 400:
+            content = await response.aread()
+            await response.aclose()
+            _end_failed(span, response.status_code, content)
+            return Response(content, status_code=response.status_code, headers=out_headers)
+        record = _ResponseRecord(asked_token_ids=asked_ids)
+        events = _sse_events(response)
+        # The first event is read before answering so the model version header can come from it.
+        try:
+            first = await anext(events, None)
+        except httpx.TransportError as error:
+            await response.aclose()
+            upstream_error = self.unreachable(error)
+            _end_with_upstream_error(span, upstream_error)
+            return upstream_error.response()
+        if first is not None and first.payload is not None:
+            record.add_chunk(first.payload)
+        version = record.model_version(response.headers.get(MODEL_VERSION_HEADER), body.get("model"))
+        out_headers.update({MODEL_VERSION_HEADER: version, **extra_headers})
+        status_when_not_asked = self._status_when_not_asked()
+
+        async def relay() -> AsyncIterator[bytes]:
+            completed = False
+            try:
+                event = first
+                while event is not None:
+                    if event.payload is not None and event is not first:
+                        record.add_chunk(event.payload)
+                    text = event.render(asked)
+                    if text is not None:
+                        yield text.encode()
+                    event = await anext(events, None)
+                completed = True
+            except httpx.TransportError as error:
+                record.error = f"the upstream stream broke: {type(error).__name__}: {error}"
+                message = _error_body(f"{record.error}; the response is incomplete", "upstream_error",
+                                      "upstream_broken")
+                yield f"data: {json.dumps(message)}\n\n".encode()
+            finally:
+                await response.aclose()
+                span.set_attributes(record.attributes(status_when_not_asked))
+                span.set_attribute(sc.MODEL_VERSION, record.model_version(
+                    response.headers.get(MODEL_VERSION_HEADER), body.get("model")))
+                if record.error is not None:
+                    span.set_status(Status(StatusCode.ERROR, record.error))
+                elif not completed:
+                    span.set_status(Status(StatusCode.ERROR, "the client went away before the stream ended"))
+                span.end()
+
+        out_headers.pop("content-type", None)
+        return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream",
+                                 headers=out_headers)
+
+
+@dataclass
+class _SSEEvent:
+    lines: list[str]
+    payload: dict[str, Any] | None  # the JSON of a single ``data:`` line, when it is one
+
+    def render(self, asked: _ClientAsked) -> str | None:
+        """The event as the client should see it (``None``: nothing left to send)."""
+        if self.payload is None:
+            return "\n".join(self.lines) + "\n\n"
+        if not asked.strip(self.payload, streamed=True):
+            return None
+        others = [line for line in self.lines if not line.startswith("data:")]
+        return "".join(f"{line}\n" for line in others) + f"data: {json.dumps(self.payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[_SSEEvent]:
+    """Server-sent events of a response, one at a time as they arrive (a blank line ends an event)."""
+    lines: list[str] = []
+    async for line in response.aiter_lines():
+        if line:
+            lines.append(line)
+            continue
+        if lines:
+            yield _parse_event(lines)
+            lines = []
+    if lines:
+        yield _parse_event(lines)
+
+
+def _parse_event(lines: list[str]) -> _SSEEvent:
+    data = [line for line in lines if line.startswith("data:")]
+    if len(data) != 1:
+        return _SSEEvent(lines, None)
+    text = data[0][len("data:"):].strip()
+    if text == "[DONE]":
+        return _SSEEvent(lines, None)
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return _SSEEvent(lines, None)
+    return _SSEEvent(lines, payload if isinstance(payload, dict) else None)
+
+
+def _end_with_error(span: trace.Span, error: BaseException) -> None:
+    if span.is_recording():
+        span.set_attribute(ERROR_TYPE, type(error).__name__)
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
+
+
+def _end_with_upstream_error(span: trace.Span, error: UpstreamError) -> None:
+    span.set_attributes({ERROR_TYPE: error.code, HTTP_STATUS: error.status})
+    span.set_status(Status(StatusCode.ERROR, error.message))
+    span.end()
+
+
+def _end_failed(span: trace.Span, status: int, content: bytes) -> None:
+    try:
+        message = str(json.loads(content)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = content[:500].decode("utf-8", errors="replace")
+    span.set_attributes({ERROR_TYPE: str(status), sc.TOKEN_IDS_STATUS: sc.TOKEN_IDS_MISSING})
+    span.set_status(Status(StatusCode.ERROR, f"upstream answered HTTP {status}: {message}"))
+    span.end()
+
+
+# --- The app ----------------------------------------------------------------------------------------
+
+
+def create_gateway_app(
+    upstream: str,
+    *,
+    token_ids: str = "auto",
+    prompt_rules: Sequence[PromptRule] = (),
+    registry: Registry | None = None,
+    prompt_poll_seconds: float = 5.0,
+    tracer_provider: trace.TracerProvider | None = None,
+    timeout_s: float = 600.0,
+) -> FastAPI:
+    """The gateway app in front of ``upstream`` (an OpenAI base URL; ``/v1`` is added when it has no path).
+
+    ``prompt_rules`` need a ``registry`` (default: ``tracelearn.registry.open_registry()``); each
+    prompt is read now (an unknown reference fails here) and then polled every
+    ``prompt_poll_seconds``. ``app.state.gateway`` is the ``Gateway``; call its ``close()`` when done.
+    """
+    sources: list[PromptSource] = []
+    if prompt_rules:
+        if registry is None:
+            from tracelearn.registry import open_registry
+
+            registry = open_registry()
+        for rule in prompt_rules:
+            try:
+                sources.append(PromptSource(registry, rule, prompt_poll_seconds).start())
+            except Exception as error:
+                for started in sources:
+                    started.stop()
+                raise GatewayConfigError(f"prompt substitution {rule.reference!r}: {error}") from error
+    gateway = Gateway(upstream, token_ids=token_ids, prompt_sources=sources, tracer_provider=tracer_provider,
+                      timeout_s=timeout_s)
+    app = FastAPI(title="tracelearn gateway")
+    app.state.gateway = gateway
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        prompts = {s.rule.reference: s.current.version.ref for s in gateway.prompt_sources}
+        return {"status": "ok", "upstream": gateway.upstream, "prompts": prompts}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.chat_completions(request)
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], response_model=None)
+    async def other(request: Request, path: str) -> Response:
+        return await gateway.forward(request, path)
+
+    return app
