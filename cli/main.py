@@ -4,6 +4,7 @@ import click
 
 from tracelearn.cli.demo import demo
 from tracelearn.cli.feedback import feedback
+from tracelearn.cli.registry import registry
 from tracelearn.cli.serve import serve
 from tracelearn.cli.spans import spans
 from tracelearn.cli.transitions import transitions
@@ -17,6 +18,7 @@ def main() -> None:
 
 main.add_command(demo)
 main.add_command(feedback)
+main.add_command(registry)
 main.add_command(spans)
 main.add_command(serve)
 main.add_command(transitions)

@@ -54,6 +54,8 @@ CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/tracelearn/registry-cache")
 # Publishers racing for one version number retry with a fresh number; the bound only stops a livelock.
 _MAX_CLAIM_ATTEMPTS = 64
+# A claim on object storage is held for milliseconds; one this old belongs to a writer that died.
+_STALE_CLAIM_SECONDS = 60.0
 
 
 class _LocalStore:
@@ -163,18 +165,31 @@ class _ArrowStore:
         return sorted(info.base_name for info in infos)
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        if self.read(path) is not None:
-            return False
         claims = f"{path}.claims"
         mine = uuid.uuid4().hex
-        self.write_atomic(f"{claims}/{mine}", b"")
-        if self.list_names(claims) != [mine]:
-            # Someone else claimed the name too: nobody can be sure to be alone, so withdraw; the winner
-            # (if any) saw only its own claim and keeps it.
+        for attempt in range(_MAX_CLAIM_ATTEMPTS):
+            if self.read(path) is not None:
+                return False
+            self.write_atomic(f"{claims}/{mine}", b"")
+            if self._live_claims(claims) == [mine]:
+                self.write_atomic(path, data)
+                return True
+            # Someone else claimed the name too and nobody can be sure to be alone: withdraw and look again
+            # after a random pause. A winner saw only its own claim and keeps it, so it is never displaced.
             self.delete(f"{claims}/{mine}")
-            return False
-        self.write_atomic(path, data)
-        return True
+            time.sleep(random.uniform(0.005, 0.02 * (attempt + 1)))
+        raise RegistryError(f"could not create {self.describe(path)}: {_MAX_CLAIM_ATTEMPTS} contested attempts")
+
+    def _live_claims(self, claims: str) -> list[str]:
+        """Claim names, ignoring claims older than ``_STALE_CLAIM_SECONDS`` (their writer died mid-claim)."""
+        selector = pafs.FileSelector(self._full(claims), allow_not_found=True, recursive=False)
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except OSError as error:
+            raise RegistryError(f"cannot list {self.describe(claims)}: {error}") from error
+        now = time.time()
+        return sorted(info.base_name for info in infos
+                      if info.mtime is None or now - info.mtime.timestamp() < _STALE_CLAIM_SECONDS)
 
     def write_atomic(self, path: str, data: bytes) -> None:
         try:
@@ -309,6 +324,13 @@ class FilesystemRegistry(Registry):
     def _version_numbers(self, name: str) -> list[int]:
         return sorted(int(entry) for entry in self._store.list_names(f"{name}/versions") if entry.isdigit())
 
+    def _highest_claimed(self, name: str) -> int:
+        """The highest number a publisher took; a folder left without a claim (a write refused) is free."""
+        for number in reversed(self._version_numbers(name)):
+            if self._store.read(f"{name}/versions/{number}/claim.json") is not None:
+                return number
+        return 0
+
     def _read_version(self, name: str, number: int) -> ArtifactVersion | None:
         cached = self._versions.get((name, number))
         if cached is not None:
@@ -344,8 +366,7 @@ class FilesystemRegistry(Registry):
 
     def _claim_version_number(self, name: str) -> int:
         for attempt in range(_MAX_CLAIM_ATTEMPTS):
-            numbers = self._version_numbers(name)
-            number = (numbers[-1] + 1) if numbers else 1
+            number = self._highest_claimed(name) + 1
             claim = {"claimed_at": utc_now(), "pid": os.getpid(), "host": os.uname().nodename}
             if self._store.create_exclusive(f"{name}/versions/{number}/claim.json", _encode(claim)):
                 return number

@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.fs as pafs
 import pytest
-from moto.server import ThreadedMotoServer
+from support.s3_server import s3_bucket
 from support.spans_factory import SpansFactory, at
 
 from tracelearn.pipelines.build import build_transitions
@@ -19,25 +19,8 @@ NOW = at(3600)
 
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[pafs.FileSystem]:
-    """An S3 endpoint on localhost; pyarrow and polars find it through the standard AWS variables."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ALLOW_HTTP": "true",
-    }.items():
-        monkeypatch.setenv(name, value)
-    filesystem = pafs.S3FileSystem(endpoint_override=f"http://{host}:{port}", allow_bucket_creation=True)
-    filesystem.create_dir(BUCKET)
-    try:
+    with s3_bucket(monkeypatch, BUCKET) as filesystem:
         yield filesystem
-    finally:
-        server.stop()
 
 
 def write_local_spans(data: Path) -> None:
