@@ -45,6 +45,15 @@ from tracelearn.registry.contents import SourceContents, describe_source
 REGISTRY_ENV = "TRACELEARN_REGISTRY"
 DEFAULT_REGISTRY_DIR = Path("~/.cache/tracelearn/registry")
 
+# The registry's settings, as the README's settings table lists them (a test keeps the two equal).
+ENV_VARS: dict[str, tuple[str, str]] = {
+    REGISTRY_ENV: ("~/.cache/tracelearn/registry",
+                   "Registry location: a directory, a pyarrow URI (`s3://...`) or `mlflow+http://host:port`."),
+    "TRACELEARN_REGISTRY_CACHE": ("~/.cache/tracelearn/registry-cache",
+                                  "Where versions from a remote registry are downloaded (by digest) before loading."),
+    "TRACELEARN_PROMPTS": ("unset", "Pin prompts for one run: `name=name@7,other=other@candidate`."),
+}
+
 
 def default_registry_location() -> str:
     """``$TRACELEARN_REGISTRY``, else ``~/.cache/tracelearn/registry``."""

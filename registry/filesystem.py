@@ -50,7 +50,7 @@ from tracelearn.registry.artifacts import (
 from tracelearn.registry.backend import Registry, utc_now
 from tracelearn.registry.contents import SourceContents, verify_files
 
-CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"
+CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"  # listed with its default in backend.ENV_VARS
 DEFAULT_CACHE_DIR = Path("~/.cache/tracelearn/registry-cache")
 # Publishers racing for one version number retry with a fresh number; the bound only stops a livelock.
 _MAX_CLAIM_ATTEMPTS = 64
