@@ -1,22 +1,33 @@
 """``tracelearn serve``: the embedded OpenAI-compatible model server.
 
+``--model registry:NAME@ALIAS`` serves the registry version the alias names and follows the alias:
+when it moves, the new version is loaded in the background and swapped in without failing requests
+(``tracelearn.serving.registry_models``).
+
 torch, transformers and uvicorn are imported inside the command, so ``tracelearn --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from tracelearn.serving.engine_slot import EngineSlot
 
 
 @click.command()
 @click.option("--model", "model_name", default="smollm2", show_default=True,
-              help="'smollm2' (the cached default), a Hugging Face model directory, a .gguf file, "
-                   "or a hub id already in the local Hugging Face cache.")
+              help="'smollm2' (the cached default), a Hugging Face model directory, a LoRA adapter directory, "
+                   "a .gguf file, a hub id already in the local Hugging Face cache, or registry:NAME@ALIAS "
+                   "(followed: a moved alias is hot-swapped in; registry at $TRACELEARN_REGISTRY).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -26,6 +37,8 @@ import click
               help="Model name in the API (default: the model's own name, e.g. SmolLM2-135M-Instruct).")
 @click.option("--max-model-len", default=None, type=click.IntRange(min=2),
               help="Cap the context length below the model's own limit.")
+@click.option("--watch-interval", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds between checks of a registry:NAME@ALIAS model's alias.")
 def serve(
     model_name: str,
     host: str,
@@ -34,43 +47,33 @@ def serve(
     device: str,
     served_model_name: str | None,
     max_model_len: int | None,
+    watch_interval: float,
 ) -> None:
     """Serve a model over the OpenAI chat-completions API (token ids and logprobs included)."""
-    from tracelearn.serving.engine import GenerationEngine
     from tracelearn.serving.http_server import BackgroundServer
-    from tracelearn.serving.model_store import (
-        DEFAULT_MODEL_ALIASES,
-        DEFAULT_MODEL_NAME,
-        ModelNotFoundError,
-        is_default_model_name,
-        load_model,
-        resolve_model,
-    )
+    from tracelearn.serving.model_store import REGISTRY_PREFIX
     from tracelearn.serving.openai_api import create_app
 
-    try:
-        source = resolve_model(model_name)
-    except ModelNotFoundError as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f"loading {source.model_id} from {source.directory} (device: {device}) ...")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    try:
-        loaded = load_model(source, device=device, max_model_len=max_model_len)
-    except (ModelNotFoundError, ValueError) as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f"loaded {loaded.model_version} on {loaded.device} in {time.perf_counter() - started:.1f} s "
-               f"(context {loaded.context_length} tokens)")
-    aliases = {model_name}
-    if is_default_model_name(model_name):
-        aliases |= {*DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME}
-    engine = GenerationEngine(loaded, max_batch_size=max_batch_size)
-    server = BackgroundServer(create_app(engine, served_model_name, aliases), host=host, port=port)
+    if model_name.startswith(REGISTRY_PREFIX):
+        slot, aliases, stop_following = _follow_registry_model(model_name, device, max_model_len, max_batch_size,
+                                                               watch_interval)
+        served = served_model_name or slot.following or model_name
+    else:
+        slot, aliases = _load_model(model_name, device, max_model_len, max_batch_size)
+        served, stop_following = served_model_name or slot.current.model_id, None
+    click.echo(f"loaded {slot.current.model_version} in {time.perf_counter() - started:.1f} s "
+               f"(context {slot.current.context_length} tokens)")
+    server = BackgroundServer(create_app(slot, served, aliases), host=host, port=port)
     try:
         server.start()
     except RuntimeError as error:
-        engine.close()
+        if stop_following is not None:
+            stop_following()
+        slot.close()
         raise click.ClickException(f"{error} (is the port in use?)") from error
-    click.echo(f"serving {served_model_name or loaded.model_id} on {server.base_url}  (Ctrl-C to stop)")
+    click.echo(f"serving {served} on {server.base_url}  (Ctrl-C to stop)")
 
     stop = threading.Event()
 
@@ -82,5 +85,66 @@ def serve(
     while not stop.wait(0.5):
         pass
     click.echo("shutting down ...")
+    if stop_following is not None:
+        stop_following()
     server.stop()
-    engine.close()
+    slot.close()
+
+
+def _load_model(
+    model_name: str, device: str, max_model_len: int | None, max_batch_size: int
+) -> tuple[EngineSlot, set[str]]:
+    """A slot holding one engine for a model that is served as loaded, and the names it answers to."""
+    from tracelearn.serving.engine import GenerationEngine
+    from tracelearn.serving.engine_slot import EngineSlot
+    from tracelearn.serving.model_store import (
+        DEFAULT_MODEL_ALIASES,
+        DEFAULT_MODEL_NAME,
+        ModelLoadError,
+        ModelNotFoundError,
+        is_default_model_name,
+        load_model,
+        resolve_model,
+    )
+
+    try:
+        source = resolve_model(model_name)
+    except ModelNotFoundError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"loading {source.model_id} from {source.directory} (device: {device}) ...")
+    try:
+        loaded = load_model(source, device=device, max_model_len=max_model_len)
+    except (ModelNotFoundError, ModelLoadError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    aliases = {model_name}
+    if is_default_model_name(model_name):
+        aliases |= {*DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME}
+    return EngineSlot(GenerationEngine(loaded, max_batch_size=max_batch_size)), aliases
+
+
+def _follow_registry_model(
+    model_name: str, device: str, max_model_len: int | None, max_batch_size: int, watch_interval: float
+) -> tuple[EngineSlot, set[str], Callable[[], None]]:
+    """A slot serving what a registry alias names, kept current by a started ``AliasFollower``; the
+    names it answers to; and the function that stops following.
+    """
+    from tracelearn.registry import RegistryError
+    from tracelearn.serving.engine import GenerationEngine
+    from tracelearn.serving.model_store import ModelLoadError, ModelNotFoundError
+    from tracelearn.serving.registry_models import AliasFollower
+
+    click.echo(f"loading {model_name} (device: {device}; the alias is checked every {watch_interval:g} s) ...")
+    try:
+        follower = AliasFollower(
+            model_name,
+            interval_s=watch_interval,
+            device=device,
+            max_model_len=max_model_len,
+            make_engine=lambda loaded: GenerationEngine(loaded, max_batch_size=max_batch_size),
+        )
+    except (RegistryError, ModelNotFoundError, ModelLoadError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    follower.start()
+    # Clients may name the model as given, as the reference, or by its artifact name.
+    aliases = {model_name, str(follower.ref), follower.ref.name}
+    return follower.slot, aliases, follower.stop

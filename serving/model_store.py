@@ -7,9 +7,12 @@ would compile llama-cpp) and unpacks the GGUF file into the model cache. It runs
     python -m tracelearn.serving.model_store fetch
 
 At run time nothing is downloaded: ``resolve_model`` maps a name or a path to files already on disk
-and raises ``ModelNotFoundError`` naming the setup command when they are missing. ``load_model`` turns
-what ``resolve_model`` found into a transformers model and tokenizer, with a ``model_version`` (a
-content hash of the weights) that records which weights answered a request.
+and raises ``ModelNotFoundError`` naming the setup command when they are missing. ``registry:NAME@ALIAS``
+references are resolved through the artifact registry by ``tracelearn.serving.registry_models``.
+``load_model`` turns what ``resolve_model`` found into a transformers model and tokenizer, with a
+``model_version`` (a content hash of the weights, or the registry version) that records which weights
+answered a request. A peft LoRA adapter is loaded onto its base model and merged into it, so it
+decodes as fast as a plain model.
 
 Environment: ``TRACELEARN_MODEL_CACHE`` (default ``~/.cache/tracelearn/models``).
 """
@@ -17,6 +20,7 @@ Environment: ``TRACELEARN_MODEL_CACHE`` (default ``~/.cache/tracelearn/models``)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -46,6 +50,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FETCH_COMMAND = "python -m tracelearn.serving.model_store fetch"
 
+REGISTRY_PREFIX = "registry:"
+ADAPTER_CONFIG = "adapter_config.json"
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -58,22 +65,34 @@ class ModelFetchError(RuntimeError):
     """Downloading or unpacking the default model failed."""
 
 
+class ModelLoadError(RuntimeError):
+    """Files that were found but could not be turned into a working model (bad weights, bad adapter)."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
-    """Files to load: a directory, and the GGUF file inside it when the weights are GGUF."""
+    """Files to load: a directory, and the GGUF file inside it when the weights are GGUF.
+
+    ``base`` is set when ``directory`` holds a peft LoRA adapter: the adapter is loaded onto the
+    model ``base`` names. ``version`` is the identity to report when the source already knows it (a
+    registry version); otherwise the loader hashes the weights.
+    """
 
     directory: Path
     gguf_file: str | None
     model_id: str
+    version: str | None = None
+    base: ModelSource | None = None
 
     @property
     def weight_files(self) -> list[Path]:
-        """The files whose bytes define the model (hashed into its version)."""
+        """The files whose bytes define the model (hashed into its version); an adapter's include its base's."""
         if self.gguf_file is not None:
             return [self.directory / self.gguf_file]
         files = [p for p in self.directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
-        config = self.directory / "config.json"
-        return sorted([*files, config] if config.is_file() else files)
+        config = self.directory / ("adapter_config.json" if self.base is not None else "config.json")
+        own = sorted([*files, config] if config.is_file() else files)
+        return [*self.base.weight_files, *own] if self.base is not None else own
 
 
 @dataclass
@@ -105,9 +124,15 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
 
 
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> ModelSource:
-    """Map ``smollm2`` / ``SmolLM2-135M-Instruct``, a Hugging Face model directory, a ``.gguf`` file or a
-    Hugging Face hub id already in the local hub cache to the files to load. Never downloads.
+    """Map ``smollm2`` / ``SmolLM2-135M-Instruct``, a Hugging Face model directory, a peft LoRA adapter
+    directory (its base resolved by this function), a ``.gguf`` file, a Hugging Face hub id already in the
+    local hub cache, or ``registry:NAME@ALIAS`` / ``registry:NAME@N`` (the artifact registry at
+    ``$TRACELEARN_REGISTRY``) to the files to load. Never downloads from the internet.
     """
+    if name_or_path.startswith(REGISTRY_PREFIX):
+        from tracelearn.serving.registry_models import resolve_registry_model
+
+        return resolve_registry_model(name_or_path, cache_dir=cache_dir)
     if is_default_model_name(name_or_path):
         gguf = default_model_path(cache_dir)
         if not gguf.is_file():
@@ -123,16 +148,18 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> ModelSour
         model_id = DEFAULT_MODEL_NAME if path.name == DEFAULT_MODEL_FILE else path.stem
         return ModelSource(path.parent.resolve(), path.name, model_id)
     if path.is_dir():
-        return _resolve_directory(path.resolve())
+        return _resolve_directory(path.resolve(), cache_dir)
     if _HUB_ID.match(name_or_path):
         return _resolve_hub_cache(name_or_path)
     raise ModelNotFoundError(
         f"no model named {name_or_path!r}: pass 'smollm2', a Hugging Face model directory, a .gguf file, "
-        "or a hub id already downloaded to the Hugging Face cache"
+        f"a hub id already downloaded to the Hugging Face cache, or {REGISTRY_PREFIX}NAME@ALIAS"
     )
 
 
-def _resolve_directory(directory: Path) -> ModelSource:
+def _resolve_directory(directory: Path, cache_dir: Path | None = None) -> ModelSource:
+    if (directory / ADAPTER_CONFIG).is_file():
+        return ModelSource(directory, None, directory.name, base=resolve_model(adapter_base(directory), cache_dir))
     if (directory / "config.json").is_file():
         return ModelSource(directory, None, directory.name)
     ggufs = sorted(p.name for p in directory.glob("*.gguf"))
@@ -141,6 +168,21 @@ def _resolve_directory(directory: Path) -> ModelSource:
     if ggufs:
         raise ModelNotFoundError(f"{directory} holds several .gguf files ({', '.join(ggufs)}): pass one of them")
     raise ModelNotFoundError(f"{directory} has neither a config.json (Hugging Face model) nor a .gguf file")
+
+
+def adapter_base(directory: Path) -> str:
+    """The base model a peft LoRA adapter directory names (``base_model_name_or_path``)."""
+    config_path = directory / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"{config_path} is not readable JSON: {error}") from error
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelNotFoundError(
+            f"{config_path} does not name its base model (base_model_name_or_path): the adapter cannot be loaded"
+        )
+    return base
 
 
 def _resolve_hub_cache(repo_id: str) -> ModelSource:
@@ -240,34 +282,60 @@ def select_device(device: str = "auto") -> torch.device:
 def load_model(source: ModelSource, device: str = "auto", max_model_len: int | None = None) -> LoadedModel:
     """Load weights and tokenizer, in float32 on CPU and bfloat16 on CUDA (GGUF weights are dequantized).
 
+    A LoRA adapter (``source.base`` set) is loaded onto its base with peft and merged
+    (``merge_and_unload``): the served model is a plain model again, with no adapter cost per token.
     ``max_model_len`` caps the context below the model's own limit (``max_position_embeddings``),
-    like vLLM's ``--max-model-len``.
+    like vLLM's ``--max-model-len``. Weights that cannot be loaded raise ``ModelLoadError``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = select_device(device)
-    dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
     # Any: transformers' decorated ``to`` confuses mypy about the model's own type.
-    model: Any = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
-    model = model.to(target).eval()
+    model: Any
+    tokenizer: Any
+    if source.base is not None:
+        base = load_model(source.base, device=device)
+        tokenizer, model = base.tokenizer, _merge_adapter(base.model, source.directory)
+    else:
+        dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs)
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            # safetensors and transformers raise any of these for truncated or mismatched weights.
+            reason = f"{type(error).__name__}: {error}"
+            raise ModelLoadError(f"cannot load the model in {source.directory}: {reason}") from error
+        model = model.to(target).eval()
     if tokenizer.chat_template is None:
         raise ModelNotFoundError(f"{source.directory} has no chat template; the chat API cannot format prompts")
     text_config = model.config.get_text_config()
     model_limit = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
     context_length = min(model_limit, max_model_len) if max_model_len else model_limit
-    version = weights_digest(source.weight_files)[:12]
+    version = source.version or f"{source.model_id}@{weights_digest(source.weight_files)[:12]}"
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         model_id=source.model_id,
-        model_version=f"{source.model_id}@{version}",
+        model_version=version,
         source=source,
         device=target,
         context_length=context_length,
     )
+
+
+def _merge_adapter(model: Any, adapter_directory: Path) -> Any:
+    """``model`` with the peft LoRA adapter in ``adapter_directory`` merged into its weights."""
+    from peft import PeftModel
+
+    try:
+        adapted = PeftModel.from_pretrained(model, adapter_directory)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise ModelLoadError(
+            f"cannot load the LoRA adapter in {adapter_directory} onto its base model: {type(error).__name__}: {error}"
+        ) from error
+    return adapted.merge_and_unload().eval()
 
 
 @click.group()

@@ -7,6 +7,10 @@ carries ``prompt_token_ids`` and every chunk the ``token_ids`` of its delta, so 
 the exact tokens. Every response says which weights answered: ``system_fingerprint`` in the body
 and the ``x-tracelearn-model-version`` header. Every error, validation included, is an OpenAI error
 body (``{"error": {"message", "type", "param", "code"}}``) with status 400, 404, 500 or 503.
+
+The app answers from an ``EngineSlot``: each request holds a lease on the engine that was current
+when it arrived and is answered (and labelled) by that engine to its last byte, so the engine can be
+swapped under a running server (``tracelearn.serving.registry_models``) without failing a request.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +45,7 @@ from tracelearn.serving.engine import (
     GenerationResult,
     StepOutput,
 )
+from tracelearn.serving.engine_slot import EngineLease, EngineSlot
 from tracelearn.serving.protocol import APIError, ChatCompletionRequest, check_supported
 from tracelearn.serving.sampling import SamplingParams, TokenChoice
 
@@ -337,20 +343,42 @@ def _validation_message(error: RequestValidationError) -> APIError:
     return APIError(f"{param}: {message}" if param else message, param=param)
 
 
+async def _released_after(body: AsyncIterator[str], lease: EngineLease) -> AsyncGenerator[str, None]:
+    """``body``, then the lease goes back (also when the client disconnects mid-stream)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        lease.release()
+
+
 def create_app(
-    engine: GenerationEngine, served_model_name: str | None = None, aliases: Collection[str] = ()
+    engine: GenerationEngine | EngineSlot, served_model_name: str | None = None, aliases: Collection[str] = ()
 ) -> FastAPI:
-    """The OpenAI-compatible app over ``engine``. Requests may name the served model, the engine's
-    ``model_id`` or any of ``aliases``; other names get 404 ``model_not_found``, as from vLLM.
+    """The OpenAI-compatible app over ``engine`` (or over whichever engine an ``EngineSlot`` holds at
+    each request). Requests may name the served model, the answering engine's ``model_id`` or any of
+    ``aliases``; other names get 404 ``model_not_found``, as from vLLM.
     """
-    served = served_model_name or engine.model_id
-    completions = ChatCompletions(engine, served, {engine.model_id, *aliases})
-    headers = {MODEL_VERSION_HEADER: engine.model_version}
+    slot = engine if isinstance(engine, EngineSlot) else EngineSlot(engine)
+    served = served_model_name or slot.current.model_id
+    # One ChatCompletions per engine (its prompt builder and token texts belong to that tokenizer);
+    # weak keys, so a retired engine is not kept alive by this cache.
+    per_engine: weakref.WeakKeyDictionary[GenerationEngine, ChatCompletions] = weakref.WeakKeyDictionary()
+
+    def completions_for(answering: GenerationEngine) -> ChatCompletions:
+        found = per_engine.get(answering)
+        if found is None:
+            found = per_engine[answering] = ChatCompletions(answering, served, {answering.model_id, *aliases})
+        return found
+
+    def version_header(answering: GenerationEngine | None = None) -> dict[str, str]:
+        return {MODEL_VERSION_HEADER: (answering or slot.current).model_version}
+
     created = int(time.time())
     app = FastAPI(title="tracelearn embedded model server")
 
     def error_response(error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+        return JSONResponse(error.body(), status_code=error.status_code, headers=version_header())
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
@@ -370,27 +398,49 @@ def create_app(
         return error_response(_error_from(error))
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": served, "model_version": engine.model_version}
+    async def health() -> dict[str, Any]:
+        status = slot.status()
+        return {
+            "status": "ok",
+            "model": served,
+            "model_version": status.model_version,
+            "following": status.following,
+            "swaps": status.swaps,
+            "last_swap_at": status.last_swap_at,
+            "last_swap_error": status.last_swap_error,
+            "last_swap_error_at": status.last_swap_error_at,
+            "draining_engines": status.draining,
+        }
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
+        current = slot.current
         card = {
             "id": served,
             "object": "model",
             "created": created,
             "owned_by": "tracelearn",
-            "root": engine.model_id,
-            "max_model_len": engine.context_length,
-            "model_version": engine.model_version,
+            "root": current.model_id,
+            "max_model_len": current.context_length,
+            "model_version": current.model_version,
         }
-        return JSONResponse({"object": "list", "data": [card]}, headers=headers)
+        return JSONResponse({"object": "list", "data": [card]}, headers=version_header(current))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        plan = completions.plan(request)
-        if request.stream:
-            return StreamingResponse(completions.stream(request, plan), media_type="text/event-stream", headers=headers)
-        return JSONResponse(await completions.complete(request, plan), headers=headers)
+        lease = slot.lease()
+        streaming = False
+        try:
+            completions = completions_for(lease.engine)
+            plan = completions.plan(request)
+            headers = version_header(lease.engine)
+            if request.stream:
+                body = _released_after(completions.stream(request, plan), lease)
+                streaming = True  # from here the body owns the lease
+                return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+            return JSONResponse(await completions.complete(request, plan), headers=headers)
+        finally:
+            if not streaming:
+                lease.release()
 
     return app
