@@ -4,6 +4,7 @@ import click
 
 from tracelearn.cli.demo import demo
 from tracelearn.cli.feedback import feedback
+from tracelearn.cli.gateway import gateway
 from tracelearn.cli.registry import registry
 from tracelearn.cli.serve import serve
 from tracelearn.cli.spans import spans
@@ -18,6 +19,7 @@ def main() -> None:
 
 main.add_command(demo)
 main.add_command(feedback)
+main.add_command(gateway)
 main.add_command(registry)
 main.add_command(spans)
 main.add_command(serve)

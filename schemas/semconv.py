@@ -33,6 +33,10 @@ TOKEN_IDS_STATUS: Final = "tracelearn.llm.token_ids_status"
 # Set when a response had several choices (n > 1): the ids and logprobs recorded are choice 0's.
 RESPONSE_CHOICE_COUNT: Final = "tracelearn.llm.response_choice_count"
 MODEL_VERSION: Final = "tracelearn.model.version"
+# Written by the gateway (tracelearn.serving.gateway): where a call went and which registry prompt it got.
+GATEWAY_UPSTREAM: Final = "tracelearn.gateway.upstream"
+PROMPT_REF: Final = "tracelearn.prompt.ref"  # the prompt version substituted, name@N
+PROMPT_REQUESTED: Final = "tracelearn.prompt.requested"  # the reference configured, e.g. name@production
 
 # Baggage keys that carry rollout identity across threads, tasks and (with W3C propagation) processes.
 BAGGAGE_KEYS: Final = (ROLLOUT_ID, ATTEMPT_ID, TASK_ID, GROUP_ID, AGENT_NAME)

@@ -72,10 +72,7 @@ if TYPE_CHECKING:
 MODEL_VERSION_HEADER: Final = "x-tracelearn-model-version"
 PROMPT_VERSION_HEADER: Final = "x-tracelearn-prompt-version"
 
-# Gateway attributes (candidates for schemas.semconv once the lead settles their names).
-GATEWAY_UPSTREAM: Final = "tracelearn.gateway.upstream"
-PROMPT_REF: Final = "tracelearn.prompt.ref"  # the version substituted, name@N
-PROMPT_REQUESTED: Final = "tracelearn.prompt.requested"  # the reference configured, e.g. name@production
+# OpenTelemetry's general HTTP / error attribute names, set on the gateway's spans.
 HTTP_STATUS: Final = "http.response.status_code"
 ERROR_TYPE: Final = "error.type"
 
@@ -121,7 +118,7 @@ class PromptRule:
         model, separator, reference = text.strip().rpartition("=")
         if not reference or (separator and not model):
             raise GatewayConfigError(
-                f"prompt substitution {text!r}: write PROMPT_REF or MODEL=PROMPT_REF, e.g. calc-system@production"
+                f"prompt substitution {text!r}: write REF or MODEL=REF, e.g. calc-system@production"
             )
         return cls(reference=reference, model=model or None)
 
@@ -479,7 +476,7 @@ class Gateway:
         parts = urlsplit(self.upstream)
         self._server_attributes: dict[str, Any] = {
             "server.address": parts.hostname or "",
-            GATEWAY_UPSTREAM: self.upstream,
+            sc.GATEWAY_UPSTREAM: self.upstream,
         }
         if parts.port is not None:
             self._server_attributes["server.port"] = parts.port
@@ -609,7 +606,7 @@ class Gateway:
         prompt = source.current
         if not substitute_system_prompt(body, prompt.text):
             return None
-        span.set_attributes({PROMPT_REF: prompt.version.ref, PROMPT_REQUESTED: source.rule.reference})
+        span.set_attributes({sc.PROMPT_REF: prompt.version.ref, sc.PROMPT_REQUESTED: source.rule.reference})
         return prompt.version.ref
 
     async def _send_chat(

@@ -34,7 +34,6 @@ from tracelearn.schemas import semconv as sc
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.gateway import (
     MODEL_VERSION_HEADER,
-    PROMPT_REF,
     PROMPT_VERSION_HEADER,
     PromptRule,
     create_gateway_app,
@@ -353,7 +352,7 @@ def test_prompt_substitution_follows_the_alias(
         server_gateway(server).close()
     systems = [body["messages"][0]["content"] for body in scripted.chat_requests()]
     assert systems == ["You are a calculator.", "You are terse.", "hello", "Answer with the number only."]
-    refs = [attrs(span).get(PROMPT_REF) for span in spans.get_finished_spans()]
+    refs = [attrs(span).get(sc.PROMPT_REF) for span in spans.get_finished_spans()]
     assert refs == [first.ref, None, None, second.ref]
     recorded = json.loads(attrs(spans.get_finished_spans()[-1])[sc.GEN_AI_INPUT_MESSAGES])
     assert recorded[0]["parts"][0]["content"] == "Answer with the number only."  # what the upstream saw
@@ -413,5 +412,5 @@ def test_cli_reports_bad_settings() -> None:
     bad_url = runner.invoke(gateway_command, ["--upstream", "not a url"])
     assert bad_url.exit_code != 0 and "not an http(s) URL" in bad_url.output
     bad_rule = runner.invoke(gateway_command, ["--upstream", "http://127.0.0.1:1/v1", "--prompt-substitution", "m="])
-    assert bad_rule.exit_code != 0 and "MODEL=PROMPT_REF" in bad_rule.output
+    assert bad_rule.exit_code != 0 and "MODEL=REF" in bad_rule.output
     assert "--prompt-substitution" in runner.invoke(gateway_command, ["--help"]).output
