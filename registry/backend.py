@@ -44,15 +44,22 @@ from tracelearn.registry.contents import SourceContents, describe_source
 
 REGISTRY_ENV = "TRACELEARN_REGISTRY"
 DEFAULT_REGISTRY_DIR = Path("~/.cache/tracelearn/registry")
+REGISTRY_CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"
+DEFAULT_REGISTRY_CACHE_DIR = Path("~/.cache/tracelearn/registry-cache")
 
 # The registry's settings, as the README's settings table lists them (a test keeps the two equal).
 ENV_VARS: dict[str, tuple[str, str]] = {
     REGISTRY_ENV: ("~/.cache/tracelearn/registry",
                    "Registry location: a directory, a pyarrow URI (`s3://...`) or `mlflow+http://host:port`."),
-    "TRACELEARN_REGISTRY_CACHE": ("~/.cache/tracelearn/registry-cache",
-                                  "Where versions from a remote registry are downloaded (by digest) before loading."),
+    REGISTRY_CACHE_ENV: (str(DEFAULT_REGISTRY_CACHE_DIR),
+                         "Where versions from a remote registry are downloaded (by digest) before loading."),
     "TRACELEARN_PROMPTS": ("unset", "Pin prompts for one run: `name=name@7,other=other@candidate`."),
 }
+
+
+def registry_cache_dir() -> Path:
+    """Where remote backends download versions, by digest: ``$TRACELEARN_REGISTRY_CACHE`` or the default."""
+    return Path(os.environ.get(REGISTRY_CACHE_ENV) or DEFAULT_REGISTRY_CACHE_DIR).expanduser()
 
 
 def default_registry_location() -> str:
@@ -193,7 +200,8 @@ class Registry(ABC):
             raise AliasConflictError(
                 f"{name}@{alias} moved since it was read (move {last}, expected {expected_sequence}); nothing changed"
             )
-        move = AliasMove(name, alias, version, self._alias_holder(name, alias), last + 1, utc_now(),
+        stack = _promotion_stack(moves)
+        move = AliasMove(name, alias, version, stack[-1] if stack else None, last + 1, utc_now(),
                          current_actor(), reason)
         return self._append_alias_move(move)
 

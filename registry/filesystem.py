@@ -47,11 +47,9 @@ from tracelearn.registry.artifacts import (
     check_name,
     manifest_digest,
 )
-from tracelearn.registry.backend import Registry, utc_now
+from tracelearn.registry.backend import Registry, registry_cache_dir, utc_now
 from tracelearn.registry.contents import SourceContents, verify_files
 
-CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"  # listed with its default in backend.ENV_VARS
-DEFAULT_CACHE_DIR = Path("~/.cache/tracelearn/registry-cache")
 # Publishers racing for one version number retry with a fresh number; the bound only stops a livelock.
 _MAX_CLAIM_ATTEMPTS = 64
 # A claim on object storage is held for milliseconds; one this old belongs to a writer that died.
@@ -237,8 +235,7 @@ class FilesystemRegistry(Registry):
             self._store = _ArrowStore(filesystem, root, self.location)
         else:
             self._store = _LocalStore(Path(self.location.removeprefix("file://")).expanduser())
-        configured = os.environ.get(CACHE_ENV)
-        self._cache_dir = cache_dir or (Path(configured) if configured else DEFAULT_CACHE_DIR).expanduser()
+        self._cache_dir = cache_dir or registry_cache_dir()
         # Published versions and alias moves are immutable: once read, they never need reading again.
         self._versions: dict[tuple[str, int], ArtifactVersion] = {}
         self._moves: dict[tuple[str, str, int], AliasMove] = {}

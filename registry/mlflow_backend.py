@@ -23,8 +23,8 @@ Only registered models and prompts carrying the tag ``tracelearn.kind`` are ours
 ``tracelearn.digest`` tag (registered by hand in MLflow) are not listed.
 
 Downloads are cached by content digest under ``$TRACELEARN_REGISTRY_CACHE`` (default
-``~/.cache/tracelearn/registry-mlflow``), written to a temporary folder and renamed into place, and
-re-hashed against the manifest on every ``local_path(verify=True)``.
+``~/.cache/tracelearn/registry-cache``, shared with the object-storage backend), written to a
+temporary folder and renamed into place, and re-hashed against the manifest on every ``local_path(verify=True)``.
 
 ``mlflow`` (the ``mlflow-skinny`` client is enough: ``pip install tracelearn[mlflow]``) is imported
 when a registry is opened, never at import time of ``tracelearn.registry``.
@@ -33,7 +33,6 @@ when a registry is opened, never at import time of ``tracelearn.registry``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import urllib.error
 import urllib.request
@@ -60,11 +59,9 @@ from tracelearn.registry.artifacts import (
     check_name,
     manifest_digest,
 )
-from tracelearn.registry.backend import Registry, utc_now
+from tracelearn.registry.backend import REGISTRY_CACHE_ENV, Registry, registry_cache_dir, utc_now
 from tracelearn.registry.contents import SourceContents, verify_files
 
-CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"
-DEFAULT_CACHE_DIR = Path("~/.cache/tracelearn/registry-mlflow")
 EXPERIMENT_NAME = "tracelearn-registry"
 FILES_FOLDER = "files"  # a checkpoint run's artifact folder holding the version's files
 
@@ -98,11 +95,6 @@ def _mlflow_client_class() -> Any:
     return MlflowClient
 
 
-def default_cache_dir() -> Path:
-    """``$TRACELEARN_REGISTRY_CACHE``, else ``~/.cache/tracelearn/registry-mlflow``."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
-
-
 class MlflowRegistry(Registry):
     """Prompts and checkpoints on the MLflow tracking server at ``tracking_uri`` (``http://host:5000``)."""
 
@@ -110,7 +102,7 @@ class MlflowRegistry(Registry):
         client_class = _mlflow_client_class()
         self.tracking_uri = tracking_uri.rstrip("/")
         self.location = f"mlflow+{self.tracking_uri}"
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else registry_cache_dir()
         self._check_reachable()
         self._client: Any = client_class(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment_id: str | None = None
@@ -157,7 +149,7 @@ class MlflowRegistry(Registry):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise RegistryError(f"cannot create the download cache {self.cache_dir} for {version.ref}: {error}; "
-                                f"set ${CACHE_ENV} to a writable folder") from error
+                                f"set ${REGISTRY_CACHE_ENV} to a writable folder") from error
         staging = self.cache_dir / f".{version.digest}.{uuid.uuid4().hex}.partial"
         try:
             files = staging / FILES_FOLDER
