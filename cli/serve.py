@@ -1,8 +1,10 @@
-"""``tracelearn serve``: the embedded OpenAI-compatible model server.
+"""``tracelearn serve``: the embedded OpenAI-compatible model server, or vLLM on a GPU machine.
 
 ``--model registry:NAME@ALIAS`` serves the registry version the alias names and follows the alias:
 when it moves, the new version is loaded in the background and swapped in without failing requests
-(``tracelearn.serving.registry_models``).
+(``tracelearn.serving.registry_models``). ``--engine vllm`` launches vLLM's OpenAI server instead
+(``tracelearn.serving.vllm_server``): token ids and logprobs on, a LoRA version hot-loaded, a full
+version by restart.
 
 torch, transformers and uvicorn are imported inside the command, so ``tracelearn --help`` stays fast.
 """
@@ -39,7 +41,10 @@ if TYPE_CHECKING:
               help="Cap the context length below the model's own limit.")
 @click.option("--watch-interval", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds between checks of a registry:NAME@ALIAS model's alias.")
+@click.option("--engine", type=click.Choice(["embedded", "vllm"]), default="embedded", show_default=True,
+              help="embedded: transformers in this process (CPU or CUDA); vllm: launch vLLM (CUDA, tracelearn[gpu]).")
 def serve(
+    engine: str,
     model_name: str,
     host: str,
     port: int,
@@ -50,6 +55,9 @@ def serve(
     watch_interval: float,
 ) -> None:
     """Serve a model over the OpenAI chat-completions API (token ids and logprobs included)."""
+    if engine == "vllm":
+        _serve_with_vllm(model_name, host, port, served_model_name, max_model_len, watch_interval)
+        return
     from tracelearn.serving.http_server import BackgroundServer
     from tracelearn.serving.model_store import REGISTRY_PREFIX
     from tracelearn.serving.openai_api import create_app
@@ -148,3 +156,24 @@ def _follow_registry_model(
     # Clients may name the model as given, as the reference, or by its artifact name.
     aliases = {model_name, str(follower.ref), follower.ref.name}
     return follower.slot, aliases, follower.stop
+
+
+def _serve_with_vllm(model_name: str, host: str, port: int, served_model_name: str | None,
+                     max_model_len: int | None, watch_interval: float) -> None:
+    from tracelearn.registry import RegistryError
+    from tracelearn.serving.vllm_server import VllmNotInstalledError, serve_with_vllm
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        code = serve_with_vllm(model_name, host, port, served_model_name=served_model_name,
+                               max_model_len=max_model_len, poll_seconds=watch_interval, stop=stop)
+    except (VllmNotInstalledError, RegistryError, FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    if code not in (0, None) and not stop.is_set():
+        raise click.ClickException(f"vLLM exited with code {code}")

@@ -63,13 +63,11 @@ from tracelearn.instrumentation.token_ids import (
     token_ids_mode,
 )
 from tracelearn.schemas import semconv as sc
+from tracelearn.serving.protocol import MODEL_VERSION_HEADER
 
 if TYPE_CHECKING:
     from tracelearn.registry import ArtifactVersion, Registry
 
-# The header ``tracelearn serve`` sends (serving.openai_api.MODEL_VERSION_HEADER; not imported, because
-# that module loads torch).
-MODEL_VERSION_HEADER: Final = "x-tracelearn-model-version"
 PROMPT_VERSION_HEADER: Final = "x-tracelearn-prompt-version"
 
 # OpenTelemetry's general HTTP / error attribute names, set on the gateway's spans.

@@ -46,10 +46,8 @@ from tracelearn.serving.engine import (
     StepOutput,
 )
 from tracelearn.serving.engine_slot import EngineLease, EngineSlot
-from tracelearn.serving.protocol import APIError, ChatCompletionRequest, check_supported
+from tracelearn.serving.protocol import MODEL_VERSION_HEADER, APIError, ChatCompletionRequest, check_supported
 from tracelearn.serving.sampling import SamplingParams, TokenChoice
-
-MODEL_VERSION_HEADER = "x-tracelearn-model-version"
 
 
 @dataclass(frozen=True)

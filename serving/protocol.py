@@ -10,6 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Names the weights that answered, on every response of ``tracelearn serve`` (the gateway forwards it).
+MODEL_VERSION_HEADER = "x-tracelearn-model-version"
+
 
 class APIError(Exception):
     """An error returned to the client as ``{"error": {message, type, param, code}}``."""

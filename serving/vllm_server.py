@@ -326,10 +326,12 @@ class VllmFollower:
 def resolve_served_model(
     model_ref: str, registry: Registry | None = None, served_name: str | None = None
 ) -> tuple[ServedModel, bool]:
-    """A local path, else a registry reference (``name`` = ``name@production``, ``name@alias``, ``name@N``).
+    """A local path, else a registry reference (``name`` = ``name@production``, ``name@alias``, ``name@N``),
+    with or without the ``registry:`` prefix the embedded server uses.
 
     Returns the model and whether the reference can move (an alias: worth following).
     """
+    model_ref = model_ref.removeprefix("registry:")
     path = Path(model_ref).expanduser()
     if path.exists():
         return served_model_from_directory(path, served_name), False

@@ -13,7 +13,8 @@ from openai import OpenAI
 
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
-from tracelearn.serving.openai_api import MODEL_VERSION_HEADER, create_app
+from tracelearn.serving.openai_api import create_app
+from tracelearn.serving.protocol import MODEL_VERSION_HEADER
 
 SERVED_NAME = "tiny-chat"
 ALIAS = "tiny-alias"

@@ -20,6 +20,12 @@ def test_missing_default_model_fails_with_the_setup_command(tmp_path: Path) -> N
     assert FETCH_COMMAND in result.output
 
 
+def test_the_vllm_engine_without_vllm_installed_says_how_to_get_it(tiny_model_dir: Path) -> None:
+    result = CliRunner().invoke(serve, ["--engine", "vllm", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1
+    assert "vllm is not installed: pip install tracelearn[gpu] on a CUDA machine" in result.output
+
+
 def test_serve_prints_its_url_answers_and_stops_cleanly_on_sigterm(tiny_model_dir: Path) -> None:
     port = free_port()
     tracelearn = Path(sys.executable).parent / "tracelearn"
