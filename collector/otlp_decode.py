@@ -154,12 +154,16 @@ def _pb_value(value: Any) -> Any:
     return None
 
 
+_PB_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+
+
 def _pb_attributes(kvs: Any) -> dict[str, Any]:
-    # The per-attribute hot loop: strings (most values) are taken without a function call.
+    # The per-attribute hot loop: scalars (nearly all values) are read without a function call.
     out: dict[str, Any] = {}
     for kv in kvs:
         value = kv.value
-        out[kv.key] = value.string_value if value.WhichOneof("value") == "string_value" else _pb_value(value)
+        which = value.WhichOneof("value")
+        out[kv.key] = getattr(value, which) if which in _PB_SCALARS else _pb_value(value)
     return out
 
 
@@ -410,8 +414,10 @@ def _json_attributes_limited(value: Any, what: str, limit: int | None, out: Deco
 
 def _hex_id(value: Any, size: int, what: str) -> int:
     """A trace or span id in OTLP/JSON: hex text (not base64, unlike generic protobuf JSON)."""
-    if type(value) is not str or not value:
+    if value is None or value == "":
         raise _InvalidSpanError(f"{what} is missing")
+    if type(value) is not str:
+        raise _InvalidSpanError(f"{what} {value!r} is not a hex string")
     if len(value) != 2 * size:
         hint = " (base64? OTLP/JSON ids are hex)" if len(value) == 4 * ((size + 2) // 3) else ""
         raise _InvalidSpanError(f"{what} {value!r} is {len(value)} characters, expected {2 * size} hex digits{hint}")

@@ -313,6 +313,7 @@ def test_an_empty_request_is_valid() -> None:
         ({"traceId": "W47/95gDgQPSabYzgT/GDA=="}, "base64? OTLP/JSON ids are hex"),
         ({"traceId": "zz8efff798038103d269b633813fc60c"}, "is not hex"),
         ({"traceId": None}, "traceId is missing"),
+        ({"spanId": 12345}, "spanId 12345 is not a hex string"),
         ({"spanId": "0000000000000000"}, "spanId is all zeros"),
         ({"spanId": "eee19b7ec3c1b1"}, "expected 16 hex digits"),
         ({"parentSpanId": "12"}, "parentSpanId '12' is 2 characters"),
