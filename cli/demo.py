@@ -1,6 +1,8 @@
 """``tracelearn demo``: the end-to-end demo on the embedded defaults (no GPU, no network, no accounts).
 
-Today it covers capture and the experience pipeline: it serves the embedded policy model, runs the
+Today it covers the registry, capture and the experience pipeline: it publishes the policy model to a
+registry in the run's folder as ``calc-policy`` (alias ``production``), serves
+``registry:calc-policy@production`` with the embedded server (which follows the alias), runs the
 bundled calculator agent under ``opentelemetry-instrument`` (agent code unchanged) on the example
 tasks, prints what landed in the spans dataset, builds RL transitions from those spans with
 ``examples/calc/pipeline.yaml`` (its reward function re-scores every rollout from the gold answer the
@@ -35,6 +37,7 @@ EXAMPLE_AGENT = REPO_ROOT / "examples" / "calc" / "agent.py"
 EXAMPLE_TASKS = REPO_ROOT / "examples" / "calc" / "tasks.jsonl"
 EXAMPLE_PIPELINE = REPO_ROOT / "examples" / "calc" / "pipeline.yaml"
 SERVER_READY_TIMEOUT_S = 300
+POLICY_NAME = "calc-policy"
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -59,6 +62,28 @@ def wait_until_ready(url: str, server: subprocess.Popen[bytes], log: Path, conso
                 pass
             time.sleep(0.5)
     raise click.ClickException(f"the model server did not answer {url} within {SERVER_READY_TIMEOUT_S} s")
+
+
+def publish_policy(model: str, registry: Path, console: Console) -> str:
+    """Publish ``model`` (a name or path the server understands) as ``calc-policy``, alias production."""
+    from tracelearn.registry import Lineage, RegistryError, open_registry
+    from tracelearn.serving.model_store import ModelNotFoundError, resolve_model
+
+    try:
+        source = resolve_model(model)
+        files = source.directory / source.gguf_file if source.gguf_file else source.directory
+        store = open_registry(registry)
+        published = store.publish("checkpoint", POLICY_NAME, files, lineage=Lineage(base_model=source.model_id),
+                                  metadata={"source": model})
+        version = published.version
+        if store.aliases(POLICY_NAME).get("production") != version.version:
+            store.promote(POLICY_NAME, version.version, "production", reason="demo: initial policy")
+    except (ModelNotFoundError, RegistryError) as error:
+        raise click.ClickException(str(error)) from error
+    console.print(f"$ tracelearn registry publish checkpoint {POLICY_NAME} {files} --alias production", style="dim")
+    console.print(f"published [bold]{version.ref}[/] ({version.format}, sha256 {version.digest[:12]}) "
+                  f"in {registry}; production -> {version.version}")
+    return f"{version.ref} ({source.model_id})"
 
 
 def load_example_pipeline() -> PipelineConfig:
@@ -111,16 +136,19 @@ def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: 
     limit = limit or (4 if quick else None)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
-    console.rule("[bold]1. serve the policy model")
+    registry = workdir / "registry"
+    console.rule("[bold]1. publish the policy to the registry and serve its production alias")
+    policy = publish_policy(model, registry, console)
     server_log = (workdir / "server.log").open("wb")
     server = subprocess.Popen(
-        [venv_tool("tracelearn"), "serve", "--model", model, "--port", str(port)],
+        [venv_tool("tracelearn"), "serve", "--model", f"registry:{POLICY_NAME}@production", "--port", str(port)],
         stdout=server_log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "TRACELEARN_REGISTRY": str(registry)},
     )
     try:
         wait_until_ready(f"{base_url}/models", server, workdir / "server.log", console)
-        console.print(f"policy [bold]{model}[/] served at {base_url} (log: {workdir / 'server.log'})")
+        console.print(f"policy [bold]{policy}[/] served at {base_url} (log: {workdir / 'server.log'})")
 
         console.rule("[bold]2. run the agent under opentelemetry-instrument (agent code unchanged)")
         command = [
@@ -132,7 +160,7 @@ def demo(quick: bool, model: str, tasks_path: Path, limit: int | None, workdir: 
             "--tasks",
             str(tasks_path),
             "--model",
-            model,
+            POLICY_NAME,
             "--concurrency",
             "4",
         ]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from tracelearn.cli.main import main
 from tracelearn.collector.span_stats import spans_stats
+from tracelearn.registry import open_registry
 
 
 @pytest.mark.slow
@@ -17,6 +18,8 @@ def test_quick_demo_serves_the_policy_runs_the_agent_and_builds_transitions(tmp_
     result = CliRunner().invoke(main, ["demo", "--quick", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "what was captured" in result.output
+    policy = open_registry(tmp_path / "registry").resolve("calc-policy@production")
+    assert policy.version == 1 and policy.format == "gguf"
     stats = spans_stats(tmp_path / "data")
     assert stats.rollouts == 4 and stats.rollouts_with_reward == 4
     assert stats.llm_calls >= 4
