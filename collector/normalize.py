@@ -270,18 +270,25 @@ _INT_TYPES = frozenset({int})
 _FLOAT_TYPES = frozenset({float})
 
 
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
 def int_list(value: Any) -> list[int] | None:
-    """A token-id list attribute (a sequence of ints, or JSON text of one)."""
+    """A token-id list attribute (a sequence of ints, or JSON text of one); None unless every id fits
+    the column's int32 (one span's out-of-range ids must not fail the whole batch it is written in).
+    """
     if isinstance(value, str):
         try:
             value = parse_json(value)
         except ValueError:
             return None
     if type(value) in (tuple, list) and set(map(type, value)) <= _INT_TYPES:
-        return list(value)  # the common case (hundreds of ids per span), checked at C speed
-    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return list(value)
-    return None
+        ids = list(value)  # the common case (hundreds of ids per span), checked at C speed
+    elif isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        ids = list(value)
+    else:
+        return None
+    return ids if not ids or (min(ids) >= _INT32_MIN and max(ids) <= _INT32_MAX) else None
 
 
 def float_list(value: Any) -> list[float] | None:
