@@ -20,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.numpy import save_file
 from support.mlflow_server import MlflowServer
+from support.tiny_model import build_tiny_model
 
 from tracelearn.registry import (
     AliasConflictError,
@@ -31,6 +32,7 @@ from tracelearn.registry import (
     open_registry,
 )
 from tracelearn.registry.mlflow_backend import MlflowRegistry
+from tracelearn.serving.registry_models import AliasFollower
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +210,18 @@ def test_open_registry_and_unreachable_server(mlflow_server: MlflowServer) -> No
     with pytest.raises(RegistryError, match=r"cannot reach the MLflow tracking server at http://127\.0\.0\.1:9"):
         MlflowRegistry("http://127.0.0.1:9")
     assert time.monotonic() - started < 5
+
+
+def test_the_embedded_server_follows_an_alias_on_mlflow(registry: MlflowRegistry, name: str, tmp_path: Path) -> None:
+    for seed in (1, 2):
+        version = registry.publish("checkpoint", name, build_tiny_model(tmp_path / f"m{seed}", seed=seed)).version
+    registry.promote(name, 1, "production")
+    follower = AliasFollower(f"registry:{name}@production", registry=registry, interval_s=60, device="cpu")
+    try:
+        assert follower.serving.version == 1
+        registry.promote(name, version.version, "production")
+        assert follower.poll()
+        assert follower.serving.version == 2
+        assert follower.slot.current.model_version.startswith(f"{name}@2+")
+    finally:
+        follower.close()
