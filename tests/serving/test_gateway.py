@@ -87,10 +87,19 @@ def client_of(server: BackgroundServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
+def finished_spans(spans: InMemorySpanExporter, count: int, timeout_s: float = 5.0) -> tuple[ReadableSpan, ...]:
+    """The ``count`` spans the gateway recorded. A streamed call's span ends when the gateway's stream
+    generator finishes, which can be just after the client has read the last event.
+    """
+    deadline = time.monotonic() + timeout_s
+    while len(finished := spans.get_finished_spans()) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(finished) == count, [s.name for s in finished]
+    return tuple(finished)
+
+
 def only_span(spans: InMemorySpanExporter) -> ReadableSpan:
-    finished = spans.get_finished_spans()
-    assert len(finished) == 1, [s.name for s in finished]
-    return finished[0]
+    return finished_spans(spans, 1)[0]
 
 
 def attrs(span: ReadableSpan) -> dict[str, Any]:
@@ -176,7 +185,7 @@ def test_tool_calls_pass_through_streamed_and_not(gateway: BackgroundServer, spa
     pieces = [call for c in streamed if c.choices for call in (c.choices[0].delta.tool_calls or [])]
     assert pieces and pieces[0].function and pieces[0].function.name == "calculate"
 
-    for span in spans.get_finished_spans():
+    for span in finished_spans(spans, 2):
         output = json.loads(attrs(span)[sc.GEN_AI_OUTPUT_MESSAGES])[0]
         assert output["finish_reason"] == "tool_calls"
         assert [p["name"] for p in output["parts"] if p["type"] == "tool_call"] == ["calculate"]
@@ -317,7 +326,7 @@ def test_embedded_server_upstream_ids_and_model_version(
     assert raw.headers[MODEL_VERSION_HEADER] == engine.model_version
     streamed_text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert streamed_text == reference.choices[0].message.content
-    for span in spans.get_finished_spans():
+    for span in finished_spans(spans, 2):
         a = attrs(span)
         assert list(a[sc.PROMPT_TOKEN_IDS]) == (reference.model_extra or {})["prompt_token_ids"]
         assert list(a[sc.RESPONSE_TOKEN_IDS]) == (reference.choices[0].model_extra or {})["token_ids"]
