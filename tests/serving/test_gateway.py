@@ -7,6 +7,10 @@ the capture path's own writer and builds transitions from them.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +18,7 @@ from typing import Any
 
 import httpx
 import openai
+import polars as pl
 import pytest
 from click.testing import CliRunner
 from opentelemetry import trace
@@ -423,3 +428,32 @@ def test_cli_reports_bad_settings() -> None:
     bad_rule = runner.invoke(gateway_command, ["--upstream", "http://127.0.0.1:1/v1", "--prompt-substitution", "m="])
     assert bad_rule.exit_code != 0 and "MODEL=REF" in bad_rule.output
     assert "--prompt-substitution" in runner.invoke(gateway_command, ["--help"]).output
+
+
+def test_the_gateway_command_lands_spans_in_the_parquet_dataset(scripted: ScriptedLLMServer, tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    command = [str(Path(sys.executable).parent / "tracelearn"), "gateway", "--upstream", scripted.base_url,
+               "--port", str(port)]
+    process = subprocess.Popen(command, env={**os.environ, "TRACELEARN_DATA": str(data)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="scripted-model", messages=HELLO)  # type: ignore[arg-type]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert answer.choices[0].message.content == "You said: hello"
+
+    spans = pl.read_parquet(data / "spans" / "**" / "*.parquet")
+    llm = spans.filter(pl.col("span_type") == "llm")
+    assert llm.height == 1, output
+    assert llm["prompt_token_ids"].to_list()[0] == prompt_ids(HELLO)
