@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import hashlib
 import json
 import operator
 import os
@@ -118,6 +119,7 @@ class Task:
     id: str
     question: str
     answer: str
+    sample: int = 0  # which of --samples runs of this task (each one its own rollout)
 
 
 @dataclass
@@ -163,10 +165,20 @@ class Settings:
     max_tokens: int
     temperature: float
     stream: bool
+    seed: int | None = None
 
 
-def _request(settings: Settings, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+def request_seed(base: int | None, task: Task, turn: int) -> int | None:
+    """The sampling seed of one request: the same task, sample and turn draw the same seed in every run,
+    so two model versions are compared on the same random numbers (a server that honours ``seed``)."""
+    if base is None:
+        return None
+    digest = hashlib.sha256(f"{base}:{task.id}:{task.sample}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def _request(settings: Settings, messages: list[dict[str, Any]], seed: int | None) -> dict[str, Any]:
+    request: dict[str, Any] = {
         "model": settings.model,
         "messages": messages,
         "tools": [CALCULATOR_TOOL],
@@ -174,6 +186,9 @@ def _request(settings: Settings, messages: list[dict[str, Any]]) -> dict[str, An
         "temperature": settings.temperature,
         "stream": settings.stream,
     }
+    if seed is not None:
+        request["seed"] = seed
+    return request
 
 
 def _first_messages(task: Task) -> list[dict[str, Any]]:
@@ -193,8 +208,8 @@ def _after(turn: Turn, messages: list[dict[str, Any]]) -> str | None:
 
 def solve(client: openai.OpenAI, settings: Settings, task: Task) -> str:
     messages = _first_messages(task)
-    for _ in range(settings.max_turns):
-        response = client.chat.completions.create(**_request(settings, messages))
+    for turn in range(settings.max_turns):
+        response = client.chat.completions.create(**_request(settings, messages, request_seed(settings.seed, task, turn)))
         turn = Turn()
         if settings.stream:
             for chunk in response:
@@ -209,8 +224,10 @@ def solve(client: openai.OpenAI, settings: Settings, task: Task) -> str:
 
 async def solve_async(client: openai.AsyncOpenAI, settings: Settings, task: Task) -> str:
     messages = _first_messages(task)
-    for _ in range(settings.max_turns):
-        response = await client.chat.completions.create(**_request(settings, messages))
+    for turn in range(settings.max_turns):
+        response = await client.chat.completions.create(
+            **_request(settings, messages, request_seed(settings.seed, task, turn))
+        )
         turn = Turn()
         if settings.stream:
             async for chunk in response:
@@ -226,7 +243,8 @@ async def solve_async(client: openai.AsyncOpenAI, settings: Settings, task: Task
 # --- Tasks, rewards, output ---------------------------------------------------------------------------
 
 
-def read_tasks(path: Path, limit: int | None) -> list[Task]:
+def read_tasks(path: Path, limit: int | None, samples: int = 1) -> list[Task]:
+    """The tasks of a JSONL file (the first ``limit``), each repeated ``samples`` times (sample 0, 1, ...)."""
     tasks = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -237,7 +255,8 @@ def read_tasks(path: Path, limit: int | None) -> list[Task]:
                 tasks.append(Task(id=str(row["id"]), question=str(row["question"]), answer=str(row["answer"])))
             except KeyError as missing:
                 raise SystemExit(f"{path}:{number}: task has no {missing} field (needs id, question, answer)") from None
-    return tasks[:limit] if limit is not None else tasks
+    chosen = tasks[:limit] if limit is not None else tasks
+    return [Task(t.id, t.question, t.answer, sample) for t in chosen for sample in range(samples)]
 
 
 def _report(task: Task, answer: str, error: str | None) -> None:
@@ -252,7 +271,8 @@ def _report(task: Task, answer: str, error: str | None) -> None:
         },
     ):
         pass
-    line = {"id": task.id, "answer": answer, "gold": task.answer, "reward": reward, "correct": reward == 1.0}
+    line = {"id": task.id, "sample": task.sample, "answer": answer, "gold": task.answer, "reward": reward,
+            "correct": reward == 1.0}
     if error is not None:
         line["error"] = error
     # One write per line: tasks report from several threads at once (--concurrency).
@@ -263,7 +283,8 @@ def _report(task: Task, answer: str, error: str | None) -> None:
 def _task_attributes(task: Task) -> dict[str, str]:
     # The gold answer as rollout metadata lets the pipeline recompute the reward with another function
     # (reward: {function: examples.calc.reward:score, name: correct}).
-    return {"tracelearn.task.id": task.id, "tracelearn.metadata.gold": task.answer}
+    return {"tracelearn.task.id": task.id, "tracelearn.metadata.gold": task.answer,
+            "tracelearn.metadata.sample": str(task.sample)}
 
 
 def run_task(client: openai.OpenAI, settings: Settings, task: Task) -> None:
@@ -307,9 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream", action="store_true", help="use streaming calls")
     parser.add_argument("--async", dest="use_async", action="store_true", help="use AsyncOpenAI")
     parser.add_argument("--concurrency", type=int, default=1, help="tasks in flight at once (sync mode)")
+    parser.add_argument("--samples", type=int, default=1, help="run every task this many times (a GRPO group)")
+    parser.add_argument("--seed", type=int, default=None, help="seed every request from this, the task and the turn")
     args = parser.parse_args(argv)
-    tasks = read_tasks(args.tasks, args.limit)
-    settings = Settings(args.model, args.max_turns, args.max_tokens, args.temperature, args.stream)
+    tasks = read_tasks(args.tasks, args.limit, max(1, args.samples))
+    settings = Settings(args.model, args.max_turns, args.max_tokens, args.temperature, args.stream, args.seed)
     base_url = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     api_key = os.environ.get("OPENAI_API_KEY") or "not-needed"
     if args.use_async:

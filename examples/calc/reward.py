@@ -1,7 +1,8 @@
-"""The calc example's reward: exact number match, with partial credit when the number is buried in text.
+"""The calc example's reward: 1.0 when the reply's final number is the right result, else 0.0.
 
-A small policy (SmolLM2-135M) rarely obeys "the number only"; full credit for the bare number and half
-credit when the right number appears anywhere gives GRPO a signal to climb while exact match is rare.
+The last number is the answer a reader takes away ("4 + 3 = 7" and "7" are right, "7 or 8" is not),
+so listing many numbers cannot collect the reward. A binary reward keeps GRPO's advantages
+readable: within a task's group, right replies are pushed up and wrong ones down.
 """
 
 import re
@@ -17,12 +18,9 @@ def _number(text: str) -> float | None:
 
 
 def score(answer: str, gold: str) -> float:
-    """1.0 if ``answer`` is exactly the gold number, 0.5 if the number appears in it, else 0.0."""
+    """1.0 if the last number in ``answer`` equals the gold number (or, for a non-numeric gold, the text matches)."""
     expected = _number(gold.strip())
     if expected is None:
         return 1.0 if answer.strip() == gold.strip() else 0.0
-    bare = answer.strip().rstrip(".").strip()
-    if _number(bare) == expected:
-        return 1.0
-    found = (_number(m.group()) for m in _NUMBER.finditer(answer.replace(",", "")))
-    return 0.5 if expected in found else 0.0
+    numbers = _NUMBER.findall(answer.replace(",", ""))
+    return 1.0 if numbers and _number(numbers[-1]) == expected else 0.0
