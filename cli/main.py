@@ -3,11 +3,13 @@
 import click
 
 from tracelearn.cli.demo import demo
+from tracelearn.cli.eval import eval_command
 from tracelearn.cli.feedback import feedback
 from tracelearn.cli.gateway import gateway
 from tracelearn.cli.registry import registry
 from tracelearn.cli.serve import serve
 from tracelearn.cli.spans import spans
+from tracelearn.cli.train import train
 from tracelearn.cli.transitions import transitions
 
 
@@ -18,9 +20,11 @@ def main() -> None:
 
 
 main.add_command(demo)
+main.add_command(eval_command)
 main.add_command(feedback)
 main.add_command(gateway)
 main.add_command(registry)
 main.add_command(spans)
 main.add_command(serve)
+main.add_command(train)
 main.add_command(transitions)

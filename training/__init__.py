@@ -1,5 +1,19 @@
-"""Training: GRPO and SFT trainers (torch), the verl backend, APO and evaluation.
+"""Training: GRPO and SFT trainers (torch), the verl backend, evaluation and the promotion gate.
 
-May import: tracelearn.schemas, tracelearn.pipelines, tracelearn.registry, torch, transformers.
-Must never import serving internals or airflow.
+Data contract: the transitions table (``tracelearn.pipelines``) is the only input; every trainer
+reads the stored prompt/response token ids, logprobs, advantages and loss masks as generated.
+
+- ``config``: ``train.yaml`` (GRPO, SFT, LoRA and runtime sections), validated before any model loads.
+- ``sequences``: transitions -> token sequences (retokenizing only where ids are missing, counted) and
+  length-bucketed micro-batches under a token budget.
+- ``losses``: the clipped policy-gradient loss, the k3 KL estimate and loss aggregation, pure functions.
+- ``policy``: the model being trained (full or LoRA), precision, per-token logprobs, checkpoints.
+- ``grpo`` / ``sft``: the two torch trainers; ``run_dir``: a run's config, metrics, plot, lineage.
+- ``verl_backend``: the same transitions exported for verl, and its job launched in its own environment.
+- ``evaluate`` / ``gate``: score a model version by running an agent on held-out tasks; publish a
+  candidate and promote it only when it beats production.
+
+May import: tracelearn.schemas, tracelearn.pipelines, tracelearn.registry, tracelearn.serving.model_store
+(model resolution and loading, shared with the server), torch, transformers, peft. Must never import
+the server's internals (engine, HTTP API) or airflow; evaluation starts ``tracelearn serve`` as a process.
 """

@@ -209,7 +209,8 @@ def _after(turn: Turn, messages: list[dict[str, Any]]) -> str | None:
 def solve(client: openai.OpenAI, settings: Settings, task: Task) -> str:
     messages = _first_messages(task)
     for turn in range(settings.max_turns):
-        response = client.chat.completions.create(**_request(settings, messages, request_seed(settings.seed, task, turn)))
+        request = _request(settings, messages, request_seed(settings.seed, task, turn))
+        response = client.chat.completions.create(**request)
         turn = Turn()
         if settings.stream:
             for chunk in response:

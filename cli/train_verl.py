@@ -1,0 +1,66 @@
+"""``tracelearn train grpo --backend verl``: write the verl job from the transitions, run it in verl's environment.
+
+verl loads the policy itself on every worker, from a Hugging Face model directory: a ``registry:``
+reference is resolved to its (checksum-verified) local files first; GGUF weights and LoRA adapter
+versions cannot be given to verl as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from tracelearn.registry import RegistryError
+from tracelearn.serving.model_store import REGISTRY_PREFIX, ModelNotFoundError, resolve_model
+from tracelearn.training.config import TrainConfig
+from tracelearn.training.verl_backend import (
+    VerlJobError,
+    VerlNotAvailableError,
+    find_verl_python,
+    prepare_verl_job,
+    run_verl_job,
+    verl_command,
+)
+
+
+def verl_model_path(model: str) -> str:
+    """A local Hugging Face directory (or hub id) verl can load for ``model``."""
+    if not model.startswith(REGISTRY_PREFIX) and not Path(model).expanduser().exists():
+        return model  # a hub id: verl's workers read it from their own Hugging Face cache
+    source = resolve_model(model)
+    if source.gguf_file is not None:
+        raise click.ClickException(
+            f"{model} is a GGUF file; verl loads Hugging Face safetensors directories. Train one torch step "
+            "(tracelearn train ... --backend torch) or convert the model, and pass that directory"
+        )
+    if source.base is not None:
+        raise click.ClickException(
+            f"{model} is a LoRA adapter; give verl its base model and set lora in train.yaml instead"
+        )
+    return str(source.directory)
+
+
+def run_verl(console: Console, transitions: Path, model: str, out: Path, config: TrainConfig, *,
+             config_hash: str | None, verl_python: str | None, gpus: int, nodes: int, prepare_only: bool) -> None:
+    """Write the job under ``out/verl/`` and, unless ``prepare_only``, run it; a failed job is a ClickException."""
+    try:
+        model_path = verl_model_path(model)
+        python = None if prepare_only else find_verl_python(verl_python)
+        with console.status("exporting the transitions for verl..."):
+            job = prepare_verl_job(transitions, out, model_path, config, n_gpus_per_node=gpus, nnodes=nodes,
+                                   config_hash=config_hash)
+    except (VerlJobError, VerlNotAvailableError, ModelNotFoundError, RegistryError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    console.print(f"verl job: {job.paths.directory} ({job.data.train_rows} training rows; "
+                  f"left out: {dict(job.skipped) or 'none'})")
+    console.print(f"launch script: {job.paths.launch_script}")
+    if python is None:
+        console.print("prepared only; run it on a GPU machine with: " + str(job.paths.launch_script), style="dim")
+        return
+    console.print("$ " + " ".join(verl_command(job, python)[:3]) + " ...", style="dim")
+    status = run_verl_job(job, python, out / "verl.log")
+    if status != 0:
+        raise click.ClickException(f"the verl job exited with status {status}; its log: {out / 'verl.log'}")
+    console.print(f"verl checkpoints: {job.paths.checkpoints}")

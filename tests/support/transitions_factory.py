@@ -1,0 +1,81 @@
+"""Transitions datasets for trainer tests: real TRANSITIONS Parquet files with real token ids.
+
+Each :class:`Sample` is one LLM call (a chat prompt and the reply), tokenized with a real tokenizer's
+chat template as a server would have (prompt ids with the generation prompt, reply ids ending with
+the end-of-turn token), with optional logprobs and an advantage, written where the pipeline writes
+them: ``<root>/transitions/date=D/part-<hash16>.parquet`` with the schema version in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tracelearn.collector.atomic_files import write_parquet_atomically
+from tracelearn.pipelines.build import output_file_name
+from tracelearn.schemas.migrations import conform
+from tracelearn.schemas.tables import TRANSITIONS
+
+CONFIG_HASH = hashlib.sha256(b"trainer-tests").hexdigest()
+
+
+@dataclass(frozen=True)
+class Sample:
+    question: str
+    reply: str
+    advantage: float
+    reward: float = 0.0
+    task_id: str = "t0"
+    with_token_ids: bool = True
+    logprob: float | None = -1.0  # the same logprob for every reply token; None: not recorded
+
+
+def encode(tokenizer: Any, question: str, reply: str) -> tuple[list[int], list[int]]:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
+    response = [*tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+    return [int(i) for i in prompt], [int(i) for i in response]
+
+
+def transitions_table(tokenizer: Any, samples: Sequence[Sample], config_hash: str = CONFIG_HASH) -> pa.Table:
+    rows = []
+    for number, sample in enumerate(samples):
+        prompt, response = encode(tokenizer, sample.question, sample.reply)
+        rows.append({
+            "rollout_id": f"r{number}",
+            "task_id": sample.task_id,
+            "group_id": sample.task_id,
+            "step_index": 0,
+            "model": "tiny",
+            "prompt_messages": json.dumps([{"role": "user", "content": sample.question}]),
+            "response": json.dumps([{"role": "assistant", "content": sample.reply}]),
+            "prompt_token_ids": prompt if sample.with_token_ids else None,
+            "response_token_ids": response if sample.with_token_ids else None,
+            "response_logprobs": ([sample.logprob] * len(response)
+                                  if sample.with_token_ids and sample.logprob is not None else None),
+            "token_ids_source": "server" if sample.with_token_ids else None,
+            "rewards": [("correct", sample.reward)],
+            "reward": sample.reward,
+            "credited_reward": sample.reward,
+            "advantage": sample.advantage,
+            "trace_id": f"{number:032x}",
+            "span_id": f"{number:016x}",
+            "pipeline_config_hash": config_hash,
+        })
+    return conform(pa.Table.from_pylist(rows, schema=TRANSITIONS.schema), TRANSITIONS)
+
+
+def write_transitions(root: Path, tokenizer: Any, samples: Sequence[Sample], date: str = "2026-11-20",
+                      config_hash: str = CONFIG_HASH) -> Path:
+    """Write the samples as one transitions partition under ``root``; returns the file."""
+    table = transitions_table(tokenizer, samples, config_hash).replace_schema_metadata(
+        TRANSITIONS.schema_with_metadata().metadata
+    )
+    return write_parquet_atomically(table, root / "transitions" / f"date={date}", output_file_name(config_hash),
+                                    "zstd")

@@ -1,0 +1,272 @@
+"""GRPO on stored transitions with torch: one process, CPU or one GPU, full fine-tuning or LoRA.
+
+The transitions already carry everything the loss needs: the response token ids as generated,
+their logprobs under the policy that generated them (the importance ratio's denominator), the GRPO
+advantage the pipeline computed per task group, and the loss mask. One optimizer step reads top to
+bottom::
+
+    for each mini-batch of sequences (shuffled, seeded):
+        for each micro-batch (length-sorted, under the token budget):
+            logprobs = policy(batch)                                    # forward
+            loss = aggregate(policy_gradient_loss(logprobs, old, A))    # training/losses.py
+            loss.backward()                                             # gradients accumulate
+        clip gradients; optimizer step; log the step
+
+Logprobs missing from the data (a server that returned none, retokenized rows) are computed with
+the starting weights before the first step and counted (``logprobs_recomputed``); with ``kl_beta``
+> 0 the reference logprobs (the starting weights) are computed in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tracelearn.registry import Lineage
+from tracelearn.training.config import TrainConfig, check_ranges, config_as_dict, train_config_hash
+from tracelearn.training.data import NoTrainingDataError, TrainingData, load_training_data
+from tracelearn.training.losses import aggregate_loss, k3_kl, policy_gradient_loss
+from tracelearn.training.policy import MicroBatch, Policy, load_policy, save_checkpoint
+from tracelearn.training.run_dir import RunDirectory, code_revision, files_snapshot, plot_training
+from tracelearn.training.sequences import (
+    SequenceCounts,
+    TokenSequence,
+    micro_batches,
+    mini_batches,
+    padding_fraction,
+    sequences_from_transitions,
+)
+
+__all__ = ["NoTrainingDataError", "TrainResult", "fill_logprobs", "grpo_step", "run_lineage", "train_grpo"]
+
+# Below this an advantage is a zero: a group whose rollouts all scored the same.
+ZERO_ADVANTAGE = 1e-12
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: its directory, checkpoint, lineage and summary (also written to disk)."""
+
+    run: RunDirectory
+    checkpoint: Path
+    lineage: Lineage
+    summary: dict[str, Any]
+
+
+@torch.no_grad()
+def fill_logprobs(policy: Policy, sequences: Sequence[TokenSequence], token_budget: int, *, old: bool,
+                  reference: bool, progress: bool) -> int:
+    """With the current weights, fill the old logprobs of sequences that lack them (``old``) and the
+    reference logprobs of all (``reference``), in one pass; returns how many old ones were filled.
+    """
+    wanted = [s for s in sequences if reference or (old and s.old_logprobs is None)]
+    if not wanted:
+        return 0
+    filled = 0
+    was_training = policy.model.training
+    policy.model.eval()
+    pad = int(policy.tokenizer.pad_token_id)
+    with tqdm(total=len(wanted), desc="logprobs", unit="seq", disable=not progress) as bar:
+        for batch in micro_batches(wanted, token_budget):
+            tensors = MicroBatch.of(batch, pad, policy.device)
+            values = policy.logprobs(tensors).float().cpu()
+            for row, sequence in enumerate(batch):
+                computed = values[row, : len(sequence.response_ids)].tolist()
+                if reference:
+                    sequence.ref_logprobs = computed
+                if old and sequence.old_logprobs is None:
+                    sequence.old_logprobs = computed
+                    filled += 1
+            bar.update(len(batch))
+    policy.model.train(was_training)
+    return filled
+
+
+def grpo_step(policy: Policy, step: Sequence[TokenSequence], config: TrainConfig, optimizer: torch.optim.Optimizer,
+              dr_grpo_normalizer: int) -> dict[str, Any]:
+    """One optimizer step over ``step`` (gradient accumulation over its micro-batches); returns its metrics."""
+    grpo = config.grpo
+    batches = list(micro_batches(step, config.runtime.micro_batch_tokens))
+    step_tokens = sum(s.loss_tokens for s in step)
+    sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "kl_behaviour": 0.0, "clipped": 0.0, "ratio": 0.0}
+    ratio_max = 0.0
+    pad = int(policy.tokenizer.pad_token_id)
+    optimizer.zero_grad(set_to_none=True)
+    for batch in batches:
+        tensors = MicroBatch.of(batch, pad, policy.device)
+        assert tensors.old_logprobs is not None, "old logprobs are filled before training"
+        logprobs = policy.logprobs(tensors)
+        terms = policy_gradient_loss(logprobs, tensors.old_logprobs, tensors.advantages, clip_low=grpo.clip_low,
+                                     clip_high=grpo.clip_high, kl_beta=grpo.kl_beta, ref_logprobs=tensors.ref_logprobs)
+        loss = aggregate_loss(terms.loss, tensors.mask, grpo.loss_aggregation, step_tokens=step_tokens,
+                              step_sequences=len(step), dr_grpo_normalizer=dr_grpo_normalizer)
+        loss.backward()  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            mask = tensors.mask
+            sums["loss"] += float(loss)
+            sums["pg"] += float((terms.policy_gradient * mask).sum())
+            sums["clipped"] += float((terms.clipped * mask).sum())
+            sums["ratio"] += float((terms.ratio * mask).sum())
+            sums["kl_behaviour"] += float((k3_kl(logprobs, tensors.old_logprobs) * mask).sum())
+            if terms.kl is not None:
+                sums["kl"] += float((terms.kl * mask).sum())
+            ratio_max = max(ratio_max, float((terms.ratio * mask).max()))
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), grpo.max_grad_norm)
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = max(step_tokens, 1)
+    rewards = [s.reward for s in step if s.reward is not None]
+    return {
+        "loss": sums["loss"],
+        "pg_loss": sums["pg"] / tokens,
+        "kl": sums["kl"] / tokens if grpo.kl_beta > 0 else None,
+        "kl_to_behaviour": sums["kl_behaviour"] / tokens,
+        "clip_fraction": sums["clipped"] / tokens,
+        "ratio_mean": sums["ratio"] / tokens,
+        "ratio_max": ratio_max,
+        "grad_norm": float(grad_norm),
+        "skipped_non_finite_gradient": not bool(torch.isfinite(grad_norm)),
+        "sequences": len(step),
+        "response_tokens": step_tokens,
+        "padded_tokens": sum(len(b) * max(s.length for s in b) for b in batches),
+        "padding_fraction": padding_fraction(batches),
+        "micro_batches": len(batches),
+        "advantage_mean": sum(s.advantage for s in step) / len(step),
+        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+    }
+
+
+def _parent(started_from: str) -> str:
+    return started_from.removeprefix("registry:")
+
+
+def run_lineage(run: RunDirectory, data: TrainingData, policy: Policy, trainer: str, config: TrainConfig,
+                metrics: dict[str, Any], extra: dict[str, Any]) -> Lineage:
+    """The registry lineage of a run's checkpoint: data snapshot, configs, origin, code and training metrics."""
+    return Lineage(
+        dataset=str(data.root.resolve()),
+        partitions=data.partitions,
+        dataset_snapshot=files_snapshot(data.files),
+        pipeline_config_hash=data.config_hash,
+        training_run_id=run.run_id,
+        base_model=policy.base_reference,
+        parent=_parent(policy.started_from),
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)},
+        code_revision=code_revision(),
+        extra={"trainer": trainer, "backend": "torch", "train_config_hash": train_config_hash(config),
+               "lora": policy.lora, **extra},
+    )
+
+
+def _select(sequences: list[TokenSequence], counts: SequenceCounts, config: TrainConfig) -> list[TokenSequence]:
+    if not config.grpo.skip_zero_advantage or config.grpo.kl_beta > 0:
+        return sequences
+    kept = [s for s in sequences if abs(s.advantage) > ZERO_ADVANTAGE]
+    counts.drop("zero_advantage", len(sequences) - len(kept))
+    counts.kept = len(kept)
+    return kept
+
+
+def _warmup_factor(warmup_steps: int) -> Any:
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def train_grpo(
+    transitions: str | Path,
+    model: str,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    config_hash: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` with GRPO on the transitions under ``transitions``; write the run into ``out``.
+
+    Raises :class:`NoTrainingDataError` when no sequence carries a learning signal (every group's
+    rewards were equal, or no transition has usable token ids), before any step is taken.
+    """
+    check_ranges(config)
+    run = RunDirectory.create(Path(out), overwrite=overwrite)
+    started = time.monotonic()
+    data = load_training_data(transitions, config_hash)
+    run.write_config({"trainer": "grpo", "backend": "torch", "run_id": run.run_id, "model": model,
+                      "transitions": str(data.root), "pipeline_config_hash": data.config_hash,
+                      "partitions": list(data.partitions), "train_config": config_as_dict(config),
+                      "train_config_hash": train_config_hash(config)})
+    policy = load_policy(model, config.lora, config.runtime)
+    sequences, counts = sequences_from_transitions(data.frame, policy.tokenizer,
+                                                   max_sequence_tokens=config.runtime.max_sequence_tokens)
+    sequences = _select(sequences, counts, config)
+    if not sequences:
+        raise NoTrainingDataError(
+            f"{data.root}: no transition carries a learning signal ({counts.to_dict()}); GRPO needs groups whose "
+            "rollouts scored differently: run more samples per task (e.g. the agent's --samples 8)"
+        )
+    if config.grpo.recompute_logprobs == "always":
+        for sequence in sequences:
+            sequence.old_logprobs = None
+    recomputed = fill_logprobs(policy, sequences, config.runtime.micro_batch_tokens, old=True,
+                               reference=config.grpo.kl_beta > 0, progress=progress)
+    dr_grpo_normalizer = config.grpo.dr_grpo_normalizer or max(len(s.response_ids) for s in sequences)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.grpo.learning_rate,
+                                  weight_decay=config.grpo.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_factor(config.grpo.warmup_steps))
+    steps_per_epoch = math.ceil(len(sequences) / config.grpo.mini_batch_size)
+    total_steps = steps_per_epoch * config.grpo.epochs
+    step_number, trained_tokens, train_seconds = 0, 0, 0.0
+    with tqdm(total=total_steps, desc="grpo", unit="step", disable=not progress) as bar:
+        for epoch in range(config.grpo.epochs):
+            for step in mini_batches(sequences, config.grpo.mini_batch_size, seed=config.runtime.seed + epoch):
+                began = time.monotonic()
+                metrics = grpo_step(policy, step, config, optimizer, dr_grpo_normalizer)
+                schedule.step()
+                elapsed = time.monotonic() - began
+                step_number += 1
+                train_seconds += elapsed
+                trained_tokens += int(metrics["padded_tokens"])
+                metrics.update(step=step_number, epoch=epoch, lr=float(schedule.get_last_lr()[0]),
+                               step_seconds=elapsed, tokens_per_second=metrics["padded_tokens"] / max(elapsed, 1e-9),
+                               elapsed_seconds=time.monotonic() - started)
+                run.log_step(metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", clip=f"{metrics['clip_fraction']:.2f}")
+                bar.update(1)
+    checkpoint = save_checkpoint(policy, run.checkpoint_path)
+    history = run.read_metrics()
+    plot_training(history, run.plot_path, f"GRPO on {data.root.name} ({len(sequences)} sequences)")
+    final = history[-1]
+    training_metrics = {"train_loss_final": float(final["loss"]), "train_clip_fraction_final": final["clip_fraction"],
+                        "train_kl_to_behaviour_final": final["kl_to_behaviour"]}
+    lineage = run_lineage(run, data, policy, "grpo", config, training_metrics,
+                          {"sequences": len(sequences), "steps": step_number})
+    run.write_lineage(lineage)
+    summary = {
+        "trainer": "grpo",
+        "run_id": run.run_id,
+        "model": model,
+        "started_from": policy.started_from,
+        "checkpoint": str(checkpoint),
+        "lora": policy.lora,
+        "precision": str(policy.autocast or torch.float32).removeprefix("torch."),
+        "device": str(policy.device),
+        "sequences": counts.to_dict(),
+        "logprobs_recomputed": recomputed,
+        "steps": step_number,
+        "epochs": config.grpo.epochs,
+        "train_tokens": trained_tokens,
+        "train_seconds": train_seconds,
+        "tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
+        "wall_seconds": time.monotonic() - started,
+        "final": final,
+    }
+    run.write_summary(summary)
+    return TrainResult(run, checkpoint, lineage, summary)
+

@@ -1,0 +1,242 @@
+"""The policy being trained: loading (full or LoRA), precision, per-token logprobs, checkpoints.
+
+Models are named the way ``tracelearn serve`` names them (``smollm2``, a Hugging Face directory, a
+``.gguf`` file, a LoRA adapter directory, ``registry:NAME@ALIAS``) and resolved by
+``tracelearn.serving.model_store``, so a checkpoint trained here is served by the same rules.
+Master weights are float32; ``precision`` bf16 runs the forward and backward passes under autocast.
+
+LoRA: a fresh adapter (peft) on the loaded model, or, when the model named is itself a LoRA
+adapter, that adapter trained further on its own base (so every version of a LoRA line shares one
+base and stays small). The saved adapter names its base by a pinned reference (``registry:NAME@N``,
+never an alias that may move), which is what the server loads it onto.
+
+Logprobs are computed from the decoder's hidden states at response positions only: the language
+model head (a ``hidden x vocabulary`` matmul and a float32 ``logsumexp``) never runs on prompt tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tracelearn.serving.model_store import (
+    ADAPTER_CONFIG,
+    REGISTRY_PREFIX,
+    ModelSource,
+    adapter_base,
+    load_model,
+    resolve_model,
+    select_device,
+)
+from tracelearn.training.config import LoraConfig, RuntimeConfig
+from tracelearn.training.losses import token_logprobs
+from tracelearn.training.sequences import TokenSequence
+
+__all__ = [
+    "MicroBatch",
+    "Policy",
+    "autocast_dtype",
+    "cpu_has_native_bf16",
+    "load_policy",
+    "pinned_reference",
+    "save_checkpoint",
+]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); elsewhere bf16 is emulated (slow)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain float32)."""
+    if precision == "fp32":
+        return None
+    supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if supported else None
+
+
+def pinned_reference(reference: str, source: ModelSource) -> str:
+    """``reference`` with a registry alias replaced by the version it named (``registry:calc-policy@3``)."""
+    if reference.startswith(REGISTRY_PREFIX):
+        return REGISTRY_PREFIX + source.model_id
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.exists() else reference
+
+
+@dataclass
+class Policy:
+    """A model ready to train: weights (float32 master copy), tokenizer, where it runs and how.
+
+    ``base_reference`` is what a saved checkpoint names as its origin: the pinned model reference for
+    full fine-tuning, the adapter's base for LoRA. ``started_from`` is the pinned reference of the
+    weights training started from (the parent in the lineage).
+    """
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    autocast: torch.dtype | None
+    lora: bool
+    base_reference: str
+    started_from: str
+    model_version: str
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def autocast_context(self) -> Iterator[None]:
+        if self.autocast is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast):
+            yield
+
+    def logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        """Per response token logprobs ``[rows, longest response]`` under the current weights (0 on padding)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        with self.autocast_context():
+            decoded = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            hidden = decoded.last_hidden_state
+            index = batch.logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            logits = base.get_output_embeddings()(hidden.gather(1, index))
+        return token_logprobs(logits, batch.targets) * batch.mask_any
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of one forward pass (right padding; ``[rows, ...]``).
+
+    ``logit_positions[i, j]`` is the position whose logits predict response token j of row i
+    (``prompt_len - 1 + j``); ``mask`` is the loss mask (0 on padding), ``mask_any`` 1 on every real
+    response token (logprobs are kept there even where the loss mask is 0).
+    """
+
+    sequences: list[TokenSequence]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logit_positions: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    mask_any: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+
+    @classmethod
+    def of(cls, sequences: Sequence[TokenSequence], pad_id: int, device: torch.device) -> MicroBatch:
+        rows = len(sequences)
+        longest = max(s.length for s in sequences)
+        longest_response = max(len(s.response_ids) for s in sequences)
+        input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
+        attention = torch.zeros((rows, longest), dtype=torch.long)
+        positions = torch.zeros((rows, longest_response), dtype=torch.long)
+        targets = torch.zeros((rows, longest_response), dtype=torch.long)
+        mask = torch.zeros((rows, longest_response))
+        mask_any = torch.zeros((rows, longest_response))
+        old = torch.zeros((rows, longest_response)) if all(s.old_logprobs is not None for s in sequences) else None
+        ref = torch.zeros((rows, longest_response)) if all(s.ref_logprobs is not None for s in sequences) else None
+        for row, sequence in enumerate(sequences):
+            prompt, response = len(sequence.prompt_ids), len(sequence.response_ids)
+            input_ids[row, : sequence.length] = torch.tensor(sequence.prompt_ids + sequence.response_ids)
+            attention[row, : sequence.length] = 1
+            positions[row, :response] = torch.arange(prompt - 1, prompt - 1 + response)
+            targets[row, :response] = torch.tensor(sequence.response_ids)
+            mask[row, :response] = torch.tensor(sequence.loss_mask, dtype=torch.float32)
+            mask_any[row, :response] = 1.0
+            if old is not None and sequence.old_logprobs is not None:
+                old[row, :response] = torch.tensor(sequence.old_logprobs)
+            if ref is not None and sequence.ref_logprobs is not None:
+                ref[row, :response] = torch.tensor(sequence.ref_logprobs)
+        advantages = torch.tensor([s.advantage for s in sequences], dtype=torch.float32)
+
+        def on_device(tensor: torch.Tensor | None) -> Any:
+            return None if tensor is None else tensor.to(device)
+
+        return cls(list(sequences), on_device(input_ids), on_device(attention), on_device(positions),
+                   on_device(targets), on_device(mask), on_device(mask_any), on_device(advantages),
+                   on_device(old), on_device(ref))
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.mask.sum().item())
+
+
+def _peft_config(lora: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def load_policy(reference: str, lora: LoraConfig | None, runtime: RuntimeConfig) -> Policy:
+    """Load ``reference`` for training (see the module docstring for the LoRA rules).
+
+    Raises ``ModelNotFoundError`` / ``ModelLoadError`` from the model store for names and weights that
+    do not resolve or load, and ``ValueError`` for LoRA target modules the model does not have.
+    """
+    torch.manual_seed(runtime.seed)
+    device = select_device(runtime.device)
+    source = resolve_model(reference)
+    started_from = pinned_reference(reference, source)
+    if source.base is not None and lora is not None:
+        from peft import PeftModel
+
+        base = load_model(source.base, device=str(device))
+        model = PeftModel.from_pretrained(base.model.float(), source.directory, is_trainable=True)
+        tokenizer, version = base.tokenizer, source.version or source.model_id
+        base_reference = adapter_base(source.directory)
+    else:
+        loaded = load_model(source, device=str(device))
+        model, tokenizer, version = loaded.model.float(), loaded.tokenizer, loaded.model_version
+        base_reference = started_from
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _peft_config(lora))
+    if runtime.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Policy(model=model, tokenizer=tokenizer, device=device, autocast=autocast_dtype(runtime.precision, device),
+                  lora=lora is not None, base_reference=base_reference, started_from=started_from,
+                  model_version=version)
+
+
+def save_checkpoint(policy: Policy, directory: Path) -> Path:
+    """Write the trained weights (an adapter for LoRA, a full model otherwise) and the tokenizer.
+
+    A LoRA adapter's ``adapter_config.json`` names ``policy.base_reference`` as its base, so the
+    server and the registry resolve the same base the training used. Full weights are written as
+    float32 safetensors with the model's config.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    policy.model.save_pretrained(directory, safe_serialization=True)
+    policy.tokenizer.save_pretrained(directory)
+    if policy.lora:
+        config_path = directory / ADAPTER_CONFIG
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = policy.base_reference
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    return directory
