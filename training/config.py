@@ -129,7 +129,10 @@ class RuntimeConfig:
     ``precision``: ``auto`` is bf16 on a CUDA GPU that supports it and on CPUs with native bf16
     matrix units (AMX or AVX512-BF16; elsewhere bf16 is emulated and slower than fp32), else fp32.
     Master weights stay fp32 either way (autocast). ``micro_batch_tokens`` bounds one forward pass
-    (padded tokens); gradients accumulate over micro-batches up to the optimizer step.
+    (computed tokens); gradients accumulate over micro-batches up to the optimizer step.
+    ``share_prefix``: a prompt prefix every sequence of a micro-batch shares (an agent's system prompt
+    and tool declarations) is computed once for all of them; exact, and off under gradient
+    checkpointing.
     """
 
     precision: Precision = "auto"
@@ -138,6 +141,7 @@ class RuntimeConfig:
     micro_batch_tokens: int = 4096
     seed: int = 0
     max_sequence_tokens: int | None = None
+    share_prefix: bool = True
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,25 @@ class GateDecision:
             "alias_move": self.alias_move.to_dict() if self.alias_move is not None else None,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
+        """A decision written by :meth:`to_dict` (its ``alias_move`` is not restored: apply it again)."""
+        interval = data.get("interval_95")
+        return cls(
+            promote=bool(data["promote"]),
+            reason=str(data["reason"]),
+            candidate=str(data["candidate"]),
+            candidate_model_version=data.get("candidate_model_version"),
+            production=data.get("production"),
+            production_model_version=data.get("production_model_version"),
+            candidate_success_rate=float(data["candidate_success_rate"]),
+            production_success_rate=data.get("production_success_rate"),
+            difference=data.get("difference"),
+            interval=(float(interval[0]), float(interval[1])) if interval else None,
+            pairs=int(data["pairs"]),
+            config=GateConfig(**data["config"]),
+        )
+
     def write(self, path: Path) -> Path:
         """Write the decision as JSON (``gate.json``); return ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -74,8 +74,8 @@ def fill_logprobs(policy: Policy, sequences: Sequence[TokenSequence], token_budg
     policy.model.eval()
     pad = int(policy.tokenizer.pad_token_id)
     with tqdm(total=len(wanted), desc="logprobs", unit="seq", disable=not progress) as bar:
-        for batch in micro_batches(wanted, token_budget):
-            tensors = MicroBatch.of(batch, pad, policy.device)
+        for batch in micro_batches(wanted, token_budget, policy.prefix_to_share(wanted)):
+            tensors = MicroBatch.of(batch, pad, policy.device, policy.min_shared_prefix)
             values = policy.logprobs(tensors).float().cpu()
             for row, sequence in enumerate(batch):
                 computed = values[row, : len(sequence.response_ids)].tolist()
@@ -93,14 +93,15 @@ def grpo_step(policy: Policy, step: Sequence[TokenSequence], config: TrainConfig
               dr_grpo_normalizer: int) -> dict[str, Any]:
     """One optimizer step over ``step`` (gradient accumulation over its micro-batches); returns its metrics."""
     grpo = config.grpo
-    batches = list(micro_batches(step, config.runtime.micro_batch_tokens))
+    batches = list(micro_batches(step, config.runtime.micro_batch_tokens, policy.prefix_to_share(step)))
     step_tokens = sum(s.loss_tokens for s in step)
     sums = {"loss": 0.0, "pg": 0.0, "kl": 0.0, "kl_behaviour": 0.0, "clipped": 0.0, "ratio": 0.0}
-    ratio_max = 0.0
+    ratio_max, computed = 0.0, 0
     pad = int(policy.tokenizer.pad_token_id)
     optimizer.zero_grad(set_to_none=True)
     for batch in batches:
-        tensors = MicroBatch.of(batch, pad, policy.device)
+        tensors = MicroBatch.of(batch, pad, policy.device, policy.min_shared_prefix)
+        computed += tensors.computed_tokens
         assert tensors.old_logprobs is not None, "old logprobs are filled before training"
         logprobs = policy.logprobs(tensors)
         terms = policy_gradient_loss(logprobs, tensors.old_logprobs, tensors.advantages, clip_low=grpo.clip_low,
@@ -136,7 +137,8 @@ def grpo_step(policy: Policy, step: Sequence[TokenSequence], config: TrainConfig
         "skipped_non_finite_gradient": not bool(torch.isfinite(grad_norm)),
         "sequences": len(step),
         "response_tokens": step_tokens,
-        "padded_tokens": sum(len(b) * max(s.length for s in b) for b in batches),
+        "sequence_tokens": sum(s.length for s in step),
+        "computed_tokens": computed,
         "padding_fraction": padding_fraction(batches),
         "micro_batches": len(batches),
         "advantage_mean": sum(s.advantage for s in step) / len(step),
@@ -232,9 +234,10 @@ def train_grpo(
                 elapsed = time.monotonic() - began
                 step_number += 1
                 train_seconds += elapsed
-                trained_tokens += int(metrics["padded_tokens"])
+                trained_tokens += int(metrics["sequence_tokens"])
                 metrics.update(step=step_number, epoch=epoch, lr=float(schedule.get_last_lr()[0]),
-                               step_seconds=elapsed, tokens_per_second=metrics["padded_tokens"] / max(elapsed, 1e-9),
+                               step_seconds=elapsed,
+                               tokens_per_second=metrics["sequence_tokens"] / max(elapsed, 1e-9),
                                elapsed_seconds=time.monotonic() - started)
                 run.log_step(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", clip=f"{metrics['clip_fraction']:.2f}")

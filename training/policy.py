@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from tracelearn.serving.model_store import (
     ADAPTER_CONFIG,
@@ -40,6 +41,7 @@ from tracelearn.training.losses import token_logprobs
 from tracelearn.training.sequences import TokenSequence
 
 __all__ = [
+    "MIN_SHARED_PREFIX",
     "MicroBatch",
     "Policy",
     "autocast_dtype",
@@ -47,7 +49,11 @@ __all__ = [
     "load_policy",
     "pinned_reference",
     "save_checkpoint",
+    "shared_prefix_length",
 ]
+
+# A shared prefix shorter than this is not worth a second forward pass.
+MIN_SHARED_PREFIX = 16
 
 
 def cpu_has_native_bf16() -> bool:
@@ -96,6 +102,20 @@ class Policy:
     base_reference: str
     started_from: str
     model_version: str
+    share_prefix: bool = True
+
+    @property
+    def min_shared_prefix(self) -> int | None:
+        """The shortest prefix worth sharing in a forward pass; None: never share (gradient checkpointing
+        recomputes layers from their inputs, which a broadcast cache is not)."""
+        return MIN_SHARED_PREFIX if self.share_prefix else None
+
+    def prefix_to_share(self, sequences: Sequence[TokenSequence]) -> int:
+        """The prefix all of ``sequences`` share, as the micro-batch packing should count it (0: none)."""
+        if not self.share_prefix or len(sequences) < 2:
+            return 0
+        shared = shared_prefix_length(sequences)
+        return shared if shared >= MIN_SHARED_PREFIX else 0
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -109,23 +129,51 @@ class Policy:
             yield
 
     def logprobs(self, batch: MicroBatch) -> torch.Tensor:
-        """Per response token logprobs ``[rows, longest response]`` under the current weights (0 on padding)."""
+        """Per response token logprobs ``[rows, longest response]`` under the current weights (0 on padding).
+
+        With a shared prefix, the prefix runs once (batch of one) and its key/value cache is broadcast
+        to every row for the suffixes: the same attention, and the same gradients (they sum through
+        the broadcast), as running every row in full, for a fraction of the compute.
+        """
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        decoder = base.get_decoder()
         with self.autocast_context():
-            decoded = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            if batch.prefix_ids is None:
+                decoded = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            else:
+                prefix = decoder(input_ids=batch.prefix_ids, use_cache=True).cache
+                rows = batch.input_ids.shape[0]
+                cache = DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                                     for keys, values, *_ in prefix])
+                decoded = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids, cache=cache, use_cache=True)
             hidden = decoded.last_hidden_state
             index = batch.logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             logits = base.get_output_embeddings()(hidden.gather(1, index))
         return token_logprobs(logits, batch.targets) * batch.mask_any
 
 
+def shared_prefix_length(sequences: Sequence[TokenSequence]) -> int:
+    """Tokens every sequence's prompt starts with, leaving each at least one prompt token of its own
+    (the position whose logits predict its first response token)."""
+    first = sequences[0].prompt_ids
+    limit = min(len(s.prompt_ids) for s in sequences) - 1
+    length = 0
+    while length < limit and all(s.prompt_ids[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
 @dataclass
 class MicroBatch:
     """Padded tensors of one forward pass (right padding; ``[rows, ...]``).
 
-    ``logit_positions[i, j]`` is the position whose logits predict response token j of row i
-    (``prompt_len - 1 + j``); ``mask`` is the loss mask (0 on padding), ``mask_any`` 1 on every real
-    response token (logprobs are kept there even where the loss mask is 0).
+    Without a shared prefix, ``input_ids`` holds whole sequences. With one (``prefix_ids``, ``[1, P]``),
+    ``input_ids`` holds what follows it, ``attention_mask`` covers prefix and suffix (``[rows, P + S]``)
+    and ``position_ids`` continue from ``P``. ``logit_positions[i, j]`` is the position in
+    ``input_ids`` whose logits predict response token j of row i (``prompt_len - 1 - P + j``);
+    ``mask`` is the loss mask (0 on padding), ``mask_any`` 1 on every real response token (logprobs
+    are kept there even where the loss mask is 0).
     """
 
     sequences: list[TokenSequence]
@@ -138,14 +186,22 @@ class MicroBatch:
     advantages: torch.Tensor
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
+    prefix_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, sequences: Sequence[TokenSequence], pad_id: int, device: torch.device) -> MicroBatch:
+    def of(cls, sequences: Sequence[TokenSequence], pad_id: int, device: torch.device,
+           min_shared_prefix: int | None = MIN_SHARED_PREFIX) -> MicroBatch:
+        """Tensors of ``sequences``; a prefix of at least ``min_shared_prefix`` tokens that every row
+        shares is run once (None: never)."""
         rows = len(sequences)
-        longest = max(s.length for s in sequences)
+        shared = shared_prefix_length(sequences) if rows > 1 and min_shared_prefix is not None else 0
+        if min_shared_prefix is None or shared < min_shared_prefix:
+            shared = 0
+        longest = max(s.length for s in sequences) - shared
         longest_response = max(len(s.response_ids) for s in sequences)
         input_ids = torch.full((rows, longest), pad_id, dtype=torch.long)
-        attention = torch.zeros((rows, longest), dtype=torch.long)
+        attention = torch.zeros((rows, shared + longest), dtype=torch.long)
         positions = torch.zeros((rows, longest_response), dtype=torch.long)
         targets = torch.zeros((rows, longest_response), dtype=torch.long)
         mask = torch.zeros((rows, longest_response))
@@ -154,9 +210,10 @@ class MicroBatch:
         ref = torch.zeros((rows, longest_response)) if all(s.ref_logprobs is not None for s in sequences) else None
         for row, sequence in enumerate(sequences):
             prompt, response = len(sequence.prompt_ids), len(sequence.response_ids)
-            input_ids[row, : sequence.length] = torch.tensor(sequence.prompt_ids + sequence.response_ids)
-            attention[row, : sequence.length] = 1
-            positions[row, :response] = torch.arange(prompt - 1, prompt - 1 + response)
+            own = sequence.prompt_ids[shared:] + sequence.response_ids
+            input_ids[row, : len(own)] = torch.tensor(own)
+            attention[row, : shared + len(own)] = 1
+            positions[row, :response] = torch.arange(prompt - 1 - shared, prompt - 1 - shared + response)
             targets[row, :response] = torch.tensor(sequence.response_ids)
             mask[row, :response] = torch.tensor(sequence.loss_mask, dtype=torch.float32)
             mask_any[row, :response] = 1.0
@@ -165,21 +222,21 @@ class MicroBatch:
             if ref is not None and sequence.ref_logprobs is not None:
                 ref[row, :response] = torch.tensor(sequence.ref_logprobs)
         advantages = torch.tensor([s.advantage for s in sequences], dtype=torch.float32)
+        prefix = torch.tensor([sequences[0].prompt_ids[:shared]]) if shared else None
+        position_ids = (shared + torch.arange(longest)).expand(rows, -1) if shared else None
 
         def on_device(tensor: torch.Tensor | None) -> Any:
             return None if tensor is None else tensor.to(device)
 
         return cls(list(sequences), on_device(input_ids), on_device(attention), on_device(positions),
                    on_device(targets), on_device(mask), on_device(mask_any), on_device(advantages),
-                   on_device(old), on_device(ref))
+                   on_device(old), on_device(ref), on_device(prefix), on_device(position_ids))
 
     @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.numel())
-
-    @property
-    def loss_tokens(self) -> int:
-        return int(self.mask.sum().item())
+    def computed_tokens(self) -> int:
+        """Token positions the forward pass computes (the shared prefix once, then every padded suffix)."""
+        prefix = 0 if self.prefix_ids is None else int(self.prefix_ids.shape[1])
+        return prefix + int(self.input_ids.numel())
 
 
 def _peft_config(lora: LoraConfig) -> Any:
@@ -187,6 +244,23 @@ def _peft_config(lora: LoraConfig) -> Any:
 
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+
+def _float32_master_weights(model: Any) -> Any:
+    """``model`` as a plain float32 model (the server loads bf16 on CUDA), cast in place.
+
+    A GGUF file is dequantized when it loads, but transformers still marks the model as quantized: it
+    refuses ``.float()`` and training, and would write a GGUF ``quantization_config`` into a saved
+    checkpoint's config. The weights are ordinary tensors, so the marks are dropped.
+    """
+    model.hf_quantizer = None
+    vars(model).pop("is_quantized", None)  # set on the instance by the GGUF loader
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            tensor.data = tensor.data.float()
+    return model
 
 
 def load_policy(reference: str, lora: LoraConfig | None, runtime: RuntimeConfig) -> Policy:
@@ -203,12 +277,12 @@ def load_policy(reference: str, lora: LoraConfig | None, runtime: RuntimeConfig)
         from peft import PeftModel
 
         base = load_model(source.base, device=str(device))
-        model = PeftModel.from_pretrained(base.model.float(), source.directory, is_trainable=True)
+        model = PeftModel.from_pretrained(_float32_master_weights(base.model), source.directory, is_trainable=True)
         tokenizer, version = base.tokenizer, source.version or source.model_id
         base_reference = adapter_base(source.directory)
     else:
         loaded = load_model(source, device=str(device))
-        model, tokenizer, version = loaded.model.float(), loaded.tokenizer, loaded.model_version
+        model, tokenizer, version = _float32_master_weights(loaded.model), loaded.tokenizer, loaded.model_version
         base_reference = started_from
         if lora is not None:
             from peft import get_peft_model
@@ -221,7 +295,7 @@ def load_policy(reference: str, lora: LoraConfig | None, runtime: RuntimeConfig)
         tokenizer.pad_token = tokenizer.eos_token
     return Policy(model=model, tokenizer=tokenizer, device=device, autocast=autocast_dtype(runtime.precision, device),
                   lora=lora is not None, base_reference=base_reference, started_from=started_from,
-                  model_version=version)
+                  model_version=version, share_prefix=runtime.share_prefix and not runtime.gradient_checkpointing)
 
 
 def save_checkpoint(policy: Policy, directory: Path) -> Path:

@@ -212,16 +212,18 @@ def mini_batches(sequences: Sequence[TokenSequence], size: int, seed: int) -> li
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
-def micro_batches(step: Sequence[TokenSequence], token_budget: int) -> Iterator[list[TokenSequence]]:
-    """One step's sequences, longest first, in forward passes of at most ``token_budget`` padded tokens.
+def micro_batches(step: Sequence[TokenSequence], token_budget: int,
+                  shared_prefix: int = 0) -> Iterator[list[TokenSequence]]:
+    """One step's sequences, longest first, in forward passes of at most ``token_budget`` computed tokens.
 
-    A sequence longer than the budget gets a pass of its own.
+    A pass computes ``shared_prefix`` tokens once and ``rows x (longest - shared_prefix)`` after them
+    (``shared_prefix`` 0: every row in full). A sequence longer than the budget gets a pass of its own.
     """
     batch: list[TokenSequence] = []
     longest = 0
     for sequence in sorted(step, key=lambda s: s.length, reverse=True):
         candidate = max(longest, sequence.length)
-        if batch and candidate * (len(batch) + 1) > token_budget:
+        if batch and shared_prefix + (candidate - shared_prefix) * (len(batch) + 1) > token_budget:
             yield batch
             batch, candidate = [], sequence.length
         batch.append(sequence)

@@ -75,6 +75,7 @@ from tracelearn.training import verl_replay_loop
 from tracelearn.training.config import TrainConfig, check_ranges, train_config_hash
 
 __all__ = [
+    "ENV_VARS",
     "VERL_PYTHON_ENV",
     "ReplayData",
     "VerlJob",
@@ -82,6 +83,7 @@ __all__ = [
     "VerlNotAvailableError",
     "VerlPaths",
     "find_verl_python",
+    "latest_verl_checkpoint",
     "prepare_verl_job",
     "run_verl_job",
     "uses_stored_logprobs",
@@ -90,6 +92,10 @@ __all__ = [
 ]
 
 VERL_PYTHON_ENV = "TRACELEARN_VERL_PYTHON"
+# The training settings, as the README's settings table lists them (a test keeps the two equal).
+ENV_VARS: dict[str, tuple[str, str]] = {
+    VERL_PYTHON_ENV: ("unset", "Python of verl's own environment (`train grpo --backend verl`, the DAG's verl step)."),
+}
 VERL_ENTRY_POINT = "verl.trainer.main_ppo"
 DEFAULT_PROJECT = "tracelearn"
 # The name under which the copied agent loop is importable in verl's processes.
@@ -550,6 +556,20 @@ def prepare_verl_job(
         skipped=skipped,
         stored_logprobs_as_old=uses_stored_logprobs(config, data),
     )
+
+
+def latest_verl_checkpoint(job_directory: Path, lora: bool) -> Path:
+    """The weights of a finished job's last step: ``checkpoints/global_step_N/actor/huggingface`` (full
+    fine-tuning) or ``.../lora_adapter`` (LoRA), for the highest N. ``VerlJobError`` when there is none."""
+    checkpoints = VerlPaths(job_directory).checkpoints
+    steps = sorted((int(p.name.removeprefix("global_step_")), p) for p in checkpoints.glob("global_step_*")
+                   if p.name.removeprefix("global_step_").isdigit())
+    if not steps:
+        raise VerlJobError(f"{checkpoints}: the verl job saved no checkpoint (no global_step_N directory)")
+    weights = steps[-1][1] / "actor" / ("lora_adapter" if lora else "huggingface")
+    if not weights.is_dir():
+        raise VerlJobError(f"{weights} is missing: the job's last checkpoint holds no {weights.name} weights")
+    return weights
 
 
 def find_verl_python(explicit: str | None) -> str:

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tracelearn.collector.atomic_files import write_parquet_atomically
 from tracelearn.pipelines.build import output_file_name
 from tracelearn.schemas.migrations import conform
 from tracelearn.schemas.tables import TRANSITIONS
+from tracelearn.serving.model_store import resolve_model
 
 CONFIG_HASH = hashlib.sha256(b"trainer-tests").hexdigest()
 
@@ -79,3 +82,22 @@ def write_transitions(root: Path, tokenizer: Any, samples: Sequence[Sample], dat
     )
     return write_parquet_atomically(table, root / "transitions" / f"date={date}", output_file_name(config_hash),
                                     "zstd")
+
+
+def reply_logprob(model_dir: Path, question: str, reply: str) -> float:
+    """Sum of the reply's token logprobs under the model in ``model_dir`` (a full model or an adapter)."""
+    source = resolve_model(str(model_dir))
+    if source.base is not None:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(source.base.directory)
+        model = PeftModel.from_pretrained(base, source.directory)
+        tokenizer = AutoTokenizer.from_pretrained(source.base.directory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt, response = encode(tokenizer, question, reply)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    logprobs = logits.log_softmax(-1)
+    return sum(float(logprobs[len(prompt) - 1 + j, token]) for j, token in enumerate(response))

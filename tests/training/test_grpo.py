@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from support.tiny_model import build_tiny_model
-from support.transitions_factory import CONFIG_HASH, Sample, encode, write_transitions
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from support.transitions_factory import CONFIG_HASH, Sample, reply_logprob, write_transitions
+from transformers import AutoTokenizer
 
 from tracelearn.registry import open_registry
 from tracelearn.serving.model_store import resolve_model
@@ -32,25 +32,6 @@ def contrast_samples(tasks: int = 4) -> list[Sample]:
         question = f"What is {task} plus 4?"
         samples += [Sample(question, GOOD, 1.0, 1.0, f"t{task}"), Sample(question, BAD, -1.0, 0.0, f"t{task}")]
     return samples
-
-
-def reply_logprob(model_dir: Path, question: str, reply: str) -> float:
-    """Sum of the reply's token logprobs under the model in ``model_dir`` (a full model or an adapter)."""
-    source = resolve_model(str(model_dir))
-    if source.base is not None:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(source.base.directory)
-        model = PeftModel.from_pretrained(base, source.directory)
-        tokenizer = AutoTokenizer.from_pretrained(source.base.directory)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt, response = encode(tokenizer, question, reply)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
-    logprobs = logits.log_softmax(-1)
-    return sum(float(logprobs[len(prompt) - 1 + j, token]) for j, token in enumerate(response))
 
 
 def config(**grpo: object) -> object:
@@ -173,3 +154,34 @@ def test_a_newer_transitions_schema_is_refused(tiny: Path, tmp_path: Path) -> No
     pq.write_table(table.replace_schema_metadata(metadata), written)
     with pytest.raises(Exception, match="99"):
         train_grpo(tmp_path / "data", str(tiny), tmp_path / "run", config(), progress=False)
+
+
+def test_a_shared_prompt_prefix_computed_once_gives_the_same_logprobs_and_gradients(tiny: Path) -> None:
+    from support.transitions_factory import encode
+
+    from tracelearn.training.config import RuntimeConfig
+    from tracelearn.training.policy import MicroBatch, load_policy
+    from tracelearn.training.sequences import TokenSequence
+
+    policy = load_policy(str(tiny), None, RuntimeConfig(precision="fp32"))
+    tokenizer = policy.tokenizer
+    system = "You are a careful calculator. Think, then answer with the number only. " * 3
+    sequences = []
+    for number, reply in enumerate(["4", "the cat reads the weather", "12"]):
+        prompt, response = encode(tokenizer, f"What is {number} plus 4?", reply)
+        prefix = tokenizer.encode(system, add_special_tokens=False)
+        sequences.append(TokenSequence(prefix + prompt, response, [1] * len(response), 1.0, 1.0, None, False,
+                                       f"r{number}", "t", "s"))
+    pad = int(tokenizer.pad_token_id)
+    results = []
+    for share in (None, 16):
+        batch = MicroBatch.of(sequences, pad, policy.device, min_shared_prefix=share)
+        policy.model.zero_grad()
+        values = policy.logprobs(batch)
+        (values.sum()).backward()
+        gradient = next(p for p in policy.model.parameters() if p.grad is not None).grad.clone()
+        results.append((values.detach(), gradient, batch.computed_tokens))
+    (full, full_grad, full_tokens), (shared, shared_grad, shared_tokens) = results
+    assert torch.allclose(full, shared, atol=1e-4)
+    assert torch.allclose(full_grad, shared_grad, atol=1e-4, rtol=1e-3)
+    assert shared_tokens < full_tokens * 0.6  # the prefix ran once instead of three times
