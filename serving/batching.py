@@ -86,3 +86,76 @@ class PaddedCache:
             for k, v, *_ in self.cache
         ]
         return PaddedCache(DynamicCache(ddp_cache_data=layers), mask[:, first:])
+
+
+def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many leading tokens ``first`` and ``second`` share."""
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """The key/value cache of a prompt prefix, computed once for a batch of one: ``[1, heads, tokens, dim]``."""
+
+    token_ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def expanded(self, rows: int, suffix_mask: torch.Tensor) -> PaddedCache:
+        """A padded cache of ``rows`` rows that all start with this prefix, ready for their suffixes.
+
+        The prefix occupies the first columns of every row and the suffixes are left-padded after it,
+        so padding sits between the two: the mask hides it and positions count real tokens only.
+        """
+        layers = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers]
+        prefix_mask = suffix_mask.new_ones((rows, len(self.token_ids)))
+        return PaddedCache(DynamicCache(ddp_cache_data=layers), torch.cat([prefix_mask, suffix_mask], dim=1))
+
+
+class PrefixCache:
+    """Prompt prefixes many requests share (an agent's system prompt and tool declarations), whose key/value
+    caches are computed once and reused, so a request's prefill runs only on what follows the prefix.
+
+    A prefix is found by comparing a prompt with recently seen ones: the tokens it shares with the most
+    similar of them, if at least ``min_tokens``, are worth caching. At most ``capacity`` prefixes are
+    kept, least recently used dropped first. Matching is exact on token ids, and a prefix is used only
+    for a prompt longer than it (the prompt's last token must run, to give the next token's logits).
+    """
+
+    def __init__(self, capacity: int = 8, min_tokens: int = 32, recent: int = 32) -> None:
+        self.capacity = capacity
+        self.min_tokens = min_tokens
+        self._prefixes: dict[tuple[int, ...], CachedPrefix] = {}
+        self._recent: list[tuple[int, ...]] = []
+        self._recent_limit = recent
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def lookup(self, prompt: Sequence[int]) -> CachedPrefix | None:
+        """The longest cached prefix ``prompt`` starts with (and is longer than), marked recently used."""
+        best: CachedPrefix | None = None
+        for key, cached in self._prefixes.items():
+            if len(key) < len(prompt) and (best is None or len(key) > len(best.token_ids)) \
+                    and tuple(prompt[: len(key)]) == key:
+                best = cached
+        if best is not None:
+            self._prefixes[best.token_ids] = self._prefixes.pop(best.token_ids)
+        return best
+
+    def candidate(self, prompt: Sequence[int]) -> tuple[int, ...] | None:
+        """A prefix worth caching for ``prompt``: what it shares with the most similar recent prompt
+        (capped one token short of it), or None; ``prompt`` is remembered as recent either way."""
+        shared = max((common_prefix_length(prompt, seen) for seen in self._recent), default=0)
+        shared = min(shared, len(prompt) - 1)
+        self._recent = [*self._recent[-(self._recent_limit - 1):], tuple(prompt)]
+        return tuple(prompt[:shared]) if shared >= self.min_tokens else None
+
+    def store(self, prefix: CachedPrefix) -> None:
+        self._prefixes[prefix.token_ids] = prefix
+        while len(self._prefixes) > self.capacity:
+            self._prefixes.pop(next(iter(self._prefixes)))

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from tracelearn.serving.batching import PaddedCache, left_pad
+from tracelearn.serving.batching import CachedPrefix, PaddedCache, PrefixCache, left_pad
 from tracelearn.serving.model_store import LoadedModel
 from tracelearn.serving.sampling import SamplingParams, TokenChoice, choose_token, make_generator, score_token
 from tracelearn.serving.text_output import ResponseText
@@ -81,6 +81,8 @@ class EngineStats:
     steps: int = 0
     max_batch_size: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    prefix_cache_hits: int = 0  # requests whose prefill started from a cached prompt prefix
+    prefix_tokens_reused: int = 0  # prompt tokens those requests did not recompute
 
 
 Listener = Callable[[StepOutput | BaseException], None]
@@ -122,9 +124,13 @@ class GenerationEngine:
     ``max_batch_size`` bounds the rows decoded together; ``batch_window_s`` is how long an idle
     worker waits for more requests before starting a batch (a few milliseconds: long enough for a
     burst of concurrent requests to arrive together, short enough to be invisible in latency).
+    ``prefix_cache``: prompt prefixes that requests share (an agent's system prompt and tool
+    declarations, often most of the prompt) are computed once and their key/value cache reused
+    (``tracelearn.serving.batching.PrefixCache``), so a prefill runs only on what follows them.
     """
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, batch_window_s: float = 0.005) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, batch_window_s: float = 0.005,
+                 prefix_cache: bool = True) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self._loaded = loaded
@@ -142,6 +148,7 @@ class GenerationEngine:
         self._submit_lock = threading.Lock()
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
+        self._prefixes = PrefixCache() if prefix_cache else None  # touched by the worker thread only
         self._worker = threading.Thread(target=self._run, name="tracelearn-generation", daemon=True)
         self._worker.start()
 
@@ -294,9 +301,51 @@ class GenerationEngine:
         return arrivals
 
     def _prefill(self, requests: list[_Request]) -> _Batch:
-        prompts = [r.prompt_token_ids for r in requests]
-        input_ids, mask, positions = left_pad(prompts, self._pad_id, self._loaded.device)
-        kv = PaddedCache(DynamicCache(), mask)
+        """Run the newcomers' prompts: grouped by the cached prefix they start with (each group's
+        prefill runs only on what follows it), the rest in full; the groups are then one batch."""
+        groups: dict[tuple[int, ...] | None, tuple[CachedPrefix | None, list[_Request]]] = {}
+        for request in requests:
+            prefix = self._prefix_for(request.prompt_token_ids)
+            key = prefix.token_ids if prefix is not None else None
+            groups.setdefault(key, (prefix, []))[1].append(request)
+        batches = [self._prefill_group(prefix, members) for prefix, members in groups.values()]
+        batch = batches[0]
+        for other in batches[1:]:
+            batch = _merge(batch, other)
+        return batch
+
+    def _prefix_for(self, prompt: list[int]) -> CachedPrefix | None:
+        """The cached prefix ``prompt`` starts with; one is computed (and cached) when the prompt
+        shares enough with a recent one. None without a prefix cache or a shared prefix."""
+        if self._prefixes is None:
+            return None
+        found = self._prefixes.lookup(prompt)
+        if found is not None:
+            return found
+        wanted = self._prefixes.candidate(prompt)
+        if wanted is None:
+            return None
+        kv = PaddedCache(DynamicCache(), torch.ones((1, len(wanted)), dtype=torch.long, device=self._loaded.device))
+        ids = torch.tensor([wanted], dtype=torch.long, device=self._loaded.device)
+        self._forward(ids, kv, torch.arange(len(wanted), device=self._loaded.device).unsqueeze(0))
+        computed = CachedPrefix(wanted, tuple((k, v) for k, v, *_ in kv.cache))
+        self._prefixes.store(computed)
+        return computed
+
+    def _prefill_group(self, prefix: CachedPrefix | None, requests: list[_Request]) -> _Batch:
+        if prefix is None:
+            input_ids, mask, positions = left_pad([r.prompt_token_ids for r in requests], self._pad_id,
+                                                  self._loaded.device)
+            kv = PaddedCache(DynamicCache(), mask)
+        else:
+            shared = len(prefix.token_ids)
+            suffixes = [r.prompt_token_ids[shared:] for r in requests]
+            input_ids, suffix_mask, suffix_positions = left_pad(suffixes, self._pad_id, self._loaded.device)
+            kv = prefix.expanded(len(requests), suffix_mask)
+            positions = suffix_positions + shared
+            with self._stats_lock:
+                self._stats.prefix_cache_hits += len(requests)
+                self._stats.prefix_tokens_reused += shared * len(requests)
         logits = self._forward(input_ids, kv, positions)
         rows = [
             _Row(r, ResponseText(self._tokenizer, r.params.stop), make_generator(r.params.seed)) for r in requests

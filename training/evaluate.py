@@ -530,7 +530,7 @@ def read_task_ids(path: Path, limit: int | None = None) -> tuple[list[str], list
     return ids, lines
 
 
-def _console_script(name: str) -> str:
+def console_script(name: str) -> str:
     """A console script of the running interpreter's environment (not whatever PATH finds first)."""
     candidate = Path(sys.executable).parent / name
     found = str(candidate) if candidate.exists() else shutil.which(name)
@@ -651,7 +651,7 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def _wait_until_ready(base_url: str, server: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+def wait_until_ready(base_url: str, server: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
     """Poll ``/models`` until it answers, failing early (with the server's last words) if it exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -668,7 +668,7 @@ def _wait_until_ready(base_url: str, server: subprocess.Popen[bytes], log: Path,
     raise ModelServerError(f"the model server did not answer {base_url}/models within {timeout_s:.0f} s (log: {log})")
 
 
-def _stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+def stop_server(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
     """SIGTERM (the server shuts down cleanly on it), then SIGKILL after ``grace_s``."""
     if process.poll() is not None:
         return
@@ -703,14 +703,14 @@ def served_model(model: str, workdir: Path, timeout_s: float, console: Console, 
     env = {**os.environ, REGISTRY_ENV: registry} if registry is not None else dict(os.environ)
     with log.open("wb") as output:
         server = subprocess.Popen(
-            [_console_script("tracelearn"), "serve", "--model", model, "--port", str(port)],
+            [console_script("tracelearn"), "serve", "--model", model, "--port", str(port)],
             stdout=output,
             stderr=subprocess.STDOUT,
             env=env,
         )
         try:
             with console.status(f"loading {model} into tracelearn serve (log: {log}) ..."):
-                _wait_until_ready(url, server, log, timeout_s)
+                wait_until_ready(url, server, log, timeout_s)
             cards = model_cards(url)
             if len(cards) != 1:
                 raise ModelServerError(f"tracelearn serve at {url} lists {len(cards)} models; expected one")
@@ -722,7 +722,7 @@ def served_model(model: str, workdir: Path, timeout_s: float, console: Console, 
                 raise ModelServerError(f"the model server exited with code {server.returncode} during the "
                                        f"evaluation: {_last_line(log)} (log: {log})")
         finally:
-            _stop(server)
+            stop_server(server)
 
 
 # --- The agent --------------------------------------------------------------------------------------
@@ -742,7 +742,7 @@ def run_agent(command: list[str], env: dict[str, str], log_path: Path, timeout_s
               console: Console) -> None:
     """Run ``command`` under ``opentelemetry-instrument``; raises :class:`AgentError` with the last line
     of its log when it exits with an error or runs past ``timeout_s`` (then its process group is killed)."""
-    instrumented = [_console_script("opentelemetry-instrument"), "--traces_exporter", "tracelearn", *command]
+    instrumented = [console_script("opentelemetry-instrument"), "--traces_exporter", "tracelearn", *command]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with log_path.open("wb") as log, Progress(*columns, console=console) as progress:
         task = progress.add_task("agent: rollouts reported", total=expected)

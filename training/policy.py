@@ -33,6 +33,7 @@ from tracelearn.serving.model_store import (
     ModelSource,
     adapter_base,
     load_model,
+    plain_dequantized_model,
     resolve_model,
     select_device,
 )
@@ -249,14 +250,10 @@ def _peft_config(lora: LoraConfig) -> Any:
 def _float32_master_weights(model: Any) -> Any:
     """``model`` as a plain float32 model (the server loads bf16 on CUDA), cast in place.
 
-    A GGUF file is dequantized when it loads, but transformers still marks the model as quantized: it
-    refuses ``.float()`` and training, and would write a GGUF ``quantization_config`` into a saved
-    checkpoint's config. The weights are ordinary tensors, so the marks are dropped.
+    Not ``model.float()``: transformers refuses it for a GGUF-loaded model, which it still marks as
+    quantized although its weights are dequantized (the marks are dropped first).
     """
-    model.hf_quantizer = None
-    vars(model).pop("is_quantized", None)  # set on the instance by the GGUF loader
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    plain_dequantized_model(model)
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
             tensor.data = tensor.data.float()

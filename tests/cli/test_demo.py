@@ -14,28 +14,43 @@ from tracelearn.registry import open_registry
 
 
 @pytest.mark.slow
-def test_quick_demo_serves_the_policy_runs_the_agent_and_builds_transitions(tmp_path: Path) -> None:
+def test_quick_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo", "--quick", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "what was captured" in result.output
-    policy = open_registry(tmp_path / "registry").resolve("calc-policy@production")
-    assert policy.version == 1 and policy.format == "gguf"
+
+    # 1-2: the policy was published and served by alias; the agent's calls landed with exact token ids.
+    registry = open_registry(tmp_path / "registry")
+    first = registry.version("calc-policy", 1)
+    assert first.format == "hf" and first.lineage.base_model == "SmolLM2-135M-Instruct"
     stats = spans_stats(tmp_path / "data")
-    assert stats.rollouts == 4 and stats.rollouts_with_reward == 4
-    assert stats.llm_calls >= 4
+    assert stats.rollouts == 16 and stats.rollouts_with_reward == 16  # 8 tasks x 2 samples
     assert stats.token_ids_status == {"server": stats.llm_calls}, "the embedded server returns exact token ids"
     assert stats.services == ["calc-agent"]
-    assert json.dumps(stats.to_dict())  # the figures serialize for `spans stats --json`
+    assert json.dumps(stats.to_dict())
 
-    # Steps 4 and 5: the example pipeline's reward function re-scored every rollout from the gold
-    # answer the agent recorded, and the transitions' statistics and report were written.
-    assert "spans -> transitions" in result.output and "what the transitions say" in result.output
-    assert re.search(r"rollouts rewarded by the function\s*│\s*4\b", result.output), result.output
-    rollouts = pl.read_parquet(tmp_path / "data" / "rollouts" / "**" / "*.parquet")
-    assert rollouts.height == 4 and rollouts["reward_name"].to_list() == ["correct"] * 4
+    # 3: transitions built with the example's reward function, one per LLM call.
+    assert re.search(r"rollouts rewarded by the function\s*│\s*16\b", result.output), result.output
     transitions = pl.read_parquet(tmp_path / "data" / "transitions" / "**" / "*.parquet")
-    assert transitions.height == stats.llm_calls and transitions["reward"].is_not_null().all()
+    assert transitions.height == stats.llm_calls
     assert transitions["token_ids_source"].to_list() == ["server"] * transitions.height
-    report = tmp_path / "report.png"
-    assert "report.png" in result.output  # its path, however rich wraps it
-    assert report.read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+
+    # 4-5: a LoRA candidate on the production version, with lineage, evaluated against production on
+    # the same held-out tasks and seeds, and a gate decision recorded either way.
+    candidate = registry.version("calc-policy", 2)
+    assert candidate.format == "lora" and candidate.lineage.base_model == "registry:calc-policy@1"
+    assert candidate.lineage.parent == "calc-policy@1" and candidate.lineage.extra["trainer"] == "sft"
+    assert registry.aliases("calc-policy")["candidate"] == 2
+    decision = json.loads((tmp_path / "eval" / "gate.json").read_text())
+    assert decision["candidate"] == "calc-policy@2" and decision["production"] == "calc-policy@1"
+    assert decision["pairs"] == 6
+    production = registry.aliases("calc-policy")["production"]
+    assert production == (2 if decision["promote"] else 1)
+    if decision["promote"]:
+        assert "now answers with calc-policy@2+" in result.output  # the live server swapped
+    else:
+        assert "production did not move" in result.output
+
+    # 6: the before/after figure.
+    assert "held-out success: before" in result.output
+    assert (tmp_path / "demo.png").read_bytes().startswith(b"\x89PNG")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tracelearn.serving.batching import PaddedCache, left_pad
+from tracelearn.serving.batching import CachedPrefix, PaddedCache, PrefixCache, left_pad
 from tracelearn.serving.engine import ContextLengthError, GenerationEngine, GenerationResult
+from tracelearn.serving.model_store import LoadedModel
 from tracelearn.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -131,3 +132,58 @@ def test_requests_that_cannot_fit_the_context_are_refused(engine: GenerationEngi
         engine.check_fits(10, engine.context_length)
     with pytest.raises(ContextLengthError):
         engine.submit([1] * engine.context_length, GREEDY, lambda _: None)
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing_a_request_sees(tiny_model: LoadedModel) -> None:
+    system = "You are a careful calculator. Use the tool, then reply with the number only. " * 2
+    prompts = [prompt_with_system(tiny_model, system, f"What is {n} plus {n + 3}?") for n in range(6)]
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=5)
+
+    def run(prefix_cache: bool, together: bool) -> tuple[list[GenerationResult], int, int]:
+        engine = GenerationEngine(tiny_model, max_batch_size=8, batch_window_s=0.02, prefix_cache=prefix_cache)
+        try:
+            async def generate(params: SamplingParams) -> list[GenerationResult]:
+                if together:
+                    return list(await asyncio.gather(*(engine.generate(p, params) for p in prompts)))
+                return [await engine.generate(p, params) for p in prompts]
+
+            results = []
+            for params in (GREEDY, sampled):
+                results += asyncio.run(generate(params))
+            stats = engine.stats()
+            return results, stats.prefix_cache_hits, stats.prefix_tokens_reused
+        finally:
+            engine.close()
+
+    plain, no_hits, _ = run(prefix_cache=False, together=True)
+    assert no_hits == 0
+    for together in (True, False):  # a burst, and requests one after another
+        cached, hits, reused = run(prefix_cache=True, together=together)
+        assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
+        assert [r.prompt_token_ids for r in cached] == [r.prompt_token_ids for r in plain]
+        for a, b in zip(plain, cached, strict=True):
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+        # Every request but the very first reuses the shared part of the prompt.
+        assert hits >= len(prompts) * 2 - 1
+        assert reused >= hits * 40
+
+
+def prompt_with_system(loaded: LoadedModel, system: str, text: str) -> list[int]:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+    encoded = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def test_the_prefix_cache_keeps_the_longest_useful_prefixes() -> None:
+    cache = PrefixCache(capacity=2, min_tokens=3)
+    assert cache.candidate([1, 2, 3, 4, 5]) is None  # nothing seen yet
+    assert cache.candidate([1, 2, 3, 4, 9]) == (1, 2, 3, 4)
+    assert cache.candidate([7, 8]) is None  # too little in common
+    empty = torch.zeros((1, 1, 0, 1))
+    for key in [(1, 2, 3), (1, 2, 3, 4), (5, 6, 7)]:
+        cache.store(CachedPrefix(key, ((empty, empty),)))
+    assert len(cache) == 2  # the least recently used, (1, 2, 3), was dropped
+    found = cache.lookup([1, 2, 3, 4, 5])
+    assert found is not None and found.token_ids == (1, 2, 3, 4)
+    assert cache.lookup([1, 2, 3, 4]) is None  # a prompt must be longer than its prefix

