@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -32,8 +32,10 @@ from tracelearn.training.config import (
     with_overrides,
 )
 from tracelearn.training.data import NoTrainingDataError
-from tracelearn.training.grpo import TrainResult
 from tracelearn.training.run_dir import RunDirectoryError
+
+if TYPE_CHECKING:  # the trainers import torch: only the train subcommands pay for it
+    from tracelearn.training.grpo import TrainResult
 
 # Errors a user can fix from the message alone: shown as one line, no traceback.
 USER_ERRORS = (TrainConfigError, DatasetError, SchemaVersionError, NoTrainingDataError, RunDirectoryError,

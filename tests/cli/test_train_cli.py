@@ -1,6 +1,8 @@
 """``tracelearn train grpo|sft`` from the command line: a run directory, and one-line errors."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,7 @@ def test_train_writes_a_run_directory(tiny: Path, data: Path, tmp_path: Path, tr
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--lora", "r=x"], "lora.r"),  # --lora r must be a whole number
+        (["--lora", "r=x"], "--lora: r: 'x' must be a whole number"),
         (["--epochs", "0"], "x>=1"),
         (["--config", "missing.yaml"], "cannot be read"),
     ],
@@ -74,8 +76,17 @@ def test_missing_data_model_and_verl_are_one_line_errors(tiny: Path, data: Path,
     verl = runner.invoke(main, ["train", "grpo", "--backend", "verl", "--transitions", str(data), "--model", str(tiny),
                                 "--out", str(tmp_path / "c")])
     assert verl.exit_code == 1 and "TRACELEARN_VERL_PYTHON" in verl.output
+    small_batches = tmp_path / "train.yaml"
+    small_batches.write_text("grpo: {mini_batch_size: 2}\n")
     prepared = runner.invoke(main, ["train", "grpo", "--backend", "verl", "--prepare-only", "--transitions", str(data),
                                     "--model", str(tiny), "--out", str(tmp_path / "d"), "--precision", "bf16",
-                                    "--device", "cuda"])
+                                    "--device", "cuda", "--config", str(small_batches)])
     assert prepared.exit_code == 0, prepared.output
     assert (tmp_path / "d" / "verl" / "launch.sh").exists() and "prepared only" in prepared.output
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """Every subcommand but training and serving stays light: torch loads only when a trainer runs."""
+    probe = "import sys, tracelearn.cli.main; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert completed.stdout.strip() == "[]"
