@@ -35,7 +35,7 @@ from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.run_dir import RunDirectoryError
 
 if TYPE_CHECKING:  # the trainers import torch: only the train subcommands pay for it
-    from tracelearn.training.grpo import TrainResult
+    from tracelearn.training.runs import TrainResult
 
 # Errors a user can fix from the message alone: shown as one line, no traceback.
 USER_ERRORS = (TrainConfigError, DatasetError, SchemaVersionError, NoTrainingDataError, RunDirectoryError,

@@ -8,7 +8,8 @@ reads the stored prompt/response token ids, logprobs, advantages and loss masks 
   length-bucketed micro-batches under a token budget.
 - ``losses``: the clipped policy-gradient loss, the k3 KL estimate and loss aggregation, pure functions.
 - ``policy``: the model being trained (full or LoRA), precision, per-token logprobs, checkpoints.
-- ``grpo`` / ``sft``: the two torch trainers; ``run_dir``: a run's config, metrics, plot, lineage.
+- ``grpo`` / ``sft``: the two torch trainers; ``runs``: what both do before the first step and after
+  the last; ``data``: the transitions a run reads; ``run_dir``: a run's config, metrics, plot, lineage.
 - ``verl_backend``: the same transitions exported for verl, and its job launched in its own environment.
 - ``evaluate`` / ``gate``: score a model version by running an agent on held-out tasks; publish a
   candidate and promote it only when it beats production.

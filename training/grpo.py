@@ -22,19 +22,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from tracelearn.registry import Lineage
-from tracelearn.training.config import TrainConfig, check_ranges, config_as_dict, train_config_hash
-from tracelearn.training.data import NoTrainingDataError, TrainingData, load_training_data
+from tracelearn.training.config import TrainConfig
+from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.losses import aggregate_loss, k3_kl, policy_gradient_loss
-from tracelearn.training.policy import MicroBatch, Policy, load_policy, save_checkpoint
-from tracelearn.training.run_dir import RunDirectory, code_revision, files_snapshot, plot_training
+from tracelearn.training.policy import MicroBatch, Policy
+from tracelearn.training.runs import TrainedSteps, TrainResult, finish_run, start_run
 from tracelearn.training.sequences import (
     SequenceCounts,
     TokenSequence,
@@ -44,20 +42,10 @@ from tracelearn.training.sequences import (
     sequences_from_transitions,
 )
 
-__all__ = ["NoTrainingDataError", "TrainResult", "fill_logprobs", "grpo_step", "run_lineage", "train_grpo"]
+__all__ = ["NoTrainingDataError", "TrainResult", "fill_logprobs", "grpo_step", "train_grpo"]
 
 # Below this an advantage is a zero: a group whose rollouts all scored the same.
 ZERO_ADVANTAGE = 1e-12
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """A finished run: its directory, checkpoint, lineage and summary (also written to disk)."""
-
-    run: RunDirectory
-    checkpoint: Path
-    lineage: Lineage
-    summary: dict[str, Any]
 
 
 @torch.no_grad()
@@ -146,28 +134,6 @@ def grpo_step(policy: Policy, step: Sequence[TokenSequence], config: TrainConfig
     }
 
 
-def _parent(started_from: str) -> str:
-    return started_from.removeprefix("registry:")
-
-
-def run_lineage(run: RunDirectory, data: TrainingData, policy: Policy, trainer: str, config: TrainConfig,
-                metrics: dict[str, Any], extra: dict[str, Any]) -> Lineage:
-    """The registry lineage of a run's checkpoint: data snapshot, configs, origin, code and training metrics."""
-    return Lineage(
-        dataset=str(data.root.resolve()),
-        partitions=data.partitions,
-        dataset_snapshot=files_snapshot(data.files),
-        pipeline_config_hash=data.config_hash,
-        training_run_id=run.run_id,
-        base_model=policy.base_reference,
-        parent=_parent(policy.started_from),
-        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)},
-        code_revision=code_revision(),
-        extra={"trainer": trainer, "backend": "torch", "train_config_hash": train_config_hash(config),
-               "lora": policy.lora, **extra},
-    )
-
-
 def _select(sequences: list[TokenSequence], counts: SequenceCounts, config: TrainConfig) -> list[TokenSequence]:
     if not config.grpo.skip_zero_advantage or config.grpo.kl_beta > 0:
         return sequences
@@ -196,22 +162,15 @@ def train_grpo(
     Raises :class:`NoTrainingDataError` when no sequence carries a learning signal (every group's
     rewards were equal, or no transition has usable token ids), before any step is taken.
     """
-    check_ranges(config)
-    run = RunDirectory.create(Path(out), overwrite=overwrite)
-    started = time.monotonic()
-    data = load_training_data(transitions, config_hash)
-    run.write_config({"trainer": "grpo", "backend": "torch", "run_id": run.run_id, "model": model,
-                      "transitions": str(data.root), "pipeline_config_hash": data.config_hash,
-                      "partitions": list(data.partitions), "train_config": config_as_dict(config),
-                      "train_config_hash": train_config_hash(config)})
-    policy = load_policy(model, config.lora, config.runtime)
-    sequences, counts = sequences_from_transitions(data.frame, policy.tokenizer,
+    start = start_run("grpo", transitions, model, out, config, config_hash=config_hash, overwrite=overwrite)
+    policy, run = start.policy, start.run
+    sequences, counts = sequences_from_transitions(start.data.frame, policy.tokenizer,
                                                    max_sequence_tokens=config.runtime.max_sequence_tokens)
     sequences = _select(sequences, counts, config)
     if not sequences:
         raise NoTrainingDataError(
-            f"{data.root}: no transition carries a learning signal ({counts.to_dict()}); GRPO needs groups whose "
-            "rollouts scored differently: run more samples per task (e.g. the agent's --samples 8)"
+            f"{start.data.root}: no transition carries a learning signal ({counts.to_dict()}); GRPO needs groups "
+            "whose rollouts scored differently: run more samples per task (e.g. the agent's --samples 8)"
         )
     if config.grpo.recompute_logprobs == "always":
         for sequence in sequences:
@@ -238,38 +197,16 @@ def train_grpo(
                 metrics.update(step=step_number, epoch=epoch, lr=float(schedule.get_last_lr()[0]),
                                step_seconds=elapsed,
                                tokens_per_second=metrics["sequence_tokens"] / max(elapsed, 1e-9),
-                               elapsed_seconds=time.monotonic() - started)
+                               elapsed_seconds=time.monotonic() - start.started)
                 run.log_step(metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", clip=f"{metrics['clip_fraction']:.2f}")
                 bar.update(1)
-    checkpoint = save_checkpoint(policy, run.checkpoint_path)
-    history = run.read_metrics()
-    plot_training(history, run.plot_path, f"GRPO on {data.root.name} ({len(sequences)} sequences)")
-    final = history[-1]
-    training_metrics = {"train_loss_final": float(final["loss"]), "train_clip_fraction_final": final["clip_fraction"],
-                        "train_kl_to_behaviour_final": final["kl_to_behaviour"]}
-    lineage = run_lineage(run, data, policy, "grpo", config, training_metrics,
-                          {"sequences": len(sequences), "steps": step_number})
-    run.write_lineage(lineage)
-    summary = {
-        "trainer": "grpo",
-        "run_id": run.run_id,
-        "model": model,
-        "started_from": policy.started_from,
-        "checkpoint": str(checkpoint),
-        "lora": policy.lora,
-        "precision": str(policy.autocast or torch.float32).removeprefix("torch."),
-        "device": str(policy.device),
-        "sequences": counts.to_dict(),
-        "logprobs_recomputed": recomputed,
-        "steps": step_number,
-        "epochs": config.grpo.epochs,
-        "train_tokens": trained_tokens,
-        "train_seconds": train_seconds,
-        "tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
-        "wall_seconds": time.monotonic() - started,
-        "final": final,
-    }
-    run.write_summary(summary)
-    return TrainResult(run, checkpoint, lineage, summary)
-
+    final = run.read_metrics()[-1]
+    return finish_run(start, TrainedSteps(
+        counts=counts, sequences=len(sequences), steps=step_number, epochs=config.grpo.epochs,
+        tokens=trained_tokens, seconds=train_seconds,
+        metrics={"train_loss_final": final["loss"], "train_clip_fraction_final": final["clip_fraction"],
+                 "train_kl_to_behaviour_final": final["kl_to_behaviour"]},
+        plot_title=f"GRPO on {start.data.root.name} ({len(sequences)} sequences)",
+        summary_extra={"logprobs_recomputed": recomputed},
+    ))

@@ -23,11 +23,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from tracelearn.training.config import TrainConfig, check_ranges, config_as_dict, train_config_hash
-from tracelearn.training.data import NoTrainingDataError, load_training_data
-from tracelearn.training.grpo import TrainResult, run_lineage
-from tracelearn.training.policy import load_policy, save_checkpoint
-from tracelearn.training.run_dir import RunDirectory, plot_training
+from tracelearn.training.config import TrainConfig
+from tracelearn.training.data import NoTrainingDataError
+from tracelearn.training.run_dir import RunDirectory
+from tracelearn.training.runs import TrainedSteps, TrainResult, finish_run, start_run
 from tracelearn.training.sequences import SequenceCounts, TokenSequence, sequences_from_transitions
 
 __all__ = ["IGNORE_INDEX", "ResponseOnlyCollator", "SftExamples", "select_sft_sequences", "train_sft"]
@@ -123,22 +122,15 @@ def train_sft(
 
     Raises :class:`NoTrainingDataError` when no transition passes the threshold.
     """
-    check_ranges(config)
     sft = config.sft
-    run = RunDirectory.create(Path(out), overwrite=overwrite)
-    started = time.monotonic()
-    data = load_training_data(transitions, config_hash)
-    run.write_config({"trainer": "sft", "backend": "torch", "run_id": run.run_id, "model": model,
-                      "transitions": str(data.root), "pipeline_config_hash": data.config_hash,
-                      "partitions": list(data.partitions), "train_config": config_as_dict(config),
-                      "train_config_hash": train_config_hash(config)})
-    policy = load_policy(model, config.lora, config.runtime)
-    sequences, counts = sequences_from_transitions(data.frame, policy.tokenizer, require_advantage=False,
+    start = start_run("sft", transitions, model, out, config, config_hash=config_hash, overwrite=overwrite)
+    policy, run = start.policy, start.run
+    sequences, counts = sequences_from_transitions(start.data.frame, policy.tokenizer, require_advantage=False,
                                                    max_sequence_tokens=config.runtime.max_sequence_tokens)
     chosen = select_sft_sequences(sequences, counts, sft.min_reward, sft.keep_duplicates)
     if not chosen:
         raise NoTrainingDataError(
-            f"{data.root}: no transition has a reward of at least {sft.min_reward} ({counts.to_dict()}); "
+            f"{start.data.root}: no transition has a reward of at least {sft.min_reward} ({counts.to_dict()}); "
             "lower --min-reward or collect more rollouts"
         )
     steps_per_epoch = math.ceil(len(chosen) / (sft.batch_size * sft.gradient_accumulation_steps))
@@ -175,34 +167,12 @@ def train_sft(
     trainer.remove_callback(PrinterCallback)
     began = time.monotonic()
     output = trainer.train()
-    train_seconds = time.monotonic() - began
-    checkpoint = save_checkpoint(policy, run.checkpoint_path)
     history = run.read_metrics()
-    title = f"SFT on {data.root.name} ({len(chosen)} sequences, reward >= {sft.min_reward})"
-    plot_training(history, run.plot_path, title)
-    tokens = sum(s.length for s in chosen) * sft.epochs
-    metrics = {"train_loss_final": float(history[-1]["loss"]) if history else float(output.training_loss),
-               "train_loss_mean": float(output.training_loss)}
-    lineage = run_lineage(run, data, policy, "sft", config, metrics,
-                          {"sequences": len(chosen), "steps": int(output.global_step), "min_reward": sft.min_reward})
-    run.write_lineage(lineage)
-    summary = {
-        "trainer": "sft",
-        "run_id": run.run_id,
-        "model": model,
-        "started_from": policy.started_from,
-        "checkpoint": str(checkpoint),
-        "lora": policy.lora,
-        "precision": str(policy.autocast or torch.float32).removeprefix("torch."),
-        "device": str(policy.device),
-        "sequences": counts.to_dict(),
-        "steps": int(output.global_step),
-        "epochs": sft.epochs,
-        "train_tokens": tokens,
-        "train_seconds": train_seconds,
-        "tokens_per_second": tokens / max(train_seconds, 1e-9),
-        "wall_seconds": time.monotonic() - started,
-        "final": history[-1] if history else {},
-    }
-    run.write_summary(summary)
-    return TrainResult(run, checkpoint, lineage, summary)
+    return finish_run(start, TrainedSteps(
+        counts=counts, sequences=len(chosen), steps=int(output.global_step), epochs=sft.epochs,
+        tokens=sum(s.length for s in chosen) * sft.epochs, seconds=time.monotonic() - began,
+        metrics={"train_loss_final": history[-1]["loss"] if history else output.training_loss,
+                 "train_loss_mean": output.training_loss},
+        plot_title=f"SFT on {start.data.root.name} ({len(chosen)} sequences, reward >= {sft.min_reward})",
+        lineage_extra={"min_reward": sft.min_reward},
+    ))
