@@ -2,10 +2,13 @@
 
 Rows are buffered in memory per partition. ``spool_pending()`` (the end of a rollout) appends the
 rows not yet spooled to this writer's spool segment and fsyncs it: from then on they survive a
-crash. When a partition's buffer reaches the roll size or age, and on ``flush()`` (shutdown), every
-partition is rolled: its rows are written from memory as atomic Parquet files named after the spool
-segment they came from (see ``tracelearn.collector.spool``), and the segment is deleted once those
-files are durable. Rolling all partitions together lets each roll retire the whole segment.
+crash. ``spool_and_add()`` (the OTLP receiver's group commit) does both steps at once: the rows are
+buffered only once they are in the spool, so rows whose append failed are nowhere. When a
+partition's buffer reaches the roll size or age, and on ``flush()`` (shutdown), every partition is
+rolled: its rows are written from memory as atomic Parquet files named after the spool segment they
+came from (see ``tracelearn.collector.spool``), and the segment is deleted once those files are
+durable. Rolling all partitions together lets each roll retire the whole segment. A roll seals the
+segment first and writes its files without holding up appends, which go on into a new segment.
 
 File names carry host, pid and a per-writer random id, so several writers (processes) sharing one
 dataset never clobber each other. Temp files left by a killed writer are removed by the next writer
@@ -98,7 +101,8 @@ class PartitionedParquetWriter:
         # scanning every buffered batch (a buffer holds all exports since the last roll).
         self._unspooled: list[tuple[Partition, BufferedBatch]] = []
         self._lock = threading.Lock()  # the buffers
-        self._write_lock = threading.Lock()  # the spool and the files: one append or roll at a time
+        self._write_lock = threading.Lock()  # the spool: one append, seal or segment deletion at a time
+        self._roll_lock = threading.Lock()  # the files: one roll at a time
         self._spool = Spool(root / SPOOL_DIR, spec.schema_with_metadata())
         self._cleaned: set[Path] = set()
         os.register_at_fork(after_in_child=functools.partial(_forget_parent_rows, weakref.ref(self)))
@@ -114,6 +118,7 @@ class PartitionedParquetWriter:
         self._unspooled = []
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._roll_lock = threading.Lock()
 
     @property
     def spool_directory(self) -> Path:
@@ -132,21 +137,42 @@ class PartitionedParquetWriter:
 
     def add(self, batches: Mapping[Partition, pa.RecordBatch]) -> None:
         """Buffer one batch per partition (partition values in ``spec.partition_columns`` order)."""
-        now = time.monotonic()
         with self._lock:
             for partition, batch in batches.items():
-                if batch.num_rows == 0:
-                    continue
-                buffered = BufferedBatch(batch)
-                self._unspooled.append((partition, buffered))
-                # Not ``batch.nbytes``, which walks every value of nested columns (~60 µs a batch).
-                nbytes = batch.get_total_buffer_size()
-                buffer = self._buffers.get(partition)
-                if buffer is None:
-                    self._buffers[partition] = PartitionBuffer([buffered], nbytes, now)
-                else:
-                    buffer.batches.append(buffered)
-                    buffer.nbytes += nbytes
+                if batch.num_rows:
+                    buffered = BufferedBatch(batch)
+                    self._unspooled.append((partition, buffered))
+                    self._buffer(partition, buffered)
+
+    def spool_and_add(self, batches: Sequence[tuple[Partition, pa.RecordBatch]]) -> int:
+        """Append ``batches`` to the spool in one write and fsync, then buffer them; returns the rows.
+
+        On failure (``WriteError``) nothing was buffered: the rows are neither on disk nor rolled later.
+        """
+        batches = [(partition, batch) for partition, batch in batches if batch.num_rows]
+        if not batches:
+            return 0
+        with self._write_lock:
+            try:
+                segment = self._spool.append(batches)
+            except OSError as exc:
+                raise WriteError(f"cannot append to the spool under {self._spool.directory}: {exc}") from exc
+            # Still under the write lock: a roll must not seal this segment between append and buffering,
+            # or these rows would roll later into a second file of the same name.
+            with self._lock:
+                for partition, batch in batches:
+                    self._buffer(partition, BufferedBatch(batch, segment))
+        return sum(batch.num_rows for _, batch in batches)
+
+    def _buffer(self, partition: Partition, buffered: BufferedBatch) -> None:
+        # Not ``batch.nbytes``, which walks every value of nested columns (~60 µs a batch).
+        nbytes = buffered.batch.get_total_buffer_size()
+        buffer = self._buffers.get(partition)
+        if buffer is None:
+            self._buffers[partition] = PartitionBuffer([buffered], nbytes, time.monotonic())
+        else:
+            buffer.batches.append(buffered)
+            buffer.nbytes += nbytes
 
     def roll_is_due(self) -> bool:
         """Whether some partition's buffer reached the roll size or age."""
@@ -184,13 +210,15 @@ class PartitionedParquetWriter:
     def flush(self) -> list[Path]:
         """Roll now: write every buffered row into Parquet files and retire their spool segments."""
         written: list[Path] = []
-        with self._write_lock:
-            with self._lock:
-                buffers, self._buffers = self._buffers, {}
-                self._unspooled = []  # all of them are in ``buffers``, going to Parquet now
-            if not buffers:
-                return written
-            seal = self._spool.seal()
+        with self._roll_lock:
+            with self._write_lock:
+                with self._lock:
+                    buffers, self._buffers = self._buffers, {}
+                    self._unspooled = []  # all of them are in ``buffers``, going to Parquet now
+                if not buffers:
+                    return written
+                seal = self._spool.seal()
+            # The files are written outside the write lock: appends meanwhile go into a new segment.
             pending = list(buffers.items())
             for index, (partition, buffer) in enumerate(pending):
                 groups = batches_by_file(buffer.batches, seal)
@@ -201,7 +229,8 @@ class PartitionedParquetWriter:
                         buffer.batches = [b for _, group in groups[done:] for b in group]
                         self._restore(pending[index:])
                         raise WriteError(f"cannot write {self.spec.name} files under {self.root}: {exc}") from exc
-                    self._spool.mark_written(name, sum(b.batch.num_rows for b in batches if b.segment == name))
+                    with self._write_lock:
+                        self._spool.mark_written(name, sum(b.batch.num_rows for b in batches if b.segment == name))
         return written
 
     def close(self) -> None:
