@@ -8,8 +8,20 @@ from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tracelearn.collector.compaction import (
+    MIB,
+    MIN_AGE_SECONDS,
+    CompactionError,
+    CompactionEvent,
+    CompactionReport,
+    Step,
+    compact,
+    spans_table_root,
+)
+from tracelearn.collector.settings import CaptureSettings, SettingsError
 from tracelearn.collector.span_stats import SpanStats, spans_stats
 from tracelearn.schemas.dataset import DatasetError
 from tracelearn.schemas.migrations import SchemaVersionError
@@ -138,3 +150,111 @@ def stats_command(data: Path | None, as_json: bool, plot_path: Path | None) -> N
         render_analysis(analysis, console)
     if plot_path is not None and analysis is not None:
         console.print(f"wrote {plot_path}")
+
+
+def render_compaction(report: CompactionReport, root: Path, console: Console) -> None:
+    """Print what a compaction did (or would do): figures, then the files it left alone and why."""
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+    title = "compaction plan (dry run: nothing written)" if report.dry_run else "compaction"
+    overview = Table(title=title, show_header=False)
+    overview.add_column("what")
+    overview.add_column("value", justify="right")
+    mib = f"{report.bytes_before / MIB:.2f} MiB"
+    if report.dry_run:
+        rows = [
+            ("partitions", len(report.partitions)),
+            ("files to read", report.files_read),
+            ("rows to read", report.rows_in),
+            ("files to write", len(report.planned)),
+            ("size on disk of the inputs", mib),
+            ("interrupted compactions to finish first", len(report.pending_journals)),
+        ]
+    else:
+        rows = [
+            ("partitions", len(report.partitions)),
+            ("files read", report.files_read),
+            ("rows in / out", f"{report.rows_in} / {report.rows_out}"),
+            ("duplicates removed", report.duplicates_removed),
+            ("files written", len(report.files_written)),
+            ("size on disk before / after", f"{mib} / {report.bytes_after / MIB:.2f} MiB"),
+            ("interrupted compactions finished", len(report.recovered)),
+        ]
+    rows.append(("files left as they are", len(report.skipped)))
+    for name, value in rows:
+        overview.add_row(name, str(value))
+    console.print(overview)
+    for line in report.recovered:
+        console.print(f"recovered: {line}", markup=False, highlight=False)
+    for path in report.files_written:
+        console.print(f"wrote {shown(path)}", markup=False, highlight=False, soft_wrap=True)
+    if report.skipped:
+        skipped = Table(title="left as they are")
+        skipped.add_column("file", overflow="fold")
+        skipped.add_column("why")
+        for item in report.skipped:
+            skipped.add_row(shown(item.path), item.reason)
+        console.print(skipped)
+
+
+@spans.command("compact")
+@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar="TRACELEARN_DATA")
+@click.option("--date", required=True, help="The date=YYYY-MM-DD partition to compact.")
+@click.option("--service", default=None, help="Only this service's partition (default: every service of the date).")
+@click.option(
+    "--target-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=128,
+    show_default=True,
+    help="Largest output file, uncompressed MiB (estimated from the Parquet metadata).",
+)
+@click.option(
+    "--min-age-seconds",
+    type=click.FloatRange(min=0),
+    default=MIN_AGE_SECONDS,
+    show_default=True,
+    help="Leave files modified more recently than this.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+def compact_command(
+    data: Path | None, date: str, service: str | None, target_mb: float, min_age_seconds: float, dry_run: bool
+) -> None:
+    """Merge the small span files of one date under DATA (default $TRACELEARN_DATA) into large ones.
+
+    Safe while the collector writes: files still being written, newer than --min-age-seconds, or
+    still in the spool are left alone; a crashed run is finished by the next one.
+    """
+    if data is None:
+        raise click.UsageError("give the data directory, or set TRACELEARN_DATA")
+    try:
+        compression = CaptureSettings.from_env().compression
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console = Console()
+    columns = (TextColumn("compacting"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    # Off when the output is not a terminal (a log, a pipe): there the bar would only add blank lines.
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("compacting", total=0)
+
+        def show(event: CompactionEvent) -> None:
+            if event.step == Step.PLANNED:
+                progress.update(task, total=(progress.tasks[0].total or 0) + event.nbytes)
+            elif event.step == Step.INPUT_READ:
+                progress.advance(task, event.nbytes)
+
+        try:
+            report = compact(
+                data,
+                date,
+                service,
+                target_bytes=int(target_mb * MIB),
+                min_age_seconds=min_age_seconds,
+                compression=compression,
+                dry_run=dry_run,
+                on_event=show,
+            )
+        except (CompactionError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    render_compaction(report, spans_table_root(data), console)

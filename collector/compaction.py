@@ -2,8 +2,8 @@
 
 Owns the work of ``tracelearn spans compact`` on one ``date=D/service=S`` directory: choosing the
 inputs, writing the merged files, the lock and journal files of a compaction, and finishing or
-rolling back a compaction a crash interrupted. May import tracelearn.schemas, the collector's file
-modules and pyarrow; never polars, torch or airflow.
+rolling back a compaction a crash interrupted. May import tracelearn.schemas, the collector's
+atomic_files and spool modules, and pyarrow; never polars, torch or airflow.
 
 Inputs. Only finished files: names ``part-*.parquet`` directly in the partition directory (never a
 ``.tmp-`` file being written, never ``_spool/``), modified at least ``min_age_seconds`` ago, whose
@@ -46,7 +46,13 @@ What a reader that lists the directory sees (readers skip names starting with ``
   Renaming an invisible output in after the inputs are gone would trade those duplicates for rows
   missing from every reader (for as long as a crash there stays unrepaired), so it is not done.
   A reader that listed an input and opens it after step 4 gets ``FileNotFoundError`` and lists
-  again; one that had it open reads it to the end.
+  again; one that had it open reads it to the end. A row dropped as a duplicate is a copy of a span
+  kept in the same output or in one committed before it.
+
+Limits. A lock held from another host is never taken over (its process cannot be checked): the
+error names the file to delete. Just before committing, a run checks that the lock still carries
+its token and that every input is still there, and rolls that output back if not, so a lock taken
+over by mistake or an input deleted by hand cannot make rows appear twice or come back.
 """
 
 import contextlib
@@ -352,7 +358,11 @@ class LockHolder:
 
 
 def read_lock(path: Path) -> LockHolder | None:
-    """Who holds the lock at ``path``; ``None`` when there is none, or it is being written right now."""
+    """Who holds the lock at ``path`` (``None``: nobody); raises ``CompactionLockedError`` when it names no one.
+
+    A lock without a readable holder is being written right now (O_EXCL creates it empty), or was
+    left so by a crash in that instant: only a person can tell which.
+    """
     try:
         fields = json.loads(path.read_text())
         return LockHolder(str(fields["host"]), int(fields["pid"]), str(fields["token"]), str(fields["since"]))
@@ -505,15 +515,25 @@ def read_journals(directory: Path) -> list[Journal]:
             continue  # its compaction just finished
         except ValueError as exc:
             raise CompactionError(f"{path}: not a compaction journal ({exc}); nothing was changed") from None
-        output, inputs = payload.get("output"), payload.get("inputs")
-        valid_names = isinstance(output, str) and isinstance(inputs, list) and all(isinstance(i, str) for i in inputs)
-        if payload.get("format") != JOURNAL_FORMAT or not valid_names:
+        names = _journal_names(payload)
+        if names is None:
             raise CompactionError(f"{path}: not a compaction journal of format {JOURNAL_FORMAT}; nothing was changed")
+        output, inputs = names
         for name in [output, *inputs]:
             if Path(name).name != name or not name.startswith(PART_PREFIX):
                 raise CompactionError(f"{path}: names {name!r}, not a part file of this directory")
-        journals.append(Journal(path, output, tuple(inputs)))
+        journals.append(Journal(path, output, inputs))
     return journals
+
+
+def _journal_names(payload: object) -> tuple[str, tuple[str, ...]] | None:
+    """(output, inputs) of a parsed journal, ``None`` when it is not one of this format."""
+    if not isinstance(payload, dict) or payload.get("format") != JOURNAL_FORMAT:
+        return None
+    output, inputs = payload.get("output"), payload.get("inputs")
+    if not isinstance(output, str) or not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+        return None
+    return output, tuple(inputs)
 
 
 def superseded_inputs(directory: Path, listed: Collection[str]) -> set[str]:
@@ -702,7 +722,7 @@ def compact_partition(
         report.planned = list(plan.outputs)
         on_event(CompactionEvent(Step.PLANNED, directory, sum(output.file_bytes for output in plan.outputs)))
         run_id = uuid.uuid4().hex[:8]
-        seen = pa.table({key: pa.array([], pa.string()) for key in SPAN_KEY})
+        seen = SPANS.schema_with_metadata().empty_table().select(list(SPAN_KEY))  # spans already written
         for sequence, planned in enumerate(plan.outputs, start=1):
             table = read_inputs(planned.inputs, on_event)
             rows = merged_rows(table, seen)
