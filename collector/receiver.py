@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -168,6 +169,20 @@ def read_token_file(path: Path) -> bytes:
     if not token:
         raise ValueError(f"{path}: the token file is empty")
     return token
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A PEM certificate (chain) and its private key."""
+
+    cert: Path
+    key: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        return context
 
 
 # --- Counters ----------------------------------------------------------------------------------------
