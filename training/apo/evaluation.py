@@ -1,0 +1,322 @@
+"""Scoring a candidate prompt by real rollouts: the agent runs with the candidate as its prompt.
+
+For each candidate, :class:`PromptEvaluator`
+
+1. publishes the prompt text as a version in APO's own registry (``<out>/registry``; content
+   addressed, so a prompt seen before is the same version);
+2. puts that version in front of the agent, one of two ways (``injection``):
+
+   - ``gateway`` (the default; the agent needs no change): an in-process gateway
+     (``tracelearn.serving.gateway``) in front of the policy server, its prompt rule pinned to the
+     version, replaces the leading system message of every chat call the agent makes;
+   - ``registry``: the agent reads its prompt with ``tracelearn.prompt(NAME)`` and fills its template
+     variables itself; ``TRACELEARN_REGISTRY`` (APO's registry) and ``TRACELEARN_PROMPTS``
+     (``NAME=NAME@N``) make that call resolve to the candidate, and the agent calls the policy directly.
+
+   Both ways, the agent's environment carries the pin, so an agent that reads its system prompt with
+   ``tracelearn.prompt`` sends the candidate itself;
+3. runs :func:`~tracelearn.training.evaluate.evaluate_model`, so the agent runs under
+   ``opentelemetry-instrument`` on the same tasks, samples and seed as every other candidate and is
+   scored by the pipeline's reward function.
+
+Results are cached on disk by (prompt hash, task, sample, seed) under a context key that covers
+everything else that decides a rollout (agent command, pipeline config, success threshold, policy
+version, injection), so a repeated evaluation runs no agent, and a partly cached one runs only the
+tasks it lacks. An agent that fails or hangs (``AgentError``) or leaves no spans (``CaptureError``)
+does not stop the run: its rollouts are recorded as failures (status ``agent_failed``), the error is
+kept, and nothing is cached, so a later evaluation tries again.
+
+The gateway's own spans are not recorded (a no-op tracer provider): the agent's instrumentation
+already captures each call, and a second span per call would be a rollout of its own.
+
+May import: tracelearn.training.evaluate, tracelearn.serving.gateway and tracelearn.serving.http_server
+(the in-process gateway), tracelearn.registry, polars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from opentelemetry import trace
+from rich.console import Console
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tracelearn.collector.atomic_files import write_parquet_atomically
+from tracelearn.pipelines.config import config_hash
+from tracelearn.registry import REGISTRY_ENV, Registry
+from tracelearn.registry.prompts import PROMPTS_ENV, pinned_references
+from tracelearn.serving.gateway import PROMPT_VERSION_HEADER, PromptRule, create_gateway_app
+from tracelearn.serving.http_server import BackgroundServer
+from tracelearn.training.apo.candidates import prompt_hash
+from tracelearn.training.evaluate import (
+    ROLLOUT_SCHEMA,
+    AgentError,
+    CaptureError,
+    EvalResult,
+    EvalSpec,
+    ServedModel,
+    eval_pipeline_config,
+    evaluate_model,
+    read_task_ids,
+)
+
+__all__ = [
+    "AGENT_FAILED",
+    "INJECTIONS",
+    "CandidateEvaluation",
+    "GatewayCounts",
+    "PromptEvaluator",
+    "PromptNotSubstitutedError",
+    "RolloutCache",
+    "agent_environment",
+    "prompt_gateway",
+]
+
+AGENT_FAILED = "agent_failed"  # the status of rollouts of an agent run that failed or hung
+INJECTIONS = ("gateway", "registry")  # how a candidate reaches the agent (see the module docstring)
+_KEYS = ["task_id", "task_digest", "sample"]
+CACHE_SCHEMA = pl.Schema([("task_digest", pl.String), *ROLLOUT_SCHEMA.items()])
+
+
+class PromptNotSubstitutedError(RuntimeError):
+    """The agent's chat calls carried no leading system message, so no candidate prompt could reach it."""
+
+
+@dataclass
+class GatewayCounts:
+    """Chat calls through the gateway, and how many of them got the candidate prompt."""
+
+    chat_calls: int = 0
+    substituted: int = 0
+
+
+@dataclass(frozen=True)
+class CandidateEvaluation:
+    """A candidate's result over every expected (task, sample), what it cost, and how it ran.
+
+    ``rollouts_run`` is 0 when everything came from the cache; ``evaluated_as`` is the prompt version
+    the gateway substituted (``None`` when cached); ``agent_error`` says why the agent failed.
+    """
+
+    result: EvalResult
+    rollouts_run: int
+    evaluated_as: str | None
+    agent_error: str | None
+    gateway: GatewayCounts
+
+
+@contextmanager
+def prompt_gateway(upstream: str, registry: Registry, reference: str) -> Iterator[tuple[str, GatewayCounts]]:
+    """A gateway in front of ``upstream`` substituting the prompt ``reference``: its base URL and counts."""
+    app = create_gateway_app(upstream, token_ids="off", prompt_rules=[PromptRule(reference=reference)],
+                             registry=registry, tracer_provider=trace.NoOpTracerProvider())
+    counts = GatewayCounts()
+
+    @app.middleware("http")
+    async def count_substitutions(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        if request.url.path.endswith("/chat/completions"):
+            counts.chat_calls += 1
+            counts.substituted += int(PROMPT_VERSION_HEADER in response.headers)
+        return response
+
+    server = BackgroundServer(app)
+    try:
+        server.start()
+        yield server.base_url, counts
+    finally:
+        server.stop()
+        app.state.gateway.close()
+
+
+@contextmanager
+def agent_environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, restored after it.
+
+    ``evaluate_model`` hands the agent this process's environment; setting it here, around one
+    evaluation, is how the pin reaches the agent without a second copy of that function.
+    """
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _pins(name: str, reference: str) -> str:
+    """``TRACELEARN_PROMPTS`` with ``name`` pinned to ``reference`` and the caller's other pins kept."""
+    pins = {**pinned_references(), name: reference}
+    return ",".join(f"{key}={value}" for key, value in pins.items())
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class RolloutCache:
+    """Scored rollouts by (prompt hash, task, sample, seed) under ``directory/<context key>/``.
+
+    A task is keyed by its id and the digest of its JSON line, so an edited task is a new one. The
+    context (``context.json`` beside the files) is what else decides a rollout; another context is
+    another folder.
+    """
+
+    def __init__(self, directory: Path, context: dict[str, Any]) -> None:
+        text = json.dumps(context, sort_keys=True)
+        self.directory = directory / _digest(text)[:16]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "context.json").write_text(json.dumps(context, indent=2, sort_keys=True) + "\n",
+                                                     encoding="utf-8")
+
+    def _file(self, digest: str, seed: int) -> Path:
+        return self.directory / f"{digest}-seed{seed}.parquet"
+
+    def lookup(self, digest: str, seed: int) -> pl.DataFrame:
+        path = self._file(digest, seed)
+        return pl.read_parquet(path).cast(CACHE_SCHEMA) if path.exists() else CACHE_SCHEMA.to_frame()
+
+    def store(self, digest: str, seed: int, rows: pl.DataFrame) -> None:
+        """Add ``rows`` (CACHE_SCHEMA), replacing cached rows with the same key; the file appears atomically."""
+        kept = self.lookup(digest, seed).join(rows.select(_KEYS), on=_KEYS, how="anti")
+        merged = pl.concat([kept, rows.select(CACHE_SCHEMA.names())]).sort(_KEYS)
+        write_parquet_atomically(merged.to_arrow(), self.directory, self._file(digest, seed).name, "zstd")
+
+
+class PromptEvaluator:
+    """Evaluates candidate prompts of ``prompt_name`` with ``spec`` against the ``policy`` server.
+
+    ``registry`` is APO's own registry (candidates are published there); each agent run works in
+    ``workdir/<candidate id>/``; ``injection`` is one of :data:`INJECTIONS`.
+    """
+
+    def __init__(self, prompt_name: str, spec: EvalSpec, policy: ServedModel, registry: Registry, workdir: Path,
+                 cache: Path, console: Console, injection: str = "gateway") -> None:
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection {injection!r}: use one of {', '.join(INJECTIONS)}")
+        self.prompt_name = prompt_name
+        self.spec = spec
+        self.policy = policy
+        self.registry = registry
+        self.workdir = workdir
+        self.console = console
+        self.injection = injection
+        task_ids, lines = read_task_ids(spec.tasks, spec.limit)
+        self.tasks = list(zip(task_ids, (_digest(line.strip()) for line in lines), lines, strict=True))
+        self.pipeline_config_hash = config_hash(eval_pipeline_config(spec.pipeline_config))
+        self.cache = RolloutCache(cache, {
+            "agent": list(spec.agent),
+            "pipeline_config_hash": self.pipeline_config_hash,
+            "success_threshold": spec.success_threshold,
+            "policy": policy.model_version or policy.name,
+            "injection": injection,
+        })
+
+    @property
+    def rollouts_per_evaluation(self) -> int:
+        return len(self.tasks) * self.spec.samples
+
+    def _expected(self) -> pl.DataFrame:
+        return pl.DataFrame(
+            {"task_id": [t for t, _, _ in self.tasks for _ in range(self.spec.samples)],
+             "task_digest": [d for _, d, _ in self.tasks for _ in range(self.spec.samples)],
+             "sample": list(range(self.spec.samples)) * len(self.tasks)},
+            schema={"task_id": pl.String, "task_digest": pl.String, "sample": pl.Int64},
+        )
+
+    def _missing_tasks(self, cached: pl.DataFrame) -> list[tuple[str, str, str]]:
+        missing = self._expected().join(cached.select(_KEYS), on=_KEYS, how="anti")
+        wanted = set(missing["task_digest"].to_list())
+        return [task for task in self.tasks if task[1] in wanted]
+
+    def rollouts_needed(self, prompt: str) -> int:
+        """Rollouts an evaluation of ``prompt`` would run now (0 when the cache holds all of them)."""
+        return len(self._missing_tasks(self.cache.lookup(prompt_hash(prompt), self.spec.seed))) * self.spec.samples
+
+    def evaluate(self, candidate_id: str, prompt: str) -> CandidateEvaluation:
+        """Score ``prompt`` on every (task, sample) (see the module docstring).
+
+        Raises :class:`PromptNotSubstitutedError` when the agent called the model but never with a
+        system message the gateway could replace, and the ``EvaluationError`` subclasses that are
+        not the agent's own failure (the policy server unreachable, a bad pipeline config).
+        """
+        digest = prompt_hash(prompt)
+        cached = self.cache.lookup(digest, self.spec.seed)
+        missing = self._missing_tasks(cached)
+        if not missing:
+            return CandidateEvaluation(self._result(cached, None), 0, None, None, GatewayCounts())
+        started = time.monotonic()
+        version = self.registry.publish_prompt(self.prompt_name, prompt,
+                                               metadata={"apo_candidate": candidate_id}).version
+        workdir = self.workdir / candidate_id
+        if workdir.exists():  # an evaluation interrupted before: ours to replace
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        requested = workdir / "requested-tasks.jsonl"
+        requested.write_text("".join(line + "\n" for _, _, line in missing), encoding="utf-8")
+        spec = dataclasses.replace(self.spec, tasks=requested, limit=None)
+        error = None
+        environment = {REGISTRY_ENV: self.registry.location, PROMPTS_ENV: _pins(self.prompt_name, version.ref)}
+        with agent_environment(environment), self._endpoint(version.ref) as (base_url, counts):
+            try:
+                rows = evaluate_model(self.policy.name, spec, workdir, base_url=base_url, console=self.console).rollouts
+            except (AgentError, CaptureError) as failure:
+                error = str(failure)
+                rows = self._failed_rows(missing)
+        if error is None and counts is not None and counts.chat_calls and not counts.substituted:
+            raise PromptNotSubstitutedError(
+                f"none of the agent's {counts.chat_calls} chat calls began with a system message, so the gateway "
+                f"could not give it the prompt {version.ref}; APO optimizes the system prompt of an agent that "
+                f"sends one, or the prompt an agent reads with tracelearn.prompt (--inject registry) "
+                f"(see {workdir / 'agent.log'})")
+        digests = {task_id: task_digest for task_id, task_digest, _ in missing}
+        fresh = rows.with_columns(pl.col("task_id").replace_strict(digests, return_dtype=pl.String)
+                                  .alias("task_digest")).select(CACHE_SCHEMA.names())
+        if error is None:
+            self.cache.store(digest, self.spec.seed, fresh)
+        merged = pl.concat([cached.join(fresh.select(_KEYS), on=_KEYS, how="anti"), fresh])
+        return CandidateEvaluation(self._result(merged, time.monotonic() - started, workdir / "data"),
+                                   len(missing) * self.spec.samples, version.ref, error, counts or GatewayCounts())
+
+    @contextmanager
+    def _endpoint(self, reference: str) -> Iterator[tuple[str, GatewayCounts | None]]:
+        """Where the agent's calls go: the substituting gateway and its counts, or the policy itself."""
+        if self.injection == "registry":
+            yield self.policy.base_url, None
+            return
+        with prompt_gateway(self.policy.base_url, self.registry, reference) as endpoint:
+            yield endpoint
+
+    def _failed_rows(self, tasks: Sequence[tuple[str, str, str]]) -> pl.DataFrame:
+        pairs = [(task_id, sample) for task_id, _, _ in tasks for sample in range(self.spec.samples)]
+        return pl.DataFrame({"task_id": [t for t, _ in pairs], "sample": [s for _, s in pairs],
+                             "rollout_id": [None] * len(pairs), "status": [AGENT_FAILED] * len(pairs),
+                             "reward": [None] * len(pairs), "success": [False] * len(pairs)}, schema=ROLLOUT_SCHEMA)
+
+    def _result(self, rows: pl.DataFrame, wall_time_s: float | None, data_dir: Path | None = None) -> EvalResult:
+        """An ``EvalResult`` over every expected pair, in task order (rows: CACHE_SCHEMA)."""
+        ordered = self._expected().join(rows, on=_KEYS, how="left", maintain_order="left").select(
+            ROLLOUT_SCHEMA.names())
+        return EvalResult(
+            model=self.policy.name, registry_version=None, served_model=self.policy.name,
+            model_version=self.policy.model_version, base_url=self.policy.base_url, spec=self.spec,
+            agent_command=tuple(self.spec.agent), tasks=len(self.tasks), rollouts=ordered.cast(ROLLOUT_SCHEMA),
+            unmatched_rollouts=0, pipeline_config_hash=self.pipeline_config_hash,
+            data_dir=data_dir or self.cache.directory, wall_time_s=wall_time_s or 0.0,
+        )
