@@ -12,6 +12,16 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 STAMP="$VENV/.tracelearn-bootstrap"
 WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
 
+# The Node.js example's packages, at the exact versions of its package-lock.json. Checked before the
+# venv's stamp, so a clone whose venv is ready still gets them; without npm (or when npm ci fails)
+# the bootstrap goes on and the Node example's tests skip, leaving no half-installed directory behind.
+NODE_MODULES="$ROOT/examples/node/node_modules"
+if command -v npm >/dev/null 2>&1 && [[ ! -d "$NODE_MODULES" ]]; then
+    echo "bootstrap: npm ci --prefix examples/node" >&2
+    npm ci --prefix "$ROOT/examples/node" --no-audit --no-fund --loglevel=error >&2 \
+        || { rm -rf "$NODE_MODULES"; echo "bootstrap: npm ci failed; the Node.js example will not run" >&2; }
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
     exit 0
 fi
