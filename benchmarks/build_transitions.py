@@ -129,7 +129,10 @@ def write_sample(source: Path, target: Path, rollouts: int) -> int:
 def run_agentlightning(sample_root: Path, out_json: Path) -> dict[str, Any]:
     if not AGL_PYTHON.exists():
         raise SystemExit(f"{AGL_PYTHON} missing: run benchmarks/setup_agentlightning.sh first")
-    subprocess.run([str(AGL_PYTHON), str(AGL_SCRIPT), "--spans", str(sample_root / "spans"), "--out", str(out_json)])
+    # LiteLLM (an Agent Lightning dependency) fetches a model cost map at import unless told to use its own copy.
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    subprocess.run([str(AGL_PYTHON), str(AGL_SCRIPT), "--spans", str(sample_root / "spans"), "--out", str(out_json)],
+                   env=env)
     result: dict[str, Any] = json.loads(out_json.read_text())
     return result
 

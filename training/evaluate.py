@@ -739,10 +739,13 @@ def _copy_output(stream: IO[bytes], log: IO[bytes], on_report: Callable[[], None
 
 
 def run_agent(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float, expected: int,
-              console: Console) -> None:
+              console: Console, traces_exporter: str = "tracelearn") -> None:
     """Run ``command`` under ``opentelemetry-instrument``; raises :class:`AgentError` with the last line
-    of its log when it exits with an error or runs past ``timeout_s`` (then its process group is killed)."""
-    instrumented = [console_script("opentelemetry-instrument"), "--traces_exporter", "tracelearn", *command]
+    of its log when it exits with an error or runs past ``timeout_s`` (then its process group is killed).
+
+    ``traces_exporter``: ``tracelearn`` writes the dataset from the agent process (``$TRACELEARN_DATA``);
+    ``otlp`` sends standard OTLP to a collector (``$OTEL_EXPORTER_OTLP_ENDPOINT``)."""
+    instrumented = [console_script("opentelemetry-instrument"), "--traces_exporter", traces_exporter, *command]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with log_path.open("wb") as log, Progress(*columns, console=console) as progress:
         task = progress.add_task("agent: rollouts reported", total=expected)
