@@ -339,6 +339,29 @@ class BodyMaker:
         return [(prefix + trace).hex() + (prefix + own).hex() for _, trace, own, _, _, _ in self._spans[template]]
 
 
+def decode_rows_rate(workload: Workload, repeat: int = 3) -> float:
+    """Spans per CPU-second of the sidecar's own decode + row building (``decode_protobuf``, ``SpanColumns``)
+    on the workload's template bodies, in this process, best of ``repeat``: the receiver's ceiling before
+    any HTTP, spool or Parquet cost, and a gauge of how loaded the machine is while the benchmark runs.
+    """
+    from tracelearn.collector.otlp_decode import decode_protobuf
+    from tracelearn.collector.span_rows import SpanColumns
+
+    def once() -> None:
+        for template in workload.templates:
+            columns = SpanColumns()
+            columns.add_all(decode_protobuf(template).records)
+            columns.take()
+
+    once()  # warm-up
+    best = math.inf
+    for _ in range(repeat):
+        started = time.process_time()
+        once()
+        best = min(best, time.process_time() - started)
+    return sum(workload.spans_per_template) / best
+
+
 # --- Servers as processes ------------------------------------------------------------------------------------
 
 
@@ -1287,6 +1310,9 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"protobuf, {each.bytes_per_span * args.batch / 2**20:.2f} MiB/body")
     print(f"built in {time.perf_counter() - started:.1f} s; machine: {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for mix, each in workloads.items():
+        print(f"gauge, {mix} mix: the sidecar's decode + rows alone, in this process: {decode_rows_rate(each):,.0f} "
+              f"spans/CPU-s (its ceiling before HTTP, spool and Parquet; falls when other work shares the CPUs)")
 
     def sub(name: str) -> Path | None:
         return args.workdir / name if args.workdir else None
@@ -1322,7 +1348,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         targets: list[Target] = ["tracelearn", "agl"] if have_agl else ["tracelearn"]
         print_crash([crash_durability(t, crash_spans, args.clients, 0.5, args.batch,
                                       sub(f"crash-{t}"), args.agl, workload) for t in targets])
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    print(f"\ngauge at the end, {mixes[0]} mix: decode + rows alone {decode_rows_rate(workload):,.0f} spans/CPU-s; "
+          f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}; total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
