@@ -14,9 +14,9 @@ Agent Lightning 0.3.0 runs from its own package in its own venv (``benchmarks/.v
   final reward of its triplets), and throughput in spans per second (ours files to files; theirs its
   ``adapt`` alone and its read + convert + adapt).
 - ``ingest``: OTLP/HTTP ingest of the same realistic LLM spans by our collector sidecar (durable: acknowledged
-  after fsync) and by ``agl store`` (in memory), same client and concurrency
-  (``benchmarks/collector_ingest.py``); and durability after ``kill -9`` mid-stream: acknowledged spans
-  missing or duplicated after the restart (``benchmarks/collector_crash.py``).
+  after fsync) and by ``agl store`` (in memory), same bodies, client and concurrency; and durability
+  after ``kill -9`` mid-stream: acknowledged spans missing or duplicated after the restart (both from
+  ``benchmarks/collector_ingest.py``).
 - ``features``: what each system does, as a table (facts checked against Agent Lightning 0.3.0's
   package and docs; see ``FEATURES``).
 
@@ -27,7 +27,6 @@ Agent Lightning 0.3.0 runs from its own package in its own venv (``benchmarks/.v
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -203,15 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                                                args.work / "generated"))
         print_transitions(results)
     if "ingest" in parts:
-        from collector_crash import crash_durability, print_crash
-        from collector_ingest import measure_ingest_side_by_side, print_side_by_side
+        import collector_ingest
 
-        print_side_by_side(measure_ingest_side_by_side(quick=args.quick, work=args.work / "ingest"))
-        print_crash(crash_durability(quick=args.quick, work=args.work / "crash"))
+        # The same bodies, client and concurrency against both servers, then kill -9 of each mid-stream.
+        collector_ingest.main(["--parts", "compare", "crash", "--mix", "llm", *(["--quick"] if args.quick else [])])
     if "features" in parts:
         print_features()
     print(f"\ncompare_agent_lightning: done in {time.perf_counter() - started:.0f} s")
-    shutil.rmtree(args.work / "scratch", ignore_errors=True)
     return 0
 
 
