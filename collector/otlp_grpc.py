@@ -122,6 +122,7 @@ class OtlpGrpcServer:
         if isinstance(payload, bytes):
             return payload
         message = payload
+        self.receiver.warnings.warn(f"grpc {code.name}", f"answered {code.name} to {context.peer()}: {message}")
         if retry_after is not None:
             context.set_trailing_metadata(retry_metadata(code, message, retry_after))
         context.abort(code, message)

@@ -50,6 +50,7 @@ from tracelearn.collector.receiver import (
     InvalidFeedbackError,
     OtlpReceiver,
     QueueFullError,
+    Reservation,
     RetryLaterError,
     TlsFiles,
     UnavailableError,
@@ -92,12 +93,13 @@ class HttpError(Exception):
         self.close = close
 
 
-def inflate(data: bytes, encoding: str, limit: int) -> bytes:
+def inflate(data: bytes, encoding: str, limit: int, reservation: Reservation | None = None) -> bytes:
     """``data`` decompressed, never producing more than ``limit`` bytes (413 beyond, 400 if corrupt).
 
     Incremental (``decompressobj`` with ``max_length``): a small body that inflates to gigabytes
-    costs at most ``limit`` bytes of memory before it is refused. Concatenated gzip members are read
-    one after another, as gzip(1) does.
+    costs at most ``limit`` bytes of memory before it is refused. Each piece is added to
+    ``reservation`` as it is produced (``QueueFullError`` when the write queue has no room for it).
+    Concatenated gzip members are read one after another, as gzip(1) does.
     """
     wbits = ENCODINGS[encoding]
     parts: list[bytes] = []
@@ -110,6 +112,8 @@ def inflate(data: bytes, encoding: str, limit: int) -> bytes:
             produced += len(chunk)
             if produced > limit:
                 raise HttpError(413, f"the body inflates to more than {limit} bytes (the limit, --max-body-bytes)")
+            if reservation is not None:
+                reservation.grow(len(chunk))
             parts.append(chunk)
             if inflater.eof:
                 rest = inflater.unused_data
@@ -237,6 +241,10 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
         except HttpError as error:
             if error.close:
                 self.close_connection = True
+            self.server.front.receiver.warnings.warn(
+                f"http {error.status}",
+                f"answered {error.status} to {self.command} {path} from {self.address_string()}: {error}",
+            )
             self._send_status(error.status, str(error), error.retry_after)
         except Exception:
             logger.exception("tracelearn collector: %s %s failed", self.command, path)
@@ -273,13 +281,16 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
                     HttpError(415, f"Content-Type {content_type!r}: use {PROTOBUF_CONTENT_TYPE} or {JSON_CONTENT_TYPE}")
                 )
             self._admit(spans=True)
-            body = self._read_body()
-            try:
-                outcome = receiver.export_traces(body, media_type)
-            except OtlpDecodeError as exc:
-                raise HttpError(400, str(exc)) from None
-            except RetryLaterError as refusal:
-                raise _refusal(refusal) from None
+            # The body counts in the write queue from its first byte read, so the memory of bodies
+            # being read on many connections at once is bounded too (429 when they do not fit).
+            with receiver.reserve() as reservation:
+                body = self._read_body(reservation)
+                try:
+                    outcome = receiver.export_traces(body, media_type, reservation)
+                except OtlpDecodeError as exc:
+                    raise HttpError(400, str(exc)) from None
+                except RetryLaterError as refusal:
+                    raise _refusal(refusal) from None
             self._send(200, _export_response(outcome, media_type), media_type)
         elif path == FEEDBACK_PATH:
             self._check_token()
@@ -288,6 +299,7 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
             try:
                 accepted = receiver.export_feedback(body)
             except InvalidFeedbackError as exc:
+                receiver.warnings.warn("feedback 400", f"answered 400 to feedback from {self.address_string()}: {exc}")
                 payload = {"code": RPC_CODES[400], "message": str(exc), "errors": exc.errors}
                 self._send(400, orjson.dumps(payload), JSON_CONTENT_TYPE)
                 return
@@ -351,27 +363,41 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
             raise HttpError(400, f"Content-Length {raw!r} is not a byte count", close=True)
         return length
 
-    def _read_body(self) -> bytes:
-        """The request body, decoded from its transfer and content encodings, within the body limit."""
+    def _read_body(self, reservation: Reservation | None = None) -> bytes:
+        """The request body, decoded from its transfer and content encodings, within the body limit.
+
+        With a ``reservation``, every byte read or inflated is added to it first (429 when the write
+        queue has no room).
+        """
         limit = self.server.front.max_body_bytes
         encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ENCODINGS and encoding != "identity":
             self._refuse_body(HttpError(415, f"Content-Encoding {encoding!r}: use gzip, deflate or none"))
         if self._chunked():
-            body = self._read_chunked(limit)
+            body = self._read_chunked(limit, reservation)
         else:
             length = self._content_length()
             if length > limit:
                 self._refuse_body(
                     HttpError(413, f"the body is {length} bytes; the limit is {limit} (--max-body-bytes)")
                 )
+            if reservation is not None:
+                try:
+                    reservation.grow(length)
+                except QueueFullError as refusal:
+                    self._refuse_body(_refusal(refusal))
             body = self.rfile.read(length)
             if len(body) != length:
                 raise HttpError(400, f"the body ended after {len(body)} of {length} bytes", close=True)
         self.body_consumed = True
-        return body if encoding == "identity" else inflate(body, encoding, limit)
+        if encoding == "identity":
+            return body
+        try:
+            return inflate(body, encoding, limit, reservation)
+        except QueueFullError as refusal:
+            raise _refusal(refusal) from None
 
-    def _read_chunked(self, limit: int) -> bytes:
+    def _read_chunked(self, limit: int, reservation: Reservation | None) -> bytes:
         parts: list[bytes] = []
         total = 0
         while True:
@@ -385,6 +411,13 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
             total += size
             if total > limit:
                 raise HttpError(413, f"the chunked body exceeds the limit of {limit} bytes", close=True)
+            if reservation is not None:
+                try:
+                    reservation.grow(size)
+                except QueueFullError as refusal:
+                    error = _refusal(refusal)
+                    error.close = True  # the rest of the body is not read
+                    raise error from None
             chunk = self.rfile.read(size)
             if len(chunk) != size or self.rfile.readline(1024) not in (b"\r\n", b"\n"):
                 raise HttpError(400, "a chunk of the body is truncated", close=True)

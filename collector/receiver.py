@@ -80,6 +80,8 @@ MAINTENANCE_SECONDS = 1.0
 # While the disk refuses writes and no rows wait for a roll, a file this big written, fsynced and
 # deleted is the test that it takes writes again.
 PROBE_BYTES = 1 * MIB
+# At most one log line per kind of refusal or rejection in this many seconds.
+WARNING_INTERVAL_SECONDS = 10.0
 COMMIT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -242,6 +244,30 @@ class ReceiverCounters:
                 self.spans_rejected[reason] = self.spans_rejected.get(reason, 0) + spans
 
 
+class ThrottledWarnings:
+    """Log lines about refused requests and rejected spans: per kind, at most one every ``interval`` s.
+
+    A client that sends something bad sends it again on every retry; one line per kind and interval,
+    with the number of lines held back, says what happens without flooding the log.
+    """
+
+    def __init__(self, interval: float = WARNING_INTERVAL_SECONDS) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (when logged, held back since)
+
+    def warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged, held_back = self._last.get(kind, (-math.inf, 0))
+            if now - logged < self.interval:
+                self._last[kind] = (logged, held_back + 1)
+                return
+            self._last[kind] = (now, 0)
+        more = f" ({held_back} more like it in the last {self.interval:.0f} s)" if held_back else ""
+        logger.warning("tracelearn collector: %s%s", message, more)
+
+
 # --- De-duplication window -----------------------------------------------------------------------------
 
 
@@ -306,7 +332,7 @@ def new_rows(keys: Sequence[int], recent: RecentSpanKeys, earlier: set[int]) -> 
 
 
 class WriteQueue:
-    """Bytes held by requests from decoding to the end of their commit, against a bound."""
+    """Bytes held by requests, from reading their body to the end of their commit, against a bound."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -321,24 +347,45 @@ class WriteQueue:
         return self._bytes >= self.limit
 
     @contextlib.contextmanager
-    def reserved(self, nbytes: int) -> Iterator[None]:
-        """Hold ``nbytes`` for the duration; raises ``QueueFullError`` when they do not fit.
+    def reserved(self, nbytes: int = 0) -> Iterator["Reservation"]:
+        """A reservation holding ``nbytes`` (grown as a body is read), released at the end."""
+        reservation = Reservation(self)
+        try:
+            reservation.grow(nbytes)
+            yield reservation
+        finally:
+            with self._lock:
+                self._bytes -= reservation.nbytes
+            reservation.nbytes = 0
 
-        A request larger than the whole bound is let in when the queue is empty, so it is never
-        refused forever (the front's body limit keeps it finite).
-        """
+    def _grow(self, reservation: "Reservation", nbytes: int) -> None:
         with self._lock:
-            if self._bytes and self._bytes + nbytes > self.limit:
+            # A request is refused only while others hold bytes: one larger than the whole bound is
+            # let in alone, so it is never refused forever (the fronts' body limit keeps it finite).
+            if self._bytes - reservation.nbytes and self._bytes + nbytes > self.limit:
                 raise QueueFullError(
                     f"the write queue holds {self._bytes} of {self.limit} bytes; retry later",
                     RETRY_AFTER_QUEUE_FULL,
                 )
             self._bytes += nbytes
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._bytes -= nbytes
+            reservation.nbytes += nbytes
+
+
+class Reservation:
+    """One request's bytes in the ``WriteQueue``."""
+
+    def __init__(self, queue: WriteQueue) -> None:
+        self._queue = queue
+        self.nbytes = 0
+
+    def grow(self, nbytes: int) -> None:
+        """Hold ``nbytes`` more; raises ``QueueFullError`` when they do not fit."""
+        if nbytes > 0:
+            self._queue._grow(self, nbytes)
+
+    def grow_to(self, nbytes: int) -> None:
+        """Hold at least ``nbytes`` in all."""
+        self.grow(nbytes - self.nbytes)
 
 
 @dataclass(slots=True)
@@ -541,6 +588,7 @@ class OtlpReceiver:
         self.config = config
         self.token = token
         self.counters = ReceiverCounters()
+        self.warnings = ThrottledWarnings()
         self.health = WriteHealth()
         self.queue = WriteQueue(config.queue_bytes)
         self.recent = RecentSpanKeys(config.dedup_window)
@@ -632,7 +680,10 @@ class OtlpReceiver:
     # --- requests
 
     def check_accepting(self, spans: bool = True) -> None:
-        """Raise the refusal a request would get now (before its body is read or decoded)."""
+        """Raise the refusal a request would get now (before its body is read or decoded).
+
+        ``spans``: also refuse when the write queue is full (feedback does not go through it).
+        """
         if self._phase is not Phase.READY:
             retry = RETRY_AFTER_STARTING if self._phase is Phase.STARTING else RETRY_AFTER_UNAVAILABLE
             raise UnavailableError(f"the collector is {self._phase.value}", retry)
@@ -666,12 +717,22 @@ class OtlpReceiver:
             columns = self._local.columns = SpanColumns(self.config.max_attribute_bytes)
         return columns
 
-    def export_traces(self, body: bytes, content_type: str) -> ExportOutcome:
+    def reserve(self) -> contextlib.AbstractContextManager[Reservation]:
+        """Queue bytes for a request whose body is still being read: the front grows it as it reads."""
+        return self.queue.reserved()
+
+    def export_traces(self, body: bytes, content_type: str, reservation: Reservation | None = None) -> ExportOutcome:
         """Decode an ``ExportTraceServiceRequest`` body, commit its spans durably, say what was kept.
 
+        The body's bytes count in the write queue until the commit ends: in ``reservation`` (from
+        ``reserve``, held by the caller since it began reading the body) or in a reservation of its own.
         Raises ``OtlpDecodeError`` (malformed body), ``QueueFullError`` or ``UnavailableError``.
         """
-        with self._request(), self.queue.reserved(len(body)):
+        # A caller's reservation was admitted by the queue already (and may be all that fills it).
+        with self._request(spans=reservation is None), contextlib.ExitStack() as held:
+            if reservation is None:
+                reservation = held.enter_context(self.queue.reserved())
+            reservation.grow_to(len(body))
             decoded = decode_request(body, content_type, self.config.limits)
             counters = self.counters
             counters.rejected("invalid", decoded.rejected_spans)
@@ -696,6 +757,9 @@ class OtlpReceiver:
             if truncated:
                 note = f"truncated {truncated} attribute value(s) longer than {self.config.max_attribute_bytes} bytes"
                 message = f"{message}; {note}" if message else note
+            if message:
+                total = len(decoded.records) + decoded.rejected_spans
+                self.warnings.warn("partial", f"kept {len(decoded.records)} of {total} spans of a request: {message}")
             if not decoded.records:
                 return ExportOutcome(0, 0, decoded.rejected_spans, message)
             try:

@@ -51,23 +51,50 @@ def test_the_sdk_grpc_exporter_lands_the_same_rows_as_the_in_process_exporter(tm
     assert len(rows(tmp_path / "sidecar")) == 12
 
 
-def test_malformed_requests_get_invalid_argument_and_some_invalid_spans_partial_success(tmp_path: Path) -> None:
+def test_malformed_requests_get_invalid_argument_while_valid_calls_on_another_channel_succeed(tmp_path: Path) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
     spans = sdk_spans(3)
-    with running_sidecar(tmp_path) as sidecar:
+    valid = [sdk_spans(4) for _ in range(200)]
+    with running_sidecar(tmp_path, max_body_bytes=1 << 20) as sidecar:
+        sent: list[list] = []
+        failed: list[list] = []
+        bad_ones_done = threading.Event()
+
+        def valid_traffic() -> None:
+            exporter = OTLPSpanExporter(endpoint=sidecar.grpc_address, insecure=True)
+            for batch in valid:
+                if bad_ones_done.is_set() and sent:
+                    break
+                (sent if exporter.export(batch) is SpanExportResult.SUCCESS else failed).append(batch)
+            exporter.shutdown()
+
+        sender = threading.Thread(target=valid_traffic)
+        sender.start()
         export = export_call(sidecar.grpc_address)
         with pytest.raises(grpc.RpcError) as raised:
             export(b"\xff\xff\xff not protobuf", timeout=10)
         assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "not a protobuf ExportTraceServiceRequest" in raised.value.details()
-
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        body = otlp_body(spans)
+        with pytest.raises(grpc.RpcError) as raised:
+            export(body[: len(body) // 2], timeout=10)  # truncated
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as raised:
+            export(bytes(2 << 20), timeout=10)  # above the message limit
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
         request = encode_spans(spans)
         request.resource_spans[0].scope_spans[0].spans[0].trace_id = b"\x01\x02"
         response = ExportTraceServiceResponse.FromString(export(request.SerializeToString(), timeout=10))
+        bad_ones_done.set()
+        sender.join()
     assert response.partial_success.rejected_spans == 1
     assert "trace_id is 2 bytes, expected 16" in response.partial_success.error_message
-    assert len(span_keys(tmp_path)) == 2
+    assert sent and not failed, "valid traffic went on"
+    expected = {span_key(span) for span in spans[1:]} | {span_key(span) for batch in sent for span in batch}
+    keys = span_keys(tmp_path)
+    assert len(keys) == len(expected) and set(keys) == expected
 
 
 def retry_delay(error: grpc.RpcError) -> tuple[float, float]:

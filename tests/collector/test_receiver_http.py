@@ -3,6 +3,8 @@
 import gzip
 import http.client
 import json
+import logging
+import socket
 import threading
 import tracemalloc
 from pathlib import Path
@@ -25,12 +27,15 @@ from support.otlp_sidecar import (
     span_key,
     span_keys,
     spans_table,
+    wait_for,
 )
 
+from tracelearn.collector.otlp_decode import DecodeLimits
 from tracelearn.collector.span_exporter import ParquetSpanExporter
 from tracelearn.schemas.dataset import dataset_files
 
 TRACES = "/v1/traces"
+JSON = {"Content-Type": "application/json"}
 
 
 def sorted_rows(data: Path) -> list[dict[str, object]]:
@@ -123,7 +128,10 @@ def bomb(inflated_gib: int) -> bytes:
     return gzip.compress(bytes(16 << 20), 9) * (64 * inflated_gib)
 
 
-def test_bad_requests_are_answered_while_valid_traffic_on_another_connection_succeeds(tmp_path: Path) -> None:
+def test_bad_requests_are_answered_while_valid_traffic_on_another_connection_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "tracelearn.collector")
     limit = 2 << 20
     valid = otlp_body(sdk_spans(5))
     good = otlp_body(sdk_spans(3))
@@ -155,6 +163,14 @@ def test_bad_requests_are_answered_while_valid_traffic_on_another_connection_suc
         status, _, answer = post(sidecar.port, TRACES, bytes(limit + 1), connection=bad)
         assert status == 413 and b"limit" in answer
         assert post(sidecar.port, "/v1/logs", good, connection=bad)[0] == 404
+        status, headers, answer = post(sidecar.port, TRACES, b'{"resourceSpans": [', JSON, connection=bad)
+        assert (status, headers["content-type"]) == (400, "application/json") and b"not valid JSON" in answer
+        base64_ids = {"resourceSpans": [{"scopeSpans": [{"spans": [{
+            "traceId": "W47/95gDgQPSabYzgT/GDA==", "spanId": "7uGbfsPBsXQ=", "name": "chat",
+            "startTimeUnixNano": "1790000000000000000", "endTimeUnixNano": "1790000001000000000"}]}]}]}
+        status, _, answer = post(sidecar.port, TRACES, json.dumps(base64_ids).encode(), JSON, connection=bad)
+        partial = json.loads(answer)["partialSuccess"]
+        assert status == 200 and partial["rejectedSpans"] == "1" and "OTLP/JSON ids are hex" in partial["errorMessage"]
         # The same keep-alive connection still serves a valid request after all of that.
         assert post(sidecar.port, TRACES, good, connection=bad)[0] == 200
 
@@ -175,12 +191,16 @@ def test_bad_requests_are_answered_while_valid_traffic_on_another_connection_suc
         assert answers == [200] * len(answers)
         metrics = get(sidecar.url, "/metrics")[1].decode()
     assert len(span_keys(tmp_path)) == 5 + 3, "the same valid request each time: its spans once"
+    logged = [record.getMessage() for record in caplog.records]
+    for text in ("answered 400 to POST /v1/traces", "answered 413 to POST /v1/traces", "answered 415",
+                 "answered 404 to POST /v1/logs", "kept 0 of 1 spans of a request: rejected 1 span(s)"):
+        assert any(text in line for line in logged), text
     for line in (
-        'requests_total{front="http",path="/v1/traces",code="400"} 3',
+        'requests_total{front="http",path="/v1/traces",code="400"} 4',
         'requests_total{front="http",path="/v1/traces",code="415"} 2',
         'requests_total{front="http",path="/v1/traces",code="413"} 2',
         'requests_total{front="http",path="other",code="404"} 1',
-        f'requests_total{{front="http",path="/v1/traces",code="200"}} {len(answers) + 1}',
+        f'requests_total{{front="http",path="/v1/traces",code="200"}} {len(answers) + 2}',
         f"spans_accepted_total {5 * len(answers) + 3}",
     ):
         assert f"tracelearn_collector_{line}\n" in metrics, line
@@ -241,6 +261,16 @@ def test_feedback_is_written_durably_and_bad_items_are_named(tmp_path: Path) -> 
         assert errors[0].startswith("item 1: value") and errors[1].startswith("item 2: needs rollout_id or trace_id")
         assert len(dataset_files(tmp_path / "feedback")) == 2, "a request with a bad item writes nothing"
         assert post(sidecar.port, "/v1/feedback", json.dumps(good[0]).encode())[0] == 200  # one object, no list
+        for body, error in (
+            (b'{"trace_id": "5B8EFFF7", "name": "n", "value": 1}', "item 0: trace_id: '5B8EFFF7' must be 32"),
+            (b'{"rollout_id": "r", "name": "n", "value": 1e999}', "the body is not JSON: number is infinity"),
+            (b'{"rollout_id": "r", "value": 1}', "item 0: name: is required"),
+            (b'{"rollout_id": "r", "name": "n", "value": 1, "reward": 2}', "item 0: unknown keys reward"),
+            (b"[]", "the body is an empty list"),
+            (b"thumbs up", "the body is not JSON"),
+        ):
+            status, _, answer = post(sidecar.port, "/v1/feedback", body)
+            assert status == 400 and json.loads(answer)["errors"][0].startswith(error), answer
     from tracelearn.schemas.dataset import read_table
 
     table = read_table(tmp_path / "feedback", "feedback")
@@ -347,3 +377,55 @@ def test_chunked_and_deflate_bodies_are_read_as_node_and_python_exporters_send_t
         assert exporter.export(deflate_spans) is SpanExportResult.SUCCESS
         exporter.shutdown()
     assert sorted(span_keys(tmp_path)) == sorted(map(span_key, [*chunked_spans, *deflate_spans]))
+
+
+def test_attribute_count_and_length_limits_keep_the_span_and_say_what_was_cut(tmp_path: Path) -> None:
+    request = encode_spans(sdk_spans(2))
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    for index in range(100):
+        attribute = span.attributes.add()
+        attribute.key, attribute.value.string_value = f"extra.{index}", "v"
+    long_value = span.attributes.add()
+    long_value.key, long_value.value.string_value = "a", "x" * 5000
+    span.attributes.insert(0, long_value)  # the first ones are kept: put the long one among them
+    limits = DecodeLimits(max_attributes=40)
+    with running_sidecar(tmp_path, limits=limits, max_attribute_bytes=4000) as sidecar:
+        status, _, answer = post(sidecar.port, TRACES, request.SerializeToString())
+        metrics = get(sidecar.url, "/metrics")[1].decode()
+    assert status == 200
+    partial = ExportTraceServiceResponse.FromString(answer).partial_success
+    assert partial.rejected_spans == 0, "the span is kept, cut to the limits"
+    dropped = len(span.attributes) - 40
+    assert f"dropped {dropped} attribute(s)" in partial.error_message
+    assert "truncated 1 attribute value(s) longer than 4000 bytes" in partial.error_message
+    assert f"tracelearn_collector_span_items_dropped_total {dropped}\n" in metrics
+    assert "tracelearn_collector_attribute_values_truncated_total 1\n" in metrics
+    rows = {row["span_id"]: row for row in spans_table(tmp_path).to_pylist()}
+    row = rows[span.span_id.hex()]
+    assert dict(row["attributes"])["a"] == "x" * 4000
+    assert "extra.99" not in dict(row["attributes"])
+    assert len(rows) == 2
+
+
+def test_bodies_still_being_read_count_against_the_write_queue(tmp_path: Path) -> None:
+    """Memory stays bounded with many slow clients: a body holds queue bytes from its first byte read."""
+    small = otlp_body(sdk_spans(3))
+    with running_sidecar(tmp_path, queue_bytes=64 * 1024) as sidecar:
+        slow = socket.create_connection(("127.0.0.1", sidecar.port), timeout=30)
+        body = otlp_body(sdk_spans(30))
+        assert len(body) > 64 * 1024
+        slow.sendall(
+            f"POST {TRACES} HTTP/1.1\r\nHost: x\r\nContent-Type: {PROTOBUF}\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode() + body[:1000]
+        )
+        wait_for(lambda: json.loads(get(sidecar.url, "/status")[1])["queue_bytes"] == len(body), 10, "the reservation")
+        status, headers, answer = post(sidecar.port, TRACES, small)
+        assert (status, headers["retry-after"]) == (429, "1") and b"the write queue" in answer
+        slow.sendall(body[1000:])
+        response = http.client.HTTPResponse(slow)
+        response.begin()
+        assert response.status == 200
+        slow.close()
+        assert post(sidecar.port, TRACES, small)[0] == 200, "the queue is empty again"
+        assert json.loads(get(sidecar.url, "/status")[1])["queue_bytes"] == 0
+    assert len(span_keys(tmp_path)) == 33

@@ -3,25 +3,30 @@ nothing; SIGTERM drains, flushes and exits 0; ``tracelearn collector status`` re
 
 import http.client
 import json
+import select
 import signal
 import socket
 import threading
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 from support.otlp_sidecar import (
+    free_port,
     otlp_body,
     post,
     sdk_spans,
     span_key,
     span_keys,
     start_sidecar_process,
+    wait_for,
 )
 
 from tracelearn.cli.main import main
 from tracelearn.collector.spool import SPOOL_DIR
+from tracelearn.schemas.dataset import dataset_files
 
 TRACES = "/v1/traces"
 
@@ -49,52 +54,74 @@ class RecordingClient:
                 with self.lock:
                     self.acknowledged.add(index)
 
-    def send_concurrently(self, port: int, indices: list[int], clients: int = 4) -> None:
-        threads = [threading.Thread(target=self.send, args=(port, indices[i::clients])) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
 
+@pytest.mark.slow
+def test_kill_9_mid_stream_under_the_sdk_exporter_then_restart_leaves_every_acknowledged_span_once(
+    tmp_path: Path,
+) -> None:
+    """Four agents' OTLP HTTP exporters stream through a kill -9 and a restart on the same address.
 
-def test_kill_9_mid_stream_then_restart_leaves_every_acknowledged_span_exactly_once(tmp_path: Path) -> None:
+    The SDK exporter retries a request it saw no answer for (connection reset, refused, then 503 with
+    Retry-After during the restart's replay), as it does in production; some of those requests were
+    committed by the killed process just before it died, so the restarted one must recognize them.
+    """
     data = tmp_path / "data"
-    batches = [sdk_spans(20) for _ in range(160)]
-    client = RecordingClient([otlp_body(spans) for spans in batches])
-    # Small rolls: when the kill comes some spans are in Parquet files, some only in the spool.
+    port = free_port()
+    batches = [sdk_spans(20) for _ in range(600)]
     env = {"TRACELEARN_ROLL_BYTES": str(400_000)}
-    first = start_sidecar_process(data, env=env)
+    first = start_sidecar_process(data, http_port=port, env=env)
+    results: dict[int, SpanExportResult] = {}
+    lock = threading.Lock()
+    enough = threading.Event()  # set once the restarted collector has taken some of the stream
 
-    killed = threading.Event()
-    senders = [
-        threading.Thread(target=client.send, args=(first.port, list(range(i, len(batches), 4)), killed))
-        for i in range(4)
-    ]
-    for sender in senders:
-        sender.start()
-    while len(client.acknowledged) < 60:
-        threading.Event().wait(0.01)
-    first.process.send_signal(signal.SIGKILL)  # requests are in flight on all four connections
+    def agent(indices: list[int]) -> None:
+        # The exporter's timeout bounds its retries: long enough to span the restart.
+        exporter = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}{TRACES}", timeout=60)
+        for index in indices:
+            if enough.is_set():
+                break
+            result = exporter.export(batches[index])
+            with lock:
+                results[index] = result
+        exporter.shutdown()
+
+    agents = [threading.Thread(target=agent, args=(list(range(i, len(batches), 4)),)) for i in range(4)]
+    for thread in agents:
+        thread.start()
+    # Kill once a roll has written Parquet files: some spans are in files, some only in the spool.
+    wait_for(lambda: len(results) >= 40 and dataset_files(data / "spans"), 60, "a roll")
+    # One more request is committed and answered, but its client never reads the answer: for it the
+    # request is unacknowledged, and it sends it again to the restarted collector.
+    unanswered = sdk_spans(20)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        body = otlp_body(unanswered)
+        raw.sendall(
+            f"POST {TRACES} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        assert select.select([raw], [], [], 30)[0], "the collector answered (after its commit)"
+        first.process.send_signal(signal.SIGKILL)  # requests are in flight on all four connections
     first.process.wait(timeout=30)
-    killed.set()
-    for sender in senders:
-        sender.join()
-    acknowledged_before_kill = set(client.acknowledged)
-    assert 60 <= len(acknowledged_before_kill) < len(batches)
+    acknowledged_before_kill = len(results)
     assert any((data / "spans" / SPOOL_DIR).glob("spool-*.arrows")), "the kill left a spool behind"
 
-    second = start_sidecar_process(data, env=env)
-    # The client retries whatever it did not see acknowledged, as OTLP exporters do; some of those
-    # were committed by the killed process just before it died.
-    client.send_concurrently(second.port, [i for i in range(len(batches)) if i not in client.acknowledged])
+    second = start_sidecar_process(data, http_port=port, env=env)
+    retry = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}{TRACES}")
+    assert retry.export(unanswered) is SpanExportResult.SUCCESS
+    retry.shutdown()
+    wait_for(lambda: len(results) >= acknowledged_before_kill + 40, 120, "exports to the restarted collector")
+    enough.set()
+    for thread in agents:
+        thread.join()
     output = second.stop(signal.SIGTERM)
     assert second.process.returncode == 0, output
     assert "replayed" in second.banner + output
 
-    assert client.acknowledged == set(range(len(batches))), "every request acknowledged in the end"
+    assert set(results.values()) == {SpanExportResult.SUCCESS}, "every export acknowledged in the end"
     keys = span_keys(data)
     assert len(keys) == len(set(keys)), "no span twice"
-    assert set(keys) == {span_key(span) for spans in batches for span in spans}
+    exported = [batches[index] for index in results]
+    assert set(keys) == {span_key(span) for spans in [*exported, unanswered] for span in spans}
     assert not list((data / "spans" / SPOOL_DIR).glob("spool-*.arrows")), "a clean shutdown leaves no spool"
 
 
@@ -169,3 +196,11 @@ def test_serve_refuses_a_port_in_use_and_half_a_tls_pair(tmp_path: Path) -> None
     assert result.exit_code == 2 and "both fronts are off" in result.output
     result = CliRunner().invoke(main, ["collector", "serve", "--http", "localhost"])
     assert result.exit_code == 2 and "is not HOST:PORT" in result.output
+
+
+def test_serve_listens_on_loopback_unless_told_otherwise() -> None:
+    from tracelearn.cli.collector import serve
+
+    defaults = {param.name: param.default for param in serve.params}
+    assert (defaults["http_address"], defaults["grpc_address"]) == ("127.0.0.1:4318", "127.0.0.1:4317")
+    assert defaults["token_file"] is None and defaults["tls_cert"] is None

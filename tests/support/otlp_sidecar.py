@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -199,11 +200,23 @@ class SidecarProcess:
         return output
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for a collector restarted on the same address)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def start_sidecar_process(
-    data: Path, *args: str, grpc: bool = False, env: dict[str, str] | None = None, preexec_fn: Any = None
+    data: Path,
+    *args: str,
+    grpc: bool = False,
+    http_port: int = 0,
+    env: dict[str, str] | None = None,
+    preexec_fn: Any = None,
 ) -> SidecarProcess:
-    """Start ``tracelearn collector serve`` on free ports; returns once it answers ``/ready`` with 200."""
-    command = [str(TRACELEARN), "collector", "serve", "--data", str(data), "--http", "127.0.0.1:0",
+    """Start ``tracelearn collector serve`` (on free ports unless ``http_port``); returns once ``/ready`` is 200."""
+    command = [str(TRACELEARN), "collector", "serve", "--data", str(data), "--http", f"127.0.0.1:{http_port}",
                "--grpc", "127.0.0.1:0" if grpc else "", *args]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
