@@ -22,6 +22,8 @@
 
 A run whose search is complete costs nothing to run again: every round is on disk and every
 evaluation in the cache, so it goes straight to publishing (the same version again) and the gate.
+Unless the gate promoted its winner: then ``--prompt NAME@production`` names another seed, and the
+run directory refuses it as another configuration.
 
 May import: tracelearn.training.apo, tracelearn.training.evaluate, tracelearn.registry, rich.
 """

@@ -1,6 +1,6 @@
 """What the APO tests share (conftest.py makes the fixtures available): a policy whose answers depend
 on its system prompt, a scripted optimizer, a transitions dataset of real failures, and a registry
-holding the seed prompt. ``tests/pipelines/test_dag_apo.py`` imports it as ``training.apo.apo_fixtures``.
+holding the seed prompt. ``tests/pipelines/test_dag_apo.py`` imports it too.
 
 The policy is the scripted OpenAI-compatible server (a real HTTP server) with a script that reads the
 system message the agent's call arrived with: with the word ``EXACT`` in it, it solves the task

@@ -1,0 +1,160 @@
+"""Transitions -> automatic prompt optimization -> candidate prompt -> gate (Airflow 3 TaskFlow), scheduled by
+new transitions.
+
+Thin wiring only: both tasks call ``tracelearn.training.apo`` with paths and params; XCom carries the
+run directory, versions and numbers, never data.
+
+    validate -> optimize
+
+``validate`` checks every input before anything runs (``check_inputs``: the seed prompt in the
+registry, the transitions and their failures, the tasks files, the pipeline config, the budget, the
+optimizer endpoint, the policy). Transitions without a failure to learn from skip the run: nothing is
+written and the registry is left alone. ``optimize`` runs APO (``run_apo``): rounds of critique and
+edit, every candidate scored by real rollouts of the agent on the validation tasks, the winner
+published as ``candidate`` with its lineage and gated to ``production`` by the gate checkpoints go
+through. The search lives in one task because the gate compares the search's own evaluations; a
+retried ``optimize`` resumes after the last completed round, its evaluations from the cache.
+
+Params (defaults from the environment when the file is parsed):
+  prompt: the registry prompt to improve (``calc-system@production``)
+  transitions: a build output root or its transitions/ (``$TRACELEARN_DATA``, default ``./data``)
+  config_hash: pipeline config hash prefix when the transitions hold several
+  registry: registry location (``$TRACELEARN_REGISTRY``; empty: the default)
+  runs: where run directories go (``./runs``); each run writes ``<runs>/<dag run id>/``
+  agent (empty: the calc agent), tasks, limit (0: all), samples, seed, pipeline, threshold, agent_timeout
+  policy_url: the server the agent calls (empty: ``$OPENAI_BASE_URL`` or http://127.0.0.1:8000/v1);
+    policy: or a model served for the run (``smollm2``); inject: gateway | registry
+  optimizer_url, optimizer_name (empty: its only model), optimizer_max_tokens
+  rounds, beam, branch, failures (per critique), max_rollouts / max_optimizer_tokens (0: none)
+  gate_tasks: held-out tasks for the gate (empty: the validation rollouts); margin
+
+Run once without a scheduler:
+  AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data/transitions \\
+    airflow dags test tracelearn_apo
+"""
+
+import logging
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+log = logging.getLogger(__name__)
+
+TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
+PROMPTS = Asset(name="tracelearn_prompts", uri="tracelearn://registry/prompts")
+REPO = Path(__file__).resolve().parents[2]
+CALC = REPO / "examples" / "calc"
+
+
+def _run_directory(params: dict[str, Any], run_id: str) -> Path:
+    # Airflow run ids hold ':' and '+' (manual__2026-11-21T00:00:00+00:00): keep them path-safe.
+    return Path(params["runs"]) / re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)
+
+
+def _config(params: dict[str, Any], run_id: str) -> Any:
+    """The APO run the params describe (``tracelearn.training.apo.ApoConfig``)."""
+    from tracelearn.training.apo import ApoConfig, SearchSettings
+    from tracelearn.training.evaluate import DEFAULT_AGENT, EvalSpec
+
+    spec = EvalSpec(
+        agent=tuple(shlex.split(params["agent"])) if params["agent"] else DEFAULT_AGENT,
+        tasks=Path(params["tasks"]), limit=params["limit"] or None, samples=params["samples"], seed=params["seed"],
+        pipeline_config=Path(params["pipeline"]), success_threshold=float(params["threshold"]),
+        agent_timeout_s=float(params["agent_timeout"]), service_name="tracelearn-apo")
+    search = SearchSettings(rounds=params["rounds"], beam=params["beam"], branch=params["branch"],
+                            failures_per_critique=params["failures"], seed=params["seed"],
+                            max_rollouts=params["max_rollouts"] or None,
+                            max_optimizer_tokens=params["max_optimizer_tokens"] or None)
+    return ApoConfig(
+        prompt=params["prompt"], transitions=Path(params["transitions"]), optimizer_url=params["optimizer_url"],
+        out=_run_directory(params, run_id), spec=spec, search=search, policy_url=params["policy_url"] or None,
+        policy_model=params["policy"] or None, injection=params["inject"],
+        optimizer_name=params["optimizer_name"] or None, optimizer_max_tokens=params["optimizer_max_tokens"],
+        config_hash=params["config_hash"] or None, registry=params["registry"] or None,
+        gate_tasks=Path(params["gate_tasks"]) if params["gate_tasks"] else None, margin=float(params["margin"]))
+
+
+@dag(
+    dag_id="tracelearn_apo",
+    schedule=[TRANSITIONS],
+    start_date=None,
+    catchup=False,
+    max_active_runs=1,
+    tags=["tracelearn"],
+    params={
+        "prompt": Param("calc-system@production", type="string"),
+        "transitions": Param(os.environ.get("TRACELEARN_DATA", "./data"), type="string"),
+        "config_hash": Param("", type="string"),
+        "registry": Param(os.environ.get("TRACELEARN_REGISTRY", ""), type="string"),
+        "runs": Param(os.environ.get("TRACELEARN_RUNS", "./runs"), type="string"),
+        "agent": Param("", type="string", description="agent command (empty: the bundled calc agent)"),
+        "tasks": Param(str(CALC / "tasks_val.jsonl"), type="string"),
+        "limit": Param(0, type="integer", minimum=0),
+        "samples": Param(1, type="integer", minimum=1),
+        "seed": Param(0, type="integer"),
+        "pipeline": Param(str(CALC / "pipeline.yaml"), type="string"),
+        "threshold": Param(1.0, type="number"),
+        "agent_timeout": Param(3600.0, type="number", exclusiveMinimum=0),
+        "policy_url": Param(os.environ.get("OPENAI_BASE_URL", ""), type="string"),
+        "policy": Param("", type="string", description="a model served for the run instead of policy_url"),
+        "inject": Param("gateway", enum=["gateway", "registry"]),
+        "optimizer_url": Param(os.environ.get("TRACELEARN_APO_OPTIMIZER_URL", "http://127.0.0.1:8000/v1"),
+                               type="string"),
+        "optimizer_name": Param("", type="string"),
+        "optimizer_max_tokens": Param(512, type="integer", minimum=1),
+        "rounds": Param(3, type="integer", minimum=1),
+        "beam": Param(4, type="integer", minimum=1),
+        "branch": Param(4, type="integer", minimum=1),
+        "failures": Param(4, type="integer", minimum=1),
+        "max_rollouts": Param(0, type="integer", minimum=0),
+        "max_optimizer_tokens": Param(0, type="integer", minimum=0),
+        "gate_tasks": Param("", type="string"),
+        "margin": Param(0.0, type="number", minimum=0, maximum=0.99),
+    },
+    doc_md=__doc__,
+)
+def tracelearn_apo() -> None:
+    @task
+    def validate() -> dict[str, Any]:
+        """Check every input before anything runs; skip the run when there is nothing to learn from."""
+        from tracelearn.pipelines.config import PipelineConfigError
+        from tracelearn.registry import RegistryError
+        from tracelearn.schemas.dataset import DatasetError
+        from tracelearn.training.apo import NoFailuresError, OptimizerError, TemplateError, check_inputs
+        from tracelearn.training.evaluate import EvaluationError
+
+        context = get_current_context()
+        try:
+            inputs = check_inputs(_config(context["params"], context["run_id"]))
+        except NoFailuresError as exc:
+            raise AirflowSkipException(f"nothing to optimize: {exc}") from exc
+        except (RegistryError, TemplateError, DatasetError, EvaluationError, PipelineConfigError, OptimizerError,
+                ValueError) as exc:
+            raise AirflowFailException(str(exc)) from exc
+        log.info("APO inputs: %s", inputs.describe())
+        return inputs.describe()
+
+    @task(inlets=[TRANSITIONS], outlets=[PROMPTS])
+    def optimize(validated: dict[str, Any]) -> dict[str, Any]:
+        """Run APO; returns the run directory, the winner, the published version and the gate's verdict."""
+        from tracelearn.training.apo import run_apo
+
+        context = get_current_context()
+        config = _config(context["params"], context["run_id"])
+        result = run_apo(config)
+        summary = result.summary
+        log.info("%s: %s; %s rollouts, %s optimizer tokens", validated["prompt"], summary["verdict"],
+                 summary["rollouts_run"], summary["optimizer"]["tokens"]["total_tokens"])
+        decision = result.decision
+        return {"run": str(result.files.out), "winner": (summary["winner"] or {}).get("candidate"),
+                "published": summary["published"], "promoted": bool(decision and decision.promote)}
+
+    optimize(validate())
+
+
+tracelearn_apo()
