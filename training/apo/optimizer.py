@@ -9,6 +9,9 @@ uses them:
 2. **edit**: the prompt and the critique go in; the improved prompt comes out between ``<prompt>``
    and ``</prompt>``, the only part of the reply that is used.
 
+Each request follows one worked example of it (an unrelated translation agent), which small
+optimizers need to keep to the format.
+
 A reply that cannot be used is not an error of the run: the proposal comes back with a
 :class:`~tracelearn.training.apo.candidates.Rejection` (``empty_critique``, ``empty_edit``,
 ``malformed_edit``, or ``optimizer_error`` for a call the endpoint failed after the client's retries),
@@ -79,27 +82,55 @@ class Proposal:
 # --- Requests and their parsing ---------------------------------------------------------------------
 
 
-def critique_messages(prompt: str, failures: tuple[Failure, ...], threshold: float) -> list[dict[str, str]]:
-    """The critique request: the prompt, the failed runs, and what to answer."""
-    user = (f"The agent's system prompt:\n<prompt>\n{prompt}\n</prompt>\n\n"
+# One worked example goes before each request: a small optimizer (the embedded 135M model) keeps to a
+# format it has seen answered far better than to one it is only told about (measured: without it,
+# none of its edits closed their <prompt> block), and a large one loses nothing by it. The example's
+# task is unrelated to any agent's, so it suggests the shape of an answer, not its content.
+_EXAMPLE_PROMPT = "Translate the user's text to French."
+_EXAMPLE_FAILURES = (Failure(
+    rollout_id="example", task_id="example-1", reward=0.0, messages=({"role": "user", "content": "Good morning"},),
+    response=({"role": "assistant", "content": "Sure! 'Good morning' in French is 'Bonjour'. People say it "
+                                               "until the evening."},)),)
+_EXAMPLE_CRITIQUE = ("1. The prompt does not say what the reply holds, so the agent explains instead of just "
+                     "translating. It should say: reply with the French translation and nothing else.")
+_EXAMPLE_EDIT = ("<prompt>\nTranslate the user's text to French. Reply with the French translation only, "
+                 "without explanations.\n</prompt>")
+
+
+def _critique_request(prompt: str, failures: tuple[Failure, ...], threshold: float) -> str:
+    return (f"The agent's system prompt:\n<prompt>\n{prompt}\n</prompt>\n\n"
             f"Runs where the agent failed (reward below {threshold:g}):\n\n{render_failures(failures)}\n\n"
             "Give up to three reasons why this prompt led to these failures and, for each, what the prompt "
             "should say instead. Be concrete and brief.")
-    return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": user}]
 
 
-def edit_messages(prompt: str, critique: str, variables: frozenset[str]) -> list[dict[str, str]]:
-    """The edit request: the prompt, the critique, how to keep the template variables, the reply format."""
+def _edit_request(prompt: str, critique: str, variables: frozenset[str]) -> str:
     if variables:
         keep = ("Keep the placeholders " + ", ".join(f"{{{name}}}" for name in sorted(variables))
                 + " exactly as written (the agent fills them in) and add no other placeholder in curly braces.")
     else:
         keep = "Do not add placeholders in curly braces."
-    user = (f"The agent's system prompt:\n<prompt>\n{prompt}\n</prompt>\n\n"
+    return (f"The agent's system prompt:\n<prompt>\n{prompt}\n</prompt>\n\n"
             f"A review of it:\n<critique>\n{critique}\n</critique>\n\n"
             f"Write an improved system prompt that fixes what the review points out. {keep} "
             "Reply with the new prompt between <prompt> and </prompt>, and nothing else.")
-    return [{"role": "system", "content": SYSTEM_MESSAGE}, {"role": "user", "content": user}]
+
+
+def critique_messages(prompt: str, failures: tuple[Failure, ...], threshold: float) -> list[dict[str, str]]:
+    """The critique request (the prompt, the failed runs, what to answer) after its worked example."""
+    return [{"role": "system", "content": SYSTEM_MESSAGE},
+            {"role": "user", "content": _critique_request(_EXAMPLE_PROMPT, _EXAMPLE_FAILURES, 1.0)},
+            {"role": "assistant", "content": _EXAMPLE_CRITIQUE},
+            {"role": "user", "content": _critique_request(prompt, failures, threshold)}]
+
+
+def edit_messages(prompt: str, critique: str, variables: frozenset[str]) -> list[dict[str, str]]:
+    """The edit request (the prompt, the critique, how to keep the template variables, the reply format)
+    after its worked example."""
+    return [{"role": "system", "content": SYSTEM_MESSAGE},
+            {"role": "user", "content": _edit_request(_EXAMPLE_PROMPT, _EXAMPLE_CRITIQUE, frozenset())},
+            {"role": "assistant", "content": _EXAMPLE_EDIT},
+            {"role": "user", "content": _edit_request(prompt, critique, variables)}]
 
 
 def parse_critique(reply: OptimizerReply) -> str | Rejection:
@@ -154,11 +185,13 @@ def resolve_optimizer_model(base_url: str, model: str | None, api_key: str = "no
 
 
 def _typed(messages: list[dict[str, str]]) -> list[ChatCompletionMessageParam]:
-    """Our system/user messages as the client's typed request messages."""
+    """Our system/user/assistant messages as the client's typed request messages."""
     typed: list[ChatCompletionMessageParam] = []
     for message in messages:
         if message["role"] == "system":
             typed.append({"role": "system", "content": message["content"]})
+        elif message["role"] == "assistant":
+            typed.append({"role": "assistant", "content": message["content"]})
         else:
             typed.append({"role": "user", "content": message["content"]})
     return typed

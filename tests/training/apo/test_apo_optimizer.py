@@ -53,6 +53,9 @@ def test_a_proposal_is_a_critique_then_an_edit_and_both_calls_are_counted_and_tr
     assert "agent's final reply: Four-ish, maybe 5" in critique_request["messages"][-1]["content"]
     assert "old" not in critique_request["messages"][-1]["content"]
     assert "Keep the placeholders {question} exactly" in edit_request["messages"][-1]["content"]
+    # Each request follows a worked example of it (small optimizers keep to a format they have seen).
+    assert [m["role"] for m in critique_request["messages"]] == ["system", "user", "assistant", "user"]
+    assert edit_request["messages"][2]["content"].startswith("<prompt>")
     assert (critique_request["seed"], edit_request["seed"]) == (7, 8)
     # Tokens as the endpoint reported them (the scripted server counts bytes).
     prompt_tokens = len(prompt_ids(critique_request["messages"])) + len(prompt_ids(edit_request["messages"]))
