@@ -19,8 +19,9 @@ and refusals into OTLP/HTTP answers:
 Why the standard library server: one request carries hundreds of spans, so its HTTP cost (~0.1 ms
 to parse a request) is a few per cent of decoding them; keep-alive connections each get a thread,
 which blocks in I/O or in the group commit with the GIL released. It adds no dependency.
-Memory: each connection reads at most ``max_body_bytes`` (and inflates at most as much again)
-before the receiver's byte-bounded queue takes over.
+Memory: a request body counts in the receiver's byte-bounded write queue from its first byte read
+(and its inflated bytes as they are produced), so many connections at once cannot hold more than
+the queue's bound (429 beyond); a single body is at most ``max_body_bytes``, inflated as well.
 
 Nothing received is evaluated: bodies go to the protobuf parser or orjson.
 

@@ -5,8 +5,9 @@ Owns what both fronts (``otlp_http``, ``otlp_grpc``) share and nothing about eit
 - **Admission.** Requests are refused (``UnavailableError``: 503 / UNAVAILABLE) while the spool of
   dead writers is being replayed at start, while the disk refuses writes, and while draining for
   shutdown; and (``QueueFullError``: 429 / RESOURCE_EXHAUSTED) when the write queue is at its bound. The
-  queue is bounded in bytes: a request holds its decompressed body size from decoding until its
-  commit completes. Both refusals carry the seconds after which a retry makes sense.
+  queue is bounded in bytes: a request holds its body's bytes (as read, and as inflated) from the
+  first byte the front reads until its commit completes, so bodies being read on many connections
+  count too. Both refusals carry the seconds after which a retry makes sense.
 - **Group commit.** Handler threads decode their body (``otlp_decode``) and build Arrow rows
   (``SpanColumns``, the in-process exporter's normalization) once per request, then queue them; one
   committer thread appends every queued request's rows to the write-ahead spool with one write and
@@ -1015,7 +1016,7 @@ SCALAR_METRICS = (
         "Attributes, events and links beyond the span count limits.",
         "span_items_dropped",
     ),
-    ("queue_bytes", "gauge", "Bytes of requests between decoding and the end of their commit.", "queue_bytes"),
+    ("queue_bytes", "gauge", "Bytes of request bodies being read, decoded or committed.", "queue_bytes"),
     ("queue_limit_bytes", "gauge", "The write queue bound (429 above it).", "queue_limit_bytes"),
     ("buffered_rows", "gauge", "Spooled rows in memory waiting for the roll into Parquet.", "buffered_rows"),
     ("spool_bytes", "gauge", "Bytes of spool segments on disk.", "spool_bytes"),
