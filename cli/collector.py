@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from tracelearn.collector.receiver import (
     DEFAULT_DEDUP_WINDOW,
@@ -114,7 +115,9 @@ def serve(
     )
     receiver = OtlpReceiver(config, token=token)
     try:
-        http_front, grpc_front = _bind_fronts(receiver, http_at, grpc_at, tls, max_body_bytes)
+        # gRPC asked for on the command line must work; the default address is dropped without grpcio.
+        grpc_given = click.get_current_context().get_parameter_source("grpc_address") is not ParameterSource.DEFAULT
+        http_front, grpc_front = _bind_fronts(receiver, http_at, grpc_at, tls, max_body_bytes, grpc_given)
     except click.ClickException:
         receiver.close()
         raise
@@ -159,8 +162,13 @@ def _bind_fronts(
     grpc_at: tuple[str, int] | None,
     tls: TlsFiles | None,
     max_body_bytes: int,
+    grpc_required: bool = True,
 ) -> tuple[OtlpHttpServer | None, OtlpGrpcServer | None]:
-    """Bind the fronts that are on (before the start-up replay, so a port in use fails fast)."""
+    """Bind the fronts that are on (before the start-up replay, so a port in use fails fast).
+
+    Without grpcio the gRPC front is an error when ``grpc_required``, else left off with a warning
+    (so that the defaults serve OTLP/HTTP on an install without grpcio).
+    """
     http_front: OtlpHttpServer | None = None
     try:
         if http_at is not None:
@@ -172,6 +180,11 @@ def _bind_fronts(
         try:
             from tracelearn.collector.otlp_grpc import OtlpGrpcServer
         except ImportError as error:
+            if not grpc_required and http_front is not None:
+                logging.getLogger(__name__).warning(
+                    "tracelearn collector: OTLP/gRPC is off: grpcio is not installed (%s); pip install grpcio", error
+                )
+                return http_front, None
             raise click.ClickException(
                 f"OTLP/gRPC needs grpcio ({error}): pip install grpcio, or --grpc '' for HTTP only"
             ) from error

@@ -510,7 +510,8 @@ class OtlpHttpServer:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting connections, let requests being answered finish (up to ``grace`` s), close the rest."""
-        self._server.shutdown()
+        if self._thread.ident is not None:  # shutdown() waits for serve_forever: forever, if it never ran
+            self._server.shutdown()
         self._server.server_close()
         with self._server.idle:
             self._server.idle.wait_for(lambda: self._server.busy == 0, grace)

@@ -6,9 +6,11 @@ import json
 import select
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -189,6 +191,10 @@ def test_serve_refuses_a_port_in_use_and_half_a_tls_pair(tmp_path: Path) -> None
             main, ["collector", "serve", "--data", str(tmp_path), "--http", "", "--grpc", f"127.0.0.1:{port}"]
         )
         assert result.exit_code == 1 and "cannot listen on 127.0.0.1" in result.output
+        # The HTTP front bound first is closed again when the gRPC one cannot bind.
+        both = ["--http", "127.0.0.1:0", "--grpc", f"127.0.0.1:{port}"]
+        result = CliRunner().invoke(main, ["collector", "serve", "--data", str(tmp_path), *both])
+        assert result.exit_code == 1 and "cannot listen on 127.0.0.1" in result.output
     (tmp_path / "cert.pem").write_text("x")
     result = CliRunner().invoke(main, ["collector", "serve", "--tls-cert", str(tmp_path / "cert.pem")])
     assert result.exit_code == 2 and "--tls-cert and --tls-key go together" in result.output
@@ -204,3 +210,24 @@ def test_serve_listens_on_loopback_unless_told_otherwise() -> None:
     defaults = {param.name: param.default for param in serve.params}
     assert (defaults["http_address"], defaults["grpc_address"]) == ("127.0.0.1:4318", "127.0.0.1:4317")
     assert defaults["token_file"] is None and defaults["tls_cert"] is None
+
+
+def test_without_grpcio_the_default_grpc_front_is_left_off_and_an_explicit_one_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tracelearn.cli.collector import _bind_fronts
+    from tracelearn.collector.receiver import OtlpReceiver, ReceiverConfig
+
+    monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc raises ImportError, as without grpcio
+    monkeypatch.delitem(sys.modules, "tracelearn.collector.otlp_grpc", raising=False)
+    receiver = OtlpReceiver(ReceiverConfig(data_root=tmp_path))
+    loopback = ("127.0.0.1", 0)
+    try:
+        http_front, grpc_front = _bind_fronts(receiver, loopback, loopback, None, 1 << 20, grpc_required=False)
+        assert http_front is not None and grpc_front is None
+        http_front.stop(grace=0)
+        assert "OTLP/gRPC is off: grpcio is not installed" in caplog.text
+        with pytest.raises(click.ClickException, match="OTLP/gRPC needs grpcio"):
+            _bind_fronts(receiver, loopback, loopback, None, 1 << 20, grpc_required=True)
+    finally:
+        receiver.close()
