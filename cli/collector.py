@@ -182,11 +182,12 @@ def _bind_fronts(
         except ImportError as error:
             if not grpc_required and http_front is not None:
                 logging.getLogger(__name__).warning(
-                    "tracelearn collector: OTLP/gRPC is off: grpcio is not installed (%s); pip install grpcio", error
+                    "tracelearn collector: OTLP/gRPC is off: grpcio is not installed (%s); "
+                    "pip install 'tracelearn[collector]'", error
                 )
                 return http_front, None
             raise click.ClickException(
-                f"OTLP/gRPC needs grpcio ({error}): pip install grpcio, or --grpc '' for HTTP only"
+                f"OTLP/gRPC needs grpcio ({error}): pip install 'tracelearn[collector]', or --grpc '' for HTTP only"
             ) from error
         return http_front, OtlpGrpcServer(receiver, *grpc_at, tls=tls, max_body_bytes=max_body_bytes)
     except (OSError, ssl.SSLError, click.ClickException) as error:
