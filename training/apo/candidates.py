@@ -6,9 +6,9 @@ optimizer tokens it cost, and then either its validation score (with its paired 
 its parent and against the seed) or why it was rejected. Rejection kinds are fixed strings
 (:data:`REJECTION_KINDS`), so runs can be compared by what went wrong.
 
-The rules here are pure functions of evaluations: :func:`beats` (the paired 95% interval of the
-difference lies above 0) decides whether a candidate may replace its parent in the beam, and
-:func:`choose_winner` picks the best candidate that beats the seed that way, or none.
+The rules here are pure functions of evaluations: :func:`paired_difference` compares a candidate
+with another prompt on their shared (task, sample) pairs, and :func:`choose_winner` picks the best
+candidate whose paired 95% interval against the seed lies above 0, or none.
 
 May import: tracelearn.training.evaluate (results and the paired comparison).
 """
@@ -31,8 +31,8 @@ __all__ = [
     "Rejection",
     "Score",
     "TokenUsage",
-    "beats",
     "choose_winner",
+    "paired_difference",
     "prompt_hash",
     "validate_edit",
 ]
@@ -244,7 +244,7 @@ def validate_edit(parent: str, variables: frozenset[str], edited: str) -> Reject
     return None
 
 
-def beats(candidate: EvalResult, other: EvalResult, against: str) -> PairedDifference:
+def paired_difference(candidate: EvalResult, other: EvalResult, against: str) -> PairedDifference:
     """``candidate`` minus ``other`` on their paired rollouts (see :attr:`PairedDifference.significant`)."""
     return PairedDifference.of(compare(candidate, other), against)
 

@@ -44,8 +44,8 @@ from tracelearn.training.apo.candidates import (
     Rejection,
     Score,
     TokenUsage,
-    beats,
     choose_winner,
+    paired_difference,
     prompt_hash,
     validate_edit,
 )
@@ -341,9 +341,10 @@ class _BeamSearch:
         self.rollouts_run += evaluation.rollouts_run
         self.results[child.id] = evaluation.result
         parent = self.candidates[child.parent]
-        vs_parent = beats(evaluation.result, self.result_of(parent), parent.id)
-        vs_seed = vs_parent if parent.id == SEED_ID else beats(evaluation.result,
-                                                               self.result_of(self.candidates[SEED_ID]), SEED_ID)
+        vs_parent = paired_difference(evaluation.result, self.result_of(parent), parent.id)
+        seed = self.candidates[SEED_ID]
+        vs_seed = vs_parent if parent.id == SEED_ID else paired_difference(evaluation.result, self.result_of(seed),
+                                                                           SEED_ID)
         return dataclasses.replace(
             child, status="failed" if evaluation.agent_error else "evaluated",
             score=Score.of(evaluation.result, evaluation.rollouts_run, evaluation.agent_error),
