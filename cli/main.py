@@ -2,8 +2,8 @@
 
 import click
 
-from tracelearn.cli.collector import collector
 from tracelearn.cli.apo import apo
+from tracelearn.cli.collector import collector
 from tracelearn.cli.demo import demo
 from tracelearn.cli.eval import eval_command
 from tracelearn.cli.feedback import feedback
@@ -21,8 +21,8 @@ def main() -> None:
     """tracelearn: make any AI agent learn from its own runs."""
 
 
-main.add_command(collector)
 main.add_command(apo)
+main.add_command(collector)
 main.add_command(demo)
 main.add_command(eval_command)
 main.add_command(feedback)
