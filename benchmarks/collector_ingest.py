@@ -1209,13 +1209,14 @@ def print_ingest_details(r: IngestResult) -> None:
               f"{r.write_bytes / 2**20:.1f} MiB written to storage by its process during the run")
 
 
-def print_ingest_verdict(r: IngestResult) -> None:
+def print_ingest_verdict(r: IngestResult, gauge: float | None = None) -> None:
     rate = r.spans_per_cpu_s
+    share = f"; {rate / gauge:.2f} of the decode + rows gauge" if gauge else ""
     print(f"{verdict(rate >= GOAL_SPANS_PER_CPU_SECOND and bool(r.check and r.check.exact))}: "
           f"ingest {rate:,.0f} spans per server CPU-second, durable, = {rate / GOAL_SPANS_PER_CPU_SECOND:.2f}x "
           f"the goal of {GOAL_SPANS_PER_CPU_SECOND:,} (through the final Parquet roll: "
-          f"{(r.spans_per_cpu_s_through_exit or math.nan):,.0f}); every acknowledged span in Parquet exactly once: "
-          f"{'yes' if r.check and r.check.exact else 'NO'}")
+          f"{(r.spans_per_cpu_s_through_exit or math.nan):,.0f}{share}); every acknowledged span in Parquet "
+          f"exactly once: {'yes' if r.check and r.check.exact else 'NO'}")
 
 
 def print_comparison(c: ComparisonResult) -> None:
@@ -1288,7 +1289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--load-processes", type=int, default=4, help="client processes of the load test")
     parser.add_argument("--load-seconds", type=float, help="load test duration (default 30; --quick 8)")
     parser.add_argument("--queue-bytes", type=int, default=8 * 2**20,
-                        help="the sidecar's --queue-bytes in the load test (default 8 MiB, ~6 requests)")
+                        help="the sidecar's --queue-bytes in the load test (default 8 MiB: ~4 bodies of the llm mix)")
     parser.add_argument("--crash-spans", type=int, help="spans of the crash run (default 60000; --quick 15000)")
     parser.add_argument("--agl", type=Path, default=DEFAULT_AGL, help="the agl command (benchmarks/.venv-agl)")
     parser.add_argument("--workdir", type=Path, help="keep servers' data and logs here (default: a temp dir)")
@@ -1310,9 +1311,10 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"protobuf, {each.bytes_per_span * args.batch / 2**20:.2f} MiB/body")
     print(f"built in {time.perf_counter() - started:.1f} s; machine: {os.cpu_count()} CPUs, load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    for mix, each in workloads.items():
-        print(f"gauge, {mix} mix: the sidecar's decode + rows alone, in this process: {decode_rows_rate(each):,.0f} "
-              f"spans/CPU-s (its ceiling before HTTP, spool and Parquet; falls when other work shares the CPUs)")
+    gauges = {mix: decode_rows_rate(each) for mix, each in workloads.items()}
+    for mix, gauge in gauges.items():
+        print(f"gauge, {mix} mix: the sidecar's decode + rows alone, in this process: {gauge:,.0f} spans/CPU-s "
+              f"(its ceiling before HTTP, spool and Parquet; varies with the machine's state)")
 
     def sub(name: str) -> Path | None:
         return args.workdir / name if args.workdir else None
@@ -1332,7 +1334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for result in results:
                 print(f"{result.target}:")
                 print_ingest_details(result)
-            print_ingest_verdict(results[0])
+            print_ingest_verdict(results[0], gauges[mix])
             if compare:
                 print(f"\n== compare, {mix} mix: the same bodies against agl store ==")
                 print_comparison(comparison)
