@@ -222,7 +222,7 @@ def llm_call_spans(count: int, calls_per_rollout: int = 8, seed: int = 0) -> lis
                 ]
                 answer = [{"role": "assistant", "parts": [{"type": "text", "content": text(800 + rng.randrange(400))}],
                            "finish_reason": "stop"}]
-                attributes = {
+                attributes: dict[str, Any] = {
                     **identity,
                     sc.GEN_AI_OPERATION_NAME: "chat",
                     sc.GEN_AI_PROVIDER_NAME: "openai",
