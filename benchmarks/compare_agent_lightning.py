@@ -54,7 +54,7 @@ PARTS = ("transitions", "ingest", "features")
 # (apo, verl), .tracer (AgentOps, OpenTelemetry), .llm_proxy (LiteLLM).
 FEATURES: tuple[tuple[str, str, str], ...] = (
     ("capture an unmodified agent", "opentelemetry-instrument, no code change", "agl tracer / LLM proxy in the runner"),
-    ("non-Python agents", "any OTLP SDK -> collector sidecar (HTTP + gRPC)", "OTLP/HTTP to agl store"),
+    ("non-Python agents", "any OTLP SDK -> collector sidecar (HTTP + gRPC)", "OTLP/HTTP to agl store (its ids needed)"),
     ("span storage", "Parquet dataset (hive date/service), polars / DuckDB", "in memory or MongoDB"),
     ("durability", "acked = fsync'd spool; replay after kill -9; dedup", "memory store: lost on exit"),
     ("token ids", "server ids + logprobs per call; status when absent", "ids from vLLM via its proxy"),
