@@ -447,8 +447,9 @@ def demo(quick: bool, model: str, trainer: str, workdir: Path | None) -> None:
             candidate = open_registry(registry).resolve(decision["candidate"])
             version = registry_model_version(candidate)
             waited = wait_for_version(base_url, version, server, server_log_path, console)
+            # The alias moved inside the DAG run: the server may have swapped before this wait began.
             console.print(f"the server at {base_url} now answers with [bold]{version}[/] ({waited:.1f} s after "
-                          "the promotion; requests in flight finished on the old weights)")
+                          "the DAG run ended; requests in flight finished on the old weights)")
         else:
             console.print("production did not move; the server keeps serving the previous version")
         live = evaluate_live(base_url, workdir, size, console)
