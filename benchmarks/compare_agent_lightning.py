@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if "transitions" in parts:
         results = []
         for index, root in enumerate(args.captured):
-            results.append(compare_transitions(f"captured {root.name or root}", root, args.work / f"captured-{index}"))
+            root = root.resolve()  # the builds run in subprocesses with their own working directory
+            results.append(compare_transitions(f"captured {root.parent.name}/{root.name}", root,
+                                               args.work / f"captured-{index}"))
         generated = 20_000 if args.quick else args.generated
         if generated:
             dataset = dataset_for(generated, args.seed, args.work / "datasets")
