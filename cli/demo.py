@@ -259,6 +259,7 @@ def run_pipeline_dags(data: Path, registry: Path, workdir: Path, trainer: str, t
             "transitions": str(data), "registry": str(registry), "runs": str(runs), "name": POLICY_NAME,
             "trainer": trainer, "train_config": str(train_config), "eval_tasks": str(HELDOUT_TASKS),
             "eval_samples": size.eval_samples, "eval_seed": EVAL_SEED, "eval_limit": size.eval_tasks or 0,
+            "eval_concurrency": 16,
             "eval_pipeline": str(EXAMPLE_PIPELINE), "margin": 0.0,
         }),
     ]

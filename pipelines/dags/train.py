@@ -25,7 +25,8 @@ Params (defaults from the environment when the file is parsed):
   registry: registry location (``$TRACELEARN_REGISTRY``; empty: the default)
   runs: where run directories go (``./runs``); each run writes ``<runs>/<dag run id>/``
   trainer: grpo | sft;  backend: torch | verl;  train_config: train.yaml (empty: defaults);  lora: e.g. r=16
-  eval_tasks, eval_samples, eval_seed, eval_limit (0: all), agent (empty: the calc agent), eval_pipeline
+  eval_tasks, eval_samples, eval_seed, eval_limit (0: all), eval_concurrency (agent requests in flight),
+  agent (empty: the calc agent), eval_pipeline
   margin: success-rate points (as a fraction) the candidate must gain to be promoted
 
 Run once without a scheduler:
@@ -85,6 +86,7 @@ def _train_config(params: dict[str, Any]) -> Any:
         "eval_samples": Param(4, type="integer", minimum=1),
         "eval_seed": Param(0, type="integer"),
         "eval_limit": Param(0, type="integer", minimum=0),
+        "eval_concurrency": Param(4, type="integer", minimum=1),
         "agent": Param("", type="string", description="agent command (empty: the bundled calc agent)"),
         "eval_pipeline": Param(str(REPO / "examples" / "calc" / "pipeline.yaml"), type="string"),
         "margin": Param(0.0, type="number", minimum=0, maximum=0.99),
@@ -202,6 +204,7 @@ def tracelearn_train() -> None:
         registry = open_registry(params["registry"] or None)
         spec_args: dict[str, Any] = {"tasks": Path(params["eval_tasks"]), "samples": params["eval_samples"],
                                      "seed": params["eval_seed"], "limit": params["eval_limit"] or None,
+                                     "concurrency": params["eval_concurrency"],
                                      "pipeline_config": Path(params["eval_pipeline"])}
         if params["agent"]:
             spec_args["agent"] = tuple(params["agent"].split())
