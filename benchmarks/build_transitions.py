@@ -137,30 +137,31 @@ def run_agentlightning(sample_root: Path, out_json: Path) -> dict[str, Any]:
     return result
 
 
-def compare(ours_files: list[str], theirs: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Mismatches between our transitions and Agent Lightning's triplets, rollout by rollout."""
+def compare(ours_files: list[str], theirs: dict[str, list[dict[str, Any]]],
+            calls: dict[str, str | None] | None = None) -> list[str]:
+    """Mismatches between our transitions and Agent Lightning's triplets, rollout by rollout, call by call.
+
+    A transition and a triplet name the same call by its response id: ``calls`` maps our span ids to
+    them (the spans' ``response_id``); without it, the generated dataset's ``chatcmpl-<span_id>``.
+    """
     ours = (
         pl.read_parquet(ours_files)
         .sort("rollout_id", "step_index")
         .select("rollout_id", "span_id", "prompt_token_ids", "response_token_ids", "credited_reward")
     )
     problems: list[str] = []
-    grouped = {key[0]: frame for key, frame in ours.group_by("rollout_id", maintain_order=True)}
+    grouped = {key[0]: frame.to_dicts() for key, frame in ours.group_by("rollout_id", maintain_order=True)}
     for rollout_id in sorted(set(grouped) | set(theirs)):
-        frame = grouped.get(rollout_id)
-        triplets = theirs.get(rollout_id, [])
-        if frame is None:
-            problems.append(f"{rollout_id}: {len(triplets)} triplets in Agent Lightning, no transitions in ours")
-            continue
-        rows = frame.to_dicts()
+        rows, triplets = grouped.get(rollout_id, []), theirs.get(rollout_id, [])
         if len(rows) != len(triplets):
             problems.append(f"{rollout_id}: {len(rows)} transitions vs {len(triplets)} triplets")
             continue
         rewards = [t["reward"] for t in triplets if t["reward"] is not None]
         final = rewards[-1] if rewards else None
         for step, (row, triplet) in enumerate(zip(rows, triplets, strict=True)):
-            if triplet["response_id"] != f"chatcmpl-{row['span_id']}":
-                problems.append(f"{rollout_id} step {step}: call {row['span_id']} vs {triplet['response_id']}")
+            call = calls.get(row["span_id"]) if calls is not None else f"chatcmpl-{row['span_id']}"
+            if triplet["response_id"] != call:
+                problems.append(f"{rollout_id} step {step}: call {call} vs {triplet['response_id']}")
             if list(row["prompt_token_ids"] or []) != triplet["prompt_token_ids"]:
                 problems.append(f"{rollout_id} step {step}: prompt token ids differ")
             if list(row["response_token_ids"] or []) != triplet["response_token_ids"]:

@@ -31,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from build_transitions import (  # noqa: E402
     AGL_PYTHON,
+    compare,
     count_spans,
     dataset_for,
     run_agentlightning,
@@ -91,33 +91,6 @@ def response_ids(spans_root: Path) -> dict[str, str | None]:
     return dict(zip(frame["span_id"].to_list(), frame["response_id"].to_list(), strict=True))
 
 
-def agreement(ours_files: list[str], theirs: dict[str, list[dict[str, Any]]],
-              calls: dict[str, str | None]) -> list[str]:
-    """Differences between our transitions and Agent Lightning's triplets, rollout by rollout, call by call."""
-    ours = (pl.read_parquet(ours_files).sort("rollout_id", "step_index")
-            .select("rollout_id", "span_id", "prompt_token_ids", "response_token_ids", "credited_reward"))
-    grouped = {key[0]: frame.to_dicts() for key, frame in ours.group_by("rollout_id", maintain_order=True)}
-    problems: list[str] = []
-    for rollout_id in sorted(set(grouped) | set(theirs)):
-        rows, triplets = grouped.get(rollout_id, []), theirs.get(rollout_id, [])
-        if len(rows) != len(triplets):
-            problems.append(f"{rollout_id}: {len(rows)} transitions vs {len(triplets)} triplets")
-            continue
-        rewards = [t["reward"] for t in triplets if t["reward"] is not None]
-        final = rewards[-1] if rewards else None
-        for step, (row, triplet) in enumerate(zip(rows, triplets, strict=True)):
-            call = calls.get(row["span_id"])
-            if triplet["response_id"] != call:
-                problems.append(f"{rollout_id} step {step}: call {call} vs {triplet['response_id']}")
-            if list(row["prompt_token_ids"] or []) != triplet["prompt_token_ids"]:
-                problems.append(f"{rollout_id} step {step}: prompt token ids differ")
-            if list(row["response_token_ids"] or []) != triplet["response_token_ids"]:
-                problems.append(f"{rollout_id} step {step}: response token ids differ")
-            if row["credited_reward"] != final:
-                problems.append(f"{rollout_id} step {step}: credited reward {row['credited_reward']} vs final {final}")
-    return problems
-
-
 def compare_transitions(source: str, spans_root: Path, work: Path) -> TransitionsComparison:
     """Both paths over the spans under ``spans_root/spans``; scratch files under ``work``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -127,7 +100,7 @@ def compare_transitions(source: str, spans_root: Path, work: Path) -> Transition
     print("[transitions] Agent Lightning's TracerTraceToTriplet (its venv) ...", flush=True)
     theirs = run_agentlightning(spans_root, work / "agentlightning-triplets.json")
     timings = theirs["timings"]
-    problems = agreement(ours["transitions_files"], theirs["rollouts"], response_ids(spans_root))
+    problems = compare(ours["transitions_files"], theirs["rollouts"], response_ids(spans_root))
     return TransitionsComparison(
         source=source,
         spans=spans,
