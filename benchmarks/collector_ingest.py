@@ -90,6 +90,7 @@ from opentelemetry.trace import SpanKind, set_span_in_context
 
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import dataset_files
+from tracelearn.serving.http_server import free_port
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # exporter_cost sits next to this file; spawned clients re-import us
@@ -501,12 +502,6 @@ def start_sidecar(data: Path, log: Path, queue_bytes: int | None = None, extra: 
 
     _wait_until("/ready", ready, process, log, 120)
     return ServerProcess("tracelearn", process, host, port, log, data)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_agl_store(log: Path, agl: Path = DEFAULT_AGL) -> ServerProcess:

@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 from support.otlp_sidecar import (
-    free_port,
     otlp_body,
     post,
     sdk_spans,
@@ -29,6 +28,7 @@ from support.otlp_sidecar import (
 from tracelearn.cli.main import main
 from tracelearn.collector.spool import SPOOL_DIR
 from tracelearn.schemas.dataset import dataset_files
+from tracelearn.serving.http_server import free_port
 
 TRACES = "/v1/traces"
 

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -198,13 +197,6 @@ class SidecarProcess:
         self.process.send_signal(sig)
         output, _ = self.process.communicate(timeout=timeout)
         return output
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on now (for a collector restarted on the same address)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_sidecar_process(
