@@ -1,34 +1,76 @@
-"""Entry point of the ``tracelearn`` command: one click group; each subcommand lives in its own module."""
+"""Entry point of the ``tracelearn`` command: one click group; each subcommand lives in its own module.
+
+Subcommand modules are imported only when their command runs (or ``--help`` lists the commands), so
+``tracelearn collector serve`` on a host with only the collector installed never imports polars,
+torch or airflow, and every command starts without paying for the others' imports.
+"""
+
+import importlib
 
 import click
 
-from tracelearn.cli.apo import apo
-from tracelearn.cli.collector import collector
-from tracelearn.cli.demo import demo
-from tracelearn.cli.eval import eval_command
-from tracelearn.cli.feedback import feedback
-from tracelearn.cli.gateway import gateway
-from tracelearn.cli.registry import registry
-from tracelearn.cli.serve import serve
-from tracelearn.cli.spans import spans
-from tracelearn.cli.train import train
-from tracelearn.cli.transitions import transitions
+# Command name -> "module:attribute" of its click command, in the order ``--help`` lists them.
+COMMANDS: dict[str, str] = {
+    "apo": "tracelearn.cli.apo:apo",
+    "collector": "tracelearn.cli.collector:collector",
+    "demo": "tracelearn.cli.demo:demo",
+    "eval": "tracelearn.cli.eval:eval_command",
+    "feedback": "tracelearn.cli.feedback:feedback",
+    "gateway": "tracelearn.cli.gateway:gateway",
+    "registry": "tracelearn.cli.registry:registry",
+    "serve": "tracelearn.cli.serve:serve",
+    "spans": "tracelearn.cli.spans:spans",
+    "train": "tracelearn.cli.train:train",
+    "transitions": "tracelearn.cli.transitions:transitions",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyCommands(click.Group):
+    """A group whose subcommands are imported from ``COMMANDS`` when first asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, _, attribute = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # A light install (for example only the collector) lacks what other commands need; a
+            # missing module of our own is a bug and is raised as it is.
+            missing = error.name or ""
+            if not missing or missing.partition(".")[0] == "tracelearn":
+                raise
+            raise click.ClickException(
+                f"`tracelearn {cmd_name}` needs {missing!r}, which is not installed here; "
+                f"install it (pip install 'tracelearn[pipelines,train]' has every command's dependencies)"
+            ) from None
+        command = getattr(module, attribute)
+        assert isinstance(command, click.Command), target
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``--help``; a command this install cannot load says what it lacks."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            try:
+                command = self.get_command(ctx, name)
+            except click.ClickException as error:
+                lacking = error.message.split(";")[0].removeprefix(f"`tracelearn {name}` ")
+                rows.append((name, f"(unavailable: {lacking})"))
+                continue
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyCommands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tracelearn")
 def main() -> None:
     """tracelearn: make any AI agent learn from its own runs."""
-
-
-main.add_command(apo)
-main.add_command(collector)
-main.add_command(demo)
-main.add_command(eval_command)
-main.add_command(feedback)
-main.add_command(gateway)
-main.add_command(registry)
-main.add_command(spans)
-main.add_command(serve)
-main.add_command(train)
-main.add_command(transitions)
