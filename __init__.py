@@ -11,7 +11,7 @@ so an agent that uses it stays light:
     system = tracelearn.prompt("calc-system")  # the registry's production version, refreshed on promotion
 
 Subpackages (one per top-level folder of the repository): ``schemas`` (tables and attribute
-names), ``instrumentation`` (OpenTelemetry distro, rollout context, emit API, token-id capture),
+names), ``processes`` (child processes), ``instrumentation`` (OpenTelemetry distro, rollout context, emit API, token-id capture),
 ``collector`` (Parquet span writer and exporter), ``pipelines``, ``training``, ``serving``,
 ``registry`` and ``cli``. Data flows one way: schemas -> capture -> pipelines -> training -> registry.
 """

@@ -10,18 +10,17 @@ to the log and handed to ``on_line`` as it arrives, so a long run shows its prog
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
 import re
-import subprocess
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tracelearn.processes import start_child
 
 DAGS_FOLDER = Path(__file__).resolve().parent.parent / "pipelines" / "dags"
 REPORT_PREFIX = "DAG_RUN "
@@ -139,52 +138,24 @@ def run_dags(
 ) -> DagTestsResult:
     """``initdb``, the DagBag import check and ``dag.test()`` of each request, in one fresh interpreter.
 
-    Raises ``subprocess.TimeoutExpired`` (the child killed) when the runs take over ``timeout`` seconds.
+    Raises ``ChildTimeoutError`` (the child stopped) when the runs take over ``timeout`` seconds.
     """
     home.mkdir(parents=True, exist_ok=True)
     payload = json.dumps([{"dag_id": r.dag_id, "conf": r.conf, "logical_date": r.logical_date} for r in requests])
     lines: list[str] = []
-    process = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(DAGS_FOLDER), payload],
-        env=airflow_env(home, env),
-        cwd=home,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    # A watchdog rather than a check per line: a child that hangs silently prints nothing to wake us.
-    expired = threading.Event()
 
-    def expire() -> None:
-        expired.set()
-        process.kill()
+    def take(line: str) -> None:
+        lines.append(line)
+        if on_line is not None:
+            on_line(line)
 
-    watchdog = threading.Timer(timeout, expire)
-    watchdog.start()
-    assert process.stdout is not None
-    try:
-        with contextlib.ExitStack() as stack:
-            log = stack.enter_context(log_path.open("w", encoding="utf-8")) if log_path is not None else None
-            for line in process.stdout:
-                lines.append(line)
-                if log is not None:
-                    log.write(line)
-                    log.flush()
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-        returncode = process.wait()
-    finally:
-        watchdog.cancel()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    if expired.is_set():
-        raise subprocess.TimeoutExpired(process.args, timeout, output="".join(lines))
+    child = start_child([sys.executable, "-c", _CHILD, str(DAGS_FOLDER), payload], name="the Airflow DAG runs",
+                        log=log_path, env=airflow_env(home, env), cwd=home, on_line=take)
+    returncode = child.wait(timeout)
     reports = [json.loads(line.removeprefix(REPORT_PREFIX)) for line in lines if line.startswith(REPORT_PREFIX)]
     return DagTestsResult(
         returncode=returncode,
-        output="".join(lines),
+        output="\n".join(lines),
         runs=[DagRunReport(r["dag_id"], r["state"], r["run_id"]) for r in reports],
         dag_ids=reports[-1]["dag_ids"] if reports else [],
     )

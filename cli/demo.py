@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,7 +43,9 @@ from tracelearn.collector.span_stats import spans_stats
 from tracelearn.pipelines.config import PipelineConfigError, load_config
 from tracelearn.pipelines.plots import plot_transitions
 from tracelearn.pipelines.stats import scan_transitions, transition_distributions, transition_stats
+from tracelearn.processes import ChildProcess, ChildProcessError, console_script, free_port, start_child
 from tracelearn.training.config import TrainConfigError, load_train_config
+from tracelearn.training.evaluate import ModelServerError, model_cards
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "calc"
@@ -82,20 +82,27 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _models_answer(base_url: str) -> bool:
+    try:
+        model_cards(base_url, timeout_s=2.0)
+    except ModelServerError:
+        return False
+    return True
+
+
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
 
 
-def wait_for_version(base_url: str, version: str, server: subprocess.Popen[bytes], log: Path,
-                     console: Console) -> float:
+def wait_for_version(base_url: str, version: str, server: ChildProcess, console: Console) -> float:
     """Poll the server's ``/health`` until it serves ``version`` (its model_version); returns the seconds taken."""
     health = base_url.removesuffix("/v1") + "/health"
     started = time.monotonic()
     with console.status(f"waiting for the live server to load and swap in {version} ..."):
         while time.monotonic() - started < SWAP_TIMEOUT_S:
-            if server.poll() is not None:
-                raise click.ClickException(f"the model server exited; its log ends with:\n{log_tail(log)}")
+            if server.returncode is not None:
+                raise click.ClickException(f"the model server exited; its log ends with:\n{server.tail(15)}")
             try:
                 state = _get_json(health)
             except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
@@ -105,7 +112,7 @@ def wait_for_version(base_url: str, version: str, server: subprocess.Popen[bytes
             if state.get("last_swap_error"):
                 raise click.ClickException(f"the server refused the promoted version: {state['last_swap_error']}")
             time.sleep(0.5)
-    raise click.ClickException(f"the server did not swap to {version} within {SWAP_TIMEOUT_S} s (log: {log})")
+    raise click.ClickException(f"the server did not swap to {version} within {SWAP_TIMEOUT_S} s")
 
 
 def publish_policy(model: str, registry: Path, console: Console) -> str:
@@ -141,46 +148,34 @@ def write_demo_train_config(size: DemoSize, path: Path) -> Path:
     return path
 
 
-def start_collector(data: Path, workdir: Path, console: Console) -> tuple[subprocess.Popen[bytes], str]:
+def start_collector(data: Path, workdir: Path, console: Console) -> tuple[ChildProcess, str]:
     """``tracelearn collector serve`` on a free loopback port; returns the process and its OTLP/HTTP URL once ready."""
-    from tracelearn.serving.http_server import free_port
-    from tracelearn.training.evaluate import console_script
-
     url = f"http://127.0.0.1:{free_port()}"
-    log_path = workdir / "collector.log"
     command = [console_script("tracelearn"), "collector", "serve", "--data", str(data),
                "--http", url.removeprefix("http://"), "--grpc", ""]
     console.print(f"$ tracelearn collector serve --data {data} --http {url.removeprefix('http://')}", style="dim")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise click.ClickException(f"the collector exited; its log ends with:\n{log_tail(log_path)}")
+    process = start_child(command, name="the collector", log=workdir / "collector.log")
+
+    def ready() -> bool | None:
         try:
             with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
-                if response.status == 200:
-                    return process, url
+                return True if response.status == 200 else None
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise click.ClickException(f"the collector was not ready within 60 s (log: {log_path})")
+            return None
+
+    try:
+        process.wait_until(ready, 60, "it was ready")
+    except ChildProcessError as error:
+        raise click.ClickException(str(error)) from None
+    return process, url
 
 
-def stop_collector(process: subprocess.Popen[bytes], url: str, workdir: Path) -> dict[str, Any]:
+def stop_collector(process: ChildProcess, url: str, workdir: Path) -> dict[str, Any]:
     """SIGTERM (the sidecar writes what it holds to Parquet and exits); returns its last ``/status``."""
     status: dict[str, Any] = _get_json(f"{url}/status")
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        log = workdir / "collector.log"
-        raise click.ClickException(f"the collector did not stop within 120 s (log: {log})") from None
+    code = process.stop(grace_s=120)
     if code != 0:
-        raise click.ClickException(f"the collector exited with {code}; its log ends with:\n"
-                                   f"{log_tail(workdir / 'collector.log')}")
+        raise click.ClickException(f"the collector exited with {code}; its log ends with:\n{process.tail(20)}")
     return status
 
 
@@ -282,8 +277,8 @@ def run_pipeline_dags(data: Path, registry: Path, workdir: Path, trainer: str, t
         try:
             result = run_dags(workdir / "airflow", requests, env=env, timeout=DAGS_TIMEOUT_S, log_path=log_path,
                               on_line=show)
-        except subprocess.TimeoutExpired as error:
-            raise click.ClickException(f"the DAG runs took over {DAGS_TIMEOUT_S} s (log: {log_path})") from error
+        except ChildProcessError as error:
+            raise click.ClickException(str(error)) from error
     if not result.succeeded:
         raise click.ClickException(f"a DAG run failed ({[(r.dag_id, r.state) for r in result.runs]}); "
                                    f"{log_path} ends with:\n{log_tail(log_path, 30)}")
@@ -376,10 +371,6 @@ def plot_demo(rates: list[tuple[str, float, list[float]]], metrics: list[dict[st
 )
 def demo(quick: bool, model: str, trainer: str, workdir: Path | None) -> None:
     """The whole loop: capture an unmodified agent, build transitions, train, gate, serve the new policy."""
-    # Imported here: the serving extra (fastapi, uvicorn) is not needed by the other subcommands.
-    from tracelearn.serving.http_server import free_port
-    from tracelearn.training.evaluate import EvaluationError, console_script, stop_server, wait_until_ready
-
     # Wide enough for the evaluation table when the output is a log file, not a terminal.
     console = Console(width=None if sys.stdout.isatty() else 120)
     started = time.monotonic()
@@ -405,19 +396,19 @@ def demo(quick: bool, model: str, trainer: str, workdir: Path | None) -> None:
     console.rule("[bold]1. publish the policy to the registry and serve its production alias")
     policy = publish_policy(model, registry, console)
     server_log_path = workdir / "server.log"
-    server_log = server_log_path.open("wb")
-    server = subprocess.Popen(
+    server = start_child(
         [console_script("tracelearn"), "serve", "--model", f"registry:{POLICY_NAME}@production", "--port", str(port),
          "--served-model-name", POLICY_NAME, "--max-batch-size", "16", "--watch-interval", "1"],
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
+        name="the model server",
+        log=server_log_path,
         env={**os.environ, "TRACELEARN_REGISTRY": str(registry)},
     )
     try:
         try:
             with console.status("loading the policy model into the embedded server..."):
-                wait_until_ready(base_url, server, server_log_path, SERVER_READY_TIMEOUT_S)
-        except EvaluationError as error:
+                server.wait_until(lambda: True if _models_answer(base_url) else None, SERVER_READY_TIMEOUT_S,
+                                  "it was ready")
+        except ChildProcessError as error:
             raise click.ClickException(str(error)) from error
         console.print(f"policy [bold]{policy}[/] served at {base_url} (log: {server_log_path})")
 
@@ -447,7 +438,7 @@ def demo(quick: bool, model: str, trainer: str, workdir: Path | None) -> None:
 
             candidate = open_registry(registry).resolve(decision["candidate"])
             version = registry_model_version(candidate)
-            waited = wait_for_version(base_url, version, server, server_log_path, console)
+            waited = wait_for_version(base_url, version, server, console)
             # The alias moved inside the DAG run: the server may have swapped before this wait began.
             console.print(f"the server at {base_url} now answers with [bold]{version}[/] ({waited:.1f} s after "
                           "the DAG run ended; requests in flight finished on the old weights)")
@@ -455,8 +446,7 @@ def demo(quick: bool, model: str, trainer: str, workdir: Path | None) -> None:
             console.print("production did not move; the server keeps serving the previous version")
         live = evaluate_live(base_url, workdir, size, console)
     finally:
-        stop_server(server)
-        server_log.close()
+        server.stop()
     table, production, trained = before_after_table(run / "gate", live)
     console.print(table)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -6,7 +6,7 @@ registry alias and swap versions under load. ``vllm_server`` launches vLLM for G
 it to new registry versions. ``gateway`` is a proxy in front of any upstream that records each call
 as a span with token ids and can substitute registry prompts.
 
-May import: torch, transformers, peft, fastapi, uvicorn, httpx, tracelearn.schemas,
+May import: torch, transformers, peft, fastapi, uvicorn, httpx, tracelearn.schemas, tracelearn.processes,
 tracelearn.instrumentation (the gateway reuses the token-id capture), tracelearn.registry.
 Must never import training or pipelines.
 """

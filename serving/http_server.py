@@ -5,7 +5,6 @@ that wants a policy endpoint beside its own work, such as an example agent.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from types import TracebackType
@@ -13,12 +12,9 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
+from tracelearn.processes import free_port
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+__all__ = ["BackgroundServer", "free_port"]
 
 
 class BackgroundServer:

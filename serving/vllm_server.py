@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import httpx
+
+from tracelearn.processes import ChildProcess, ChildProcessError, start_child
 
 if TYPE_CHECKING:
     from tracelearn.registry import ArtifactVersion, Registry
@@ -194,12 +195,16 @@ class VllmProcess:
     def __init__(self, model: ServedModel, settings: VllmSettings) -> None:
         self.model = model
         self.settings = settings
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: ChildProcess | None = None
 
     def start(self) -> VllmProcess:
         command, extra_env = vllm_command(self.model, self.settings)
         _log.info("starting vLLM: %s", " ".join(command))
-        self.process = subprocess.Popen(command, env={**os.environ, **extra_env})
+        try:
+            # vLLM's log goes on to this process's output, as it would if vLLM ran in the terminal.
+            self.process = start_child(command, name="vLLM", env={**os.environ, **extra_env}, on_line=_echo)
+        except ChildProcessError as error:
+            raise VllmServerError(str(error)) from None
         self.wait_ready()
         return self
 
@@ -207,29 +212,21 @@ class VllmProcess:
         """Wait until ``GET /health`` answers 200; raise if the process exits or the timeout passes."""
         assert self.process is not None
         health = self.settings.base_url.removesuffix("/v1") + "/health"
-        deadline = time.monotonic() + self.settings.ready_timeout_s
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise VllmServerError(f"vLLM exited with code {code} before it was ready; its log is above")
+
+        def healthy() -> bool | None:
             try:
-                if httpx.get(health, timeout=2.0).status_code == 200:
-                    return
+                return True if httpx.get(health, timeout=2.0).status_code == 200 else None
             except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise VllmServerError(f"vLLM was not ready on {health} after {self.settings.ready_timeout_s:.0f} s")
+                return None
+
+        try:
+            self.process.wait_until(healthy, self.settings.ready_timeout_s, f"{health} answered")
+        except ChildProcessError as error:
+            raise VllmServerError(str(error)) from None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            self.process.stop(grace_s=timeout_s)
 
     def restart(self, model: ServedModel) -> None:
         self.stop()
@@ -239,13 +236,17 @@ class VllmProcess:
     def wait(self, stop: threading.Event | None = None) -> int:
         """Block until the process exits (or ``stop`` is set: then stop it); its exit code."""
         assert self.process is not None
-        while self.process.poll() is None:
+        while self.process.returncode is None:
             if stop is not None and stop.wait(0.5):
                 self.stop()
                 break
             if stop is None:
                 time.sleep(0.5)
-        return int(self.process.returncode or 0)
+        return self.process.wait()
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 class LoraAdapters:

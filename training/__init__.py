@@ -14,7 +14,7 @@ reads the stored prompt/response token ids, logprobs, advantages and loss masks 
 - ``evaluate`` / ``gate``: score a model version by running an agent on held-out tasks; publish a
   candidate and promote it only when it beats production.
 
-May import: tracelearn.schemas, tracelearn.pipelines, tracelearn.registry, tracelearn.serving.model_store
+May import: tracelearn.schemas, tracelearn.processes, tracelearn.pipelines, tracelearn.registry, tracelearn.serving.model_store
 (model resolution and loading, shared with the server), torch, transformers, peft. Must never import
 the server's internals (engine, HTTP API) or airflow; evaluation starts ``tracelearn serve`` as a process.
 """

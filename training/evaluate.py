@@ -42,19 +42,15 @@ import math
 import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import polars as pl
 from rich.console import Console
@@ -64,6 +60,7 @@ from rich.table import Table
 from tracelearn.pipelines.build import build_transitions
 from tracelearn.pipelines.config import PipelineConfig, WatermarkConfig, load_config
 from tracelearn.pipelines.spans_input import scan_spans
+from tracelearn.processes import ChildProcessError, console_script, free_port, start_child
 from tracelearn.registry import DEFAULT_ALIAS, REGISTRY_ENV, ArtifactRef, RegistryError, open_registry
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import DatasetError
@@ -86,7 +83,6 @@ __all__ = [
     "compare",
     "eval_pipeline_config",
     "evaluate_model",
-    "free_port",
     "model_cards",
     "pair_rollouts",
     "paired_difference_interval",
@@ -530,15 +526,6 @@ def read_task_ids(path: Path, limit: int | None = None) -> tuple[list[str], list
     return ids, lines
 
 
-def console_script(name: str) -> str:
-    """A console script of the running interpreter's environment (not whatever PATH finds first)."""
-    candidate = Path(sys.executable).parent / name
-    found = str(candidate) if candidate.exists() else shutil.which(name)
-    if found is None:
-        raise EvaluationError(f"{name} is not installed in {Path(sys.executable).parent}; run scripts/bootstrap.sh")
-    return found
-
-
 def agent_command(spec: EvalSpec, tasks_file: Path) -> list[str]:
     """The agent's argument list with placeholders filled and the missing arguments appended.
 
@@ -619,14 +606,6 @@ class ServedModel:
     model_version: str | None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (here, not from ``tracelearn.serving.http_server``, which
-    imports the server's web stack that training must not)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def model_cards(base_url: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     """The ``data`` of ``GET {base_url}/models``; raises :class:`ModelServerError` naming the URL."""
     url = f"{base_url.rstrip('/')}/models"
@@ -645,39 +624,13 @@ def model_cards(base_url: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
     return cards
 
 
-def _last_line(path: Path) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def wait_until_ready(base_url: str, server: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    """Poll ``/models`` until it answers, failing early (with the server's last words) if it exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise ModelServerError(
-                f"the model server exited with code {server.returncode} before it was ready: {_last_line(log)} "
-                f"(log: {log})"
-            )
-        try:
-            model_cards(base_url, timeout_s=2.0)
-            return
-        except ModelServerError:
-            time.sleep(0.5)
-    raise ModelServerError(f"the model server did not answer {base_url}/models within {timeout_s:.0f} s (log: {log})")
-
-
-def stop_server(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    """SIGTERM (the server shuts down cleanly on it), then SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    process.terminate()
+def _models_answer(base_url: str) -> bool | None:
+    """``True`` once ``{base_url}/models`` answers a model list, else ``None`` (the readiness probe)."""
     try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        model_cards(base_url, timeout_s=2.0)
+    except ModelServerError:
+        return None
+    return True
 
 
 @contextmanager
@@ -701,41 +654,30 @@ def served_model(model: str, workdir: Path, timeout_s: float, console: Console, 
     url = f"http://127.0.0.1:{port}/v1"
     log = workdir / "server.log"
     env = {**os.environ, REGISTRY_ENV: registry} if registry is not None else dict(os.environ)
-    with log.open("wb") as output:
-        server = subprocess.Popen(
-            [console_script("tracelearn"), "serve", "--model", model, "--port", str(port)],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    try:
+        command = [console_script("tracelearn"), "serve", "--model", model, "--port", str(port)]
+        server = start_child(command, name="the model server", log=log, env=env)
+    except ChildProcessError as error:
+        raise ModelServerError(str(error)) from None
+    with server:
         try:
             with console.status(f"loading {model} into tracelearn serve (log: {log}) ..."):
-                wait_until_ready(url, server, log, timeout_s)
-            cards = model_cards(url)
-            if len(cards) != 1:
-                raise ModelServerError(f"tracelearn serve at {url} lists {len(cards)} models; expected one")
-            served = ServedModel(url, str(cards[0]["id"]), cards[0].get("model_version"))
-            console.print(f"serving {model} as {served.name} (version {served.model_version}) at {url}")
-            yield served
-            # A server that died mid-run fails every later call: the numbers would measure the crash.
-            if server.poll() is not None:
-                raise ModelServerError(f"the model server exited with code {server.returncode} during the "
-                                       f"evaluation: {_last_line(log)} (log: {log})")
-        finally:
-            stop_server(server)
+                server.wait_until(lambda: _models_answer(url), timeout_s, "it was ready")
+        except ChildProcessError as error:
+            raise ModelServerError(str(error)) from None
+        cards = model_cards(url)
+        if len(cards) != 1:
+            raise ModelServerError(f"tracelearn serve at {url} lists {len(cards)} models; expected one")
+        served = ServedModel(url, str(cards[0]["id"]), cards[0].get("model_version"))
+        console.print(f"serving {model} as {served.name} (version {served.model_version}) at {url}")
+        yield served
+        # A server that died mid-run fails every later call: the numbers would measure the crash.
+        if server.returncode is not None:
+            raise ModelServerError(f"the model server exited with code {server.returncode} during the "
+                                   f"evaluation: {server.tail()} (log: {log})")
 
 
 # --- The agent --------------------------------------------------------------------------------------
-
-
-def _copy_output(stream: IO[bytes], log: IO[bytes], on_report: Callable[[], None]) -> None:
-    """Copy the agent's output to its log, line by line, calling ``on_report`` per JSON line."""
-    for line in iter(stream.readline, b""):
-        log.write(line)
-        log.flush()
-        # A JSON object on a line of its own is how the calc agent reports a finished rollout.
-        if line.lstrip().startswith(b"{"):
-            on_report()
 
 
 def run_agent(command: list[str], env: dict[str, str], log_path: Path, timeout_s: float, expected: int,
@@ -744,32 +686,21 @@ def run_agent(command: list[str], env: dict[str, str], log_path: Path, timeout_s
     of its log when it exits with an error or runs past ``timeout_s`` (then its process group is killed).
 
     ``traces_exporter``: ``tracelearn`` writes the dataset from the agent process (``$TRACELEARN_DATA``);
-    ``otlp`` sends standard OTLP to a collector (``$OTEL_EXPORTER_OTLP_ENDPOINT``)."""
-    instrumented = [console_script("opentelemetry-instrument"), "--traces_exporter", traces_exporter, *command]
+    ``otlp`` sends standard OTLP to a collector (``$OTEL_EXPORTER_OTLP_ENDPOINT``). Progress counts the
+    JSON objects the agent prints on lines of their own (how the calc agent reports a finished rollout)."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with log_path.open("wb") as log, Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task("agent: rollouts reported", total=expected)
-        # Its own session, so a timeout kills the agent and whatever it started, and nothing else.
-        agent = subprocess.Popen(instrumented, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                 start_new_session=True)
-        assert agent.stdout is not None
-        reader = threading.Thread(target=_copy_output, args=(agent.stdout, log, lambda: progress.advance(task)),
-                                  daemon=True)
-        reader.start()
+
+        def on_line(line: str) -> None:
+            if line.lstrip().startswith("{"):
+                progress.advance(task)
+
         try:
-            code = agent.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            if agent.poll() is None:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
-            reader.join()
-    if code is None:
-        raise AgentError(f"the agent ran past its timeout of {timeout_s:.0f} s and was killed; "
-                         f"last line: {_last_line(log_path)} (log: {log_path})")
-    if code != 0:
-        raise AgentError(f"the agent exited with code {code}: {_last_line(log_path)} (log: {log_path})")
+            instrumented = [console_script("opentelemetry-instrument"), "--traces_exporter", traces_exporter, *command]
+            start_child(instrumented, name="the agent", log=log_path, env=env, on_line=on_line).check(timeout_s)
+        except ChildProcessError as error:
+            raise AgentError(str(error)) from None
 
 
 # --- Scoring ----------------------------------------------------------------------------------------

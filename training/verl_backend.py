@@ -52,13 +52,11 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
 
 import polars as pl
 import yaml
@@ -71,6 +69,7 @@ from tracelearn.pipelines.export_verl import (
     to_verl_replay,
     write_verl_export,
 )
+from tracelearn.processes import ChildProcess, ChildProcessError, ChildTimeoutError, start_child
 from tracelearn.training import verl_replay_loop
 from tracelearn.training.config import TrainConfig, check_ranges, train_config_hash
 
@@ -104,8 +103,6 @@ REPLAY_MODULE = "tracelearn_replay_loop"
 CHECK_TIMEOUT_S = 300.0
 # After a forwarded signal, how long the job has to shut Ray down before its process group is killed.
 SHUTDOWN_GRACE_S = 60.0
-# After the job's driver exits, how long the rest of its output may take to arrive.
-OUTPUT_DRAIN_S = 10.0
 
 _HOW_TO_INSTALL = (
     "verl pins its own torch and vLLM, so it lives in an environment of its own: on a CUDA machine run "
@@ -617,21 +614,15 @@ def _job_environment(job: VerlJob) -> dict[str, str]:
     return environment
 
 
-def _signal_job(child: subprocess.Popen[str], signum: int) -> None:
-    """Send ``signum`` to the job's process group: verl's Ray processes as well as its driver."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signum)
-
-
 @contextlib.contextmanager
-def _forwarding_sigterm(child: subprocess.Popen[str]) -> Iterator[None]:
+def _forwarding_sigterm(child: ChildProcess) -> Iterator[None]:
     """While inside, a SIGTERM to this process is passed on to the job (which then shuts down)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
 
     def forward(signum: int, frame: FrameType | None) -> None:
-        _signal_job(child, signum)
+        child.send_signal(signum)
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
@@ -640,59 +631,33 @@ def _forwarding_sigterm(child: subprocess.Popen[str]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _copy_output(source: IO[str], log: IO[str]) -> None:
-    for line in source:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        log.write(line)
-        log.flush()
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 def run_verl_job(job: VerlJob, python: str, log_path: Path) -> int:
     """Run ``job`` with ``python``, its output streamed to the console and to ``log_path``; its exit status.
 
-    The job runs in its directory in a process group of its own. A SIGTERM to this process, or a
-    KeyboardInterrupt (forwarded as SIGINT), reaches the whole group and the job gets
-    ``SHUTDOWN_GRACE_S`` to stop; a second KeyboardInterrupt kills it. Returns the exit status the
-    shell would report (128 + the signal number for a job ended by a signal).
+    The job runs in its directory in a process group of its own (verl's Ray processes with its
+    driver). A SIGTERM to this process, or a KeyboardInterrupt (forwarded as SIGINT), reaches the whole
+    group and the job gets ``SHUTDOWN_GRACE_S`` to stop; a second KeyboardInterrupt kills it. Returns
+    the exit status the shell would report (128 + the signal number for a job ended by a signal).
     """
-    command = verl_command(job, python)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(command)}\n")
-        log.flush()
-        try:
-            child = subprocess.Popen(
-                command,
-                cwd=job.paths.directory,
-                env=_job_environment(job),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                start_new_session=True,
-            )
-        except OSError as error:
-            raise VerlNotAvailableError(f"{python} cannot be run: {error}. {_HOW_TO_INSTALL}") from error
-        assert child.stdout is not None
-        # Output is copied by a thread so that the main thread can wait for the job and take signals.
-        copier = threading.Thread(target=_copy_output, args=(child.stdout, log), name="verl-output", daemon=True)
-        copier.start()
-        interrupts = 0
-        with _forwarding_sigterm(child):
-            while True:
-                try:
-                    status = child.wait(timeout=SHUTDOWN_GRACE_S if interrupts else None)
-                    break
-                except KeyboardInterrupt:
-                    interrupts += 1
-                    _signal_job(child, signal.SIGINT if interrupts == 1 else signal.SIGKILL)
-                except subprocess.TimeoutExpired:
-                    _signal_job(child, signal.SIGKILL)
-        copier.join(timeout=OUTPUT_DRAIN_S)
-        if copier.is_alive():
-            # The driver is gone but processes it started (Ray's) still hold the output open: orphans.
-            _signal_job(child, signal.SIGKILL)
-            copier.join()
-        child.stdout.close()
+    try:
+        child = start_child(verl_command(job, python), name="the verl job", log=log_path, env=_job_environment(job),
+                            cwd=job.paths.directory, on_line=_echo)
+    except ChildProcessError as error:
+        raise VerlNotAvailableError(f"{error}. {_HOW_TO_INSTALL}") from error
+    interrupts = 0
+    with _forwarding_sigterm(child):
+        while True:
+            try:
+                status = child.wait(SHUTDOWN_GRACE_S if interrupts else None)
+                break
+            except KeyboardInterrupt:
+                interrupts += 1
+                child.send_signal(signal.SIGINT if interrupts == 1 else signal.SIGKILL)
+            except ChildTimeoutError:
+                status = child.stop(grace_s=0)
+                break
     return status if status >= 0 else 128 - status

@@ -182,8 +182,8 @@ def test_a_full_weight_move_restarts_the_server(tmp_path: Path, registry: Regist
         old = process.process
         registry.promote("calc-full", second.version, "production")
         assert VllmFollower(registry, "calc-full@production", process).check()
-        assert old is not None and old.poll() is not None  # the old server was stopped
-        assert process.process is not None and process.process.poll() is None
+        assert old is not None and old.returncode is not None  # the old server was stopped
+        assert process.process is not None and process.process.returncode is None
     finally:
         process.stop()
     models = [args[args.index("--model") + 1] for args in map(json.loads, launches.read_text().splitlines())]
