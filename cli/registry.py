@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 import click
 
 from tracelearn.registry import ArtifactVersion, Lineage, Registry, RegistryError, open_registry
-from tracelearn.registry.artifacts import InvalidArtifactError
+from tracelearn.registry.artifacts import InvalidArtifactError, check_alias
 from tracelearn.registry.backend import default_registry_location
 
 P = ParamSpec("P")
@@ -52,15 +52,23 @@ def registry() -> None:
               help="JSON file with the version's lineage (dataset, partitions, pipeline_config_hash, ...).")
 @click.option("--metadata", "metadata_items", multiple=True, metavar="KEY=VALUE", help="Searchable metadata.")
 @click.option("--alias", "aliases", multiple=True, help="Also point this alias at the version (repeatable).")
+@click.option("--follow-links", is_flag=True,
+              help="Copy the targets of links that leave SOURCE (default: refuse them, naming the link).")
 @registry_option
 def publish(kind: str, name: str, source: Path, lineage_file: Path | None, metadata_items: tuple[str, ...],
-            aliases: tuple[str, ...], location: str | None) -> None:
-    """Publish SOURCE (a prompt text file, or a checkpoint directory) as the next version of NAME."""
+            aliases: tuple[str, ...], follow_links: bool, location: str | None) -> None:
+    """Publish SOURCE (a prompt text file, or a checkpoint directory) as the next version of NAME.
+
+    A link inside SOURCE is published as the file it names; a link that leaves SOURCE is refused
+    unless --follow-links.
+    """
     metadata = dict(_key_value(item, "--metadata") for item in metadata_items)
     with opened(location) as store:
+        for alias in aliases:  # a bad alias fails before anything is published
+            check_alias(alias)
         lineage = _read_lineage(lineage_file) if lineage_file else None
         published = store.publish("checkpoint" if kind == "checkpoint" else "prompt", name, source,
-                                  lineage=lineage, metadata=metadata)
+                                  lineage=lineage, metadata=metadata, follow_links=follow_links)
         version = published.version
         state = "published" if published.created else "identical content already published as"
         click.echo(f"{state} {version.ref} ({version.format}, {len(version.files)} files, "

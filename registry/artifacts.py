@@ -27,9 +27,11 @@ DEFAULT_ALIAS = "production"
 PROMPT_FILE = "prompt.txt"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Aliases start with a letter so that ``name@7`` always means a version number.
+# Aliases start with a letter so that ``name@7`` always means a version number, and may not be ``v``
+# followed by digits, so that ``name@v7`` does too (such an alias could never be reached).
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _VERSION = re.compile(r"^v?([0-9]{1,9})$")
+_VERSION_LIKE = re.compile(r"^v?[0-9]+$")
 
 
 class RegistryError(Exception):
@@ -73,6 +75,11 @@ def check_alias(alias: str) -> str:
     if not _ALIAS.match(alias):
         raise InvalidReferenceError(
             f"invalid alias {alias!r}: use 1-64 letters, digits, '_' or '-', starting with a letter"
+        )
+    if _VERSION_LIKE.match(alias):
+        raise InvalidReferenceError(
+            f"invalid alias {alias!r}: it reads as a version number (NAME@vN names version N), so the alias "
+            f"could never be reached; choose another name, e.g. 'release-{alias[1:]}'"
         )
     return alias
 

@@ -102,7 +102,8 @@ class Registry(ABC):
     def local_path(self, version: ArtifactVersion, verify: bool = True) -> Path:
         """A local directory holding the version's files (downloaded and cached for remote backends).
 
-        With ``verify`` every file is re-hashed against the manifest and a mismatch raises
+        With ``verify`` the manifest is checked against the version's digest, every file is re-hashed
+        against the manifest, and a file that is not in the manifest is refused: each raises
         ``CorruptArtifactError``.
         """
 
@@ -118,16 +119,18 @@ class Registry(ABC):
     # ---- shared behaviour -------------------------------------------------------------------------
 
     def publish(self, kind: ArtifactKind, name: str, source: Path, *, lineage: Lineage | None = None,
-                metadata: Mapping[str, str] | None = None) -> Published:
+                metadata: Mapping[str, str] | None = None, follow_links: bool = False) -> Published:
         """Publish the file or directory ``source`` as the next version of ``name``.
 
         Identical content (same manifest digest) returns the existing version with ``created=False``.
         A LoRA adapter's base model is recorded in the lineage when the lineage does not name one.
+        A link in ``source`` that leaves it is refused (``InvalidArtifactError`` naming the link) unless
+        ``follow_links``, which copies what it points to.
         """
         if kind not in ARTIFACT_KINDS:
             raise InvalidArtifactError(f"unknown artifact kind {kind!r}: use one of {', '.join(ARTIFACT_KINDS)}")
         check_name(name)
-        contents = describe_source(kind, Path(source))
+        contents = describe_source(kind, Path(source), follow_links)
         chosen = lineage or Lineage()
         if contents.base_model and not chosen.base_model:
             chosen = Lineage.from_dict({**chosen.to_dict(), "base_model": contents.base_model})

@@ -48,7 +48,7 @@ from tracelearn.registry.artifacts import (
     manifest_digest,
 )
 from tracelearn.registry.backend import Registry, registry_cache_dir, utc_now
-from tracelearn.registry.contents import SourceContents, verify_files
+from tracelearn.registry.contents import SourceContents, verify_stored
 
 # Publishers racing for one version number retry with a fresh number; the bound only stops a livelock.
 _MAX_CLAIM_ATTEMPTS = 64
@@ -277,7 +277,7 @@ class FilesystemRegistry(Registry):
         if local is None:
             local = self._download(version, files_path)
         if verify:
-            verify_files(local, version.files, label)
+            verify_stored(local, version, label)
         return local
 
     # ---- writing ----------------------------------------------------------------------------------

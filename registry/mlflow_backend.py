@@ -24,7 +24,8 @@ Only registered models and prompts carrying the tag ``tracelearn.kind`` are ours
 
 Downloads are cached by content digest under ``$TRACELEARN_REGISTRY_CACHE`` (default
 ``~/.cache/tracelearn/registry-cache``, shared with the object-storage backend), written to a
-temporary folder and renamed into place, and re-hashed against the manifest on every ``local_path(verify=True)``.
+temporary folder and renamed into place, and checked on every ``local_path(verify=True)`` (``contents.verify_stored``:
+the manifest against the digest, nothing added, every file re-hashed).
 
 ``mlflow`` (the ``mlflow-skinny`` client is enough: ``pip install tracelearn[mlflow]``) is imported
 when a registry is opened, never at import time of ``tracelearn.registry``.
@@ -60,7 +61,7 @@ from tracelearn.registry.artifacts import (
     manifest_digest,
 )
 from tracelearn.registry.backend import REGISTRY_CACHE_ENV, Registry, registry_cache_dir, utc_now
-from tracelearn.registry.contents import SourceContents, verify_files
+from tracelearn.registry.contents import SourceContents, verify_stored
 
 EXPERIMENT_NAME = "tracelearn-registry"
 FILES_FOLDER = "files"  # a checkpoint run's artifact folder holding the version's files
@@ -143,7 +144,7 @@ class MlflowRegistry(Registry):
         target = self.cache_dir / version.digest
         if target.is_dir():
             if verify:
-                verify_files(target, version.files, f"{version.ref} (cached at {target})")
+                verify_stored(target, version, f"{version.ref} (cached at {target})")
             return target
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ class MlflowRegistry(Registry):
                 with self._translated(f"downloading {version.ref}"):
                     self._client.download_artifacts(run_id, FILES_FOLDER, str(staging))
             # Freshly downloaded files are always checked: the server's copy may be the corrupted one.
-            verify_files(files, version.files, f"{version.ref} (downloaded from {self.tracking_uri})")
+            verify_stored(files, version, f"{version.ref} (downloaded from {self.tracking_uri})")
             try:
                 files.rename(target)
             except OSError:

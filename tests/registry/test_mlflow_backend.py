@@ -27,6 +27,7 @@ from tracelearn.registry import (
     ArtifactNotFoundError,
     CorruptArtifactError,
     InvalidArtifactError,
+    InvalidReferenceError,
     Lineage,
     RegistryError,
     open_registry,
@@ -105,6 +106,23 @@ def test_corrupted_cached_file_is_detected(registry: MlflowRegistry, name: str, 
     with pytest.raises(CorruptArtifactError, match=r"model\.safetensors"):
         registry.local_path(published)
     assert registry.local_path(published, verify=False) == local  # the caller asked not to re-hash
+
+
+def test_a_file_added_to_the_download_cache_is_refused(registry: MlflowRegistry, name: str, tmp_path: Path) -> None:
+    published = registry.publish("checkpoint", name, tiny_checkpoint(tmp_path / "ckpt")).version
+    local = registry.local_path(published)
+    (local / "adapter_config.json").write_text('{"base_model_name_or_path": "other"}')
+    with pytest.raises(CorruptArtifactError, match=r"holds adapter_config\.json, not in the version's manifest"):
+        registry.local_path(published)
+
+
+def test_an_alias_that_reads_as_a_version_is_refused(registry: MlflowRegistry, name: str) -> None:
+    registry.publish_prompt(name, "one")
+    registry.publish_prompt(name, "two")
+    with pytest.raises(InvalidReferenceError, match=r"invalid alias 'v2': it reads as a version number"):
+        registry.promote(name, 1, "v2")
+    assert registry.alias_moves(name) == []
+    assert registry.aliases(name) == {"latest": 2}
 
 
 def test_prompt_versions_aliases_and_mlflow_prompt_registry(registry: MlflowRegistry, name: str) -> None:
