@@ -102,3 +102,7 @@ TRACELOOP_TOOL_KIND: Final = "tool"
 LANGGRAPH_NODE: Final = "traceloop.association.properties.langgraph_node"
 # Set by Traceloop on LLM spans (e.g. LangChain's), with or without the gen_ai.* attributes.
 TRACELOOP_LLM_REQUEST_TYPE: Final = "llm.request.type"
+
+# OpenInference (Arize Phoenix's convention): every span says its kind; LLM calls are "LLM".
+OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
+OPENINFERENCE_KIND_LLM: Final = "LLM"
