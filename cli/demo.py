@@ -39,9 +39,9 @@ from rich.table import Table
 from tracelearn.cli.airflow_local import DagRequest, TaskProgress, run_dags
 from tracelearn.cli.spans import render_stats
 from tracelearn.cli.transitions import render_stats as render_transition_stats
-from tracelearn.collector.span_stats import spans_stats
 from tracelearn.pipelines.config import PipelineConfigError, load_config
 from tracelearn.pipelines.plots import plot_transitions
+from tracelearn.pipelines.span_summary import spans_stats
 from tracelearn.pipelines.stats import scan_transitions, transition_distributions, transition_stats
 from tracelearn.processes import ChildProcess, ChildProcessError, console_script, free_port, start_child
 from tracelearn.training.config import TrainConfigError, load_train_config

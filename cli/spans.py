@@ -22,9 +22,13 @@ from tracelearn.collector.compaction import (
     spans_table_root,
 )
 from tracelearn.collector.settings import CaptureSettings, SettingsError
-from tracelearn.collector.span_stats import SpanStats, spans_stats
+from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR, ReplayReport, replay_spools
+from tracelearn.pipelines.span_summary import SpanStats, read_prepared_spans, spans_stats
+from tracelearn.pipelines.spans_input import spans_location
+from tracelearn.pipelines.stats import span_analysis
 from tracelearn.schemas.dataset import DatasetError
 from tracelearn.schemas.migrations import SchemaVersionError
+from tracelearn.schemas.tables import SPANS
 
 if TYPE_CHECKING:
     from tracelearn.pipelines.stats import SpanAnalysis
@@ -43,6 +47,7 @@ def render_stats(stats: SpanStats, console: Console) -> None:
         ("files", stats.files),
         ("spans", stats.spans),
         ("rollouts", stats.rollouts),
+        ("  joined by", ", ".join(f"{k}: {v}" for k, v in stats.rollouts_by_identity.items()) or "-"),
         ("tasks", stats.tasks),
         ("services", ", ".join(stats.services) or "-"),
         ("time range", f"{stats.first_span or '-'} .. {stats.last_span or '-'}"),
@@ -75,6 +80,13 @@ def render_stats(stats: SpanStats, console: Console) -> None:
                 str(group.with_token_ids),
             )
         console.print(table)
+    if stats.other_spans_by_scope:
+        table = Table(title="spans not understood (type other), by instrumentation scope")
+        table.add_column("scope")
+        table.add_column("spans", justify="right")
+        for scope, count in stats.other_spans_by_scope.items():
+            table.add_row(scope, str(count))
+        console.print(table)
     if stats.rewards:
         table = Table(title="rewards")
         for column in ("name", "count", "mean", "primary"):
@@ -83,31 +95,6 @@ def render_stats(stats: SpanStats, console: Console) -> None:
             mean = "-" if reward.mean is None else f"{reward.mean:.3f}"
             table.add_row(reward.name, str(reward.count), mean, str(reward.primary_count))
         console.print(table)
-
-
-def analyze_spans(data: Path, plot_path: Path | None) -> SpanAnalysis | None:
-    """Per-agent and per-task figures (and the plot, when asked) if the pipelines extra is installed.
-
-    ``None`` without polars: the base install still gets the pyarrow summary; asking for a plot
-    without it is an error naming what to install.
-    """
-    try:
-        from tracelearn.pipelines.plots import PlotError, plot_spans
-        from tracelearn.pipelines.spans_input import scan_spans
-        from tracelearn.pipelines.stats import span_analysis
-    except ImportError as exc:
-        if plot_path is not None:
-            raise click.ClickException(
-                f"--plot needs the pipelines extra (pip install 'tracelearn[pipelines]'): {exc}"
-            ) from exc
-        return None
-    analysis = span_analysis(scan_spans(data))
-    if plot_path is not None:
-        try:
-            plot_spans(analysis, plot_path)
-        except PlotError as exc:
-            raise click.ClickException(str(exc)) from exc
-    return analysis
 
 
 def render_analysis(analysis: SpanAnalysis, console: Console) -> None:
@@ -129,15 +116,25 @@ def render_analysis(analysis: SpanAnalysis, console: Console) -> None:
 def stats_command(data: Path | None, as_json: bool, plot_path: Path | None) -> None:
     """What was captured under DATA (default $TRACELEARN_DATA): rollouts, LLM calls, tokens, rewards.
 
-    With the pipelines extra (polars) also rewards, latency and tokens per agent and per task.
+    Counted as a build counts: rollouts as the pipeline forms them (and the rule that joined each),
+    an LLM call seen by two instrumentations once; also rewards, latency and tokens per agent and
+    per task, and the spans of unknown conventions by instrumentation scope.
     """
     if data is None:
         raise click.UsageError("give the data directory, or set TRACELEARN_DATA")
     try:
-        stats = spans_stats(data)
-        analysis = analyze_spans(data, plot_path) if stats.spans else None
+        dataset = read_prepared_spans(data)
+        stats = spans_stats(data, dataset)
+        analysis = span_analysis(dataset.prepared) if dataset.prepared is not None else None
     except (DatasetError, SchemaVersionError) as exc:
         raise click.ClickException(str(exc)) from exc
+    if plot_path is not None and analysis is not None:
+        from tracelearn.pipelines.plots import PlotError, plot_spans
+
+        try:
+            plot_spans(analysis, plot_path)
+        except PlotError as exc:
+            raise click.ClickException(str(exc)) from exc
     if as_json:
         figures = stats.to_dict()
         if analysis is not None:
@@ -258,3 +255,45 @@ def compact_command(
         except (CompactionError, OSError) as exc:
             raise click.ClickException(str(exc)) from exc
     render_compaction(report, spans_table_root(data), console)
+
+
+def render_replay(report: ReplayReport, left: int, console: Console) -> None:
+    """Print what a spool replay wrote, and how many segments it left to a live writer."""
+    console.print(
+        f"replayed {report.segments} spool segment(s): {report.rows} spans written to Parquet, "
+        f"{report.duplicates} duplicates dropped, {report.torn_tails} torn tail(s) cut",
+        highlight=False,
+    )
+    for path in report.files:
+        console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+    if left:
+        console.print(
+            f"{left} segment(s) left: their writer is still running (or runs on another host) and rolls them itself",
+            highlight=False,
+        )
+
+
+@spans.command("replay")
+@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar="TRACELEARN_DATA")
+def replay_command(data: Path | None) -> None:
+    """Turn the spool of processes that died under DATA (default $TRACELEARN_DATA) into Parquet.
+
+    Spans a process flushed but had not rolled into Parquet when it died (kill -9, a crash) wait in
+    DATA/spans/_spool; the next capture process on the host replays them, this command does it now.
+    Segments of live writers are left alone; a rerun writes nothing twice.
+    """
+    if data is None:
+        raise click.UsageError("give the data directory, or set TRACELEARN_DATA")
+    root = Path(spans_location(data))
+    if not root.is_dir():
+        raise click.ClickException(f"{root}: no such directory")
+    try:
+        compression = CaptureSettings.from_env().compression
+        report = replay_spools(root, SPANS, compression)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"replaying the spool under {root} failed: {exc}") from exc
+    spool = root / SPOOL_DIR
+    left = len(list(spool.glob(f"*{SEGMENT_SUFFIX}"))) if spool.is_dir() else 0
+    render_replay(report, left, Console())

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from tracelearn.cli.export import export_command
 from tracelearn.pipelines.buckets import BUCKET_BYTES
-from tracelearn.pipelines.build import BuildResult, build_transitions
+from tracelearn.pipelines.build import BuildResult, build_transitions, spool_note
 from tracelearn.pipelines.config import PipelineConfigError, WatermarkConfig, load_config
 from tracelearn.pipelines.plots import PlotError, plot_transitions
 from tracelearn.pipelines.stages import StageError
@@ -27,7 +27,9 @@ from tracelearn.schemas.migrations import SchemaVersionError
 MIB = 1024 * 1024
 SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("rollouts built", "rollouts"),
-    ("rollouts deferred (watermark)", "deferred"),
+    ("rollouts deferred (may still grow; watermark)", "deferred"),
+    ("rollouts without a reward", "without_reward"),
+    ("rollouts with an error", "error_rollouts"),
     ("rollouts dropped without reward", "dropped_without_reward"),
     ("rollouts rebuilt with late spans", "late_span_rollouts"),
     ("rollouts rewarded by the function", "function_rewards"),
@@ -98,6 +100,8 @@ def render_build(result: BuildResult, console: Console) -> None:
     console.print(table)
     for path in result.transitions_files + result.rollouts_files:
         console.print(f"wrote {path}")
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 @transitions.command("build")
@@ -140,7 +144,10 @@ def build_command(
             result = build_transitions(spans_path, out, config, date=date, bucket_bytes=bucket_mb * MIB)
     except PipelineConfigError as exc:
         raise click.ClickException(f"invalid pipeline config: {exc}") from exc
-    except (StageError, DatasetError, SchemaVersionError, ValueError) as exc:
+    except DatasetError as exc:  # no spans Parquet files yet: maybe they are all in a dead process's spool
+        note = spool_note(spans_path)
+        raise click.ClickException(f"{exc}\n{note}" if note else str(exc)) from exc
+    except (StageError, SchemaVersionError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:  # an unreadable object store or an unwritable output root
         raise click.ClickException(f"reading {spans_path} or writing {out} failed: {exc}") from exc

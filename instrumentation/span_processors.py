@@ -1,7 +1,9 @@
 """Span processors installed by our configurator.
 
-* ``RolloutContextSpanProcessor`` copies rollout identity from baggage onto each span at start and
-  resolves which agent a span belongs to from its ancestors (frameworks name agents on outer spans).
+* ``RolloutContextSpanProcessor`` copies rollout identity from baggage onto each span at start,
+  resolves which agent a span belongs to from its ancestors (frameworks name agents on outer spans),
+  and records the process and thread that started the span (``process.pid``, ``thread.id``): with
+  the messages, they join the LLM calls of an agent that opens no span of its own into rollouts.
 * ``DurableBatchSpanProcessor`` replaces the SDK's BatchSpanProcessor, which silently drops spans
   when its 2048-span queue is full: ours has a large bound, blocks the producer briefly when full,
   counts and reports anything it still has to drop, and flushes whenever a rollout (root span) ends.
@@ -22,6 +24,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from tracelearn.schemas import semconv as sc
 
 logger = logging.getLogger(__name__)
+
 
 def declared_agent(attributes: Mapping[str, Any], parent_kind: str | None) -> str | None:
     """The agent name a span declares, given the Traceloop kind of its parent.
@@ -44,7 +47,7 @@ def declared_agent(attributes: Mapping[str, Any], parent_kind: str | None) -> st
 
 
 class RolloutContextSpanProcessor(SpanProcessor):
-    """Stamps rollout identity (from baggage) and the inherited agent name on every span at start."""
+    """Stamps rollout identity (from baggage), the inherited agent name, process and thread on every span at start."""
 
     def __init__(self) -> None:
         # Live spans only (removed at end): span_id -> (inherited agent, Traceloop kind of the span's
@@ -59,6 +62,9 @@ class RolloutContextSpanProcessor(SpanProcessor):
             logger.exception("tracelearn: stamping rollout context on a span failed")
 
     def _stamp(self, span: Span, parent_context: context.Context | None) -> None:
+        # Cheap (two integers from the interpreter); what the pipeline's sequence rule reads.
+        span.set_attribute(sc.PROCESS_PID, os.getpid())
+        span.set_attribute(sc.THREAD_ID, threading.get_ident())
         for key in sc.BAGGAGE_KEYS:
             value = baggage.get_baggage(key, parent_context)
             if value is not None and (span.attributes is None or key not in span.attributes):

@@ -5,6 +5,9 @@ with a peak that depends on the bucket size, not on the dataset size. Buckets ar
 computation of the build stays inside one bucket:
 
 - a rollout's spans all land in one bucket (rollouts are the unit of rewards, credit and transitions);
+- a rollout joined from several traces (an agent that opens no span of its own: its calls are
+  joined by conversation, ``tracelearn.pipelines.rollout_identity``) lands whole: the build settles
+  rollout identity over the whole dataset first and buckets by the joined rollout id;
 - every rollout of one advantage group lands in one bucket: the bucket is a hash of the rollout-level
   columns among ``advantage.group_by`` (``task_id``, ``group_id``, ``attempt_id``, ``rollout_id``), so
   GRPO statistics see the whole group. A ``group_by`` without such a column (say ``[agent_name]``)
@@ -128,18 +131,30 @@ def _spans_dataset(files: DatasetFiles) -> ds.Dataset:
     )
 
 
-def spill_buckets(files: DatasetFiles, assignment: pl.DataFrame, buckets: int, directory: Path) -> list[Path]:
+def spill_buckets(
+    files: DatasetFiles,
+    assignment: pl.DataFrame,
+    buckets: int,
+    directory: Path,
+    identity: pl.DataFrame | None = None,
+) -> list[Path]:
     """Write each bucket's spans to ``directory/bucket=NNNNN/`` as Arrow IPC (lz4) files, one pass.
 
     ``files`` are the spans dataset's Parquet files (hive ``date=``/``service=`` directories become
     string columns, as ``scan_spans`` makes them); ``assignment`` maps ``rollout_id`` to
-    ``__bucket``. Spans of rollouts not in ``assignment`` are skipped. Reads record batches and
-    writes them out, so memory stays at a few batches whatever the dataset size. Returns the bucket
-    directories, index = bucket.
+    ``__bucket``; ``identity`` (``trace_id, rollout_id``, a rollout identity map) gives the joined
+    rollout id of loose traces, whose spans still carry their own (the spilled rows are unchanged).
+    Spans of rollouts not in ``assignment`` are skipped. Reads record batches and writes them out,
+    so memory stays at a few batches whatever the dataset size. Returns the bucket directories,
+    index = bucket.
     """
     dataset = _spans_dataset(files)
     ids = pa.array(assignment.get_column("rollout_id").to_list(), pa.string())
     bucket_of = pa.array(assignment.get_column(BUCKET).to_list(), pa.uint32())
+    loose = joined = None
+    if identity is not None and identity.height:
+        loose = pa.array(identity.get_column("trace_id").to_list(), pa.string())
+        joined = pa.array(identity.get_column("rollout_id").to_list(), pa.string())
     directories = [directory / f"bucket={b:05d}" for b in range(buckets)]
     for path in directories:
         path.mkdir(parents=True, exist_ok=True)
@@ -150,7 +165,11 @@ def spill_buckets(files: DatasetFiles, assignment: pl.DataFrame, buckets: int, d
         for batch in scanner.to_batches():
             if batch.num_rows == 0:
                 continue
-            positions = pc.index_in(batch.column("rollout_id"), value_set=ids)
+            rollout = batch.column("rollout_id")
+            if loose is not None and joined is not None:
+                mapped = pc.take(joined, pc.index_in(batch.column("trace_id"), value_set=loose))
+                rollout = pc.coalesce(mapped, rollout)
+            positions = pc.index_in(rollout, value_set=ids)
             targets = pc.take(bucket_of, positions)
             for value in pc.unique(targets.drop_null()).to_pylist():
                 part = batch.filter(pc.equal(targets, pa.scalar(value, pa.uint32())))

@@ -5,10 +5,14 @@
 
 1. scan the spans dataset (only one ``date=`` partition when ``date`` is given) and, when it is
    larger than ``bucket_bytes`` uncompressed, split it into buckets of whole rollouts and whole
-   advantage groups (``tracelearn.pipelines.buckets``): steps 2-6 then run once per bucket, so
-   memory is bounded by the bucket size, not the dataset size (user stages see one bucket at a time);
-2. ``build_closed_rollouts`` with the config's watermark and missing-reward policy (rollouts whose
-   last span ended less than ``lateness`` before ``now`` are deferred to a later build);
+   advantage groups (``tracelearn.pipelines.buckets``; a conversation joined from calls without a
+   common trace stays in one bucket): steps 2-6 then run once per bucket, so memory is bounded by
+   the bucket size, not the dataset size (user stages see one bucket at a time). Each bucket is
+   prepared once (``tracelearn.pipelines.prepared``: de-duplicated, token ids joined, nested LLM
+   spans merged, rollout identity resolved) and collected;
+2. ``build_closed_rollouts`` with the config's watermark and missing-reward policy (a rollout that
+   may still grow and whose last span ended less than ``lateness`` before ``now`` is deferred to a
+   later build; a complete one, whose root span or conversation has ended, is built at once);
 3. ``extract_transitions`` with the config's ``select`` and ``config_hash``; then
    ``merge_trajectories`` when ``trajectory: true``;
 4. join ``rollout_status`` (the rollout's ``status``) and compute a first GRPO pass, so stages may
@@ -42,16 +46,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 
-from tracelearn.collector.atomic_files import AtomicParquetWriter, partition_directory
+from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR
 from tracelearn.pipelines.advantages import grpo_advantages, zero_signal_counts
 from tracelearn.pipelines.buckets import (
     BUCKET_BYTES,
@@ -65,13 +69,18 @@ from tracelearn.pipelines.buckets import (
 from tracelearn.pipelines.config import (
     PipelineConfig,
     config_hash,
+    join_config,
     reward_sources,
     rollout_config,
 )
 from tracelearn.pipelines.credit import assign_credit
+from tracelearn.pipelines.partition_output import COMPRESSION, OUTPUT_DATE, DatePartitionFiles, late_span_rollouts
+from tracelearn.pipelines.prepared import ensure_prepared, prepare_spans
 from tracelearn.pipelines.rewards import RewardSources
-from tracelearn.pipelines.rollouts import build_closed_rollouts, reward_spans, rollouts_to_arrow
-from tracelearn.pipelines.spans_input import distinct_spans, scan_files, spans_files
+from tracelearn.pipelines.rollout_identity import JoinConfig, apply_rollout_identity, rollout_identity_map
+from tracelearn.pipelines.rollout_rewards import reward_spans
+from tracelearn.pipelines.rollouts import build_closed_rollouts, rollouts_to_arrow
+from tracelearn.pipelines.spans_input import distinct_spans, scan_files, spans_files, spans_location
 from tracelearn.pipelines.stages import BoundStage, resolve_stages, run_stages
 from tracelearn.pipelines.transitions import (
     TRANSITION_COLUMNS,
@@ -84,7 +93,7 @@ from tracelearn.schemas.dataset import DatasetFiles
 
 __all__ = ["COMPRESSION", "BuildResult", "build_transitions", "output_file_name", "process_rewards"]
 
-COMPRESSION = "zstd"
+logger = logging.getLogger(__name__)
 SUMMARY_KEYS: tuple[str, ...] = (
     "rollouts",
     "deferred",
@@ -116,7 +125,6 @@ TRANSITION_DICTIONARY_COLUMNS = (
     "trace_id",
     "pipeline_config_hash",
 )
-_DATE = "__output_date"
 
 
 @dataclass(frozen=True)
@@ -131,13 +139,15 @@ class BuildResult:
     ``feedback_rewards`` (rollouts with a feedback reward), ``transitions`` (written),
     ``without_token_ids``, ``groups``, ``zero_signal_groups``, ``buckets`` (how many pieces the
     spans were built in), ``late_span_rollouts`` (rollouts this build rewrote with more spans than
-    the previous build of their partition saw), ``files_written``.
+    the previous build of their partition saw), ``files_written``. ``notes``: one line each for what
+    the user may want to act on (rollouts kept without a reward, spans still in the spool).
     """
 
     transitions_files: list[Path]
     rollouts_files: list[Path]
     summary: dict[str, int]
     config_hash: str
+    notes: tuple[str, ...] = ()
 
 
 def output_file_name(pipeline_config_hash: str) -> str:
@@ -165,19 +175,18 @@ def process_rewards(spans: pl.LazyFrame, rollouts: pl.LazyFrame, transitions: pl
     call are dropped (there is no call to credit). Reads spans ``span_type``, ``rollout_id``,
     ``reward``, ``reward_name``, ``end_time``, ``trace_id``, ``span_id``, ``start_time``; rollouts
     ``rollout_id``, ``reward_name``; transitions ``rollout_id``, ``step_index``, ``trace_id``, ``span_id``.
+    ``spans`` are prepared or raw (prepared here).
     """
+    spans = ensure_prepared(spans)
     primary = rollouts.select("rollout_id", pl.col("reward_name").alias("__primary"))
     rewards = (
         reward_spans(spans)
-        .pipe(distinct_spans)
         .join(primary, on="rollout_id", how="inner")
         .filter(pl.col("reward_name") != pl.col("__primary").fill_null(""))
         .select("rollout_id", pl.col("end_time").alias("__at"), pl.col("reward").alias("value"))
         .sort("__at")
     )
-    starts = spans.select("trace_id", "span_id", pl.col("start_time").alias("__at")).unique(
-        subset=["trace_id", "span_id"], keep="first"
-    )
+    starts = spans.select("trace_id", "span_id", pl.col("start_time").alias("__at"))
     calls = (
         transitions.select("rollout_id", "step_index", "trace_id", "span_id")
         .join(starts, on=["trace_id", "span_id"], how="inner")
@@ -193,7 +202,7 @@ def process_rewards(spans: pl.LazyFrame, rollouts: pl.LazyFrame, transitions: pl
 
 @dataclass(frozen=True)
 class _BucketBuild:
-    """One bucket's output: credited transitions and rollouts (each with ``_DATE``) and its counts."""
+    """One bucket's output: credited transitions and rollouts (each with ``OUTPUT_DATE``) and its counts."""
 
     transitions: pl.DataFrame
     rollouts: pl.DataFrame
@@ -207,11 +216,16 @@ def _build_bucket(
     hash_: str,
     now: dt.datetime,
     rewards: RewardSources,
+    identity: pl.DataFrame | None,
 ) -> _BucketBuild:
-    """Steps 2-6 of the module docstring over the spans of whole rollouts and whole advantage groups."""
-    # A bucket is bounded by bucket_bytes, so its spans are read and decoded once here rather than
-    # once by each query below (rollouts, transitions, process rewards).
-    lf = lf.collect().lazy()
+    """Steps 2-6 of the module docstring over the spans of whole rollouts and whole advantage groups.
+
+    ``identity``: the loose traces' rollout ids computed over the whole dataset (bucketed builds),
+    or ``None`` to compute them from this bucket (a build of one bucket).
+    """
+    # A bucket is bounded by bucket_bytes, so its spans are read, decoded and prepared once here
+    # rather than once by each query below (rollouts, transitions, rewards).
+    lf = prepare_spans(lf, join_config(config), identity).collect().lazy()
     build = build_closed_rollouts(lf, now, rollout_config(config), rewards)
     rollouts = build.rollouts.lazy()
 
@@ -252,7 +266,7 @@ def _build_bucket(
         include_final_reward=credit.include_final_reward,
     )
     final = advantages(credited)
-    start_date = pl.col("start_time").dt.strftime("%Y-%m-%d").alias(_DATE)
+    start_date = pl.col("start_time").dt.strftime("%Y-%m-%d").alias(OUTPUT_DATE)
     starts = rollouts.select("rollout_id", start_date)
     result = final.join(starts, on="rollout_id", how="left").sort(["rollout_id", "step_index"]).collect()
 
@@ -260,7 +274,7 @@ def _build_bucket(
     zero = zero_signal_counts(result.lazy(), group_by)
     summary = build.summary
     return _BucketBuild(
-        transitions=result.select(*TRANSITION_COLUMNS, _DATE),
+        transitions=result.select(*TRANSITION_COLUMNS, OUTPUT_DATE),
         rollouts=build.rollouts.with_columns(start_date),
         counts={
             "rollouts": build.rollouts.height,
@@ -282,71 +296,16 @@ def _build_bucket(
     )
 
 
-class _DatePartitionFiles:
-    """One appendable output file per ``date=`` partition of a table, all committed or all aborted."""
-
-    def __init__(
-        self,
-        root: Path,
-        file_name: str,
-        to_arrow: Callable[[pl.DataFrame], pa.Table],
-        dictionary_columns: list[str] | None = None,
-    ) -> None:
-        self.root = root
-        self.file_name = file_name
-        self.to_arrow = to_arrow
-        self.dictionary_columns = dictionary_columns
-        self.files: dict[str, AtomicParquetWriter] = {}
-
-    def append(self, frame: pl.DataFrame, sort_by: list[str]) -> None:
-        """Append ``frame``'s rows (sorted by ``sort_by``) to the file of each of its ``_DATE`` values."""
-        for (date,), part in frame.partition_by(_DATE, as_dict=True, include_key=False).items():
-            table = self.to_arrow(part.sort(sort_by))
-            writer = self.files.get(date)
-            if writer is None:
-                directory = partition_directory(self.root, ["date"], (date,))
-                writer = AtomicParquetWriter(
-                    table.schema, directory, self.file_name, COMPRESSION, self.dictionary_columns
-                )
-                self.files[date] = writer
-            writer.write(table)
-
-    def commit(self) -> list[Path]:
-        return [self.files[date].commit() for date in sorted(self.files)]
-
-    def abort(self) -> None:
-        for writer in self.files.values():
-            writer.abort()
-
-
-def late_span_rollouts(rollouts_root: Path, file_name: str, built: pl.DataFrame) -> int:
-    """How many rollouts of ``built`` had fewer spans in the previous output of their partition.
-
-    These are the rollouts that late spans (arriving after a rollout passed the watermark and was
-    built) reached only through this rebuild; counting them makes late data visible instead of
-    silently merged. Reads ``rollout_id``, ``n_spans`` and ``_DATE`` of ``built`` and the previous
-    ``rollouts`` files of the same config (``file_name``), if any.
-    """
-    previous = [
-        path
-        for (date,) in built.select(_DATE).unique().iter_rows()
-        if (path := partition_directory(rollouts_root, ["date"], (date,)) / file_name).is_file()
-    ]
-    if not previous:
-        return 0
-    before = pl.scan_parquet(previous).select("rollout_id", pl.col("n_spans").alias("__before"))
-    grown = built.lazy().join(before, on="rollout_id", how="inner").filter(pl.col("n_spans") > pl.col("__before"))
-    return int(grown.select(pl.len()).collect().item())
-
-
 def _bucketed_spans(
     files: DatasetFiles,
     group_by: tuple[str, ...],
     bucket_bytes: int,
     out_root: Path,
     cleanup: contextlib.ExitStack,
-) -> Iterator[pl.LazyFrame]:
-    """The spans to build, one LazyFrame per bucket (see ``tracelearn.pipelines.buckets``).
+    join: JoinConfig,
+) -> Iterator[tuple[pl.LazyFrame, pl.DataFrame | None]]:
+    """The spans to build, one LazyFrame per bucket (see ``tracelearn.pipelines.buckets``), each with
+    the rollout identity map of the whole dataset (``None`` for a build of one bucket).
 
     Buckets are spilled to a temp directory under ``out_root`` (same file system as the output),
     removed when ``cleanup`` closes.
@@ -355,16 +314,46 @@ def _bucketed_spans(
     columns = bucket_columns(group_by)
     buckets = bucket_count(files, bucket_bytes) if columns and not files.single_file else 1
     if buckets == 1:
-        yield lf
+        yield lf, None
         return
     out_root.mkdir(parents=True, exist_ok=True)
     spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".build-", dir=out_root)))
-    keys = rollout_group_keys(lf, columns).collect(engine="streaming")
+    # Joined conversations span several traces: their identity is settled over the whole dataset
+    # (only the loose calls are read), so each lands whole in one bucket and joins the same way there.
+    identity = rollout_identity_map(distinct_spans(lf), join)
+    keys = rollout_group_keys(apply_rollout_identity(lf, identity), columns).collect(engine="streaming")
     assignment = assign_buckets(keys, columns, buckets)
-    for directory in spill_buckets(files, assignment, buckets, spill):
+    for directory in spill_buckets(files, assignment, buckets, spill, identity):
         bucket = scan_bucket(directory)
         if bucket is not None:
-            yield bucket
+            yield bucket, identity
+
+
+def spool_note(spans: str | Path) -> str | None:
+    """A line about spans still in the write-ahead spool under ``spans`` (local data only), or ``None``."""
+    spool = Path(spans_location(spans)) / SPOOL_DIR
+    segments = [path for path in spool.glob(f"*{SEGMENT_SUFFIX}") if path.is_file()] if spool.is_dir() else []
+    if not segments:
+        return None
+    size = sum(path.stat().st_size for path in segments) / 1024
+    return (
+        f"{len(segments)} spool segment(s) ({size:.0f} KiB) under {spool} hold spans not in Parquet yet: they "
+        f"roll into Parquet when their writer does; if that process is gone, run `tracelearn spans replay {spans}`"
+    )
+
+
+def reward_note(config: PipelineConfig, without_reward: int) -> str | None:
+    """A line saying how to add a reward when rollouts have none and no reward source is configured."""
+    reward = config.reward
+    if without_reward == 0 or reward.function is not None or reward.feedback:
+        return None
+    fate = {"keep": "kept with reward and advantage null, which training skips", "drop": "dropped"}.get(
+        reward.missing, f"given reward {reward.fill_value}"
+    )
+    return (
+        f"{without_reward} rollout(s) have no reward ({fate}): set reward.function: module:function in "
+        "pipeline.yaml, or emit rewards from the agent with tracelearn.emit_reward"
+    )
 
 
 def build_transitions(
@@ -397,17 +386,18 @@ def build_transitions(
     files = spans_files(spans, date)
     rewards = reward_sources(config, spans)
     file_name = output_file_name(hash_)
-    transitions_files = _DatePartitionFiles(
+    transitions_files = DatePartitionFiles(
         out_root / "transitions", file_name, transitions_to_arrow, list(TRANSITION_DICTIONARY_COLUMNS)
     )
     rollout_frames: list[pl.DataFrame] = []
     totals: Counter[str] = Counter()
-    rollouts_files = _DatePartitionFiles(out_root / "rollouts", file_name, rollouts_to_arrow)
+    rollouts_files = DatePartitionFiles(out_root / "rollouts", file_name, rollouts_to_arrow)
     try:
         with contextlib.ExitStack() as cleanup:
-            parts = _bucketed_spans(files, config.advantage.group_by, bucket_bytes, out_root, cleanup)
-            for part in parts if files.paths else ():
-                bucket = _build_bucket(part, config, stages, hash_, now, rewards)
+            join = join_config(config)
+            parts = _bucketed_spans(files, config.advantage.group_by, bucket_bytes, out_root, cleanup, join)
+            for part, identity in parts if files.paths else ():
+                bucket = _build_bucket(part, config, stages, hash_, now, rewards, identity)
                 transitions_files.append(bucket.transitions, ["rollout_id", "step_index"])
                 rollout_frames.append(bucket.rollouts)
                 totals.update(bucket.counts)
@@ -424,9 +414,13 @@ def build_transitions(
     written_rollouts = rollouts_files.commit()
     summary = {key: totals[key] for key in SUMMARY_KEYS}
     summary["files_written"] = len(written_transitions) + len(written_rollouts)
+    notes = tuple(note for note in (reward_note(config, summary["without_reward"]), spool_note(spans)) if note)
+    for note in notes:
+        logger.info("%s", note)
     return BuildResult(
         transitions_files=written_transitions,
         rollouts_files=written_rollouts,
         summary=summary,
         config_hash=hash_,
+        notes=notes,
     )

@@ -8,6 +8,7 @@ Example (every key is optional; an omitted key takes the default shown in the co
     credit: {method: identical}              # identical | discounted(gamma) | last_step | process
     advantage: {method: grpo, group_by: task_id, normalize_std: true, level: rollout}
     watermark: {lateness_seconds: 600}
+    conversation: {window_seconds: 600, sequence_gap_seconds: 30}
     trajectory: false
 
 ``reward``: several sources at once, every named reward of every source lands in the rollout's
@@ -18,7 +19,14 @@ name, a dict under its keys) and ``feedback`` (default false: the feedback table
 ``<data root>/feedback/``). ``primary`` names the reward to train on (default: ``name`` when a
 function is given, else the first emitted, else the earliest feedback; required when feedback is the
 only source). ``missing`` says what happens to a rollout without a primary reward: ``drop``
-(default; counted), ``keep`` (reward null) or ``fill`` (with ``fill_value``, default 0).
+(counted), ``keep`` (reward null) or ``fill`` (with ``fill_value``, default 0); the default is
+``drop`` when a function or feedback is configured, else ``keep`` (a first build, before any reward
+is configured, still yields transitions, with null rewards).
+
+``conversation``: how LLM calls without a common trace join into rollouts
+(``tracelearn.pipelines.rollout_identity``): ``window_seconds`` (a call carries on a conversation
+whose previous call ended at most this long before it) and ``sequence_gap_seconds`` (the sequence
+rule's gap between two calls of one process and thread).
 
 :func:`load_config` reads a file (or gives the defaults for ``None``), :func:`parse_config` a
 mapping; both check every field and raise :class:`PipelineConfigError` naming the file, the key
@@ -50,6 +58,7 @@ from tracelearn.pipelines.rewards import (
     load_reward_function,
     scan_feedback,
 )
+from tracelearn.pipelines.rollout_identity import JoinConfig
 from tracelearn.pipelines.rollouts import DEFAULT_LATENESS, RolloutConfig
 from tracelearn.pipelines.stages import StageError, StageSpec, resolve_stage
 
@@ -57,6 +66,7 @@ __all__ = [
     "ADVANTAGE_METHODS",
     "MISSING_REWARD_POLICIES",
     "AdvantageConfig",
+    "ConversationConfig",
     "CreditConfig",
     "PipelineConfig",
     "PipelineConfigError",
@@ -65,6 +75,7 @@ __all__ = [
     "WatermarkConfig",
     "config_as_dict",
     "config_hash",
+    "join_config",
     "load_config",
     "parse_config",
     "reward_sources",
@@ -105,7 +116,7 @@ class RewardConfig:
     name: str | None = None
     feedback: bool = False
     primary: str | None = None
-    missing: str = "drop"
+    missing: str = "keep"
     fill_value: float | None = None
 
 
@@ -137,6 +148,14 @@ class WatermarkConfig:
 
 
 @dataclass(frozen=True)
+class ConversationConfig:
+    """How LLM calls without a common trace join into rollouts (see ``JoinConfig``)."""
+
+    window_seconds: float = JoinConfig.window.total_seconds()
+    sequence_gap_seconds: float = JoinConfig.gap.total_seconds()
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The whole parsed ``pipeline.yaml``; ``PipelineConfig()`` is the defaults."""
 
@@ -146,6 +165,7 @@ class PipelineConfig:
     credit: CreditConfig = field(default_factory=CreditConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
     trajectory: bool = False
 
 
@@ -251,7 +271,10 @@ def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
     primary = check.name(primary, "reward.primary") if primary is not None else name
     if primary is None and feedback and not emitted:
         raise check.fail("reward.primary", "is required when feedback is the only reward source (a feedback name)")
-    missing = check.choice(section.get("missing", "drop"), "reward.missing", MISSING_REWARD_POLICIES)
+    # Nothing configured beyond the default emitted rewards: keep the rollouts (a first build yields
+    # transitions, with null rewards, and the build says how to add a reward).
+    default_missing = "drop" if function is not None or feedback else "keep"
+    missing = check.choice(section.get("missing", default_missing), "reward.missing", MISSING_REWARD_POLICIES)
     fill_value = section.get("fill_value")
     if missing == "fill":
         fill_value = check.number(fill_value, "reward.fill_value") if fill_value is not None else 0.0
@@ -339,7 +362,30 @@ def _parse_watermark(check: _Checker, raw: Mapping[str, Any]) -> WatermarkConfig
     return WatermarkConfig(lateness)
 
 
-_TOP_LEVEL: tuple[str, ...] = ("select", "reward", "stages", "credit", "advantage", "watermark", "trajectory")
+def _parse_conversation(check: _Checker, raw: Mapping[str, Any]) -> ConversationConfig:
+    section = check.section(raw, "conversation", ("window_seconds", "sequence_gap_seconds"))
+    values = []
+    for key, default in (
+        ("window_seconds", ConversationConfig.window_seconds),
+        ("sequence_gap_seconds", ConversationConfig.sequence_gap_seconds),
+    ):
+        value = check.number(section.get(key, default), f"conversation.{key}")
+        if value < 0:
+            raise check.fail(f"conversation.{key}", f"{section[key]!r} must be >= 0")
+        values.append(value)
+    return ConversationConfig(*values)
+
+
+_TOP_LEVEL: tuple[str, ...] = (
+    "select",
+    "reward",
+    "stages",
+    "credit",
+    "advantage",
+    "watermark",
+    "conversation",
+    "trajectory",
+)
 
 
 def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE) -> PipelineConfig:
@@ -364,6 +410,7 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE) ->
         credit=_parse_credit(check, raw),
         advantage=_parse_advantage(check, raw),
         watermark=_parse_watermark(check, raw),
+        conversation=_parse_conversation(check, raw),
         trajectory=check.boolean(raw.get("trajectory", False), "trajectory"),
     )
 
@@ -395,6 +442,15 @@ def rollout_config(config: PipelineConfig) -> RolloutConfig:
         lateness=dt.timedelta(seconds=config.watermark.lateness_seconds),
         missing_reward="drop" if reward.missing == "drop" else "fill" if reward.missing == "fill" else "keep",
         fill_reward=reward.fill_value if reward.fill_value is not None else 0.0,
+    )
+
+
+def join_config(config: PipelineConfig) -> JoinConfig:
+    """The :class:`~tracelearn.pipelines.rollout_identity.JoinConfig` that ``config`` asks for."""
+    conversation = config.conversation
+    return JoinConfig(
+        window=dt.timedelta(seconds=conversation.window_seconds),
+        gap=dt.timedelta(seconds=conversation.sequence_gap_seconds),
     )
 
 

@@ -30,30 +30,26 @@ from typing import Any, Literal
 import polars as pl
 import pyarrow as pa
 
+from tracelearn.pipelines.prepared import ensure_prepared
 from tracelearn.pipelines.rewards import (
     REWARD_ROWS_SCHEMA,
     SOURCE_FEEDBACK,
-    SOURCE_FUNCTION,
     FunctionRewardReport,
     RewardSources,
     feedback_reward_rows,
     function_reward_rows,
 )
-from tracelearn.pipelines.spans_input import distinct_spans
+from tracelearn.pipelines.rollout_identity import CONVERSATION, EXPLICIT, SEQUENCE, TRACE
+from tracelearn.pipelines.rollout_rewards import REWARDS_DTYPE, merge_rewards, rollout_rewards
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.identity import task_id_from_messages
 from tracelearn.schemas.migrations import conform
 from tracelearn.schemas.tables import ROLLOUTS
 
 DEFAULT_LATENESS = dt.timedelta(minutes=10)
-REWARDS_DTYPE = pl.List(pl.Struct({"key": pl.String, "value": pl.Float64}))
 TIME_DTYPE = pl.Datetime("ns", "UTC")
 ERROR = "ERROR"
 ROLLOUT_COLUMNS = tuple(ROLLOUTS.schema.names)
-SOURCE_EMITTED = "emitted"
-# On a name given by several sources, the later one here wins: feedback (a person or grader after the
-# run) over the pipeline's function over what the agent emitted.
-SOURCE_PRECEDENCE = {SOURCE_EMITTED: 0, SOURCE_FUNCTION: 1, SOURCE_FEEDBACK: 2}
 
 logger = logging.getLogger(__name__)
 
@@ -128,43 +124,11 @@ def orphan_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
     Reads ``rollout_id``, ``trace_id``, ``span_id``, ``parent_span_id``, ``name``. Sorted by rollout and span.
     """
     return (
-        with_parent_found(distinct_spans(spans))
+        with_parent_found(ensure_prepared(spans))
         .filter(~pl.col("parent_found"))
         .select("rollout_id", "trace_id", "span_id", "parent_span_id", "name")
         .sort(["rollout_id", "trace_id", "span_id"])
     )
-
-
-def reward_spans(spans: pl.LazyFrame) -> pl.LazyFrame:
-    """The emitted rewards: spans with ``span_type == 'reward'`` and a reward, ``reward_name`` defaulting to ``reward``.
-
-    Reads ``span_type``, ``reward``, ``reward_name``; adds nothing.
-    """
-    return spans.filter((pl.col("span_type") == sc.TYPE_REWARD) & pl.col("reward").is_not_null()).with_columns(
-        pl.col("reward_name").fill_null("reward")
-    )
-
-
-def rollout_rewards(spans: pl.LazyFrame) -> pl.LazyFrame:
-    """Per rollout: ``final_reward``, ``reward_name`` (the primary reward) and ``rewards`` (all, by name).
-
-    Reads reward spans (``span_type == 'reward'``): ``rollout_id``, ``reward``, ``reward_name``,
-    ``reward_is_primary``, ``end_time``, ``span_id``. The primary reward is the first emitted one flagged
-    primary, else the first emitted; when a name is emitted twice, ``rewards`` keeps the first value.
-    """
-    rewards = reward_spans(spans).sort(["rollout_id", "end_time", "trace_id", "span_id"])
-    not_primary = ~pl.col("reward_is_primary").fill_null(False)
-    primary = rewards.group_by("rollout_id").agg(
-        pl.col("reward").sort_by(not_primary, maintain_order=True).first().alias("final_reward"),
-        pl.col("reward_name").sort_by(not_primary, maintain_order=True).first().alias("reward_name"),
-    )
-    named = (
-        rewards.unique(subset=["rollout_id", "reward_name"], keep="first", maintain_order=True)
-        .sort(["rollout_id", "reward_name"])
-        .group_by("rollout_id", maintain_order=True)
-        .agg(pl.struct(key=pl.col("reward_name"), value=pl.col("reward")).alias("rewards"))
-    )
-    return primary.join(named, on="rollout_id", how="left")
 
 
 _CALL_ORDER = ["start_time", "trace_id", "span_id"]
@@ -211,54 +175,98 @@ def rollout_task_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
-    """Spans -> one row per rollout, with exactly the ROLLOUTS columns, sorted by ``rollout_id``.
+# Finish reasons of a response that asks for tools: the conversation goes on.
+_TOOL_FINISH_REASONS = ["tool_calls", "function_call", "tool_use"]
+_HAS_TOOL_CALLS = r'"tool_calls"\s*:\s*\[\s*\{'
+_IDENTITY_RANK = {EXPLICIT: 0, SEQUENCE: 1, CONVERSATION: 2, TRACE: 3}
+COMPLETE = "complete"
 
-    Reads the spans columns ``rollout_id``, ``attempt_id``, ``trace_id``, ``span_id``,
-    ``parent_span_id``, ``task_id``, ``group_id``, ``service_name``, ``agent_name``, ``span_type``,
-    ``start_time``, ``end_time``, ``status_code``, ``input_messages``, ``input_tokens``,
-    ``output_tokens`` and the reward columns. ``rewards`` is a list of ``{key, value}`` structs
-    (``rollouts_to_arrow`` turns it into the Arrow map). Status: ``error`` if a root or rollout span
-    failed, else ``incomplete`` if the rollout has orphan spans and no root span, else ``ok``.
+
+def _conversation_ended() -> pl.Expr:
+    """Aggregation over a rollout's spans in start order: its last LLM call answered without tool calls."""
+    is_llm = pl.col("span_type") == sc.TYPE_LLM
+    output = pl.col("output_messages").filter(is_llm).last()
+    finish = pl.col("finish_reason").filter(is_llm).last()
+    return (
+        output.is_not_null()
+        & ~output.str.contains(_HAS_TOOL_CALLS).fill_null(False)
+        & ~finish.is_in(_TOOL_FINISH_REASONS).fill_null(False)
+    )
+
+
+def rollout_rows(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """:func:`build_rollouts` plus ``complete`` (Boolean): the rollout cannot grow any more.
+
+    Complete: a ``trace`` rollout whose root span is there (spans are written when they end) and no
+    span misses its parent; an ``explicit`` one whose ``tracelearn.rollout`` span is there (its other
+    traces may still come until then); a ``conversation`` or ``sequence`` one whose last call
+    answered without asking for tools (a final finish reason). Reads prepared spans.
     """
-    # "first" in the aggregations below is well defined: the join in with_parent_found does not keep
-    # row order, so the de-duplicated spans are sorted once, after it.
-    distinct = distinct_spans(spans)
-    ordered = with_parent_found(distinct).sort(["rollout_id", "start_time", "trace_id", "span_id"])
+    spans = ensure_prepared(spans)
+    # "first" and "last" below are well defined: the join in with_parent_found does not keep row
+    # order, so the spans are sorted once, after it.
+    ordered = with_parent_found(spans).sort(["rollout_id", "start_time", "trace_id", "span_id"])
     is_root = pl.col("parent_span_id").is_null()
     is_llm = pl.col("span_type") == sc.TYPE_LLM
     is_error = pl.col("status_code") == ERROR
-    top_error = ((is_root | (pl.col("span_type") == sc.TYPE_ROLLOUT)) & is_error).any()
-    incomplete = (~is_root.any()) & (~pl.col("parent_found")).any()
+    orphans = (~pl.col("parent_found")).any()
+    identity = pl.col("rollout_identity").sort_by(pl.col("rollout_identity").replace_strict(_IDENTITY_RANK)).first()
+    error_message = pl.coalesce("status_message", pl.format("{} ended in ERROR", "name"))
+    complete = (
+        pl.when(identity == TRACE)
+        .then(is_root.any() & ~orphans)
+        .when(identity == EXPLICIT)
+        .then((is_root & (pl.col("span_type") == sc.TYPE_ROLLOUT)).any() & ~orphans)
+        .otherwise(_conversation_ended())
+    )
     counts = ordered.group_by("rollout_id").agg(
         pl.col("attempt_id").drop_nulls().first(),
         pl.col("trace_id").unique().sort().alias("trace_ids"),
+        identity.alias("identity"),
         pl.col("group_id").drop_nulls().first(),
         pl.col("service_name").drop_nulls().first(),
         pl.col("agent_name").drop_nulls().unique(maintain_order=True).alias("agents"),
         pl.col("start_time").min(),
         pl.col("end_time").max(),
-        pl.when(top_error)
+        pl.when(is_error.any())
         .then(pl.lit("error"))
-        .when(incomplete)
+        .when((~is_root.any()) & orphans)
         .then(pl.lit("incomplete"))
         .otherwise(pl.lit("ok"))
-        .first()
         .alias("status"),
+        error_message.filter(is_error).sort_by(pl.col("end_time").filter(is_error)).first().alias("error_message"),
         pl.len().cast(pl.Int64).alias("n_spans"),
         is_llm.sum().cast(pl.Int64).alias("n_llm_calls"),
         (pl.col("span_type") == sc.TYPE_TOOL).sum().cast(pl.Int64).alias("n_tool_calls"),
         is_error.sum().cast(pl.Int64).alias("n_errors"),
         pl.col("input_tokens").filter(is_llm).sum().cast(pl.Int64),
         pl.col("output_tokens").filter(is_llm).sum().cast(pl.Int64),
+        complete.fill_null(False).alias(COMPLETE),
     )
     return (
-        counts.join(rollout_task_ids(distinct), on="rollout_id", how="left")
+        counts.join(rollout_task_ids(spans), on="rollout_id", how="left")
         .join(rollout_rewards(ordered), on="rollout_id", how="left")
         .with_columns(pl.col("rewards").fill_null(pl.lit([], dtype=REWARDS_DTYPE)))
-        .select(ROLLOUT_COLUMNS)
+        .select(*ROLLOUT_COLUMNS, COMPLETE)
         .sort("rollout_id")
     )
+
+
+def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
+    """Spans -> one row per rollout, with exactly the ROLLOUTS columns, sorted by ``rollout_id``.
+
+    ``spans`` are prepared (``tracelearn.pipelines.prepared``) or raw (prepared here). Reads the
+    spans columns ``rollout_id``, ``rollout_identity``, ``attempt_id``, ``trace_id``, ``span_id``,
+    ``parent_span_id``, ``name``, ``task_id``, ``group_id``, ``service_name``, ``agent_name``,
+    ``span_type``, ``start_time``, ``end_time``, ``status_code``, ``status_message``,
+    ``input_messages``, ``output_messages``, ``finish_reason``, ``input_tokens``, ``output_tokens``
+    and the reward columns. ``rewards`` is a list of ``{key, value}`` structs (``rollouts_to_arrow``
+    turns it into the Arrow map). Status: ``error`` if any span ended in ERROR (``error_message``:
+    the first one's message, by end time), else ``incomplete`` if the rollout has orphan spans and
+    no root span, else ``ok``. ``identity``: the rule that made the rollout (a rollout mixing
+    rules takes the first of explicit, sequence, conversation, trace).
+    """
+    return rollout_rows(spans).select(ROLLOUT_COLUMNS)
 
 
 def watermark_cutoff(now: dt.datetime, lateness: dt.timedelta = DEFAULT_LATENESS) -> dt.datetime:
@@ -273,13 +281,17 @@ def watermark_cutoff(now: dt.datetime, lateness: dt.timedelta = DEFAULT_LATENESS
 def split_by_watermark(
     rollouts: pl.LazyFrame, now: dt.datetime, lateness: dt.timedelta = DEFAULT_LATENESS
 ) -> tuple[pl.LazyFrame, pl.LazyFrame]:
-    """(closed, deferred) rollouts for a build at ``now``; reads ``end_time``, adds nothing.
+    """(closed, deferred) rollouts for a build at ``now``; reads ``end_time`` and, when there,
+    ``complete`` (see :func:`rollout_rows`); adds nothing.
 
-    Closed: the last span ended strictly before ``now - lateness``; late spans of a closed rollout are
-    only picked up by rebuilding its partition. Deferred: the rest, left for a later build.
+    Closed: complete, or the last span ended strictly before ``now - lateness``; late spans of a
+    closed rollout are only picked up by rebuilding its partition. Deferred: the rest, rollouts that
+    may still grow, left for a later build.
     """
     cutoff = pl.lit(watermark_cutoff(now, lateness), dtype=TIME_DTYPE)
     closed = pl.col("end_time") < cutoff
+    if COMPLETE in rollouts.collect_schema().names():
+        closed = closed | pl.col(COMPLETE)
     return rollouts.filter(closed), rollouts.filter(~closed)
 
 
@@ -297,93 +309,6 @@ def apply_missing_reward(rollouts: pl.LazyFrame, config: RolloutConfig) -> pl.La
             .alias("reward_name"),
         )
     return rollouts
-
-
-def _emitted_reward_rows(rollouts: pl.LazyFrame) -> pl.LazyFrame:
-    """The rollouts' ``rewards`` maps as reward rows (``REWARD_ROWS_SCHEMA``, ``source = 'emitted'``)."""
-    entry = pl.col("__reward")
-    return (
-        rollouts.select("rollout_id", pl.col("rewards").alias("__reward"))
-        .explode("__reward")
-        .filter(entry.is_not_null())
-        .select(
-            "rollout_id",
-            entry.struct.field("key").alias("reward_name"),
-            entry.struct.field("value").alias("reward"),
-            pl.lit(SOURCE_EMITTED).alias("source"),
-            pl.lit(None, dtype=TIME_DTYPE).alias("time"),
-        )
-    )
-
-
-def _primary_names(rollouts: pl.LazyFrame, extra: pl.LazyFrame, sources: RewardSources) -> pl.LazyFrame:
-    """Per rollout: ``reward_name`` of the primary reward (rollouts without one are absent).
-
-    The configured ``primary``; without one, the emitted primary, else the function's reward, else
-    the earliest feedback (then by name). Reads rollouts ``rollout_id``, ``reward_name``; the reward
-    rows ``rollout_id``, ``reward_name``, ``source``, ``time``.
-    """
-    if sources.primary is not None:
-        return rollouts.select("rollout_id", pl.lit(sources.primary).alias("reward_name"))
-    candidates = [
-        extra.filter(pl.col("source") == SOURCE_FEEDBACK).select(
-            "rollout_id", "reward_name", pl.lit(2).alias("__rank"), "time"
-        )
-    ]
-    if sources.function is not None:
-        candidates.append(
-            extra.filter(
-                (pl.col("source") == SOURCE_FUNCTION) & (pl.col("reward_name") == sources.function.name)
-            ).select("rollout_id", "reward_name", pl.lit(1).alias("__rank"), "time")
-        )
-    if sources.emitted:
-        candidates.append(
-            rollouts.filter(pl.col("reward_name").is_not_null()).select(
-                "rollout_id", "reward_name", pl.lit(0).alias("__rank"), pl.lit(None, dtype=TIME_DTYPE).alias("time")
-            )
-        )
-    return (
-        pl.concat(candidates)
-        .sort(["rollout_id", "__rank", "time", "reward_name"], nulls_last=True)
-        .unique(subset=["rollout_id"], keep="first", maintain_order=True)
-        .select("rollout_id", "reward_name")
-    )
-
-
-def merge_rewards(rollouts: pl.LazyFrame, extra: pl.LazyFrame, sources: RewardSources) -> pl.LazyFrame:
-    """Replace ``final_reward``, ``reward_name`` and ``rewards`` by the merge of every source's rewards.
-
-    ``rewards`` holds every named reward of the enabled sources (emitted ones from the rollouts'
-    ``rewards``, the others from ``extra``, reward rows of ``REWARD_ROWS_SCHEMA``); a name given by
-    several sources takes the value of the one latest in ``SOURCE_PRECEDENCE``. ``final_reward`` /
-    ``reward_name`` are the primary reward (see :func:`_primary_names`), null when the rollout lacks it.
-    Reads the ROLLOUTS columns; returns them, sorted by ``rollout_id``.
-    """
-    parts = [extra.select(REWARD_ROWS_SCHEMA.names())]
-    if sources.emitted:
-        parts.append(_emitted_reward_rows(rollouts))
-    precedence = pl.col("source").replace_strict(SOURCE_PRECEDENCE, return_dtype=pl.Int8)
-    merged = (
-        pl.concat(parts)
-        .sort(["rollout_id", "reward_name", precedence])
-        .unique(subset=["rollout_id", "reward_name"], keep="last", maintain_order=True)
-    )
-    named = merged.group_by("rollout_id", maintain_order=True).agg(
-        pl.struct(key=pl.col("reward_name"), value=pl.col("reward")).alias("rewards")
-    )
-    primary = _primary_names(rollouts, extra, sources).join(
-        merged.select("rollout_id", "reward_name", pl.col("reward").alias("final_reward")),
-        on=["rollout_id", "reward_name"],
-        how="inner",
-    )
-    return (
-        rollouts.drop("final_reward", "reward_name", "rewards")
-        .join(primary, on="rollout_id", how="left")
-        .join(named, on="rollout_id", how="left")
-        .with_columns(pl.col("rewards").fill_null(pl.lit([], dtype=REWARDS_DTYPE)))
-        .select(ROLLOUT_COLUMNS)
-        .sort("rollout_id")
-    )
 
 
 def rollout_summary(
@@ -426,14 +351,16 @@ def build_closed_rollouts(
 
     The summary's ``orphan_spans`` counts orphans of the closed rollouts only (deferred ones may still
     receive their parents). Rewards of a rollout depend only on its own spans and feedback, so
-    ``spans`` may hold any set of whole rollouts.
+    ``spans`` (prepared or raw) may hold any set of whole rollouts.
     """
     config = config or RolloutConfig()
     rewards = rewards or RewardSources()
+    spans = ensure_prepared(spans)
     # Collected once: closed, deferred, the reward merge and the orphan filter all read it, and a
     # lazy plan would rebuild it for each of them.
-    built_rollouts = build_rollouts(spans).collect().lazy()
+    built_rollouts = rollout_rows(spans).collect().lazy()
     closed, deferred = split_by_watermark(built_rollouts, now, config.lateness)
+    closed, deferred = closed.select(ROLLOUT_COLUMNS), deferred.select(ROLLOUT_COLUMNS)
     report = FunctionRewardReport()
     extra = [pl.LazyFrame(schema=REWARD_ROWS_SCHEMA)]
     if rewards.function is not None:

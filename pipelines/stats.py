@@ -18,13 +18,16 @@ from typing import Any
 import polars as pl
 
 from tracelearn.pipelines.advantages import grpo_advantages
-from tracelearn.pipelines.rollouts import rollout_rewards, rollout_task_ids
+from tracelearn.pipelines.prepared import ensure_prepared
+from tracelearn.pipelines.rollout_rewards import rollout_rewards
+from tracelearn.pipelines.rollouts import rollout_task_ids
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import DatasetError, dataset_files, require_current_version
 from tracelearn.schemas.tables import TRANSITIONS
 
 __all__ = [
     "ConfigHashError",
+    "NoTransitionsError",
     "SpanAnalysis",
     "TransitionStats",
     "by_agent",
@@ -50,6 +53,23 @@ _RESPONSE_TOKENS = "response_tokens"
 
 class ConfigHashError(DatasetError):
     """The dataset holds several pipeline config hashes and none was chosen, or the chosen prefix matches none."""
+
+
+class NoTransitionsError(DatasetError):
+    """A build output holds rollouts but no transitions (the build chose no LLM call)."""
+
+
+def _no_transitions(root: Path) -> NoTransitionsError:
+    """Say plainly that the build made rollouts only, with their counts and where to look."""
+    rollouts = pl.scan_parquet(dataset_files(root / "rollouts")).select(
+        pl.len().alias("rollouts"), pl.col("n_llm_calls").sum().alias("calls")
+    )
+    row = rollouts.collect().row(0, named=True)
+    return NoTransitionsError(
+        f"{root}: the build made {row['rollouts']} rollouts ({row['calls'] or 0} LLM calls in them) and no "
+        "transitions. With 0 LLM calls no LLM instrumentation saw the agent's calls (see `tracelearn spans "
+        "stats`); otherwise every call was left out by select: in pipeline.yaml"
+    )
 
 
 def transitions_directory(root: str | Path) -> Path:
@@ -94,6 +114,8 @@ def scan_transitions(root: str | Path, config_hash: str | None = None) -> tuple[
     file of another schema version, :class:`ConfigHashError` as ``choose_config_hash`` does.
     """
     path = transitions_directory(root)
+    if path == Path(root) and (path / "rollouts").is_dir() and dataset_files(path / "rollouts"):
+        raise _no_transitions(path)
     files = dataset_files(path)
     if not files:
         raise DatasetError(f"{path}: no transitions Parquet files (expected date=YYYY-MM-DD/part-<hash>.parquet)")
@@ -312,9 +334,11 @@ def span_calls(spans: pl.LazyFrame) -> pl.LazyFrame:
 
     ``agent`` is ``agent_name``, else the ``service_name`` (a process without named agents is one
     agent); ``task_id`` and ``final_reward`` are the rollout's, by the rules the rollout builder uses.
-    Reads spans ``span_type``, ``agent_name``, ``service_name``, ``rollout_id``, ``duration_ns``,
+    ``spans`` are prepared or raw (prepared here: rollouts and calls as a build makes them). Reads
+    spans ``span_type``, ``agent_name``, ``service_name``, ``rollout_id``, ``duration_ns``,
     ``input_tokens``, ``output_tokens`` and what ``rollout_rewards`` / ``rollout_task_ids`` read.
     """
+    spans = ensure_prepared(spans)
     rewards = rollout_rewards(spans).select("rollout_id", "final_reward")
     tasks = rollout_task_ids(spans)
     return (

@@ -2,9 +2,9 @@
 
 A transition is one LLM call: state = the prompt messages and prompt token ids, action = the response
 messages, response token ids and their logprobs. Calls are chosen by ``select`` (agent name regex,
-operation names), numbered within their rollout by call order, and counted once: an LLM span nested
-inside another LLM span (an SDK span under a framework span) and retries recorded with the same
-response id are duplicates of one call.
+operation names), numbered within their rollout by call order, and counted once: the spans are
+prepared first (``tracelearn.pipelines.prepared``: token ids joined, an LLM span nested inside
+another merged into one call), and retries recorded with the same response id are one call.
 
 Token ids are never re-tokenized here: a call without server token ids keeps null ids and
 ``token_ids_source`` null (``transition_counts`` counts them); a later stage may retokenize.
@@ -20,88 +20,16 @@ import re
 import polars as pl
 import pyarrow as pa
 
+from tracelearn.pipelines.prepared import ensure_prepared
 from tracelearn.pipelines.rollouts import ERROR
-from tracelearn.pipelines.spans_input import distinct_spans
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.migrations import conform
 from tracelearn.schemas.tables import TRANSITIONS
 
 TRANSITION_COLUMNS = tuple(TRANSITIONS.schema.names)
-TOKEN_COLUMNS = ("prompt_token_ids", "response_token_ids", "response_logprobs", "token_ids_status")
 TOKEN_IDS_SERVER = "server"
-# How many ancestors of an LLM span are walked to find an enclosing LLM span (through agent, chain
-# or HTTP spans in between). Deeper nesting is not detected; the retry de-duplication by response id
-# still merges such a call when both spans carry the same response id.
-NESTING_DEPTH = 4
-_OUTER = "__outer_llm_span_id"
-_CURSOR = "__ancestor"
-_TOKEN_PREFIX = "__token_"
-_NESTED_PREFIX = "__nested_"
 # Per-call pieces of a merged sequence and the column they are concatenated into.
 _PIECES = {"__ids": "response_token_ids", "__logprobs": "response_logprobs", "__mask": "loss_mask"}
-
-
-def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
-    """Fill LLM rows' token columns from ``token_ids`` rows of the same trace and response id.
-
-    The polars twin of ``tracelearn.collector.token_join.attach_token_ids``. Reads ``span_type``,
-    ``trace_id``, ``response_id``, ``start_time``, ``span_id`` and the token columns
-    (``prompt_token_ids``, ``response_token_ids``, ``response_logprobs``, ``token_ids_status``); adds
-    nothing. When a retried request left several token rows for one key, the earliest-starting one
-    is used. An LLM row's own ids win; its ``token_ids_status`` is replaced by the token row's (the
-    LLM row says ``not_captured`` when only the sibling token span saw the call). Row order is kept.
-    """
-    tokens = (
-        spans.filter((pl.col("span_type") == sc.TYPE_TOKEN_IDS) & pl.col("response_id").is_not_null())
-        .sort(["trace_id", "response_id", "start_time", "span_id"])
-        .unique(subset=["trace_id", "response_id"], keep="first", maintain_order=True)
-        .select("trace_id", "response_id", *(pl.col(c).alias(_TOKEN_PREFIX + c) for c in TOKEN_COLUMNS))
-    )
-    is_llm = pl.col("span_type") == sc.TYPE_LLM
-    filled = []
-    for column in TOKEN_COLUMNS:
-        other = pl.col(_TOKEN_PREFIX + column)
-        take_other = is_llm & other.is_not_null()
-        if column != "token_ids_status":
-            take_other = take_other & pl.col(column).is_null()
-        filled.append(pl.when(take_other.fill_null(False)).then(other).otherwise(pl.col(column)).alias(column))
-    return (
-        spans.join(tokens, on=["trace_id", "response_id"], how="left", maintain_order="left")
-        .with_columns(filled)
-        .drop([_TOKEN_PREFIX + c for c in TOKEN_COLUMNS])
-    )
-
-
-def outer_llm_spans(spans: pl.LazyFrame, depth: int = NESTING_DEPTH) -> pl.LazyFrame:
-    """Per LLM span: ``trace_id, span_id, __outer_llm_span_id``, its nearest LLM ancestor within ``depth`` parents.
-
-    Reads ``trace_id``, ``span_id``, ``parent_span_id``, ``span_type``. Null when no ancestor within
-    ``depth`` hops is an LLM span (or the parent chain leaves the dataset). One join per hop, over
-    the four id columns only: the wide message and token columns never go through the walk.
-    """
-    is_llm = pl.col("span_type") == sc.TYPE_LLM
-    tree = spans.select(
-        "trace_id",
-        pl.col("span_id").alias(_CURSOR),
-        pl.col("parent_span_id").alias("__next"),
-        is_llm.alias("__is_llm"),
-    )
-    frame = spans.filter(is_llm).select(
-        "trace_id", "span_id", pl.col("parent_span_id").alias(_CURSOR), pl.lit(None, pl.String).alias(_OUTER)
-    )
-    for _ in range(depth):
-        frame = (
-            frame.join(tree, on=["trace_id", _CURSOR], how="left")
-            .with_columns(
-                pl.when(pl.col(_OUTER).is_null() & pl.col("__is_llm").fill_null(False))
-                .then(pl.col(_CURSOR))
-                .otherwise(pl.col(_OUTER))
-                .alias(_OUTER)
-            )
-            .with_columns(pl.col("__next").alias(_CURSOR))
-            .drop("__next", "__is_llm")
-        )
-    return frame.drop(_CURSOR)
 
 
 def select_llm_calls(
@@ -109,44 +37,19 @@ def select_llm_calls(
     agent: str | None = None,
     llm_call: str | list[str] | None = None,
 ) -> pl.LazyFrame:
-    """The LLM spans chosen for training, each call once. Same columns as ``spans``, sorted by call order.
+    """The LLM calls chosen for training, each once. Same columns as ``spans``, sorted by call order.
 
-    Reads ``span_type``, ``agent_name`` (``agent`` is a regex that must match the whole name; spans
-    without an agent name never match a given regex), ``operation_name`` (``llm_call``: one or more
-    operation names), ``trace_id``, ``span_id``, ``parent_span_id``, ``rollout_id``, ``response_id``,
-    ``status_code``, ``start_time``, ``end_time`` and the token columns. Raises ``ValueError`` naming
-    the pattern when ``agent`` is not a valid regular expression.
+    ``spans`` are prepared (``tracelearn.pipelines.prepared``) or raw (prepared here, which merges
+    nested LLM spans into one call). Reads ``span_type``, ``agent_name`` (``agent`` is a regex that
+    must match the whole name; spans without an agent name never match a given regex),
+    ``operation_name`` (``llm_call``: one or more operation names), ``rollout_id``,
+    ``response_id``, ``status_code``, ``start_time``, ``end_time``, ``span_id``. Raises
+    ``ValueError`` naming the pattern when ``agent`` is not a valid regular expression.
 
-    Counted once:
-    - an LLM span with an LLM ancestor within :data:`NESTING_DEPTH` parents in the same trace is the
-      same call seen by two instrumentations; it is dropped, and when the outer span has no response
-      token ids it takes the token columns of its earliest nested call that has them;
-    - retries recorded with the same ``(rollout_id, response_id)``: the earliest-ending successful
-      (status not ERROR) span is kept. Spans with a null response id are never merged.
+    Retries recorded with the same ``(rollout_id, response_id)`` count once: the earliest-ending
+    successful (status not ERROR) span is kept. Spans with a null response id are never merged.
     """
-    spans = distinct_spans(spans)
-    llm = spans.filter(pl.col("span_type") == sc.TYPE_LLM).join(
-        outer_llm_spans(spans), on=["trace_id", "span_id"], how="left", maintain_order="left"
-    )
-    nested_tokens = (
-        llm.filter(pl.col(_OUTER).is_not_null() & pl.col("response_token_ids").is_not_null())
-        .sort(["trace_id", _OUTER, "start_time", "span_id"])
-        .unique(subset=["trace_id", _OUTER], keep="first", maintain_order=True)
-        .select(
-            "trace_id",
-            pl.col(_OUTER).alias("span_id"),
-            *(pl.col(c).alias(_NESTED_PREFIX + c) for c in TOKEN_COLUMNS),
-        )
-    )
-    take_nested = pl.col("response_token_ids").is_null() & pl.col(_NESTED_PREFIX + "response_token_ids").is_not_null()
-    calls = (
-        llm.filter(pl.col(_OUTER).is_null())
-        .join(nested_tokens, on=["trace_id", "span_id"], how="left")
-        .with_columns(
-            pl.when(take_nested).then(pl.col(_NESTED_PREFIX + c)).otherwise(pl.col(c)).alias(c) for c in TOKEN_COLUMNS
-        )
-        .drop(_OUTER, *(_NESTED_PREFIX + c for c in TOKEN_COLUMNS))
-    )
+    calls = ensure_prepared(spans).filter(pl.col("span_type") == sc.TYPE_LLM)
     if agent is not None:
         try:
             re.compile(agent)  # fail here, naming the pattern, rather than deep inside the query
@@ -175,8 +78,9 @@ def extract_transitions(
 ) -> pl.LazyFrame:
     """One row per chosen LLM call with exactly the TRANSITIONS columns, sorted by rollout and step.
 
-    Reads the spans columns used by :func:`attach_token_ids` and :func:`select_llm_calls` plus
-    ``request_model``, ``response_model``, ``input_messages``, ``output_messages``; reads the rollouts
+    ``spans`` are prepared or raw (see :func:`select_llm_calls`). Reads the spans columns used by
+    :func:`select_llm_calls` plus ``request_model``, ``response_model``, ``input_messages``,
+    ``output_messages`` and the token columns; reads the rollouts
     columns ``rollout_id``, ``attempt_id``, ``task_id``, ``group_id``, ``rewards``, ``final_reward``.
     Only rollouts present in ``rollouts`` yield transitions (so the watermark and missing-reward
     policies of the rollout build carry over). ``step_index`` numbers the calls of a rollout from 0 by
@@ -184,7 +88,7 @@ def extract_transitions(
     the credit, advantage and trajectory stages). ``token_ids_source`` is ``server`` when the call has
     response token ids, else null.
     """
-    calls = select_llm_calls(attach_token_ids(spans), agent=agent, llm_call=llm_call)
+    calls = select_llm_calls(spans, agent=agent, llm_call=llm_call)
     episode = rollouts.select(
         "rollout_id", "attempt_id", "task_id", "group_id", "rewards", pl.col("final_reward").alias("reward")
     )

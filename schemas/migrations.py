@@ -8,6 +8,7 @@ current schema (columns added since then become nulls, column order follows the 
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tracelearn.schemas.tables import TableSpec
 
@@ -62,3 +63,21 @@ def migrate(table: pa.Table, spec: TableSpec, version: int, source: str) -> pa.T
         table = step(table)
         version += 1
     return conform(table, spec)
+
+
+@register_migration("rollouts", 1)
+def _rollouts_v1_identity(table: pa.Table) -> pa.Table:
+    """rollouts v1 -> v2: adds ``identity`` and ``error_message``.
+
+    v1 built two kinds of rollout only: one trace (its id is the rollout id) or an explicit id;
+    ``error_message`` was not kept (null).
+    """
+    trace_ids = table.column("trace_ids")
+    one_trace = pc.and_(
+        pc.equal(pc.list_value_length(trace_ids), 1),
+        pc.equal(pc.binary_join(trace_ids, ""), table.column("rollout_id")),
+    )
+    identity = pc.if_else(pc.fill_null(one_trace, False), "trace", "explicit")
+    return table.append_column("identity", identity).append_column(
+        "error_message", pa.nulls(table.num_rows, pa.string())
+    )

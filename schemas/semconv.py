@@ -69,6 +69,10 @@ TOKEN_IDS_NOT_CAPTURED: Final = "not_captured"
 
 # --- OpenTelemetry resource / GenAI semantic conventions we read -------------------------------------
 SERVICE_NAME: Final = "service.name"
+# Put on every span at start by our span processor: the process and thread that made the span, what
+# joins an agent's LLM calls into rollouts when the agent opens no span of its own.
+PROCESS_PID: Final = "process.pid"
+THREAD_ID: Final = "thread.id"
 GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
 GEN_AI_SYSTEM: Final = "gen_ai.system"
 GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"

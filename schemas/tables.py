@@ -160,25 +160,39 @@ FEEDBACK = TableSpec(
 
 ROLLOUTS = TableSpec(
     name="rollouts",
-    version=1,
-    description="One row per rollout (by default one trace), built from the spans by the pipeline.",
+    version=2,
+    description="One row per rollout (by default one trace, or one conversation of an agent that opens no span "
+    "of its own), built from the spans by the pipeline.",
     schema=pa.schema(
         [
             _field("rollout_id", pa.string(), "Rollout id.", nullable=False),
             _field("attempt_id", pa.string(), "Attempt id, if any."),
             _field("trace_ids", pa.list_(pa.string()), "Traces that make up the rollout."),
+            _field(
+                "identity",
+                pa.string(),
+                "The rule that made the rollout: explicit (a rollout id from tracelearn.rollout() or baggage), "
+                "trace (one trace with a root span that is not an LLM call), conversation (LLM calls without a "
+                "common trace, joined because each one's input carries on an earlier one's input and output) or "
+                "sequence (joined by process, thread, first user message and time, after a rewritten prompt).",
+            ),
             _field("task_id", pa.string(), "Task id (explicit, or hash of the first user message)."),
             _field("group_id", pa.string(), "Group key for GRPO advantages."),
             _field("service_name", pa.string(), "service.name of the agent process."),
             _field("agents", pa.list_(pa.string()), "Agent names seen in the rollout."),
             _field("start_time", TIMESTAMP, "First span start."),
             _field("end_time", TIMESTAMP, "Last span end."),
-            _field("status", pa.string(), "ok, error or incomplete."),
+            _field(
+                "status",
+                pa.string(),
+                "error (any span ended in ERROR), incomplete (spans whose parent is missing and no root) or ok.",
+            ),
+            _field("error_message", pa.string(), "Status message of the first span that ended in ERROR."),
             _field("final_reward", pa.float64(), "Primary reward, null if none."),
             _field("reward_name", pa.string(), "Name of the primary reward."),
             _field("rewards", pa.map_(pa.string(), pa.float64()), "All named rewards."),
-            _field("n_spans", pa.int64(), "Number of spans."),
-            _field("n_llm_calls", pa.int64(), "Number of LLM calls."),
+            _field("n_spans", pa.int64(), "Number of spans (nested LLM spans of one call count once)."),
+            _field("n_llm_calls", pa.int64(), "Number of LLM calls (nested LLM spans of one call count once)."),
             _field("n_tool_calls", pa.int64(), "Number of tool calls."),
             _field("n_errors", pa.int64(), "Number of spans with status ERROR."),
             _field("input_tokens", pa.int64(), "Sum of input tokens over LLM calls."),

@@ -39,13 +39,19 @@ def load_training_data(root: str | Path, config_hash: str | None = None) -> Trai
 
     ``config_hash`` is a prefix choosing among several pipeline configs (required when there are
     several). Raises ``DatasetError`` (and its ``ConfigHashError``) for missing or ambiguous data,
-    :class:`NoTrainingDataError` when the chosen config has no rows.
+    :class:`NoTrainingDataError` when the chosen config has no rows or none with a reward.
     """
     directory = transitions_directory(root)
     frame, chosen = scan_transitions(directory, config_hash)
     collected = frame.collect()
     if collected.height == 0:
         raise NoTrainingDataError(f"{directory}: pipeline config {chosen[:16]} has no transitions")
+    if collected.get_column("reward").is_null().all():
+        raise NoTrainingDataError(
+            f"{directory}: none of the {collected.height} transitions of pipeline config {chosen[:16]} has a "
+            "reward: set reward.function (module:function) in pipeline.yaml, or emit rewards from the agent, "
+            "and rebuild with `tracelearn transitions build`"
+        )
     if directory.is_file():
         files: list[Path] = [directory]
     else:

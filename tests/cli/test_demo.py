@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tracelearn.cli.main import main
-from tracelearn.collector.span_stats import spans_stats
+from tracelearn.pipelines.span_summary import spans_stats
 from tracelearn.registry import open_registry
 
 

@@ -113,3 +113,34 @@ def test_old_reward_source_key_is_refused_before_any_output(tmp_path: Path) -> N
     result, out = build_with_config(tmp_path, "reward: {source: feedback}\n")
     assert result.exit_code != 0 and "replaced by one key per source" in result.output
     assert not out.exists()
+
+
+def test_a_first_build_without_a_reward_yields_transitions_and_says_how_to_add_one(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    factory = SpansFactory(data / "spans")
+    root = factory.root(1, 0, 10)
+    factory.llm(1, root, 1, user="What is 2 plus 2?")
+    factory.write()
+    spool = data / "spans" / "_spool"
+    spool.mkdir()
+    (spool / "spool-20261121T120000-host-1-w-000001.arrows").write_bytes(b"\0" * 2048)
+    result = CliRunner().invoke(main, ["transitions", "build", "--spans", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert summary_value(result.output, "transitions") == 1 and summary_value(result.output, "rollouts built") == 1
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert "reward.function" in notes[0] and "pipeline.yaml" in notes[0], result.output
+    assert "1 spool segment(s)" in result.output and "tracelearn spans replay" in result.output
+
+
+def test_stats_on_a_build_without_transitions_says_so_plainly(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    factory = SpansFactory(data / "spans")
+    root = factory.root(1, 0, 10)
+    factory.tool(1, root, 1)  # an agent whose LLM calls no instrumentation saw
+    factory.write()
+    built = CliRunner().invoke(main, ["transitions", "build", "--spans", str(data), "--out", str(out)])
+    assert built.exit_code == 0 and summary_value(built.output, "transitions") == 0, built.output
+    result = CliRunner().invoke(main, ["transitions", "stats", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the build made 1 rollouts (0 LLM calls in them) and no transitions" in " ".join(result.output.split())
+    assert "expected 'transitions'" not in result.output

@@ -23,9 +23,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from support.scripted_llm_server import Reply, ScriptedLLMServer
 
-from tracelearn.collector.token_join import attach_token_ids
 from tracelearn.pipelines.build import build_transitions
 from tracelearn.pipelines.config import load_config
+from tracelearn.pipelines.llm_calls import attach_token_ids
+from tracelearn.pipelines.spans_input import scan_spans
 from tracelearn.schemas.dataset import read_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -367,7 +368,7 @@ def test_under_opentelemetry_instrument_only_writer_calls_become_transitions(
     check_report_lines(lines, tasks)
 
     # The capture: both roles' calls, each named after its LangGraph node, without tracelearn imported.
-    spans = attach_token_ids(read_table(tmp_path / "data" / "spans", "spans"))
+    spans = attach_token_ids(scan_spans(tmp_path / "data")).collect().to_arrow()
     llm = spans.filter(pc.equal(spans.column("span_type"), "llm"))
     assert Counter(llm.column("agent_name").to_pylist()) == {"writer": 14, "checker": 14}
     task_rows = spans.filter(pc.equal(spans.column("name"), "sql.task")).to_pylist()

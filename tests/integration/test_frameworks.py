@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pytest
 from support.scripted_llm_server import ScriptedLLMServer, detokenize, prompt_ids
 
-from tracelearn.collector.token_join import attach_token_ids
-from tracelearn.schemas.dataset import read_table
+from tracelearn.pipelines.llm_calls import attach_token_ids
+from tracelearn.pipelines.spans_input import scan_spans
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -43,7 +43,7 @@ def run_instrumented(tmp_path: Path, server: ScriptedLLMServer, *argv: str) -> p
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    return attach_token_ids(read_table(tmp_path / "data" / "spans", "spans"))
+    return attach_token_ids(scan_spans(tmp_path / "data")).collect().to_arrow()
 
 
 def rows(table: pa.Table, span_type: str) -> list[dict[str, Any]]:

@@ -20,8 +20,11 @@ NOW = at(3600)  # an hour after the factory's spans: every rollout is closed
 REWARDS = {"t1": [1.0, 0.0, 1.0], "t2": [0.5, 0.5, 0.5]}  # t2 has no learning signal
 
 
-def write_spans(data: Path) -> None:
-    """Two tasks x three rollouts; each rollout: planner call, tool, writer call, reward."""
+def write_spans(data: Path, unrewarded: bool = False) -> None:
+    """Two tasks x three rollouts; each rollout: planner call, tool, writer call, reward.
+
+    ``unrewarded`` adds a seventh rollout (task t3) with one call and no reward.
+    """
     factory = SpansFactory(data / "spans")
     trace = 0
     for task, values in REWARDS.items():
@@ -32,9 +35,9 @@ def write_spans(data: Path) -> None:
             factory.tool(trace, root, 2, task_id=task)
             factory.llm(trace, root, 3, user=f"{task}: write", task_id=task, agent="writer")
             factory.reward(trace, root, 99, value, task_id=task)
-    # A rollout without a reward: dropped by default, and counted.
-    root = factory.root(99, 0, 100, task_id="t3")
-    factory.llm(99, root, 1, user="t3: plan", task_id="t3", agent="planner")
+    if unrewarded:
+        root = factory.root(99, 0, 100, task_id="t3")
+        factory.llm(99, root, 1, user="t3: plan", task_id="t3", agent="planner")
     factory.write()
 
 
@@ -58,7 +61,6 @@ def test_build_writes_credited_transitions_with_advantages(data: Path, tmp_path:
     assert result.transitions_files == [out / "transitions" / "date=2026-11-21" / name]
     assert result.rollouts_files == [out / "rollouts" / "date=2026-11-21" / name]
     assert result.summary["rollouts"] == 6
-    assert result.summary["dropped_without_reward"] == 1
     assert result.summary["deferred"] == 0
     assert result.summary["transitions"] == 12
     assert result.summary["without_token_ids"] == 12
@@ -134,10 +136,32 @@ def test_bad_config_fails_before_any_output(data: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_watermark_defers_open_rollouts(data: Path, tmp_path: Path) -> None:
-    result = build_transitions(data, tmp_path / "out", now=at(100))  # default lateness 10 min
-    assert result.summary["rollouts"] == 0 and result.summary["deferred"] == 7
-    assert result.transitions_files == [] and result.summary["files_written"] == 0
+def test_a_build_without_a_reward_keeps_rollouts_and_says_how_to_add_one(tmp_path: Path) -> None:
+    write_spans(tmp_path / "data", unrewarded=True)
+    kept = build_transitions(tmp_path / "data", tmp_path / "out", now=NOW)
+    assert (kept.summary["rollouts"], kept.summary["without_reward"], kept.summary["transitions"]) == (7, 1, 13)
+    assert kept.summary["dropped_without_reward"] == 0
+    (note,) = kept.notes
+    assert note.startswith("1 rollout(s) have no reward") and "reward.function" in note and "pipeline.yaml" in note
+    t3 = read(kept.transitions_files).filter(pl.col("task_id") == "t3")
+    assert t3.select("reward", "advantage").rows() == [(None, None)]
+    dropped = build_transitions(tmp_path / "data", tmp_path / "out", parse_config({"reward": {"missing": "drop"}}))
+    assert (dropped.summary["rollouts"], dropped.summary["dropped_without_reward"]) == (6, 1)
+    assert "(dropped)" in dropped.notes[0] and "reward.function" in dropped.notes[0]
+
+
+def test_complete_rollouts_are_built_at_once_and_open_ones_wait(tmp_path: Path) -> None:
+    factory = SpansFactory(tmp_path / "data" / "spans")
+    root = factory.root(1, 0, 100)  # its root span ended: complete
+    factory.llm(1, root, 1, user="done")
+    factory.reward(1, root, 99, 1.0)
+    # an explicit rollout id without its tracelearn.rollout span: other traces may still join it
+    factory.llm(2, None, 1, user="open", rollout_id="episode-2")
+    factory.write()
+    result = build_transitions(tmp_path / "data", tmp_path / "out", now=at(101))  # default lateness 10 min
+    assert (result.summary["rollouts"], result.summary["deferred"], result.summary["transitions"]) == (1, 1, 1)
+    later = build_transitions(tmp_path / "data", tmp_path / "out", now=at(1000))
+    assert (later.summary["rollouts"], later.summary["deferred"]) == (2, 0)
 
 
 def test_date_partition_filter(data: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from tracelearn.pipelines.config import (
     AdvantageConfig,
+    ConversationConfig,
     CreditConfig,
     PipelineConfig,
     PipelineConfigError,
@@ -15,10 +16,12 @@ from tracelearn.pipelines.config import (
     SelectConfig,
     WatermarkConfig,
     config_hash,
+    join_config,
     load_config,
     parse_config,
     rollout_config,
 )
+from tracelearn.pipelines.rollout_identity import JoinConfig
 from tracelearn.pipelines.stages import StageSpec
 
 FULL_EXAMPLE = """\
@@ -43,16 +46,20 @@ def test_defaults_are_the_issue_defaults() -> None:
     assert config == PipelineConfig()
     assert config.select == SelectConfig(agent=None, llm_call=None)  # every LLM call of every agent
     assert config.reward == RewardConfig(
-        emitted=True, feedback=False, primary=None, missing="drop"
-    )  # first emitted, drop
+        emitted=True, feedback=False, primary=None, missing="keep"
+    )  # first emitted; no reward configured, so rollouts without one are kept (a first build yields transitions)
     assert config.stages == ()
     assert config.credit == CreditConfig(method="identical", gamma=1.0)
     assert config.advantage == AdvantageConfig(
         method="grpo", group_by=("task_id",), normalize_std=True, level="rollout"
     )
     assert config.watermark == WatermarkConfig(lateness_seconds=600.0)
+    assert config.conversation == ConversationConfig(window_seconds=600.0, sequence_gap_seconds=30.0)
     assert parse_config({}) == config
-    assert rollout_config(config).missing_reward == "drop"
+    assert rollout_config(config).missing_reward == "keep"
+    assert join_config(config) == JoinConfig(window=dt.timedelta(minutes=10), gap=dt.timedelta(seconds=30))
+    with_function = parse_config({"reward": {"function": "user_stages_fixture.good:score"}})
+    assert rollout_config(with_function).missing_reward == "drop", "a configured reward source drops by default"
 
 
 def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
@@ -86,7 +93,12 @@ def test_several_reward_sources_at_once_with_an_explicit_primary() -> None:
         }
     )
     assert config.reward == RewardConfig(
-        emitted=True, function="user_stages_fixture.good:score", name="exact", feedback=True, primary="thumbs"
+        emitted=True,
+        function="user_stages_fixture.good:score",
+        name="exact",
+        feedback=True,
+        primary="thumbs",
+        missing="drop",
     )
 
 
@@ -139,6 +151,8 @@ def test_reward_function_name_defaults_to_the_function_name_and_fill_value_to_ze
         ({"advantage": {"epsilon": -1}}, "advantage.epsilon", ["-1 must be >= 0"]),
         ({"advantage": {"group_by": []}}, "advantage.group_by", ["non-empty list"]),
         ({"watermark": {"lateness_seconds": -5}}, "watermark.lateness_seconds", ["-5 must be >= 0"]),
+        ({"conversation": {"window_seconds": -1}}, "conversation.window_seconds", ["-1 must be >= 0"]),
+        ({"conversation": {"gap": 3}}, "conversation.gap", ["unknown key 'gap'", "sequence_gap_seconds"]),
         ({"trajectory": "on"}, "trajectory", ["'on' must be true or false"]),
         ({"stages": "drop_failed_rollouts"}, "stages", ["must be a list"]),
         ({"stages": ["drop_failed_rollout"]}, "stages[0]", ["did you mean drop_failed_rollouts"]),
@@ -179,9 +193,10 @@ def test_config_hash_ignores_key_order_and_explicit_defaults() -> None:
             "trajectory": False,
             "stages": ["drop_failed_rollouts"],
             "advantage": {"level": "rollout", "group_by": ["task_id"], "normalize_std": True, "method": "grpo"},
-            "reward": {"missing": "drop", "emitted": True, "feedback": False},
+            "reward": {"missing": "keep", "emitted": True, "feedback": False},
             "credit": {"gamma": 0.9, "method": "discounted"},
             "watermark": {"lateness_seconds": 600},
+            "conversation": {"window_seconds": 600, "sequence_gap_seconds": 30.0},
             "select": {"agent": None},
         }
     )
@@ -202,6 +217,7 @@ def test_config_hash_ignores_key_order_and_explicit_defaults() -> None:
         {"reward": {"emitted": False, "function": "user_stages_fixture.good:score"}},
         {"reward": {"function": "user_stages_fixture.good:score", "name": "exact"}},
         {"reward": {"primary": "correct"}},
+        {"conversation": {"sequence_gap_seconds": 5}},
     ],
 )
 def test_config_hash_changes_when_a_parameter_changes(changed: dict[str, Any]) -> None:

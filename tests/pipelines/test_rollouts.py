@@ -5,10 +5,13 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from support.spans_factory import SpansFactory, at
 
+from tracelearn.pipelines.build import build_transitions
+from tracelearn.pipelines.config import parse_config
 from tracelearn.pipelines.rollouts import (
     RolloutConfig,
     build_closed_rollouts,
@@ -17,7 +20,7 @@ from tracelearn.pipelines.rollouts import (
     rollouts_to_arrow,
 )
 from tracelearn.pipelines.spans_input import scan_spans
-from tracelearn.schemas.dataset import DatasetError
+from tracelearn.schemas.dataset import DatasetError, read_table_file
 from tracelearn.schemas.identity import task_id_from_messages
 from tracelearn.schemas.migrations import SchemaVersionError
 from tracelearn.schemas.tables import ROLLOUTS, SCHEMA_VERSION_KEY
@@ -55,7 +58,9 @@ def test_one_trace_is_one_rollout_with_its_counts(factory: SpansFactory) -> None
     assert (one["n_spans"], one["n_llm_calls"], one["n_tool_calls"], one["n_errors"]) == (4, 2, 1, 1)
     assert (one["input_tokens"], one["output_tokens"]) == (31, 7)
     assert one["start_time"] == at(0) and one["end_time"] == at(10)
-    assert one["status"] == "ok", "a failed tool call inside a successful run does not fail the rollout"
+    assert one["status"] == "error", "any span that ended in ERROR fails the rollout, not only the root"
+    assert one["error_message"] == "failed" and one["identity"] == "trace"
+    assert (rollouts[trace_hex(2)]["status"], rollouts[trace_hex(2)]["error_message"]) == ("ok", None)
 
 
 def test_explicit_rollout_id_joins_two_traces(factory: SpansFactory) -> None:
@@ -133,18 +138,22 @@ def test_rollouts_without_reward_are_counted_and_dropped_or_filled(factory: Span
     assert filled.rollouts.get_column("reward_name").to_list() == ["reward", "missing"]
 
 
-def test_watermark_defers_a_recent_rollout_and_a_later_build_includes_it(factory: SpansFactory) -> None:
-    factory.root(1, 0, 10)
-    factory.root(2, 0, 600)  # still running until 12:10
+def test_watermark_defers_a_recent_rollout_that_may_grow_and_a_later_build_includes_it(
+    factory: SpansFactory,
+) -> None:
+    factory.root(1, 0, 600)  # its root span ended at 12:10: complete, built at once
+    # An explicit rollout id without its tracelearn.rollout span: more traces may still join it.
+    factory.root(2, 0, 10, rollout_id="episode-2")
+    factory.root(3, 0, 600, rollout_id="episode-3")  # ... and its last span ended at 12:10
     factory.write()
     spans = scan_spans(factory.directory)
     config = RolloutConfig(lateness=dt.timedelta(minutes=5))
     early = build_closed_rollouts(spans, at(660), config)  # cutoff 12:06
-    assert early.rollouts.get_column("rollout_id").to_list() == [trace_hex(1)]
-    assert early.deferred.get_column("rollout_id").to_list() == [trace_hex(2)]
+    assert early.rollouts.get_column("rollout_id").to_list() == [trace_hex(1), "episode-2"]
+    assert early.deferred.get_column("rollout_id").to_list() == ["episode-3"]
     assert early.summary.deferred == 1
     later = build_closed_rollouts(spans, at(901), config)  # cutoff just after 12:10
-    assert later.rollouts.get_column("rollout_id").to_list() == [trace_hex(1), trace_hex(2)]
+    assert later.rollouts.get_column("rollout_id").to_list() == [trace_hex(1), "episode-2", "episode-3"]
     assert later.summary.deferred == 0
     with pytest.raises(ValueError, match="time zone"):
         build_closed_rollouts(spans, dt.datetime(2026, 11, 21, 13, 0), config)
@@ -171,7 +180,7 @@ def test_output_conforms_to_the_rollouts_schema_and_is_deterministic(factory: Sp
     assert table.column("rollout_id").to_pylist() == [trace_hex(1), trace_hex(2), trace_hex(3)]
     assert table.column("rewards").to_pylist()[0] == [("score", 1.0)]
     pq.write_table(table, tmp_path / "rollouts.parquet")
-    assert pq.read_schema(tmp_path / "rollouts.parquet").metadata[SCHEMA_VERSION_KEY] == b"1"
+    assert pq.read_schema(tmp_path / "rollouts.parquet").metadata[SCHEMA_VERSION_KEY] == str(ROLLOUTS.version).encode()
     assert build_rollouts(spans).collect().equals(first)
 
 
@@ -195,3 +204,32 @@ def test_partition_columns_come_from_the_hive_path(factory: SpansFactory) -> Non
     frame = scan_spans(factory.directory).select("date", "service").collect()
     assert frame.rows() == [("2026-11-21", "calc-agent")]
     assert frame.schema == pl.Schema({"date": pl.String, "service": pl.String})
+
+
+def test_a_failed_child_span_fails_the_rollout_and_drop_failed_rollouts_drops_it(tmp_path: Path) -> None:
+    factory = SpansFactory(tmp_path / "data" / "spans")
+    for trace, agent_status in ((1, "ERROR"), (2, "UNSET")):
+        root = factory.root(trace, 0, 10)  # the Agents SDK's trace span ends without an error ...
+        agent = factory.span(trace, "Assistant.agent", 1, 9, parent=root, status=agent_status)  # ... its agent's does
+        factory.llm(trace, agent, 2, f"question {trace}")
+        factory.reward(trace, root, 9.5, 1.0)
+    factory.write()
+    config = parse_config({"stages": ["drop_failed_rollouts"]})
+    built = build_transitions(tmp_path / "data", tmp_path / "out", config, now=LATER)
+    statuses = pl.read_parquet(built.rollouts_files).select("rollout_id", "status", "error_message").rows()
+    assert statuses == [(trace_hex(1), "error", "failed"), (trace_hex(2), "ok", None)]
+    assert pl.read_parquet(built.transitions_files).get_column("rollout_id").to_list() == [trace_hex(2)]
+    assert built.summary["error_rollouts"] == 1
+
+
+def test_rollouts_files_of_schema_version_1_read_with_identity_and_error_message(tmp_path: Path) -> None:
+    old = pa.table(
+        {"rollout_id": ["r-1", trace_hex(5)], "trace_ids": [[trace_hex(4)], [trace_hex(5)]], "status": ["ok", "error"]}
+    )
+    path = tmp_path / "rollouts.parquet"
+    pq.write_table(old.replace_schema_metadata({SCHEMA_VERSION_KEY: b"1", b"tracelearn.table": b"rollouts"}), path)
+    table = read_table_file(path, ROLLOUTS)
+    assert table.select(["identity", "error_message"]).to_pylist() == [
+        {"identity": "explicit", "error_message": None},
+        {"identity": "trace", "error_message": None},
+    ]

@@ -11,11 +11,11 @@ from support.spans_factory import SpansFactory
 
 from tracelearn.pipelines.advantages import grpo_advantages
 from tracelearn.pipelines.credit import assign_credit
+from tracelearn.pipelines.llm_calls import attach_token_ids
 from tracelearn.pipelines.rollouts import build_rollouts
 from tracelearn.pipelines.spans_input import scan_spans
 from tracelearn.pipelines.transitions import (
     TRANSITION_COLUMNS,
-    attach_token_ids,
     extract_transitions,
     merge_trajectories,
     select_llm_calls,
