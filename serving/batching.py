@@ -1,5 +1,6 @@
 """Tensor bookkeeping of a batch of sequences decoded together: left padding, and the key/value cache
-that rows join and leave between decoding steps (continuous batching).
+that rows join and leave between decoding steps (continuous batching), starts from cached prefixes
+(``tracelearn.serving.prefix_cache``) and hands rows back to that cache.
 
 Rows are left-padded so every row's newest token sits in the last column and one forward pass of
 shape ``[batch, 1]`` advances all of them. A row's position ids count only its real tokens, so
@@ -15,6 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from tracelearn.serving.prefix_cache import KeyValuesOf
+
+# One layer's keys and values, each ``[batch, heads, columns, head_dim]``.
+LayerKeyValues = tuple[torch.Tensor, torch.Tensor]
 
 
 def left_pad(
@@ -53,9 +59,55 @@ class PaddedCache:
     cache: DynamicCache
     mask: torch.Tensor
 
+    @classmethod
+    def starting_from(cls, prefixes: Sequence[torch.Tensor | None], suffix_mask: torch.Tensor) -> PaddedCache:
+        """The cache of a batch about to prefill its suffixes (``suffix_mask``: ``[rows, suffix columns]``),
+        row i starting from cached prefix i (``[layers, 2, heads, tokens, head_dim]``, or None).
+
+        Prefixes are right-aligned in the first columns and the suffixes left-padded after them, so
+        padding may sit between a row's prefix and its suffix: the mask hides it, and positions count
+        real tokens only. The mask covers the prefix columns and the suffix's.
+        """
+        lengths = [0 if prefix is None else int(prefix.shape[3]) for prefix in prefixes]
+        columns = max(lengths)
+        prefix_mask = suffix_mask.new_zeros((len(prefixes), columns))
+        for row, length in enumerate(lengths):
+            prefix_mask[row, columns - length :] = 1
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1)
+        if columns == 0:
+            return cls(DynamicCache(), mask)
+        template = next(prefix for prefix in prefixes if prefix is not None)
+        layers, _, heads, _, head_dim = template.shape
+        stacked = template.new_zeros((layers, 2, len(prefixes), heads, columns, head_dim))
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                stacked[:, :, row, :, columns - lengths[row] :] = prefix
+        return cls(DynamicCache(ddp_cache_data=[(stacked[i, 0], stacked[i, 1]) for i in range(layers)]), mask)
+
     @property
     def rows(self) -> int:
         return int(self.mask.shape[0])
+
+    def layer_tensors(self) -> list[LayerKeyValues]:
+        """The cache's tensors as they are now. The model's forward pass replaces them rather than
+        writing into them (``DynamicLayer.update`` concatenates), so this is a snapshot to go back to."""
+        return [(k, v) for k, v, *_ in self.cache]
+
+    @classmethod
+    def from_tensors(cls, layers: Sequence[LayerKeyValues], mask: torch.Tensor) -> PaddedCache:
+        return cls(DynamicCache(ddp_cache_data=layers) if layers else DynamicCache(), mask)
+
+    def key_values_of_row(self, row: int) -> KeyValuesOf:
+        """The keys and values of ``row``'s real tokens ``[start:end]`` (in order, padding skipped) as
+        ``[layers, 2, heads, end - start, head_dim]``, for the prefix cache."""
+        columns = self.mask[row].nonzero().squeeze(1)
+        layers = [(k[row], v[row]) for k, v in self.layer_tensors()]
+
+        def key_values(start: int, end: int) -> torch.Tensor:
+            index = columns[start:end]
+            return torch.stack([torch.stack([k.index_select(1, index), v.index_select(1, index)]) for k, v in layers])
+
+        return key_values
 
     def extend_mask(self) -> torch.Tensor:
         """Mask for a forward pass that appends one real token to every row; kept as the new mask."""
@@ -86,76 +138,3 @@ class PaddedCache:
             for k, v, *_ in self.cache
         ]
         return PaddedCache(DynamicCache(ddp_cache_data=layers), mask[:, first:])
-
-
-def common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
-    """How many leading tokens ``first`` and ``second`` share."""
-    length = 0
-    for a, b in zip(first, second, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
-
-
-@dataclass(frozen=True)
-class CachedPrefix:
-    """The key/value cache of a prompt prefix, computed once for a batch of one: ``[1, heads, tokens, dim]``."""
-
-    token_ids: tuple[int, ...]
-    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-
-    def expanded(self, rows: int, suffix_mask: torch.Tensor) -> PaddedCache:
-        """A padded cache of ``rows`` rows that all start with this prefix, ready for their suffixes.
-
-        The prefix occupies the first columns of every row and the suffixes are left-padded after it,
-        so padding sits between the two: the mask hides it and positions count real tokens only.
-        """
-        layers = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers]
-        prefix_mask = suffix_mask.new_ones((rows, len(self.token_ids)))
-        return PaddedCache(DynamicCache(ddp_cache_data=layers), torch.cat([prefix_mask, suffix_mask], dim=1))
-
-
-class PrefixCache:
-    """Prompt prefixes many requests share (an agent's system prompt and tool declarations), whose key/value
-    caches are computed once and reused, so a request's prefill runs only on what follows the prefix.
-
-    A prefix is found by comparing a prompt with recently seen ones: the tokens it shares with the most
-    similar of them, if at least ``min_tokens``, are worth caching. At most ``capacity`` prefixes are
-    kept, least recently used dropped first. Matching is exact on token ids, and a prefix is used only
-    for a prompt longer than it (the prompt's last token must run, to give the next token's logits).
-    """
-
-    def __init__(self, capacity: int = 8, min_tokens: int = 32, recent: int = 32) -> None:
-        self.capacity = capacity
-        self.min_tokens = min_tokens
-        self._prefixes: dict[tuple[int, ...], CachedPrefix] = {}
-        self._recent: list[tuple[int, ...]] = []
-        self._recent_limit = recent
-
-    def __len__(self) -> int:
-        return len(self._prefixes)
-
-    def lookup(self, prompt: Sequence[int]) -> CachedPrefix | None:
-        """The longest cached prefix ``prompt`` starts with (and is longer than), marked recently used."""
-        best: CachedPrefix | None = None
-        for key, cached in self._prefixes.items():
-            if len(key) < len(prompt) and (best is None or len(key) > len(best.token_ids)) \
-                    and tuple(prompt[: len(key)]) == key:
-                best = cached
-        if best is not None:
-            self._prefixes[best.token_ids] = self._prefixes.pop(best.token_ids)
-        return best
-
-    def candidate(self, prompt: Sequence[int]) -> tuple[int, ...] | None:
-        """A prefix worth caching for ``prompt``: what it shares with the most similar recent prompt
-        (capped one token short of it), or None; ``prompt`` is remembered as recent either way."""
-        shared = max((common_prefix_length(prompt, seen) for seen in self._recent), default=0)
-        shared = min(shared, len(prompt) - 1)
-        self._recent = [*self._recent[-(self._recent_limit - 1):], tuple(prompt)]
-        return tuple(prompt[:shared]) if shared >= self.min_tokens else None
-
-    def store(self, prefix: CachedPrefix) -> None:
-        self._prefixes[prefix.token_ids] = prefix
-        while len(self._prefixes) > self.capacity:
-            self._prefixes.pop(next(iter(self._prefixes)))

@@ -6,7 +6,12 @@ top-level ``prompt_token_ids`` and ``choices[i].token_ids``; streamed, the first
 carries ``prompt_token_ids`` and every chunk the ``token_ids`` of its delta, so a recorder captures
 the exact tokens. Every response says which weights answered: ``system_fingerprint`` in the body
 and the ``x-tracelearn-model-version`` header. Every error, validation included, is an OpenAI error
-body (``{"error": {"message", "type", "param", "code"}}``) with status 400, 404, 500 or 503.
+body (``{"error": {"message", "type", "param", "code"}}``) with status 400, 404, 413, 500 or 503.
+
+One request cannot hold the server for others: its body is bounded (``ServingLimits``: 413 beyond),
+decoded, validated and tokenized on worker threads (the event loop, which answers ``/health`` and
+streams every response, never runs them), its completion budget is bounded, and a request whose
+client disconnects is cancelled at the engine's next step, streaming or not.
 
 The app answers from an ``EngineSlot``: each request holds a lease on the engine that was current
 when it arrived and is answered (and labelled) by that engine to its last byte, so the engine can be
@@ -23,12 +28,10 @@ import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tracelearn.serving.chat_format import (
@@ -46,8 +49,17 @@ from tracelearn.serving.engine import (
     StepOutput,
 )
 from tracelearn.serving.engine_slot import EngineLease, EngineSlot
-from tracelearn.serving.protocol import MODEL_VERSION_HEADER, APIError, ChatCompletionRequest, check_supported
-from tracelearn.serving.sampling import SamplingParams, TokenChoice
+from tracelearn.serving.logprobs import TokenTexts, logprobs_body
+from tracelearn.serving.protocol import (
+    MODEL_VERSION_HEADER,
+    APIError,
+    ChatCompletionRequest,
+    ServingLimits,
+    check_supported,
+    parse_chat_request,
+)
+from tracelearn.serving.request_io import read_body, unless_disconnected
+from tracelearn.serving.sampling import SamplingParams, TokenChoice, seed_for
 
 
 @dataclass(frozen=True)
@@ -57,56 +69,6 @@ class _Plan:
     prompt_token_ids: list[int]
     params: list[SamplingParams]  # one per choice
     tool_names: frozenset[str] | None  # None: tool calls are not parsed
-
-
-class TokenTexts:
-    """The text and exact bytes of single tokens, for logprobs entries.
-
-    Byte-level BPE tokens can hold part of a UTF-8 character, which ``decode`` turns into U+FFFD;
-    their bytes are recovered from the byte-to-unicode alphabet instead, so ``bytes`` is exact.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        decoder = getattr(backend, "decoder", None)
-        self._byte_level = type(decoder).__name__ == "ByteLevel"
-        self._special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-        self._unicode_to_byte = {char: byte for byte, char in _bytes_to_unicode().items()}
-        self.entry = lru_cache(maxsize=65536)(self._entry)
-
-    def _entry(self, token_id: int) -> tuple[str, tuple[int, ...]]:
-        if self._byte_level and token_id not in self._special:
-            piece = self._tokenizer.convert_ids_to_tokens(token_id)
-            if all(char in self._unicode_to_byte for char in piece):
-                raw = bytes(self._unicode_to_byte[char] for char in piece)
-                return raw.decode("utf-8", errors="replace"), tuple(raw)
-        text = str(self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-        return text, tuple(text.encode("utf-8"))
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte-to-printable-character alphabet, used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in mapping:
-            mapping[byte] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-def _logprobs_body(tokens: Sequence[TokenChoice], texts: TokenTexts) -> dict[str, Any]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text, raw = texts.entry(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-    return {
-        "content": [
-            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top_logprobs]} for t in tokens
-        ]
-    }
 
 
 def _tool_calls_body(calls: Sequence[ToolCall], streamed: bool) -> list[dict[str, Any]]:
@@ -182,14 +144,18 @@ async def _merge_streams(
 class ChatCompletions:
     """Turns validated chat requests into engine work and engine output into OpenAI responses."""
 
-    def __init__(self, engine: GenerationEngine, served_model_name: str, accepted_names: Collection[str]) -> None:
+    def __init__(self, engine: GenerationEngine, served_model_name: str, accepted_names: Collection[str],
+                 limits: ServingLimits) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.accepted_names = frozenset(accepted_names) | {served_model_name}
+        self.limits = limits
         self.prompts = ChatPromptBuilder(engine.tokenizer)
         self.texts = TokenTexts(engine.tokenizer)
 
     def plan(self, request: ChatCompletionRequest) -> _Plan:
+        """Check the request, render and tokenize its prompt, and fix each choice's budget and seed
+        (blocking: tokenizing a long prompt takes seconds, so the API runs this on a worker thread)."""
         check_supported(request)
         if request.model not in self.accepted_names:
             raise APIError(
@@ -201,18 +167,14 @@ class ChatCompletions:
             prompt = self.prompts.prompt_token_ids(messages, tools, instruction)
         except ChatFormatError as error:
             raise APIError(str(error), param="messages") from error
-        try:
-            budget = self.engine.check_fits(len(prompt), request.completion_budget)
-        except ContextLengthError as error:
-            param = "messages" if request.completion_budget is None else "max_tokens"
-            raise APIError(str(error), param=param, code="context_length_exceeded") from error
+        budget = self._budget(len(prompt), request)
         temperature = 1.0 if request.temperature is None else request.temperature
         params = [
             SamplingParams(
                 max_tokens=budget,
                 temperature=temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,
-                seed=None if request.seed is None else request.seed + index,
+                seed=None if request.seed is None else seed_for(request.seed, index),
                 stop=request.stop_strings,
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 top_logprobs=request.top_logprobs or 0,
@@ -221,6 +183,27 @@ class ChatCompletions:
         ]
         tool_names = frozenset(t["function"]["name"] for t in tools) if tools else None
         return _Plan(prompt, params, tool_names)
+
+    def _budget(self, prompt_tokens: int, request: ChatCompletionRequest) -> int:
+        """Each choice's completion budget: ``max_tokens``, or the server's default (both capped by the
+        context left), refused when ``n`` choices of it exceed ``limits.max_request_tokens``."""
+        requested = request.completion_budget
+        try:
+            budget = self.engine.check_fits(prompt_tokens, requested)
+        except ContextLengthError as error:
+            param = "messages" if requested is None else "max_tokens"
+            raise APIError(str(error), param=param, code="context_length_exceeded") from error
+        if requested is None:
+            budget = min(budget, self.limits.default_max_tokens)
+        choices, most = request.n or 1, self.limits.max_request_tokens
+        if choices * budget > most:
+            asked = f"max_tokens {requested}" if requested is not None else f"the default max_tokens {budget}"
+            raise APIError(
+                f"n {choices} x {asked} = {choices * budget} completion tokens, over this server's limit of {most} "
+                f"per request; set max_tokens to at most {most // choices} or lower n",
+                param="max_tokens" if requested is not None else "n", code="request_too_large",
+            )
+        return budget
 
     def _envelope(self, object_type: str, completion_id: str, created: int) -> dict[str, Any]:
         return {
@@ -232,7 +215,14 @@ class ChatCompletions:
         }
 
     async def complete(self, request: ChatCompletionRequest, plan: _Plan) -> dict[str, Any]:
+        """Generate every choice; cancelling this cancels them all."""
         results = await asyncio.gather(*(self.engine.generate(plan.prompt_token_ids, p) for p in plan.params))
+        # Logprob entries of many long choices take a while to build: off the event loop too.
+        return await asyncio.to_thread(self._response_body, request, plan, results)
+
+    def _response_body(
+        self, request: ChatCompletionRequest, plan: _Plan, results: Sequence[GenerationResult]
+    ) -> dict[str, Any]:
         body = self._envelope("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
         body["choices"] = [self._choice(index, result, request, plan) for index, result in enumerate(results)]
         body["usage"] = _usage(len(plan.prompt_token_ids), sum(len(r.token_ids) for r in results))
@@ -253,7 +243,7 @@ class ChatCompletions:
         logprobs = None
         if request.logprobs:
             tokens = zip(result.token_ids, result.logprobs, result.top_logprobs, strict=True)
-            logprobs = _logprobs_body([TokenChoice(*token) for token in tokens], self.texts)
+            logprobs = logprobs_body([TokenChoice(*token) for token in tokens], self.texts)
         choice: dict[str, Any] = {
             "index": index,
             "message": message,
@@ -312,7 +302,7 @@ class ChatCompletions:
         choice: dict[str, Any] = {
             "index": index,
             "delta": delta,
-            "logprobs": _logprobs_body([step.token], self.texts) if request.logprobs else None,
+            "logprobs": logprobs_body([step.token], self.texts) if request.logprobs else None,
             "finish_reason": finish,
         }
         if request.return_token_ids:
@@ -328,19 +318,6 @@ def _error_from(error: Exception) -> APIError:
     return APIError(f"generation failed: {type(error).__name__}: {error}", status_code=500, error_type="server_error")
 
 
-def _validation_message(error: RequestValidationError) -> APIError:
-    first = error.errors()[0]
-    if first.get("type") == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return APIError(f"The request body is not valid JSON: {detail}")
-    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
-        return APIError("The request has no body; send a JSON chat-completions request")
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    message = str(first.get("msg", "invalid request"))
-    return APIError(f"{param}: {message}" if param else message, param=param)
-
-
 async def _released_after(body: AsyncIterator[str], lease: EngineLease) -> AsyncGenerator[str, None]:
     """``body``, then the lease goes back (also when the client disconnects mid-stream)."""
     try:
@@ -351,12 +328,17 @@ async def _released_after(body: AsyncIterator[str], lease: EngineLease) -> Async
 
 
 def create_app(
-    engine: GenerationEngine | EngineSlot, served_model_name: str | None = None, aliases: Collection[str] = ()
+    engine: GenerationEngine | EngineSlot,
+    served_model_name: str | None = None,
+    aliases: Collection[str] = (),
+    limits: ServingLimits | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over ``engine`` (or over whichever engine an ``EngineSlot`` holds at
     each request). Requests may name the served model, the answering engine's ``model_id`` or any of
-    ``aliases``; other names get 404 ``model_not_found``, as from vLLM.
+    ``aliases``; other names get 404 ``model_not_found``, as from vLLM. ``limits`` bound what one
+    request may cost (``ServingLimits()`` by default).
     """
+    limits = limits or ServingLimits()
     slot = engine if isinstance(engine, EngineSlot) else EngineSlot(engine)
     served = served_model_name or slot.current.model_id
     # One ChatCompletions per engine (its prompt builder and token texts belong to that tokenizer);
@@ -366,7 +348,8 @@ def create_app(
     def completions_for(answering: GenerationEngine) -> ChatCompletions:
         found = per_engine.get(answering)
         if found is None:
-            found = per_engine[answering] = ChatCompletions(answering, served, {answering.model_id, *aliases})
+            found = per_engine[answering] = ChatCompletions(answering, served, {answering.model_id, *aliases},
+                                                            limits)
         return found
 
     def version_header(answering: GenerationEngine | None = None) -> dict[str, str]:
@@ -381,10 +364,6 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_message(error))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -425,18 +404,23 @@ def create_app(
         return JSONResponse({"object": "list", "data": [card]}, headers=version_header(current))
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat_completions(http: Request) -> Response:
+        # Decoding, validating and tokenizing run on worker threads: a 20 MB prompt takes seconds.
+        request = await asyncio.to_thread(parse_chat_request, await read_body(http, limits.max_body_bytes))
         lease = slot.lease()
         streaming = False
         try:
             completions = completions_for(lease.engine)
-            plan = completions.plan(request)
+            plan = await asyncio.to_thread(completions.plan, request)
             headers = version_header(lease.engine)
             if request.stream:
                 body = _released_after(completions.stream(request, plan), lease)
                 streaming = True  # from here the body owns the lease
                 return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-            return JSONResponse(await completions.complete(request, plan), headers=headers)
+            completed = await unless_disconnected(http, completions.complete(request, plan))
+            if completed is None:
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            return await asyncio.to_thread(JSONResponse, completed, headers=headers)
         finally:
             if not streaming:
                 lease.release()

@@ -2,16 +2,48 @@
 models, and the OpenAI error body. Unknown fields are accepted and ignored, as OpenAI-compatible
 servers do (clients send ``user``, ``metadata``, ``store``, ...); known fields are type-checked, and
 values the embedded server cannot honour are refused rather than silently ignored.
+
+Every sampling parameter is bounded to what the engine can compute (a seed must fit 64 bits; a
+temperature below 1e-5 decodes greedily, see ``tracelearn.serving.sampling``), so no accepted request
+can fail inside the batch it shares with other users. ``ServingLimits`` bounds what one request may
+cost: its body size, its default ``max_tokens`` and the tokens its ``n`` choices may generate together.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Names the weights that answered, on every response of ``tracelearn serve`` (the gateway forwards it).
 MODEL_VERSION_HEADER = "x-tracelearn-model-version"
+
+# Every seed ``torch.Generator.manual_seed`` takes; choice i of n is seeded (seed + i) mod 2**64.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+# Stop strings are matched against the tail of the text after every token: bounded, so that one
+# request's stop list cannot slow the decoding steps it shares with others.
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 128
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one chat request may cost the server (every bound is answered with a clear 4xx beyond it).
+
+    ``max_body_bytes``: the request body (413 beyond). ``default_max_tokens``: the completion budget of
+    a request that sets neither ``max_tokens`` nor ``max_completion_tokens`` (still capped by the
+    context left). ``max_request_tokens``: ``n`` x the completion budget, the most tokens one request's
+    choices may generate together (400 beyond).
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    default_max_tokens: int = 1024
+    max_request_tokens: int = 16384
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "default_max_tokens", "max_request_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 class APIError(Exception):
@@ -105,8 +137,8 @@ class ChatCompletionRequest(_Lenient):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
@@ -114,7 +146,7 @@ class ChatCompletionRequest(_Lenient):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     return_token_ids: bool | None = None
-    stop_token_ids: list[int] | None = None  # vLLM's extension
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM's extension
     # Accepted at their neutral values only (see ``check_supported``): the engine does not implement them.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -142,9 +174,50 @@ def check_supported(request: ChatCompletionRequest) -> None:
         raise APIError("tool_choice requires tools", param="tool_choice")
     if any(not stop for stop in request.stop_strings):
         raise APIError("stop strings must not be empty", param="stop")
+    if any(len(stop) > MAX_STOP_CHARS for stop in request.stop_strings):
+        raise APIError(f"stop strings may be at most {MAX_STOP_CHARS} characters long", param="stop")
     for name in ("presence_penalty", "frequency_penalty", "logit_bias"):
         if getattr(request, name):
             raise APIError(f"{name} is not supported by the embedded server", param=name)
     if request.response_format and request.response_format.get("type") != "text":
         raise APIError("only response_format {'type': 'text'} is supported by the embedded server",
                        param="response_format")
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Decode and validate a chat-completions body; ``APIError`` (400) names the first bad parameter."""
+    if not body.strip():
+        raise APIError("The request has no body; send a JSON chat-completions request")
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise _validation_message(error) from None
+
+
+def _validation_message(error: ValidationError) -> APIError:
+    errors = error.errors()
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(f"The request body is not valid JSON: {detail}")
+    if first.get("type") == "model_type" and not first.get("loc"):
+        return APIError("The request body must be a JSON object (a chat-completions request)")
+    # A value of a union type (``stop``: a string or a list) fails once per member; the member its
+    # type matched says what is wrong with it ("at most 16 items"), not "should be a valid string".
+    wrong_type = {"string_type", "list_type", "int_type", "float_type", "bool_type", "dict_type", "model_type",
+                  "literal_error", "model_attributes_type"}
+    param = _param_of(first)
+    chosen = next((e for e in errors if _param_of(e) == param and e.get("type") not in wrong_type), first)
+    message = str(chosen.get("msg", "invalid request"))
+    return APIError(f"{param}: {message}" if param else message, param=param)
+
+
+def _param_of(error: Any) -> str | None:
+    """The parameter's dotted path (``messages.0.role``), without pydantic's union-member tags
+    (``str``, ``list[str]``, ``TextPart``): request fields are lower-case identifiers or indices."""
+    parts = [str(p) for p in error.get("loc", ()) if isinstance(p, int) or (str(p).isidentifier() and str(p).islower()
+                                                                              and str(p) not in _TYPE_TAGS)]
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})

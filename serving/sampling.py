@@ -8,6 +8,11 @@ sampling distribution itself is the processed one (logits / temperature, then to
 
 Sampling runs on CPU with one ``torch.Generator`` per request, so a seeded request draws the same
 tokens whatever else shares its batch and whichever device computed the logits.
+
+Every parameter is checked against what this code can compute (``SamplingParams`` refuses the rest),
+so no request can make the sampler raise inside the batch it shares with others: a seed must fit
+the generator's 64 bits, and a temperature below ``GREEDY_BELOW_TEMPERATURE`` is greedy (dividing
+logits by 1e-300 overflows to inf and NaN probabilities; vLLM draws the same line).
 """
 
 from __future__ import annotations
@@ -17,11 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures this close to zero decode greedily: the limit of sampling as T -> 0, and what vLLM does.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# ``torch.Generator.manual_seed`` takes any integer in [-2**63, 2**64); seeds are reduced into it.
+SEED_MODULUS = 2**64
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. ``temperature == 0`` means greedy (argmax). ``stop_token_ids`` end
-    the response like the model's end-of-turn token (kept in the token ids, not in the text), as in vLLM.
+    """How one request is decoded. A ``temperature`` below ``GREEDY_BELOW_TEMPERATURE`` (0 included)
+    means greedy (argmax). ``seed`` lies in [0, 2**64) (``seed_for`` maps any integer there).
+    ``stop_token_ids`` end the response like the model's end-of-turn token (kept in the token ids, not
+    in the text), as in vLLM.
     """
 
     max_tokens: int
@@ -35,14 +47,20 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < SEED_MODULUS:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,13 @@ class TokenChoice:
     token_id: int
     logprob: float
     top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def seed_for(seed: int, choice: int = 0) -> int:
+    """The generator seed of choice ``choice`` of a request seeded with ``seed`` (any integer): ``seed +
+    choice``, wrapped into the generator's 64 bits (negative seeds as two's complement, as torch does).
+    """
+    return (seed + choice) % SEED_MODULUS
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -74,7 +99,7 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Pick the next token from one row of raw logits (``[vocab]``, float32, CPU)."""
-    if params.temperature == 0:
+    if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1:

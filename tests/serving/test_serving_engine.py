@@ -3,14 +3,15 @@
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from tracelearn.serving.batching import CachedPrefix, PaddedCache, PrefixCache, left_pad
+from tracelearn.serving.batching import PaddedCache, left_pad
 from tracelearn.serving.engine import ContextLengthError, GenerationEngine, GenerationResult
-from tracelearn.serving.model_store import LoadedModel
+from tracelearn.serving.model_store import LoadedModel, load_model, resolve_model
 from tracelearn.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
@@ -140,7 +141,8 @@ def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing_a_request_s
     sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=5)
 
     def run(prefix_cache: bool, together: bool) -> tuple[list[GenerationResult], int, int]:
-        engine = GenerationEngine(tiny_model, max_batch_size=8, batch_window_s=0.02, prefix_cache=prefix_cache)
+        engine = GenerationEngine(tiny_model, max_batch_size=8, batch_window_s=0.02,
+                                  prefix_cache_bytes=(64 << 20) if prefix_cache else 0)
         try:
             async def generate(params: SamplingParams) -> list[GenerationResult]:
                 if together:
@@ -175,15 +177,108 @@ def prompt_with_system(loaded: LoadedModel, system: str, text: str) -> list[int]
     return list(encoded["input_ids"])
 
 
-def test_the_prefix_cache_keeps_the_longest_useful_prefixes() -> None:
-    cache = PrefixCache(capacity=2, min_tokens=3)
-    assert cache.candidate([1, 2, 3, 4, 5]) is None  # nothing seen yet
-    assert cache.candidate([1, 2, 3, 4, 9]) == (1, 2, 3, 4)
-    assert cache.candidate([7, 8]) is None  # too little in common
-    empty = torch.zeros((1, 1, 0, 1))
-    for key in [(1, 2, 3), (1, 2, 3, 4), (5, 6, 7)]:
-        cache.store(CachedPrefix(key, ((empty, empty),)))
-    assert len(cache) == 2  # the least recently used, (1, 2, 3), was dropped
-    found = cache.lookup([1, 2, 3, 4, 5])
-    assert found is not None and found.token_ids == (1, 2, 3, 4)
-    assert cache.lookup([1, 2, 3, 4]) is None  # a prompt must be longer than its prefix
+TOOL_RESULT = "<|im_start|>user\n<tool_response>\n408\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_the_next_turn_of_a_conversation_reuses_the_last_and_gets_the_same_tokens(tiny_model: LoadedModel) -> None:
+    """An agent's next prompt is its last prompt, the reply and a tool result: with the prefix cache it
+    prefills only the tool result, and every token and logprob is the uncached path's."""
+    tool_result = list(tiny_model.tokenizer.encode(TOOL_RESULT, add_special_tokens=False))
+    first_prompts = [prompt_with_system(tiny_model, "You are a calculator. " * 3, f"What is {n} times 34?")
+                     for n in range(4)]
+
+    def conversations(prefix_cache_bytes: int) -> tuple[list[list[GenerationResult]], int]:
+        engine = GenerationEngine(tiny_model, max_batch_size=8, batch_window_s=0.02,
+                                  prefix_cache_bytes=prefix_cache_bytes)
+
+        async def converse(prompt: list[int], params: SamplingParams) -> list[GenerationResult]:
+            turns = []
+            for _ in range(3):
+                turns.append(await engine.generate(prompt, params))
+                prompt = [*prompt, *turns[-1].token_ids, *tool_result]
+            return turns
+
+        async def all_of_them() -> list[list[GenerationResult]]:
+            seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+            greedy = SamplingParams(max_tokens=12, temperature=0)
+            return list(await asyncio.gather(*(converse(p, params) for p in first_prompts
+                                               for params in (greedy, seeded))))
+
+        try:
+            return asyncio.run(all_of_them()), engine.stats().prefix_tokens_reused
+        finally:
+            engine.close()
+
+    plain, none_reused = conversations(0)
+    cached, reused = conversations(64 << 20)
+    assert none_reused == 0
+    for plain_turns, cached_turns in zip(plain, cached, strict=True):
+        assert [t.token_ids for t in cached_turns] == [t.token_ids for t in plain_turns]
+        assert [t.prompt_token_ids for t in cached_turns] == [t.prompt_token_ids for t in plain_turns]
+        for a, b in zip(plain_turns, cached_turns, strict=True):
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-5
+    # Every later turn reused at least the whole previous prompt and all but the last token of the reply.
+    later_turns = [turns[k] for turns in cached for k in (1, 2)]
+    assert reused >= sum(len(t.prompt_token_ids) - len(tool_result) - 1 for t in later_turns)
+
+
+def test_a_failing_listener_ends_only_its_own_request(engine: GenerationEngine) -> None:
+    ours, theirs = prompt(engine, "a long answer please " * 3), prompt(engine, "hi")
+    params = SamplingParams(max_tokens=40, temperature=0)
+    expected = asyncio.run(engine.generate(ours, params))
+    failed_before = engine.stats().requests_failed
+
+    def broken(_: object) -> None:
+        raise RuntimeError("this client's callback is broken")
+
+    async def scenario() -> tuple[GenerationResult, bool]:
+        running = asyncio.create_task(engine.generate(ours, params))
+        started = engine.stats().tokens_generated
+        while engine.stats().tokens_generated < started + 5:  # ours is mid-flight
+            await asyncio.sleep(0.001)
+        cancelled = engine.submit(theirs, params, broken)
+        result = await running
+        return result, cancelled.is_set()
+
+    result, theirs_cancelled = asyncio.run(scenario())
+    assert result.token_ids == expected.token_ids and result.finish_reason == expected.finish_reason
+    assert theirs_cancelled
+    assert engine.stats().requests_failed == failed_before
+
+
+def test_a_forward_pass_that_fails_for_one_row_fails_that_row_only(tiny_model_dir: Path) -> None:
+    loaded = load_model(resolve_model(str(tiny_model_dir)), device="cpu")
+    poison: list[int] = []  # the model fails any forward pass whose input holds this token
+
+    def fail_on_poison(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if poison and bool((args[0] == poison[0]).any()):
+            raise RuntimeError(f"the model failed on token {poison[0]}")
+
+    loaded.model.get_input_embeddings().register_forward_pre_hook(fail_on_poison)
+    engine = GenerationEngine(loaded, max_batch_size=8, batch_window_s=0.05)
+    params = SamplingParams(max_tokens=30, temperature=0)
+    healthy, other = prompt(engine, "hello there"), prompt(engine, "the robot answers a tool")
+    try:
+        expected = asyncio.run(engine.generate(healthy, params))
+        others = asyncio.run(engine.generate(other, params)).token_ids
+        clean = set(healthy) | set(expected.token_ids) | set(other)
+        # The other request's reply reaches a token the healthy one never sees: its decoding step fails.
+        decode_poison = next(t for i, t in enumerate(others[:-1]) if t not in clean and t not in others[:i])
+        # A prompt that holds such a token fails in its prefill.
+        prefill_poison = next(t for t in range(10, 700) if t not in clean | set(others))
+        poisoned_prompt = [*other[:-3], prefill_poison, *other[-3:]]
+
+        async def together(second: list[int]) -> tuple[GenerationResult, BaseException | GenerationResult]:
+            results = await asyncio.gather(engine.generate(healthy, params), engine.generate(second, params),
+                                           return_exceptions=True)
+            assert isinstance(results[0], GenerationResult), results[0]
+            return results[0], results[1]
+
+        for token, second in ((decode_poison, other), (prefill_poison, poisoned_prompt)):
+            poison[:] = [token]
+            survivor, failure = asyncio.run(together(second))
+            assert survivor.token_ids == expected.token_ids
+            assert isinstance(failure, RuntimeError) and f"failed on token {token}" in str(failure)
+        assert engine.stats().max_batch_size >= 2  # they did share a batch
+    finally:
+        engine.close()

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from tracelearn.serving.sampling import SamplingParams, choose_token, make_generator, nucleus_filter, score_token
+from tracelearn.serving.sampling import (
+    GREEDY_BELOW_TEMPERATURE,
+    SamplingParams,
+    choose_token,
+    make_generator,
+    nucleus_filter,
+    score_token,
+    seed_for,
+)
 
 
 def test_nucleus_filter_keeps_the_smallest_set_reaching_top_p() -> None:
@@ -42,3 +50,24 @@ def test_score_token_reports_the_raw_logprob_and_top_alternatives() -> None:
 def test_invalid_sampling_params_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**{"max_tokens": 4, **bad})  # type: ignore[arg-type]
+
+
+def test_a_vanishing_temperature_is_greedy_and_never_produces_nan() -> None:
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    for temperature in (1e-300, 1e-6, 5e-324):
+        params = SamplingParams(max_tokens=1, temperature=temperature)
+        assert params.greedy and choose_token(logits, params, make_generator(0)) == 1
+    smallest_sampled = SamplingParams(max_tokens=1, temperature=GREEDY_BELOW_TEMPERATURE)
+    assert not smallest_sampled.greedy
+    assert choose_token(logits, smallest_sampled, make_generator(0)) == 1  # finite, and as sharp as greedy
+
+
+def test_seeds_wrap_into_the_generators_64_bits() -> None:
+    assert seed_for(7) == 7 and seed_for(7, 2) == 9
+    assert seed_for(2**64 - 1, 1) == 0 and seed_for(-1) == 2**64 - 1
+    make_generator(seed_for(-(2**63)))  # the extremes the API accepts are valid generator seeds
+    make_generator(seed_for(2**64 - 1, 127))
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(max_tokens=1, seed=2**64)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_tokens=1, temperature=float("nan"))
