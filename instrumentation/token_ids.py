@@ -1,52 +1,68 @@
 """Token ids and logprobs from OpenAI-compatible model servers, recorded on the LLM call's span.
 
 ``TokenIdsInstrumentor`` (entry point ``tracelearn_token_ids``) owns one thing: for every chat
-completion an ``openai`` client sends, it asks the server for the token ids it generated
-(``return_token_ids: true``, vLLM's extension) and their logprobs (``logprobs: true``), reads them
-back (top-level ``prompt_token_ids``, ``choices[0].token_ids``, ``choices[0].logprobs.content``,
-accumulated across chunks when streaming) and records them with ``tracelearn.llm.token_ids_status``
-on the span of the LLM instrumentation (Traceloop's ``openai.chat``, the official ``chat {model}``).
-Without such a span it writes a ``tracelearn.token_ids`` child span carrying ``gen_ai.response.id``
-so the pipeline can join the two by response id. Ids a server did not return are never made up:
-the status says why they are missing.
+completion sent over ``httpx`` (the ``openai`` SDK, and what is built on it or on ``httpx``: LangChain,
+LiteLLM, Pydantic AI...), it asks the server for the token ids it generated (``return_token_ids: true``,
+vLLM's extension) and their logprobs (``logprobs: true``), reads them back from the HTTP response
+(top-level ``prompt_token_ids``, ``choices[0].token_ids``, ``choices[0].logprobs.content``; for a
+stream, accumulated over its ``data:`` events) and records them with ``tracelearn.llm.token_ids_status``
+on the span current while the request is sent, when that is an LLM instrumentation's span (Traceloop's
+``openai.chat``, the official ``chat {model}``, OpenInference's ``openinference.span.kind=LLM``, Pydantic
+AI's chat span). Without one it writes a ``tracelearn.token_ids`` child span carrying
+``gen_ai.response.id`` so the pipeline can join the two by response id, and says once per process
+which instrumentation to install. Ids a server did not return are never made up: the status says why.
 
-Where it hooks: ``openai._base_client.SyncAPIClient.request`` and ``AsyncAPIClient.request``, the
-single path every resource method goes through. LLM instrumentations wrap
-``Completions.create`` one level up and keep their span current while the request runs, so our
-hook always runs inside their span whatever order the instrumentors were loaded in. ``request`` is
-looked up on the client at call time (``post`` is not: resources bind it when the client is built),
-so clients created before ``instrument()`` are covered too. For streams, the chunk iterator of the
-``Stream`` object is wrapped; it is exhausted before the LLM instrumentation's stream wrapper sees
-``StopIteration`` and ends its span, so the span is still recording when the ids are written.
+Where it hooks, and why there: ``Client.send`` / ``AsyncClient.send`` of ``httpx2`` (what ``openai`` 3
+sends through) and of ``httpx`` (a legacy client handed to the SDK, other libraries), wrapped when those
+modules are imported. Every wrapper of the SDK ends there: OpenInference wraps ``OpenAI.request`` (the
+subclass attribute) around the SDK's original ``request``, which bypassed a hook on
+``SyncAPIClient.request``; Langfuse and Sentry wrap resource methods; a user's subclass may override
+``request``. LLM instrumentations keep their span current while the request runs, so the hook sees the
+innermost LLM span whatever order the instrumentors were loaded in. It acts only on a POST whose path
+ends in ``/chat/completions`` with a JSON object body, and adds the fields by splicing them into the
+body's bytes (no JSON round trip; the body is parsed only when it already names one of them, and then
+the caller's value wins). A complete response body is parsed once more (orjson); a stream's byte
+stream is tapped and its ``data:`` events parsed as they pass, without changing what the consumer
+reads, and the ids are recorded at ``[DONE]`` (or at the stream's end), before the consumer sees the
+stream end and the LLM instrumentation ends its span.
 
 ``TRACELEARN_TOKEN_IDS`` (or ``instrument(mode=...)``) decides whom to ask: ``on`` every server,
 ``off`` none, ``auto`` (default) only servers that are ours to ask: loopback and private addresses,
 ``localhost`` and ``*.localhost`` / ``*.local`` / ``*.internal`` names and single-label names
 (container and cluster service names), decided from the URL alone, never by a DNS lookup. A hosted
 API never receives the extra parameter in ``auto``. A server that answers the first asking request
-with 400/422 (or any request with an error naming the parameter) is remembered for the process,
-the request is sent again without the extra fields, and it is not asked again.
+with 400/422 (or any request with an error naming the parameter) is remembered for the process, the
+request is sent again without the extra fields inside the hook (the client never sees the 400), and
+that server is not asked again.
 
 Every hook catches its own errors and logs the first one of each kind: capture never breaks the agent.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+import re
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import orjson
+import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.instrumentation.environment_variables import OTEL_PYTHON_DISABLED_INSTRUMENTATIONS
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
-from wrapt import wrap_function_wrapper
 
+from tracelearn.instrumentation.token_id_responses import ResponseReader, guarded, report_once, tap_types
+from tracelearn.instrumentation.token_id_responses import TokenIdsCapture as TokenIdsCapture  # the gateway's too
 from tracelearn.schemas import semconv as sc
 
 ENV_MODE: Final = "TRACELEARN_TOKEN_IDS"
@@ -58,10 +74,27 @@ RETURN_TOKEN_IDS: Final = "return_token_ids"
 LOGPROBS: Final = "logprobs"
 TOP_LOGPROBS: Final = "top_logprobs"
 CHAT_COMPLETIONS_PATH: Final = "/chat/completions"
+# The HTTP client modules whose Client.send / AsyncClient.send carry the hook (wrapped when imported).
+HTTP_CLIENT_MODULES: Final = ("httpx2", "httpx")
 
 _PRIVATE_SUFFIXES: Final = (".localhost", ".local", ".internal")
 _LLM_OPERATIONS: Final = frozenset({"chat", "text_completion", "completion", "generate_content"})
 _REJECTION_STATUSES: Final = frozenset({400, 422})
+_CALLER_FIELD_NAMES: Final = tuple(f'"{name}"'.encode() for name in (RETURN_TOKEN_IDS, LOGPROBS, TOP_LOGPROBS))
+# A non-empty JSON object's opening brace (its first member's name follows): where the fields go in.
+_OBJECT_START: Final = re.compile(rb"[ \t\r\n]*\{(?=[ \t\r\n]*\")")
+# Traceloop's LangChain handler sets this context key while it owns an LLM call's span (not current).
+_TRACELOOP_LLM_SUPPRESSION_KEY: Final = "suppress_language_model_instrumentation"
+# Frameworks with LLM spans of their own, by top-level package, and what records them (said, once, of
+# the framework found on the call stack of a chat completion sent with no LLM span around it).
+_FRAMEWORK_INSTRUMENTATIONS: Final = {
+    "langchain_core": ("LangChain", "opentelemetry-instrumentation-langchain (tracelearn[instrumentations])"),
+    "langchain_openai": ("LangChain", "opentelemetry-instrumentation-langchain (tracelearn[instrumentations])"),
+    "crewai": ("CrewAI", "opentelemetry-instrumentation-crewai"),
+    "litellm": ("LiteLLM", "openinference-instrumentation-litellm"),
+    "smolagents": ("smolagents", "openinference-instrumentation-smolagents"),
+    "pydantic_ai": ("Pydantic AI", "its own, turned on by pydantic_ai.Agent.instrument_all()"),
+}
 
 _log = logging.getLogger(__name__)
 
@@ -94,14 +127,13 @@ def is_private_host(host: str) -> bool:
     return address.is_loopback or address.is_private or address.is_link_local
 
 
+def _asks_host(host: str, mode: str) -> bool:
+    return mode == "on" or (mode == "auto" and is_private_host(host))
+
+
 def should_request_token_ids(base_url: str, mode: str) -> bool:
     """The ``TRACELEARN_TOKEN_IDS`` rule for one server, before anything was learned about it."""
-    if mode == "on":
-        return True
-    if mode == "off":
-        return False
-    host = urlsplit(base_url).hostname
-    return host is not None and is_private_host(host)
+    return _asks_host(urlsplit(base_url).hostname or "", mode)
 
 
 class _ServerMemory:
@@ -117,118 +149,7 @@ class _ServerMemory:
 
 
 _servers = _ServerMemory()
-_reported: set[str] = set()
-
-
-def _report(where: str, error: BaseException) -> None:
-    """Log a hook's failure once per kind (then at debug level): the agent's call goes on."""
-    if where in _reported:
-        _log.debug("token-id capture: %s failed again: %r", where, error)
-        return
-    _reported.add(where)
-    _log.warning("token-id capture: %s failed (%r); the call goes on without token ids", where, error, exc_info=error)
-
-
-# --- Reading responses ------------------------------------------------------------------------------
-
-
-def _field(obj: Any, name: str) -> Any:
-    """A field of a parsed response (pydantic model with extra fields kept) or of a plain dict."""
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-_INT_TYPES: Final = frozenset({int})
-_FLOAT_TYPES: Final = frozenset({float})
-
-
-def _int_list(value: Any) -> list[int] | None:
-    """Token ids as a list, or None unless ``value`` is a sequence of ints (``bool`` is not one)."""
-    if type(value) in (list, tuple) and set(map(type, value)) <= _INT_TYPES:
-        return list(value)  # what a parsed response holds (hundreds of ids per call), checked at C speed
-    if (
-        isinstance(value, Sequence)
-        and not isinstance(value, str | bytes)
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        return list(value)
-    return None
-
-
-def _choice_zero_logprobs(choice: Any) -> list[float] | None:
-    content = _field(_field(choice, "logprobs"), "content")
-    if not isinstance(content, Sequence) or isinstance(content, str):
-        return None
-    values = [_field(entry, "logprob") for entry in content]
-    if set(map(type, values)) <= _FLOAT_TYPES:
-        return values  # the common case, checked at C speed; ``float(v)`` of a float is ``v``
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return [float(v) for v in values]
-    return None
-
-
-@dataclass
-class TokenIdsCapture:
-    """What a response (or the chunks of a stream) carried for choice 0."""
-
-    response_id: str | None = None
-    prompt_token_ids: list[int] | None = None
-    response_token_ids: list[int] | None = None
-    response_logprobs: list[float] | None = None
-    choice_count: int = 0
-
-    def add_response(self, response: Any) -> None:
-        """Read a complete (non-streamed) chat completion."""
-        self._add_top_level(response)
-        for choice in _field(response, "choices") or ():
-            self.choice_count += 1
-            if _field(choice, "index") in (0, None) and self.response_token_ids is None:
-                self.response_token_ids = _int_list(_field(choice, "token_ids"))
-                self.response_logprobs = _choice_zero_logprobs(choice)
-
-    def add_chunk(self, chunk: Any) -> None:
-        """Read one streamed chunk: vLLM sends prompt ids once, then each delta's own ids and logprobs."""
-        self._add_top_level(chunk)
-        for choice in _field(chunk, "choices") or ():
-            index = _field(choice, "index")
-            if isinstance(index, int):
-                self.choice_count = max(self.choice_count, index + 1)
-            if index not in (0, None):
-                continue
-            ids = _int_list(_field(choice, "token_ids"))
-            if ids is not None:
-                self.response_token_ids = (self.response_token_ids or []) + ids
-            logprobs = _choice_zero_logprobs(choice)
-            if logprobs is not None:
-                self.response_logprobs = (self.response_logprobs or []) + logprobs
-
-    def _add_top_level(self, obj: Any) -> None:
-        if self.response_id is None:
-            response_id = _field(obj, "id")
-            if isinstance(response_id, str) and response_id:
-                self.response_id = response_id
-        if self.prompt_token_ids is None:
-            self.prompt_token_ids = _int_list(_field(obj, "prompt_token_ids"))
-
-    def status(self) -> str:
-        complete = self.prompt_token_ids is not None and self.response_token_ids is not None
-        status: str = sc.TOKEN_IDS_FROM_SERVER if complete else sc.TOKEN_IDS_MISSING
-        return status
-
-    def attributes(self) -> dict[str, Any]:
-        attributes: dict[str, Any] = {sc.TOKEN_IDS_STATUS: self.status()}
-        if self.response_id is not None:
-            attributes[sc.GEN_AI_RESPONSE_ID] = self.response_id
-        if self.prompt_token_ids is not None:
-            attributes[sc.PROMPT_TOKEN_IDS] = self.prompt_token_ids
-        if self.response_token_ids is not None:
-            attributes[sc.RESPONSE_TOKEN_IDS] = self.response_token_ids
-        if self.response_logprobs is not None:
-            attributes[sc.RESPONSE_LOGPROBS] = self.response_logprobs
-        if self.choice_count > 1:
-            attributes[sc.RESPONSE_CHOICE_COUNT] = self.choice_count
-        return attributes
+_advice_lock = threading.Lock()
 
 
 # --- One chat-completions request -------------------------------------------------------------------
@@ -245,45 +166,30 @@ def _is_llm_span(span: trace.Span) -> bool:
         attributes.get(sc.GEN_AI_OPERATION_NAME) in _LLM_OPERATIONS
         or sc.GEN_AI_REQUEST_MODEL in attributes
         or sc.TRACELOOP_LLM_REQUEST_TYPE in attributes
+        or attributes.get(sc.OPENINFERENCE_SPAN_KIND) == sc.OPENINFERENCE_KIND_LLM
     )
-
-
-def _options_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The ``FinalRequestOptions`` of ``request(cast_to, options, *, stream, stream_cls)``."""
-    return kwargs["options"] if "options" in kwargs else (args[1] if len(args) > 1 else None)
-
-
-def _with_options(args: tuple[Any, ...], kwargs: dict[str, Any], options: Any) -> tuple[Any, ...]:
-    if "options" in kwargs:
-        kwargs["options"] = options
-        return args
-    return (args[0], options, *args[2:])
 
 
 @dataclass
 class _Call:
-    """One chat-completions request: where to record, and whether the server was asked."""
+    """One chat-completions request: what is sent first, where to record, whether the server was asked."""
 
     tracer: trace.Tracer
     server: str
     span: trace.Span
+    on_llm_span: bool
     context: otel_context.Context
+    request: Any  # the caller's request, or a copy carrying the fields we add
     asked: bool
     injected: tuple[str, ...] = ()
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def is_rejection(self, error: Exception) -> bool:
-        """Whether ``error`` is the server refusing the fields we added (then remember it)."""
+    def may_be_rejection(self, response: Any) -> bool:
+        return bool(self.injected) and response.status_code in _REJECTION_STATUSES
+
+    def is_rejection(self, response: Any) -> bool:
+        """Whether the (read) error ``response`` refuses the fields we added (then remember it)."""
         try:
-            import openai
-
-            if not self.injected or not isinstance(error, openai.APIStatusError):
-                return False
-            if error.status_code not in _REJECTION_STATUSES:
-                return False
-            text = f"{error.message} {error.body}"
-            names_ours = any(name in text for name in self.injected)
+            names_ours = any(name in response.text for name in self.injected)
             if not names_ours and self.server in _servers.accepted:
                 return False  # a server that took the fields before refuses something else
             _servers.rejecting.add(self.server)
@@ -291,18 +197,31 @@ class _Call:
                 "token-id capture: %s rejected %s (HTTP %s); retrying without them and not asking it again",
                 self.server,
                 ", ".join(self.injected),
-                error.status_code,
+                response.status_code,
             )
             self.asked = False
             self.injected = ()
             return True
-        except Exception as failure:
-            _report("reading a rejection", failure)
+        except Exception as error:
+            report_once("reading a rejection", error)
             return False
 
-    def accepted(self) -> None:
+    def observe(self, response: Any, streamed: bool, tap: type) -> None:
+        """Read a successful response's ids: now from a read body, or from a stream as it is consumed."""
+        if not 200 <= response.status_code < 300:
+            return  # the agent gets the error; there is nothing to record
         if self.injected:
             _servers.accepted.add(self.server)
+        if not self.asked:
+            self.record(None)
+            return
+        reader = ResponseReader(self.record, response.headers.get("content-type", ""))
+        if streamed:
+            reader.expect_encoding(response.headers.get("content-encoding", ""))
+            response.stream = tap(response.stream, reader)
+        else:
+            reader.feed(response.content)  # already decoded by the client
+            reader.finish()
 
     def record(self, capture: TokenIdsCapture | None) -> None:
         """Write what was captured on the LLM span, or on a ``tracelearn.token_ids`` child span.
@@ -310,12 +229,12 @@ class _Call:
         ``None`` means the server was not asked: only the LLM span learns why (there is nothing to join).
         """
         if capture is None:
-            status = sc.TOKEN_IDS_REJECTED if self.server in _servers.rejecting else sc.TOKEN_IDS_NOT_REQUESTED
-            if _is_llm_span(self.span):
+            if self.on_llm_span:
+                status = sc.TOKEN_IDS_REJECTED if self.server in _servers.rejecting else sc.TOKEN_IDS_NOT_REQUESTED
                 self.span.set_attribute(sc.TOKEN_IDS_STATUS, status)
             return
         attributes = capture.attributes()
-        if _is_llm_span(self.span):
+        if self.on_llm_span:
             self.span.set_attributes(attributes)
             return
         own = self.tracer.start_span(
@@ -323,117 +242,206 @@ class _Call:
         )
         own.end()
 
-    def record_response(self, response: Any) -> None:
-        capture = None
-        if self.asked:
-            capture = TokenIdsCapture()
-            capture.add_response(response)
-        self.record(capture)
+
+def _caller_fields(body: bytes) -> dict[str, Any] | None:
+    """The caller's own values of the fields we add (none, usually), or None if the body is not a JSON object."""
+    if not any(name in body for name in _CALLER_FIELD_NAMES):
+        return {}  # three substring scans instead of parsing every request body
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None  # not JSON: the server will say so to the caller
+    if not isinstance(parsed, dict):
+        return None
+    return {name: parsed[name] for name in (RETURN_TOKEN_IDS, LOGPROBS, TOP_LOGPROBS) if name in parsed}
 
 
-def _start_call(
-    tracer: trace.Tracer, mode: str, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _Call | None:
-    """A ``_Call`` for a chat-completions POST (with the fields added when we ask), else ``None``."""
-    options = _options_of(args, kwargs)
-    url = getattr(options, "url", None)
-    if not isinstance(url, str) or str(getattr(options, "method", "")).lower() != "post":
+def _with_fields(request: Any, at: int, added: Sequence[str]) -> Any:
+    """A copy of ``request`` whose JSON body carries ``"<name>":true`` for each added field, at ``at``."""
+    body: bytes = request.content
+    content = body[:at] + b"".join(b'"%s":true,' % name.encode() for name in added) + body[at:]
+    # Headers given as a Headers object are copied as they are (not normalized again).
+    copy = type(request)(
+        request.method, request.url, headers=request.headers, content=content, extensions=request.extensions
+    )
+    copy.headers["Content-Length"] = str(len(content))
+    return copy
+
+
+def _start_call(tracer: trace.Tracer, mode: str, request: Any) -> _Call | None:
+    """A ``_Call`` for a chat-completions POST (sending our fields when we ask), else ``None``."""
+    url = request.url
+    if request.method != "POST" or not url.path.rstrip("/").endswith(CHAT_COMPLETIONS_PATH):
         return None
-    target = urlsplit(url)
-    if not ("/" + target.path.strip("/")).endswith(CHAT_COMPLETIONS_PATH):
+    if request.headers.get("content-encoding"):
+        return None  # a compressed body is not ours to rewrite
+    try:
+        body = request.content
+    except RuntimeError:  # httpx's RequestNotRead: a streamed upload, not a chat request we can read
         return None
-    server = url if target.scheme else str(instance.base_url)
-    server = server.split("?", 1)[0].removesuffix("/").removesuffix(CHAT_COMPLETIONS_PATH)
-    body = options.json_data
-    extra = options.extra_json or {}
-    if not isinstance(body, Mapping) or not isinstance(extra, Mapping):
+    start = _OBJECT_START.match(body)
+    caller = _caller_fields(body) if start is not None else None
+    if start is None or caller is None:
         return None
+    server = str(url).split("?", 1)[0].rstrip("/").removesuffix(CHAT_COMPLETIONS_PATH)
+    span = trace.get_current_span()
+    on_llm_span = _is_llm_span(span)
+    if not on_llm_span:
+        guarded("saying what to install", _advise_llm_instrumentation, server, request.headers.get("user-agent", ""))
     call = _Call(
         tracer=tracer,
         server=server,
-        span=trace.get_current_span(),
+        span=span,
+        on_llm_span=on_llm_span,
         context=otel_context.get_current(),
-        asked=bool({**body, **extra}.get(RETURN_TOKEN_IDS)),
-        args=args,
-        kwargs=kwargs,
+        request=request,
+        asked=bool(caller.get(RETURN_TOKEN_IDS)),
     )
-    if RETURN_TOKEN_IDS in body or RETURN_TOKEN_IDS in extra:
-        return call  # the caller decided, either way; we only read what comes back
-    if server in _servers.rejecting or not should_request_token_ids(server, mode):
-        return call
-    added = {RETURN_TOKEN_IDS: True}
-    if not {LOGPROBS, TOP_LOGPROBS} & (body.keys() | extra.keys()):
-        added[LOGPROBS] = True
-    injected_options = options.model_copy()
-    injected_options.json_data = {**body, **added}
-    call.kwargs = dict(kwargs)
-    call.args = _with_options(args, call.kwargs, injected_options)
-    call.injected = tuple(added)
+    if RETURN_TOKEN_IDS in caller or server in _servers.rejecting or not _asks_host(url.host, mode):
+        return call  # the caller decided, or we do not ask: we only read what comes back
+    added = (RETURN_TOKEN_IDS,) if {LOGPROBS, TOP_LOGPROBS} & caller.keys() else (RETURN_TOKEN_IDS, LOGPROBS)
+    call.request = _with_fields(request, start.end(), added)
+    call.injected = added
     call.asked = True
     return call
 
 
-# --- Observing results ------------------------------------------------------------------------------
-
-
-def _is_raw_response(result: Any) -> bool:
-    """``with_raw_response`` (LangChain uses it) and ``with_streaming_response`` wrappers.
-
-    We read them through ``parse()``, which caches its result: the caller's own ``parse()`` later
-    returns the same object (for a stream, the one whose chunks we tap).
-    """
-    from openai._legacy_response import LegacyAPIResponse
-    from openai._response import BaseAPIResponse
-
-    return isinstance(result, LegacyAPIResponse | BaseAPIResponse)
-
-
-def _observe_stream(stream: Any, call: _Call) -> None:
-    """Tap the chunks of an ``openai.Stream``; record when it is exhausted (its consumer's spans still open)."""
-    inner: Iterator[Any] = stream._iterator
-
-    def chunks() -> Iterator[Any]:
-        capture = TokenIdsCapture() if call.asked else None
-        for chunk in inner:
-            if capture is not None:
-                _guarded("reading a stream chunk", capture.add_chunk, chunk)
-            yield chunk
-        _guarded("recording a stream", call.record, capture)
-
-    stream._iterator = chunks()
-
-
-def _observe_async_stream(stream: Any, call: _Call) -> None:
-    """``_observe_stream`` for ``openai.AsyncStream``."""
-    inner: AsyncIterator[Any] = stream._iterator
-
-    async def chunks() -> AsyncIterator[Any]:
-        capture = TokenIdsCapture() if call.asked else None
-        async for chunk in inner:
-            if capture is not None:
-                _guarded("reading a stream chunk", capture.add_chunk, chunk)
-            yield chunk
-        _guarded("recording a stream", call.record, capture)
-
-    stream._iterator = chunks()
-
-
-def _observe_parsed(parsed: Any, call: _Call) -> None:
-    import openai
-
-    if isinstance(parsed, openai.Stream):
-        _observe_stream(parsed, call)
-    elif isinstance(parsed, openai.AsyncStream):
-        _observe_async_stream(parsed, call)
-    else:
-        call.record_response(parsed)
-
-
-def _guarded(where: str, hook: Callable[..., Any], *args: Any) -> None:
+def _prepared(tracer: trace.Tracer, mode: str, request: Any) -> _Call | None:
+    if not is_instrumentation_enabled():  # inside suppress_instrumentation(): leave the call alone
+        return None
     try:
-        hook(*args)
+        return _start_call(tracer, mode, request)
     except Exception as error:
-        _report(where, error)
+        report_once("preparing a request", error)
+        return None
+
+
+# --- Saying what is missing -------------------------------------------------------------------------
+
+_advised = threading.Event()  # set once per process (cleared by uninstrument)
+
+
+def _advise_llm_instrumentation(server: str, user_agent: str) -> None:
+    """The first chat completion sent with no LLM span around it: one log line saying what to install."""
+    if _advised.is_set() or otel_context.get_value(_TRACELOOP_LLM_SUPPRESSION_KEY):
+        return
+    with _advice_lock:
+        if _advised.is_set():
+            return
+        _advised.set()
+    steps = []
+    if user_agent.startswith("OpenAI/"):  # the openai SDK's own User-Agent, e.g. "OpenAI/Python 3.63.0"
+        disabled = os.environ.get(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, "")
+        if importlib.util.find_spec("opentelemetry.instrumentation.openai") is None:
+            steps.append("pip install opentelemetry-instrumentation-openai (the openai SDK's instrumentation)")
+        elif "openai" in [name.strip() for name in disabled.split(",")]:
+            steps.append(
+                "the openai SDK's instrumentation (opentelemetry-instrumentation-openai) is installed but "
+                f"disabled by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS={disabled}: take 'openai' out of it"
+            )
+        else:
+            steps.append(
+                "the openai SDK's instrumentation (opentelemetry-instrumentation-openai, installed with "
+                "tracelearn) is not active: run the agent under opentelemetry-instrument, and keep 'openai' "
+                "out of OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"
+            )
+    steps += [f"it came from {name}, whose instrumentation is {what}" for name, what in _calling_frameworks()]
+    if not steps:
+        steps.append(
+            f"instrument the client that sent it (User-Agent {user_agent!r}); the openai SDK's "
+            "instrumentation is opentelemetry-instrumentation-openai"
+        )
+    _log.warning(
+        "tracelearn: a chat completion went to %s with no LLM instrumentation around it, so its messages, "
+        "model and usage are not captured (its token ids are, on a %s span). To capture them: %s.",
+        server,
+        sc.SPAN_TOKEN_IDS,
+        "; ".join(steps),
+    )
+
+
+def _calling_frameworks() -> list[tuple[str, str]]:
+    """The frameworks of ``_FRAMEWORK_INSTRUMENTATIONS`` with code on the current call stack, outermost last."""
+    found: list[tuple[str, str]] = []
+    frame = inspect.currentframe()
+    while frame is not None:
+        framework = _FRAMEWORK_INSTRUMENTATIONS.get(str(frame.f_globals.get("__name__", "")).partition(".")[0])
+        if framework is not None and framework not in found:
+            found.append(framework)
+        frame = frame.f_back
+    return found
+
+
+# --- The hook on the HTTP clients -------------------------------------------------------------------
+
+
+def _split_send_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``send(request, *, stream, auth, follow_redirects)`` as (request, other args, keyword args)."""
+    if args:
+        return args[0], args[1:], kwargs
+    rest = dict(kwargs)
+    return rest.pop("request", None), (), rest
+
+
+def _send_wrappers(tracer: trace.Tracer, mode: str, module: ModuleType) -> tuple[Callable[..., Any], ...]:
+    """The wrappers of ``module.Client.send`` and ``module.AsyncClient.send``."""
+    sync_tap, async_tap = tap_types(module)
+
+    def send(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        request, rest, options = _split_send_arguments(args, kwargs)
+        call = _prepared(tracer, mode, request) if request is not None else None
+        if call is None:
+            return wrapped(*args, **kwargs)
+        response = wrapped(call.request, *rest, **options)
+        if call.may_be_rejection(response):
+            response.read()
+            if call.is_rejection(response):
+                response.close()
+                response = wrapped(request, *rest, **options)
+        guarded("reading a response", call.observe, response, bool(options.get("stream")), sync_tap)
+        return response
+
+    async def async_send(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        request, rest, options = _split_send_arguments(args, kwargs)
+        call = _prepared(tracer, mode, request) if request is not None else None
+        if call is None:
+            return await wrapped(*args, **kwargs)
+        response = await wrapped(call.request, *rest, **options)
+        if call.may_be_rejection(response):
+            await response.aread()
+            if call.is_rejection(response):
+                await response.aclose()
+                response = await wrapped(request, *rest, **options)
+        guarded("reading a response", call.observe, response, bool(options.get("stream")), async_tap)
+        return response
+
+    return send, async_send
+
+
+class _Hooks:
+    """What ``instrument()`` set up: the tracer and mode the wrappers use, and the classes wrapped."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.tracer: trace.Tracer | None = None
+        self.mode = DEFAULT_MODE
+        self.wrapped: list[type] = []
+
+
+_hooks = _Hooks()
+
+
+def _wrap_http_client(module: ModuleType) -> None:
+    """Wrap an HTTP client module's ``send`` methods (a post-import hook: it must never raise)."""
+    try:
+        if not _hooks.active or _hooks.tracer is None or module.Client in _hooks.wrapped:
+            return  # uninstrumented since, or already wrapped (``httpx`` may be an alias of ``httpx2``)
+        send, async_send = _send_wrappers(_hooks.tracer, _hooks.mode, module)
+        wrapt.wrap_function_wrapper(module.Client, "send", send)
+        wrapt.wrap_function_wrapper(module.AsyncClient, "send", async_send)
+        _hooks.wrapped += [module.Client, module.AsyncClient]
+    except Exception as error:
+        report_once(f"hooking {module.__name__}", error)
 
 
 # --- The instrumentor -------------------------------------------------------------------------------
@@ -444,67 +452,23 @@ class TokenIdsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     ``instrument(tracer_provider=..., mode="on"|"off"|"auto")``; ``mode`` defaults to
     ``TRACELEARN_TOKEN_IDS`` (``auto`` when unset). ``uninstrument()`` also forgets which servers
-    rejected or accepted the extra fields.
+    rejected or accepted the extra fields, and that the missing-instrumentation line was said.
     """
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return ("openai >= 1.0",)
+        return ()  # nothing is imported: the HTTP clients are hooked if and when the agent imports them
 
     def _instrument(self, **kwargs: Any) -> None:
-        mode = token_ids_mode(kwargs.get("mode") or os.environ.get(ENV_MODE))
-        tracer = trace.get_tracer(__name__, tracer_provider=kwargs.get("tracer_provider"))
-
-        def request(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-            call = _prepared(tracer, mode, instance, args, kwargs)
-            if call is None:
-                return wrapped(*args, **kwargs)
-            try:
-                result = wrapped(*call.args, **call.kwargs)
-            except Exception as error:
-                if not call.is_rejection(error):
-                    raise
-                result = wrapped(*args, **kwargs)
-            try:
-                call.accepted()
-                _observe_parsed(result.parse() if _is_raw_response(result) else result, call)
-            except Exception as error:
-                _report("reading a response", error)
-            return result
-
-        async def async_request(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-            call = _prepared(tracer, mode, instance, args, kwargs)
-            if call is None:
-                return await wrapped(*args, **kwargs)
-            try:
-                result = await wrapped(*call.args, **call.kwargs)
-            except Exception as error:
-                if not call.is_rejection(error):
-                    raise
-                result = await wrapped(*args, **kwargs)
-            try:
-                call.accepted()
-                parsed = result.parse() if _is_raw_response(result) else result
-                _observe_parsed(await parsed if inspect.isawaitable(parsed) else parsed, call)
-            except Exception as error:
-                _report("reading a response", error)
-            return result
-
-        wrap_function_wrapper("openai._base_client", "SyncAPIClient.request", request)
-        wrap_function_wrapper("openai._base_client", "AsyncAPIClient.request", async_request)
+        _hooks.mode = token_ids_mode(kwargs.get("mode") or os.environ.get(ENV_MODE))
+        _hooks.tracer = trace.get_tracer(__name__, tracer_provider=kwargs.get("tracer_provider"))
+        _hooks.active = True
+        for name in HTTP_CLIENT_MODULES:
+            wrapt.register_post_import_hook(_wrap_http_client, name)  # runs now if already imported
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        from openai._base_client import AsyncAPIClient, SyncAPIClient
-
-        unwrap(SyncAPIClient, "request")
-        unwrap(AsyncAPIClient, "request")
+        _hooks.active = False
+        for client in _hooks.wrapped:
+            unwrap(client, "send")
+        _hooks.wrapped.clear()
         _servers.forget()
-
-
-def _prepared(tracer: trace.Tracer, mode: str, instance: Any, args: Any, kwargs: Any) -> _Call | None:
-    if not is_instrumentation_enabled():  # inside suppress_instrumentation(): leave the call alone
-        return None
-    try:
-        return _start_call(tracer, mode, instance, tuple(args), dict(kwargs))
-    except Exception as error:
-        _report("preparing a request", error)
-        return None
+        _advised.clear()

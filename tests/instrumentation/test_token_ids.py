@@ -3,6 +3,7 @@ and the real ``openai`` client (sync, async, streaming, raw responses, LangChain
 scripted server."""
 
 import asyncio
+import gzip
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from openai._base_client import SyncAPIClient
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -25,6 +27,7 @@ from support.scripted_llm_server import (
     tokenize,
 )
 
+from tracelearn.instrumentation.token_id_responses import ResponseReader, TokenIdsCapture
 from tracelearn.instrumentation.token_ids import TokenIdsInstrumentor, is_private_host, should_request_token_ids
 from tracelearn.schemas import semconv as sc
 
@@ -479,3 +482,170 @@ def test_uninstrument_removes_the_hook(
     TokenIdsInstrumentor().uninstrument()
     client.chat.completions.create(model="m", messages=HELLO)
     assert "return_token_ids" not in server.chat_requests()[0]
+
+
+# --- Below every other wrapper: the hook sits on the HTTP client's send -----------------------------
+
+
+# Bound when the class is defined, before any instrumentor runs, as OpenInference binds the SDK's
+# ``request`` under its wrapper of ``OpenAI.request`` (tests/integration/test_token_ids_wrappers.py runs
+# OpenInference itself, in its own environment: it cannot share the dev one with Traceloop's).
+_SDK_REQUEST = SyncAPIClient.request
+
+
+class AuditedOpenAI(openai.OpenAI):
+    """A user's own client: it overrides ``request`` to count calls, then runs the SDK's."""
+
+    requests_seen = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        AuditedOpenAI.requests_seen += 1
+        return _SDK_REQUEST(self, *args, **kwargs)
+
+
+@pytest.mark.usefixtures("traceloop")
+def test_a_users_subclass_overriding_request_still_gets_ids(
+    token_ids: Callable[..., None], exporter: InMemorySpanExporter, server: ScriptedLLMServer
+) -> None:
+    token_ids()
+    client = AuditedOpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+    client.chat.completions.create(model="m", messages=HELLO)
+    assert AuditedOpenAI.requests_seen >= 1
+    assert_server_ids(only_llm_span(exporter), HELLO, "You said: hello")
+
+
+@pytest.mark.usefixtures("traceloop")
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_sdk_client_on_a_legacy_httpx_client(
+    stream: bool, token_ids: Callable[..., None], exporter: InMemorySpanExporter, server: ScriptedLLMServer
+) -> None:
+    import httpx
+
+    token_ids()
+    client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0, http_client=httpx.Client())
+    response = client.chat.completions.create(model="m", messages=HELLO, stream=stream)
+    text = "".join(c.choices[0].delta.content or "" for c in response) if stream else "You said: hello"
+    assert_server_ids(only_llm_span(exporter), HELLO, text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_is_not_the_openai_sdk_posting_over_httpx(
+    stream: bool,
+    provider: TracerProvider,
+    token_ids: Callable[..., None],
+    exporter: InMemorySpanExporter,
+    server: ScriptedLLMServer,
+) -> None:
+    """As LiteLLM's own OpenAI-compatible handler does: a JSON POST, an LLM span of its own around it."""
+    token_ids()
+    body = {"model": "m", "messages": HELLO, "stream": stream}
+    llm_attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}
+    with provider.get_tracer("litellm-like").start_as_current_span("litellm_request", attributes=llm_attributes):
+        with httpx2.Client() as http:
+            with http.stream("POST", f"{server.base_url}/chat/completions", json=body) as response:
+                raw = b"".join(response.iter_bytes())
+    assert (b"data: [DONE]" in raw) is stream
+    (span,) = spans_named(exporter, "litellm_request")
+    assert_server_ids(dict(span.attributes or {}), HELLO, "You said: hello")
+
+
+@pytest.mark.usefixtures("traceloop")
+def test_a_streaming_response_of_a_whole_body_is_read_when_the_caller_reads_it(
+    token_ids: Callable[..., None], exporter: InMemorySpanExporter, client: openai.OpenAI
+) -> None:
+    token_ids()
+    with client.chat.completions.with_streaming_response.create(model="m", messages=HELLO) as response:
+        assert response.parse().choices[0].message.content == "You said: hello"
+    assert_server_ids(only_llm_span(exporter), HELLO, "You said: hello")
+
+
+@pytest.mark.usefixtures("traceloop")
+def test_a_message_that_mentions_the_field_names_is_not_mistaken_for_the_callers_setting(
+    token_ids: Callable[..., None], exporter: InMemorySpanExporter, server: ScriptedLLMServer, client: openai.OpenAI
+) -> None:
+    messages = [{"role": "user", "content": 'Explain "return_token_ids" and "logprobs" in vLLM.'}]
+    token_ids()
+    client.chat.completions.create(model="m", messages=messages)
+    (sent,) = server.chat_requests()
+    assert sent["return_token_ids"] is True and sent["logprobs"] is True
+    assert sent["messages"] == messages
+    assert only_llm_span(exporter)[sc.TOKEN_IDS_STATUS] == sc.TOKEN_IDS_FROM_SERVER
+
+
+def test_other_requests_pass_through_untouched(
+    token_ids: Callable[..., None], server: ScriptedLLMServer, client: openai.OpenAI
+) -> None:
+    token_ids(mode="on")
+    assert [model.id for model in client.models.list()] == ["scripted-model"]
+    sent: list[httpx2.Request] = []  # request hooks see each request as it goes on the wire
+    with httpx2.Client(event_hooks={"request": [sent.append]}) as http:
+        http.post(f"{server.base_url}/embeddings", json={"input": "x"})
+        http.post(f"{server.base_url}/chat/completions", content=b"not json")
+        http.post(f"{server.base_url}/chat/completions", json=[HELLO])
+        http.post(f"{server.base_url}/chat/completions", json={})
+    assert [json.loads(r.content) if r.content != b"not json" else r.content for r in sent] == [
+        {"input": "x"},
+        b"not json",
+        [HELLO],
+        {},
+    ]
+    assert server.chat_requests() == [{}]
+
+
+def test_without_an_llm_span_one_warning_says_what_to_install(
+    token_ids: Callable[..., None], client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_ids()
+    for _ in range(3):
+        client.chat.completions.create(model="m", messages=HELLO)
+    (warning,) = [r.getMessage() for r in caplog.records if "no LLM instrumentation" in r.getMessage()]
+    assert "opentelemetry-instrumentation-openai" in warning
+    assert client.base_url.host in warning
+
+
+@pytest.mark.usefixtures("traceloop")
+def test_with_an_llm_span_nothing_is_said(
+    token_ids: Callable[..., None], client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_ids()
+    client.chat.completions.create(model="m", messages=HELLO)
+    assert not [r for r in caplog.records if "no LLM instrumentation" in r.getMessage()]
+
+
+# --- Reading a stream as it passes ------------------------------------------------------------------
+
+
+def sse_body(server: ScriptedLLMServer, body: dict[str, Any]) -> bytes:
+    events = [f"data: {json.dumps(chunk)}\r\n\r\n".encode() for chunk in server.chunks(body, 1)]
+    return b"".join(events) + b"data: [DONE]\r\n\r\n"
+
+
+@pytest.mark.parametrize("piece_size", [1, 7, 4096])
+@pytest.mark.parametrize("encoding", ["", "gzip"])
+def test_a_stream_is_read_whatever_its_pieces_and_encoding(
+    piece_size: int, encoding: str, server: ScriptedLLMServer
+) -> None:
+    body = {"messages": HELLO, "stream": True, "return_token_ids": True, "logprobs": True}
+    raw = sse_body(server, body)
+    sent = gzip.compress(raw) if encoding else raw
+    recorded: list[TokenIdsCapture] = []
+    reader = ResponseReader(recorded.append, "text/event-stream; charset=utf-8")
+    reader.expect_encoding(encoding)
+    for start in range(0, len(sent), piece_size):
+        reader.feed(sent[start : start + piece_size])
+    (capture,) = recorded  # recorded at [DONE], before the stream's end
+    reader.finish()
+    assert len(recorded) == 1
+    assert_server_ids(capture.attributes(), HELLO, "You said: hello")
+
+
+def test_an_unreadable_event_drops_the_ids_rather_than_keeping_part_of_them(server: ScriptedLLMServer) -> None:
+    raw = sse_body(server, {"messages": HELLO, "stream": True, "return_token_ids": True})
+    recorded: list[TokenIdsCapture] = []
+    reader = ResponseReader(recorded.append, "text/event-stream")
+    first_event, rest = raw.split(b"\r\n\r\n", 1)
+    reader.feed(first_event + b"\r\n\r\ndata: {not json\r\n\r\n" + rest)
+    reader.finish()
+    (capture,) = recorded
+    assert capture.status() == sc.TOKEN_IDS_MISSING
+    assert capture.response_token_ids is None and capture.response_id == "chatcmpl-scripted-1"
