@@ -233,13 +233,13 @@ def _pair(later: pl.DataFrame, earlier: pl.DataFrame, by: list[str], window: dt.
     taken = later.select("call", *by, pl.col("start_time").alias("__at"), pl.lit(-1, pl.Int64).alias("__step"))
     events = (
         pl.concat([opened, taken])
-        .sort([*by, "__at", pl.col("__step").neg()], nulls_last=True)
+        .sort([*by, "__at", pl.col("__step").neg(), "call"], nulls_last=True)
         .with_columns(pl.col("__step").cum_sum().over(by).alias("__depth"))
     )
     slots = events.filter(pl.col("__step") == 1).select(pl.col("call").alias("previous"), *by, "__depth", "__at")
     wanted = events.filter(pl.col("__step") == -1).with_columns((pl.col("__depth") + 1).alias("__depth"))
-    linked = wanted.sort("__at").join_asof(
-        slots.sort("__at").rename({"__at": "__ended"}),
+    linked = wanted.sort("__at", "call").join_asof(
+        slots.sort("__at", "previous").rename({"__at": "__ended"}),
         left_on="__at",
         right_on="__ended",
         by=[*by, "__depth"],
@@ -273,10 +273,10 @@ def _conversation_links(calls: pl.DataFrame, messages: pl.DataFrame, window: dt.
     second = _pair(rest, free, ["service_name", "key"], window)
     # More later calls than earlier ones with their key (one state carried on twice): the rest join
     # the most recent earlier call with that key.
-    unpaired = rest.join(second, on="call", how="anti").sort("start_time")
+    unpaired = rest.join(second, on="call", how="anti").sort("start_time", "call")
     fan_out = unpaired.join_asof(
         keys.select("service_name", "key", pl.col("call").alias("previous"), pl.col("end_time").alias("__ended")).sort(
-            "__ended"
+            "__ended", "previous"
         ),
         left_on="start_time",
         right_on="__ended",
@@ -301,7 +301,9 @@ def _sequence_links(
     with_history = inputs.filter(pl.col("role") == "assistant").select("call").unique()
     known = calls.filter(pl.col("pid").is_not_null() & pl.col("thread").is_not_null()).join(first_user, on="call")
     by = [*_CALL, "first_user"]
-    later = known.join(with_history, on="call", how="semi").join(joined, on="call", how="anti").sort("start_time")
+    later = (
+        known.join(with_history, on="call", how="semi").join(joined, on="call", how="anti").sort("start_time", "call")
+    )
     earlier = known.select(
         pl.col("call").alias("previous"),
         *by,
@@ -309,7 +311,7 @@ def _sequence_links(
         pl.col("start_time").alias("__started"),
     )
     linked = later.join_asof(
-        earlier.sort("__ended"),
+        earlier.sort("__ended", "previous"),
         left_on="start_time",
         right_on="__ended",
         by=by,

@@ -17,7 +17,7 @@ from support.spans_factory import SpansFactory, at
 from tracelearn.pipelines.build import build_transitions
 from tracelearn.pipelines.config import parse_config
 from tracelearn.pipelines.prepared import prepare_spans
-from tracelearn.pipelines.rollout_identity import JoinConfig
+from tracelearn.pipelines.rollout_identity import JoinConfig, decode_messages
 from tracelearn.pipelines.rollouts import RolloutConfig, build_closed_rollouts, build_rollouts
 from tracelearn.pipelines.spans_input import scan_spans
 from tracelearn.schemas import semconv as sc
@@ -259,3 +259,29 @@ def test_a_bucketed_build_keeps_each_conversation_whole(tmp_path: Path) -> None:
         transitions = pl.read_parquet(result.transitions_files)
         assert result.summary["rollouts"] == 12 and transitions.height == 24
         assert transitions.group_by("rollout_id").len().get_column("len").to_list() == [2] * 12
+
+
+def test_messages_of_any_shape_decode_without_failing() -> None:
+    texts = pl.Series(
+        "m",
+        [
+            '[{"role":"user","content":"hi"}]',
+            '[{"role":"user","content":[{"type":"text","text":"hi"}]},7]',
+            '{"role":"user"}',
+            "not json",
+            None,
+            '[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":{"x":1}}}],"tool_call_id":3}]',
+        ],
+    )
+    decoded = decode_messages(texts).to_list()
+    # One odd row sends the batch down the row-by-row path; every row still decodes as far as it can.
+    assert decoded[0] == decoded[1] == [{"role": "user", "content": "hi", "tool_call_id": None, "tool_calls": []}]
+    assert decoded[2:5] == [None, None, None]
+    assert decoded[5] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_call_id": "3",
+            "tool_calls": [{"function": {"name": "f", "arguments": '{"x":1}'}}],
+        }
+    ]
