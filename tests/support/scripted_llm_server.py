@@ -10,8 +10,9 @@ logprobs are ``logprob_of(id)``.
 
 The default script (``default_script``) behaves like a small tool-using model: with ``tools`` and no
 ``tool`` message yet it calls the first tool with an arithmetic expression taken from the user's
-question; after a tool result it answers with that result; without tools it echoes the last
-message. Pass your own ``script`` to answer differently.
+question; after a tool result (a ``tool`` message, or smolagents' ``Observation:`` user turn) it
+answers with that result, through a ``final_answer`` tool when one is offered; without tools it
+echoes the last message. Pass your own ``script`` to answer differently.
 
 A script may raise ``ScriptedError(status, message)`` to answer with an HTTP error. Switches a test
 can flip at any time: ``reject_token_ids`` (answer a request carrying ``return_token_ids`` with
@@ -37,6 +38,8 @@ TOKEN_OFFSET = 1000
 CREATED = 1_700_000_000
 REJECTION_MESSAGE = "Unrecognized request argument supplied: return_token_ids"
 _STREAM_PIECE_CHARS = 4
+FINAL_ANSWER_TOOL = "final_answer"
+OBSERVATION_PREFIX = "Observation:"
 
 _WORD_OPERATORS = (
     (r"\bmultiplied by\b", "*"),
@@ -140,19 +143,41 @@ def arithmetic_expression(question: str) -> str:
     return re.sub(r"\s+", " ", max(candidates, key=len))
 
 
+def tool_result(message: dict[str, Any]) -> str | None:
+    """The tool result a message carries: a ``tool`` message, or smolagents' ``Observation:`` user turn."""
+    text = _text_of(message.get("content"))
+    if message.get("role") == "tool":
+        return text
+    if message.get("role") == "user" and text.startswith(OBSERVATION_PREFIX):
+        return text.removeprefix(OBSERVATION_PREFIX).strip()
+    return None
+
+
+def _call(function: dict[str, Any], value: str) -> Reply:
+    """A call of ``function`` with ``value`` as its first parameter."""
+    properties = list((function.get("parameters") or {}).get("properties") or {})
+    arguments = {properties[0]: value} if properties else {}
+    return Reply(tool_calls=(ScriptedToolCall(str(function.get("name", "")), json.dumps(arguments)),))
+
+
 def default_script(body: dict[str, Any]) -> Reply:
-    """Call the first tool with the question's arithmetic; after a tool result, answer with it."""
+    """Call the first tool with the question's arithmetic; after a tool result, answer with it.
+
+    A ``final_answer`` tool (smolagents ends runs with one) is never the first call; the answer is
+    a call of it when it is offered, text otherwise.
+    """
     messages: list[dict[str, Any]] = body.get("messages") or []
-    tools: list[dict[str, Any]] = body.get("tools") or []
-    if tools and not any(m.get("role") == "tool" for m in messages):
+    functions = [t.get("function", {}) for t in body.get("tools") or []]
+    results = [r for r in map(tool_result, messages) if r is not None]
+    workers = [f for f in functions if f.get("name") != FINAL_ANSWER_TOOL]
+    if workers and not results:
         question = next((_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
-        function = tools[0].get("function", {})
-        properties = list((function.get("parameters") or {}).get("properties") or {})
-        arguments = {properties[0]: arithmetic_expression(question)} if properties else {}
-        return Reply(tool_calls=(ScriptedToolCall(str(function.get("name", "")), json.dumps(arguments)),))
+        return _call(workers[0], arithmetic_expression(question))
     last = messages[-1] if messages else {}
-    if last.get("role") == "tool":
-        return Reply(text=_text_of(last.get("content")))
+    result = tool_result(last)
+    if result is not None:
+        finals = [f for f in functions if f.get("name") == FINAL_ANSWER_TOOL]
+        return _call(finals[0], result) if finals else Reply(text=result)
     return Reply(text=f"You said: {_text_of(last.get('content'))}")
 
 
@@ -253,6 +278,10 @@ class ScriptedLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def response_token_ids(self, body: dict[str, Any]) -> list[int]:
+        """The token ids of choice 0 of the answer to ``body`` (scripts are deterministic)."""
+        return self._generations(body)[0].ids
 
     def chat_requests(self) -> list[dict[str, Any]]:
         """The bodies of the chat-completions requests received so far, oldest first."""
