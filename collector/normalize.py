@@ -1,53 +1,46 @@
 """Normalization of what instrumentations emit into the spans table's promoted columns.
 
-Three message encodings are read and turned into one: OpenAI chat messages as JSON text
-(``[{"role", "content", "tool_calls"?, "tool_call_id"?}]``):
+Every convention lands in the same columns. Where one span carries several (OpenInference's Pydantic
+AI processor adds its attributes to Pydantic AI's own GenAI ones), the GenAI conventions win, then
+OpenInference, then Traceloop's pre-0.55 flattened form, then message events. What each column reads:
 
-* GenAI conventions with parts (Traceloop 0.55+, official openai-v2 with content capture):
-  ``gen_ai.input.messages`` / ``gen_ai.output.messages`` = ``[{"role", "parts": [{"type": ...}]}]``;
-* Traceloop before 0.55, flattened: ``gen_ai.prompt.{i}.role`` / ``.content`` /
-  ``.tool_calls.{j}.name`` ..., and ``gen_ai.completion.{i}.*``;
-* our own ``tracelearn.message`` spans (role and content attributes).
+* ``span_type``: ``openinference.span.kind`` (LLM, EMBEDDING, TOOL, AGENT; a CHAIN naming an agent is
+  an agent), ``gen_ai.operation.name``, ``traceloop.span.kind``, ``gen_ai.tool.name``.
+* ``input_messages`` / ``output_messages``: ``gen_ai.system_instructions`` + ``gen_ai.input.messages``
+  and ``gen_ai.output.messages`` (parts); OpenInference ``llm.input_messages.{i}.message.*`` /
+  ``llm.output_messages.{i}.message.*``; Traceloop ``gen_ai.prompt.{i}.*`` / ``gen_ai.completion.{i}.*``;
+  GenAI message events (older Pydantic AI's ``events`` attribute, or span events).
+* tokens: ``gen_ai.usage.input_tokens`` / ``output_tokens`` (or ``prompt_tokens`` / ``completion_tokens``);
+  ``llm.token_count.prompt`` / ``completion``.
+* models: ``gen_ai.request.model`` / ``gen_ai.response.model``; ``llm.request.model_name`` /
+  ``llm.response.model_name``, the invocation parameters' ``model``, ``llm.model_name``.
+* ``response_id``: ``gen_ai.response.id``; the ``id`` opening OpenInference's JSON ``output.value``.
+* ``finish_reason``: ``gen_ai.response.finish_reasons``, ``llm.finish_reason``,
+  ``gen_ai.completion.0.finish_reason``, in OpenAI's words (``tool_call`` becomes ``tool_calls``).
+* sampling: ``gen_ai.request.temperature`` / ``top_p`` / ``top_k``; ``llm.invocation_parameters``.
+* ``agent_name``: ``gen_ai.agent.name``, Traceloop's agent entity, OpenInference's ``agent.name`` and
+  ``graph.node.id``, LangGraph nodes, inherited names; ``tool_name``: ``gen_ai.tool.name``, ``tool.name``.
 
-Every function here is pure and tolerant: malformed input yields ``None`` rather than an exception,
-because a span is never rejected for having odd attributes (the raw attributes are kept anyway).
+Messages go through the one message codec, ``tracelearn.schemas.messages``. A span of no known
+convention is typed ``other`` and keeps its raw attributes. Every function here is pure and tolerant:
+malformed input yields ``None`` (and, for messages, a problem named in ``messages_problem``) rather
+than an exception, because a span is never rejected for having odd attributes.
 """
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-import orjson
-
+from tracelearn.schemas import messages as mc
 from tracelearn.schemas import semconv as sc
 
 LLM_OPERATIONS = frozenset({"chat", "text_completion", "completion", "generate_content", "embeddings"})
 AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
-
-
-# Compact JSON without ASCII escaping; orjson does it about 10x faster than the json module on the
-# capture hot path (message normalization), json remains the fallback for what orjson refuses
-# (integers beyond 64 bits, non-string keys).
-_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-def compact_json(value: Any) -> str:
-    """``value`` as compact JSON text (non-finite floats inside containers become ``null``)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return _COMPACT_JSON.encode(value)
-
-
-def parse_json(text: str) -> Any:
-    """Parse JSON text; raises ``ValueError`` when it is not JSON."""
-    return orjson.loads(text)
-
-
-def _is_mapping(value: Any) -> bool:
-    """``isinstance(value, Mapping)``, answering the common case (parsed JSON: a dict) without the ABC check."""
-    return type(value) is dict or isinstance(value, Mapping)
+OPENINFERENCE_TYPES = {"LLM": sc.TYPE_LLM, "EMBEDDING": sc.TYPE_LLM, "TOOL": sc.TYPE_TOOL, "AGENT": sc.TYPE_AGENT}
+# The GenAI conventions' finish reasons in OpenAI's words, the words of the messages columns.
+FINISH_REASONS = {"tool_call": "tool_calls", "tool_calls": "tool_calls", "function_call": "tool_calls"}
+OPERATION_OF_TYPE = {sc.TYPE_TOOL: "execute_tool", sc.TYPE_AGENT: "invoke_agent"}
+FLATTENED_FINISH_REASON = f"{sc.GEN_AI_COMPLETION_PREFIX}0.finish_reason"
 
 
 def attribute_text(value: Any) -> str:
@@ -67,148 +60,10 @@ def attribute_text(value: Any) -> str:
         return str(value)
     if isinstance(value, tuple):
         value = list(value)
-    try:
-        return compact_json(value)
-    except (TypeError, ValueError):
-        return str(value)
+    return mc.compact_json(value)
 
 
-def _arguments_text(arguments: Any) -> str:
-    """Tool-call arguments as the JSON text the OpenAI API carries (instrumentations may parse them)."""
-    return arguments if isinstance(arguments, str) else compact_json(arguments)
-
-
-TEXT_PART_TYPES = frozenset({"text", "reasoning_text"})
-
-
-def parts_message_to_openai(message: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One GenAI-conventions message (with ``parts``) as one or more OpenAI chat messages.
-
-    A message holding several ``tool_call_response`` parts becomes one ``tool`` message per part,
-    as the OpenAI API represents it. One pass over the parts: this runs for every message of every
-    captured LLM call.
-    """
-    role = str(message.get("role", "user"))
-    parts = message.get("parts")
-    if not isinstance(parts, list):
-        content = message.get("content")
-        return [{"role": role, "content": content if isinstance(content, str) else None}]
-    texts: list[str] = []
-    tool_calls: list[dict[str, Any]] = []
-    responses: list[dict[str, Any]] = []
-    for part in parts:
-        if not _is_mapping(part):
-            continue
-        kind = part.get("type")
-        if kind in TEXT_PART_TYPES or kind is None:
-            texts.append(str(part.get("content", "")))
-        elif kind == "tool_call":
-            tool_calls.append(
-                {
-                    "id": part.get("id"),
-                    "type": "function",
-                    "function": {
-                        "name": part.get("name"),
-                        "arguments": _arguments_text(part.get("arguments", {})),
-                    },
-                }
-            )
-        elif kind == "tool_call_response":
-            responses.append(
-                {"role": "tool", "tool_call_id": part.get("id"), "content": attribute_text(part.get("response"))}
-            )
-    if responses:
-        return responses
-    out: dict[str, Any] = {"role": role, "content": "".join(texts) if texts else None}
-    if tool_calls:
-        out["tool_calls"] = tool_calls
-    return [out]
-
-
-def parts_messages_to_openai(text: str) -> list[dict[str, Any]] | None:
-    """``gen_ai.input.messages`` / ``gen_ai.output.messages`` JSON text as OpenAI chat messages."""
-    try:
-        messages = parse_json(text)
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(messages, list):
-        return None
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        if _is_mapping(message):
-            out.extend(parts_message_to_openai(message))
-    return out
-
-
-def flattened_messages_to_openai(attributes: Mapping[str, Any], prefix: str) -> list[dict[str, Any]] | None:
-    """Traceloop's pre-0.55 ``{prefix}{i}.role`` / ``.content`` / ``.tool_calls.{j}.*`` as messages."""
-    by_index: dict[int, dict[str, Any]] = {}
-    for key, value in attributes.items():
-        if not key.startswith(prefix):
-            continue
-        index_text, _, field = key[len(prefix) :].partition(".")
-        if not index_text.isdigit() or not field:
-            continue
-        by_index.setdefault(int(index_text), {})[field] = value
-    if not by_index:
-        return None
-    messages = []
-    for index in sorted(by_index):
-        fields = by_index[index]
-        message: dict[str, Any] = {"role": str(fields.get("role", "assistant"))}
-        content = fields.get("content")
-        message["content"] = content if isinstance(content, str) or content is None else attribute_text(content)
-        if "tool_call_id" in fields:
-            message["tool_call_id"] = fields["tool_call_id"]
-        calls: dict[int, dict[str, Any]] = {}
-        for field, value in fields.items():
-            if field.startswith("tool_calls."):
-                call_index, _, call_field = field[len("tool_calls.") :].partition(".")
-                if call_index.isdigit():
-                    calls.setdefault(int(call_index), {})[call_field] = value
-        if calls:
-            message["tool_calls"] = [
-                {
-                    "id": calls[i].get("id"),
-                    "type": "function",
-                    "function": {
-                        "name": calls[i].get("name"),
-                        "arguments": _arguments_text(calls[i].get("arguments", "")),
-                    },
-                }
-                for i in sorted(calls)
-            ]
-        messages.append(message)
-    return messages
-
-
-def messages_json(messages: list[dict[str, Any]] | None) -> str | None:
-    """Normalized messages as compact JSON text (``None`` stays ``None``)."""
-    if messages is None:
-        return None
-    return compact_json(messages)
-
-
-def input_messages(attributes: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """The prompt messages of an LLM span, whichever encoding the instrumentation used."""
-    raw = attributes.get(sc.GEN_AI_INPUT_MESSAGES)
-    if isinstance(raw, str):
-        messages = parts_messages_to_openai(raw)
-        system = attributes.get(sc.GEN_AI_SYSTEM_INSTRUCTIONS)
-        if messages is not None and isinstance(system, str):
-            # Newer conventions keep the system prompt apart from the messages.
-            instructions = parts_messages_to_openai(f'[{{"role":"system","parts":{system}}}]')
-            messages = (instructions or []) + messages
-        return messages
-    return flattened_messages_to_openai(attributes, sc.GEN_AI_PROMPT_PREFIX)
-
-
-def output_messages(attributes: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """The response messages of an LLM span, whichever encoding the instrumentation used."""
-    raw = attributes.get(sc.GEN_AI_OUTPUT_MESSAGES)
-    if isinstance(raw, str):
-        return parts_messages_to_openai(raw)
-    return flattened_messages_to_openai(attributes, sc.GEN_AI_COMPLETION_PREFIX)
+# --- Span type, agent, tool -------------------------------------------------------------------------
 
 
 def span_type(name: str, attributes: Mapping[str, Any]) -> str:
@@ -216,19 +71,302 @@ def span_type(name: str, attributes: Mapping[str, Any]) -> str:
     declared = attributes.get(sc.SPAN_TYPE)
     if isinstance(declared, str):
         return declared
+    openinference = attributes.get(sc.OPENINFERENCE_SPAN_KIND)
+    if openinference is not None:
+        mapped = OPENINFERENCE_TYPES.get(openinference) if type(openinference) is str else None
+        if mapped is not None:
+            return mapped
+        # A CHAIN that names an agent (a graph node, a crew member) is that agent's turn.
+        return sc.TYPE_AGENT if openinference_agent(name, attributes) is not None else sc.TYPE_OTHER
     operation = attributes.get(sc.GEN_AI_OPERATION_NAME)
     traceloop_kind = attributes.get(sc.TRACELOOP_SPAN_KIND)
+    # Values looked up in sets must be hashable: attributes over OTLP may be lists or maps.
+    if operation is not None and type(operation) is not str:
+        operation = None
+    if traceloop_kind is not None and type(traceloop_kind) is not str:
+        traceloop_kind = None
     if operation == "execute_tool" or traceloop_kind == sc.TRACELOOP_TOOL_KIND:
         return sc.TYPE_TOOL
-    if operation in AGENT_OPERATIONS or traceloop_kind in sc.TRACELOOP_AGENT_KINDS:
+    # Traceloop's CrewAI marks its task spans invoke_agent too; the agent is the span around them.
+    if traceloop_kind in sc.TRACELOOP_AGENT_KINDS or (operation in AGENT_OPERATIONS and traceloop_kind != "task"):
         return sc.TYPE_AGENT
-    if operation in LLM_OPERATIONS or sc.GEN_AI_REQUEST_MODEL in attributes or "llm.request.type" in attributes:
+    if operation in LLM_OPERATIONS or sc.GEN_AI_REQUEST_MODEL in attributes:
         return sc.TYPE_LLM
+    if sc.TRACELOOP_LLM_REQUEST_TYPE in attributes:
+        return sc.TYPE_LLM
+    if operation is None and sc.GEN_AI_TOOL_NAME in attributes:  # older Pydantic AI's "running tool"
+        return sc.TYPE_TOOL
+    if operation is None and name == "agent run" and sc.PYDANTIC_AI_AGENT_NAME in attributes:
+        return sc.TYPE_AGENT
     return sc.TYPE_OTHER
+
+
+def _text_attribute(attributes: Mapping[str, Any], key: str) -> str | None:
+    value = attributes.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def openinference_agent(name: str, attributes: Mapping[str, Any]) -> str | None:
+    """The agent an OpenInference span names: ``agent.name``, a graph node (OpenAI Agents, CrewAI),
+    a LangGraph node in its metadata, or smolagents' ``<agent>.run`` span name."""
+    named = _text_attribute(attributes, sc.OPENINFERENCE_AGENT_NAME) or _text_attribute(
+        attributes, sc.OPENINFERENCE_GRAPH_NODE_ID
+    )
+    if named is not None:
+        return named
+    metadata = attributes.get(sc.OPENINFERENCE_METADATA)
+    if isinstance(metadata, str) and '"langgraph_node"' in metadata:
+        try:
+            node = mc.parse_json(metadata).get("langgraph_node")
+        except (ValueError, AttributeError):
+            node = None
+        if isinstance(node, str) and node:
+            return node
+    if attributes.get(sc.OPENINFERENCE_SPAN_KIND) == "AGENT" and name.endswith(".run") and len(name) > 4:
+        return name[:-4]
+    return None
+
+
+def agent_name_of(attributes: Mapping[str, Any], name: str = "") -> str | None:
+    """The agent a span belongs to.
+
+    In order: the user's explicit ``tracelearn.agent()`` / ``rollout(agent=)`` (baggage), the span's own
+    ``gen_ai.agent.name``, Traceloop agent entity or OpenInference agent (``openinference_agent``), the
+    LangGraph node it ran in, the name inherited from its ancestors at start, older Pydantic AI's
+    ``agent_name``, and last the span's own Traceloop workflow name.
+    """
+    for key in (sc.AGENT_NAME, sc.GEN_AI_AGENT_NAME):
+        value = attributes.get(key)
+        if isinstance(value, str) and value:
+            return value
+    kind = attributes.get(sc.TRACELOOP_SPAN_KIND)
+    entity = attributes.get(sc.TRACELOOP_ENTITY_NAME)
+    if kind == "agent" and isinstance(entity, str) and entity:
+        return entity
+    if sc.OPENINFERENCE_SPAN_KIND in attributes:
+        named = openinference_agent(name, attributes)
+        if named is not None:
+            return named
+    for key in (sc.LANGGRAPH_NODE, sc.AGENT_INHERITED, sc.PYDANTIC_AI_AGENT_NAME):
+        value = attributes.get(key)
+        if isinstance(value, str) and value:
+            return value
+    if kind == "workflow" and isinstance(entity, str) and entity:
+        return entity
+    return None
+
+
+def tool_name_of(name: str, attributes: Mapping[str, Any]) -> str | None:
+    """Tool name of a tool span: gen_ai.tool.name, OpenInference's tool.name, Traceloop's entity, or the span name."""
+    for key in (sc.GEN_AI_TOOL_NAME, sc.OPENINFERENCE_TOOL_NAME, sc.TRACELOOP_ENTITY_NAME):
+        value = attributes.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return name.removesuffix(".tool")
+
+
+def operation_name_of(kind: str, attributes: Mapping[str, Any]) -> str | None:
+    """``gen_ai.operation.name``, else the operation the span's type and convention imply."""
+    operation = attributes.get(sc.GEN_AI_OPERATION_NAME)
+    if operation is not None:
+        return operation if isinstance(operation, str) else attribute_text(operation)
+    if kind == sc.TYPE_LLM:
+        openinference = attributes.get(sc.OPENINFERENCE_SPAN_KIND)
+        if openinference == "EMBEDDING":
+            return "embeddings"
+        request_type = attributes.get(sc.TRACELOOP_LLM_REQUEST_TYPE)
+        if request_type == "completion" or (openinference is not None and sc.OPENINFERENCE_PROMPTS in attributes):
+            return "text_completion"
+        return "chat" if openinference is not None or request_type == "chat" else None
+    return OPERATION_OF_TYPE.get(kind)
+
+
+# --- LLM calls --------------------------------------------------------------------------------------
+
+
+class LLMColumns(NamedTuple):
+    """The promoted columns of one LLM call, from whichever convention its span uses."""
+
+    input_messages: str | None
+    output_messages: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    request_model: str | None
+    response_model: str | None
+    response_id: str | None
+    finish_reason: str | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    messages_problem: str | None
+
+
+SpanEvents = Sequence[tuple[str, int, Mapping[str, Any]]]
+
+
+def _from_events(attributes: Mapping[str, Any], events: SpanEvents) -> tuple[mc.Decoded, mc.Decoded, str]:
+    """Messages carried as GenAI events: Pydantic AI's ``events`` attribute, else the span's events."""
+    packed = attributes.get(sc.GEN_AI_EVENTS_ATTRIBUTE)
+    if isinstance(packed, str) and packed.startswith("["):
+        inputs, outputs = mc.events_attribute_to_openai(packed)
+        if inputs.messages is not None or outputs.messages is not None:
+            return inputs, outputs, sc.GEN_AI_EVENTS_ATTRIBUTE
+    if events:
+        inputs, outputs = mc.event_messages_to_openai((name, body) for name, _, body in events)
+        return inputs, outputs, "span events"
+    return mc.ABSENT, mc.ABSENT, ""
+
+
+def input_messages(attributes: Mapping[str, Any], events: SpanEvents = ()) -> mc.Decoded:
+    """The prompt messages of an LLM span, whichever encoding the instrumentation used."""
+    raw = attributes.get(sc.GEN_AI_INPUT_MESSAGES)
+    if raw is not None:
+        decoded = mc.parts_messages_to_openai(raw)
+        system = attributes.get(sc.GEN_AI_SYSTEM_INSTRUCTIONS)
+        if system is not None and decoded.messages is not None:
+            # Newer conventions keep the system prompt apart from the messages.
+            instructions = mc.system_instructions_to_openai(system)
+            return mc.Decoded((instructions.messages or []) + decoded.messages, decoded.problem or instructions.problem)
+        return decoded
+    if sc.OPENINFERENCE_SPAN_KIND in attributes:
+        decoded = mc.openinference_messages_to_openai(attributes, sc.OPENINFERENCE_INPUT_MESSAGES_PREFIX)
+        if decoded.messages is not None:
+            return decoded
+    decoded = mc.flattened_messages_to_openai(attributes, sc.GEN_AI_PROMPT_PREFIX)
+    if decoded.messages is not None:
+        return decoded
+    return _from_events(attributes, events)[0]
+
+
+def output_messages(attributes: Mapping[str, Any], events: SpanEvents = ()) -> mc.Decoded:
+    """The response messages of an LLM span, whichever encoding the instrumentation used."""
+    raw = attributes.get(sc.GEN_AI_OUTPUT_MESSAGES)
+    if raw is not None:
+        return mc.parts_messages_to_openai(raw)
+    if sc.OPENINFERENCE_SPAN_KIND in attributes:
+        decoded = mc.openinference_messages_to_openai(attributes, sc.OPENINFERENCE_OUTPUT_MESSAGES_PREFIX)
+        if decoded.messages is not None:
+            return decoded
+    decoded = mc.flattened_messages_to_openai(attributes, sc.GEN_AI_COMPLETION_PREFIX)
+    if decoded.messages is not None:
+        return decoded
+    return _from_events(attributes, events)[1]
+
+
+def _messages_source(attributes: Mapping[str, Any], genai_key: str, openinference_prefix: str) -> str:
+    """The attribute a messages problem is reported under (for ``messages_problem``)."""
+    if genai_key in attributes:
+        return genai_key
+    if sc.GEN_AI_EVENTS_ATTRIBUTE in attributes:
+        return sc.GEN_AI_EVENTS_ATTRIBUTE
+    return openinference_prefix.rstrip(".") if sc.OPENINFERENCE_SPAN_KIND in attributes else "span events"
+
+
+def _openinference_response_id(attributes: Mapping[str, Any]) -> str | None:
+    """The response id opening OpenInference's ``output.value`` (the provider's JSON response, ``{"id": ...``)."""
+    output = attributes.get(sc.OPENINFERENCE_OUTPUT_VALUE)
+    if isinstance(output, str) and output.startswith('{"id":"'):
+        end = output.find('"', 7)
+        if end > 7:
+            return output[7:end]
+    return None
+
+
+def _invocation_parameters(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+    raw = attributes.get(sc.OPENINFERENCE_INVOCATION_PARAMETERS)
+    if not isinstance(raw, str) or not raw:
+        return {}
+    try:
+        parsed = mc.parse_json(raw)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def finish_reason_of(value: Any) -> str | None:
+    """The first finish reason, in OpenAI's words (``tool_call`` of the GenAI conventions is ``tool_calls``)."""
+    first = first_of(value)
+    return None if first is None else FINISH_REASONS.get(first, first)
+
+
+def llm_columns(attributes: Mapping[str, Any], events: SpanEvents = ()) -> LLMColumns:
+    """Every promoted column of an LLM call, whichever convention (or mix) its span uses."""
+    get = attributes.get
+    inputs, input_problem = input_messages(attributes, events)
+    outputs, output_problem = output_messages(attributes, events)
+    problem = None
+    if input_problem is not None or output_problem is not None:  # rare: name where each came from
+        problem = "; ".join(
+            f"{_messages_source(attributes, key, prefix)}: {found}"
+            for key, prefix, found in (
+                (sc.GEN_AI_INPUT_MESSAGES, sc.OPENINFERENCE_INPUT_MESSAGES_PREFIX, input_problem),
+                (sc.GEN_AI_OUTPUT_MESSAGES, sc.OPENINFERENCE_OUTPUT_MESSAGES_PREFIX, output_problem),
+            )
+            if found is not None
+        )
+    input_tokens = get(sc.GEN_AI_USAGE_INPUT_TOKENS, get(sc.GEN_AI_USAGE_PROMPT_TOKENS_OLD))
+    output_tokens = get(sc.GEN_AI_USAGE_OUTPUT_TOKENS, get(sc.GEN_AI_USAGE_COMPLETION_TOKENS_OLD))
+    request_model = get(sc.GEN_AI_REQUEST_MODEL)
+    response_model = get(sc.GEN_AI_RESPONSE_MODEL)
+    response_id = get(sc.GEN_AI_RESPONSE_ID)
+    finish = get(sc.GEN_AI_RESPONSE_FINISH_REASONS, get(FLATTENED_FINISH_REASON))
+    temperature = get(sc.GEN_AI_REQUEST_TEMPERATURE)
+    top_p = get(sc.GEN_AI_REQUEST_TOP_P)
+    top_k = get(sc.GEN_AI_REQUEST_TOP_K)
+    if sc.OPENINFERENCE_SPAN_KIND in attributes:
+        parameters = _invocation_parameters(attributes)
+        model_name = get(sc.OPENINFERENCE_MODEL_NAME)
+        if input_tokens is None:
+            input_tokens = get(sc.OPENINFERENCE_PROMPT_TOKENS)
+        if output_tokens is None:
+            output_tokens = get(sc.OPENINFERENCE_COMPLETION_TOKENS)
+        if request_model is None:
+            request_model = get(sc.OPENINFERENCE_REQUEST_MODEL_NAME, parameters.get("model", model_name))
+        if response_model is None:
+            response_model = get(sc.OPENINFERENCE_RESPONSE_MODEL_NAME, model_name)
+        if response_id is None:
+            response_id = _openinference_response_id(attributes)
+        if finish is None:
+            finish = get(sc.OPENINFERENCE_FINISH_REASON)
+        if temperature is None:
+            temperature = parameters.get("temperature")
+        if top_p is None:
+            top_p = parameters.get("top_p")
+        if top_k is None:
+            top_k = parameters.get("top_k")
+    return LLMColumns(
+        None if inputs is None else mc.compact_json(inputs),
+        None if outputs is None else mc.compact_json(outputs),
+        as_int(input_tokens),
+        as_int(output_tokens),
+        str_or_none(request_model),
+        str_or_none(response_model),
+        str_or_none(response_id),
+        finish_reason_of(finish),
+        as_float(temperature),
+        as_float(top_p),
+        as_int(top_k),
+        problem,
+    )
+
+
+# --- Scalars ----------------------------------------------------------------------------------------
+
+
+# Exact-type tests first in the scalar readers below: they run for every column of every span.
+
+
+def str_or_none(value: Any) -> str | None:
+    """A text column's value: strings as-is, other values as attribute text, ``None`` stays ``None``."""
+    if value is None or type(value) is str:
+        return value
+    return value if isinstance(value, str) else attribute_text(value)
 
 
 def first_of(value: Any) -> str | None:
     """First element of a sequence attribute (finish reasons), or the value itself if a string."""
+    if type(value) is tuple or type(value) is list:
+        return str(value[0]) if value else None
     if isinstance(value, str):
         return value
     if isinstance(value, Sequence) and value:
@@ -236,12 +374,18 @@ def first_of(value: Any) -> str | None:
     return None
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def as_int(value: Any) -> int | None:
-    """An integer attribute, tolerating floats and numeric strings; ``None`` when not a number."""
+    """An integer attribute, tolerating floats and numeric strings; ``None`` when not a number or
+    beyond the int64 columns (one span's value must not fail the whole batch it is written in)."""
+    if value is None:
+        return None
+    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
+        return value if _INT64_MIN <= value <= _INT64_MAX else None
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and math.isfinite(value):
         return int(value)
     if isinstance(value, str):
@@ -254,14 +398,14 @@ def as_int(value: Any) -> int | None:
 
 def as_float(value: Any) -> float | None:
     """A float attribute, tolerating ints and numeric strings; ``None`` when not a number."""
+    if value is None or type(value) is float:
+        return value
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, int | float | str):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or an integer beyond a float's range
             return None
     return None
 
@@ -279,7 +423,7 @@ def int_list(value: Any) -> list[int] | None:
     """
     if isinstance(value, str):
         try:
-            value = parse_json(value)
+            value = mc.parse_json(value)
         except ValueError:
             return None
     if type(value) in (tuple, list) and set(map(type, value)) <= _INT_TYPES:
@@ -295,7 +439,7 @@ def float_list(value: Any) -> list[float] | None:
     """A logprob list attribute (a sequence of numbers, or JSON text of one)."""
     if isinstance(value, str):
         try:
-            value = parse_json(value)
+            value = mc.parse_json(value)
         except ValueError:
             return None
     if type(value) in (tuple, list) and set(map(type, value)) <= _FLOAT_TYPES:
@@ -303,38 +447,3 @@ def float_list(value: Any) -> list[float] | None:
     if isinstance(value, Sequence) and all(isinstance(v, int | float) for v in value):
         return [float(v) for v in value]
     return None
-
-
-def agent_name_of(attributes: Mapping[str, Any]) -> str | None:
-    """The agent a span belongs to.
-
-    In order: the user's explicit ``tracelearn.agent()`` / ``rollout(agent=)`` (baggage), the span's own
-    ``gen_ai.agent.name`` or Traceloop agent entity, the LangGraph node it ran in, the name inherited
-    from its ancestors at start, and last the span's own Traceloop workflow name.
-    """
-    for key in (sc.AGENT_NAME, sc.GEN_AI_AGENT_NAME):
-        value = attributes.get(key)
-        if isinstance(value, str) and value:
-            return value
-    kind = attributes.get(sc.TRACELOOP_SPAN_KIND)
-    entity = attributes.get(sc.TRACELOOP_ENTITY_NAME)
-    if kind == "agent" and isinstance(entity, str) and entity:
-        return entity
-    node = attributes.get(sc.LANGGRAPH_NODE)
-    if isinstance(node, str) and node:
-        return node
-    inherited = attributes.get(sc.AGENT_INHERITED)
-    if isinstance(inherited, str) and inherited:
-        return inherited
-    if kind == "workflow" and isinstance(entity, str) and entity:
-        return entity
-    return None
-
-
-def tool_name_of(name: str, attributes: Mapping[str, Any]) -> str | None:
-    """Tool name of a tool span: gen_ai.tool.name, Traceloop's entity name, or the span name."""
-    for key in (sc.GEN_AI_TOOL_NAME, sc.TRACELOOP_ENTITY_NAME):
-        value = attributes.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return name.removesuffix(".tool")

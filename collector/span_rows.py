@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracelearn.collector import normalize as nz
 from tracelearn.collector.atomic_files import Partition, path_segment_safe
+from tracelearn.schemas import messages as mc
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SPANS, STRING_MAP
 
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 NS_PER_DAY = 86_400 * 1_000_000_000
 # Promoted into typed columns and not repeated (as JSON text) in the raw attribute map.
 TYPED_ONLY_ATTRIBUTES = frozenset({sc.PROMPT_TOKEN_IDS, sc.RESPONSE_TOKEN_IDS, sc.RESPONSE_LOGPROBS})
+
+# The promoted LLM columns of a span that names no model (most framework, tool and reward spans).
+NOT_LLM = nz.LLMColumns(None, None, None, None, None, None, None, None, None, None, None, None)
 
 SpanEvent = tuple[str, int, Mapping[str, Any]]
 SpanLink = tuple[int, int, Mapping[str, Any]]
@@ -208,15 +212,36 @@ class SpanColumns:
         self._append_string_map(attrs, buffer.attribute_keys, buffer.attribute_values, TYPED_ONLY_ATTRIBUTES)
         buffer.attribute_offsets.append(len(buffer.attribute_keys))
 
-        input_messages = output_messages = None
-        input_tokens = output_tokens = None
         if is_llm:
-            input_messages = nz.messages_json(nz.input_messages(attrs))
-            output_messages = nz.messages_json(nz.output_messages(attrs))
-            input_tokens = nz.as_int(get(sc.GEN_AI_USAGE_INPUT_TOKENS, get(sc.GEN_AI_USAGE_PROMPT_TOKENS_OLD)))
-            output_tokens = nz.as_int(get(sc.GEN_AI_USAGE_OUTPUT_TOKENS, get(sc.GEN_AI_USAGE_COMPLETION_TOKENS_OLD)))
-        elif kind == sc.TYPE_MESSAGE:
-            output_messages = nz.messages_json([{"role": get(sc.MESSAGE_ROLE), "content": get(sc.MESSAGE_CONTENT)}])
+            llm = nz.llm_columns(attrs, record.events)
+        elif (
+            kind == sc.TYPE_MESSAGE
+            or sc.GEN_AI_REQUEST_MODEL in attrs
+            or sc.GEN_AI_RESPONSE_MODEL in attrs
+            or sc.GEN_AI_RESPONSE_ID in attrs
+            or sc.GEN_AI_RESPONSE_FINISH_REASONS in attrs
+        ):
+            # Framework spans around calls may name models too (CrewAI's agent span); messages are
+            # the LLM calls' (and our own message spans').
+            llm = nz.LLMColumns(
+                None,
+                mc.compact_json([{"role": get(sc.MESSAGE_ROLE), "content": get(sc.MESSAGE_CONTENT)}])
+                if kind == sc.TYPE_MESSAGE
+                else None,
+                None,
+                None,
+                _str_or_none(get(sc.GEN_AI_REQUEST_MODEL)),
+                _str_or_none(get(sc.GEN_AI_RESPONSE_MODEL)),
+                _str_or_none(get(sc.GEN_AI_RESPONSE_ID)),
+                nz.finish_reason_of(get(sc.GEN_AI_RESPONSE_FINISH_REASONS)),
+                None,
+                None,
+                None,
+                None,
+            )
+        else:
+            llm = NOT_LLM
+        operation = get(sc.GEN_AI_OPERATION_NAME)
         reward = reward_name = reward_is_primary = None
         if kind == sc.TYPE_REWARD:
             reward = nz.as_float(get(sc.REWARD_VALUE))
@@ -256,16 +281,20 @@ class SpanColumns:
                 _str_or_none(get(sc.ATTEMPT_ID)),
                 _str_or_none(get(sc.TASK_ID)),
                 _str_or_none(get(sc.GROUP_ID)),
-                nz.agent_name_of(attrs),
-                _str_or_none(get(sc.GEN_AI_OPERATION_NAME)),
-                _str_or_none(get(sc.GEN_AI_REQUEST_MODEL)),
-                _str_or_none(get(sc.GEN_AI_RESPONSE_MODEL)),
-                _str_or_none(get(sc.GEN_AI_RESPONSE_ID)),
-                nz.first_of(get(sc.GEN_AI_RESPONSE_FINISH_REASONS)),
-                input_messages,
-                output_messages,
-                input_tokens,
-                output_tokens,
+                nz.agent_name_of(attrs, record.name),
+                operation if type(operation) is str else nz.operation_name_of(kind, attrs),
+                llm.request_model,
+                llm.response_model,
+                llm.response_id,
+                llm.finish_reason,
+                llm.input_messages,
+                llm.output_messages,
+                llm.input_tokens,
+                llm.output_tokens,
+                llm.temperature,
+                llm.top_p,
+                llm.top_k,
+                llm.messages_problem,
                 nz.int_list(get(sc.PROMPT_TOKEN_IDS)),
                 nz.int_list(get(sc.RESPONSE_TOKEN_IDS)),
                 nz.float_list(get(sc.RESPONSE_LOGPROBS)),
@@ -289,10 +318,7 @@ class SpanColumns:
         return {partition: _to_batch(buffer, resources) for partition, buffer in buffers.items()}
 
 
-def _str_or_none(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value if isinstance(value, str) else nz.attribute_text(value)
+_str_or_none = nz.str_or_none
 
 
 def _checked_array(values: list[Any], type_: pa.DataType) -> pa.Array:

@@ -81,3 +81,10 @@ def _rollouts_v1_identity(table: pa.Table) -> pa.Table:
     return table.append_column("identity", identity).append_column(
         "error_message", pa.nulls(table.num_rows, pa.string())
     )
+
+
+@register_migration("spans", 1)
+def spans_v1_to_v2(table: pa.Table) -> pa.Table:
+    """Version 2 adds the sampling parameters (request_temperature, request_top_p, request_top_k) and
+    messages_problem; files written before know none of them, so they are null (``conform`` adds them)."""
+    return table

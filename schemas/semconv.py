@@ -92,9 +92,14 @@ GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
 # Traceloop's pre-0.55 flattened form: gen_ai.prompt.{i}.role / .content, gen_ai.completion.{i}.*
 GEN_AI_PROMPT_PREFIX: Final = "gen_ai.prompt."
 GEN_AI_COMPLETION_PREFIX: Final = "gen_ai.completion."
-# The official openai-v2 instrumentation logs messages as span events with these names.
-GEN_AI_EVENT_PREFIX: Final = "gen_ai."
-GEN_AI_CHOICE_EVENT: Final = "gen_ai.choice"
+GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
+GEN_AI_REQUEST_TOP_K: Final = "gen_ai.request.top_k"
+# Message events of conventions 1.26-1.36 (names in tracelearn.schemas.messages) as span events, or, in
+# older Pydantic AI (event mode "attributes"), as one span attribute holding a JSON list of them.
+GEN_AI_EVENTS_ATTRIBUTE: Final = "events"
+# Older Pydantic AI names its run span "agent run" with the agent in this attribute.
+PYDANTIC_AI_AGENT_NAME: Final = "agent_name"
 
 # Traceloop framework attributes (LangChain and friends).
 TRACELOOP_SPAN_KIND: Final = "traceloop.span.kind"
@@ -110,3 +115,21 @@ TRACELOOP_LLM_REQUEST_TYPE: Final = "llm.request.type"
 # OpenInference (Arize Phoenix's convention): every span says its kind; LLM calls are "LLM".
 OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
 OPENINFERENCE_KIND_LLM: Final = "LLM"
+
+# OpenInference attributes normalization reads: flattened messages, model, usage, tools, agents.
+OPENINFERENCE_INPUT_MESSAGES_PREFIX: Final = "llm.input_messages."
+OPENINFERENCE_OUTPUT_MESSAGES_PREFIX: Final = "llm.output_messages."
+OPENINFERENCE_MODEL_NAME: Final = "llm.model_name"
+OPENINFERENCE_REQUEST_MODEL_NAME: Final = "llm.request.model_name"
+OPENINFERENCE_RESPONSE_MODEL_NAME: Final = "llm.response.model_name"
+OPENINFERENCE_INVOCATION_PARAMETERS: Final = "llm.invocation_parameters"
+OPENINFERENCE_PROMPT_TOKENS: Final = "llm.token_count.prompt"
+OPENINFERENCE_COMPLETION_TOKENS: Final = "llm.token_count.completion"
+OPENINFERENCE_FINISH_REASON: Final = "llm.finish_reason"
+OPENINFERENCE_PROMPTS: Final = "llm.prompts"
+OPENINFERENCE_TOOL_NAME: Final = "tool.name"
+OPENINFERENCE_AGENT_NAME: Final = "agent.name"
+OPENINFERENCE_GRAPH_NODE_ID: Final = "graph.node.id"
+OPENINFERENCE_OUTPUT_VALUE: Final = "output.value"
+# JSON text of the framework's run metadata (LangChain: holds langgraph_node).
+OPENINFERENCE_METADATA: Final = "metadata"

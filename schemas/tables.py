@@ -57,7 +57,7 @@ SPAN_LINK = pa.struct(
 
 SPANS = TableSpec(
     name="spans",
-    version=1,
+    version=2,
     partition_columns=("date", "service"),
     description=(
         "One row per OpenTelemetry span. Written by the in-process exporter and the collector sidecar, "
@@ -107,20 +107,47 @@ SPANS = TableSpec(
                 "Agent that made the call: gen_ai.agent.name, "
                 "tracelearn.agent.name or the framework's entity name, inherited from ancestors.",
             ),
-            _field("operation_name", pa.string(), "gen_ai.operation.name (chat, text_completion, ...)."),
-            _field("request_model", pa.string(), "gen_ai.request.model."),
-            _field("response_model", pa.string(), "gen_ai.response.model."),
+            _field(
+                "operation_name",
+                pa.string(),
+                "gen_ai.operation.name (chat, text_completion, embeddings, execute_tool, invoke_agent, ...), "
+                "else the operation the span's type implies.",
+            ),
+            _field("request_model", pa.string(), "gen_ai.request.model (OpenInference: llm.request.model_name)."),
+            _field("response_model", pa.string(), "gen_ai.response.model (OpenInference: llm.model_name)."),
             _field("response_id", pa.string(), "gen_ai.response.id (joins token ids to the call)."),
-            _field("finish_reason", pa.string(), "First of gen_ai.response.finish_reasons."),
+            _field(
+                "finish_reason",
+                pa.string(),
+                "First of gen_ai.response.finish_reasons, in OpenAI's words (stop, length, tool_calls, ...).",
+            ),
             _field(
                 "input_messages",
                 pa.string(),
-                "Prompt messages as JSON text: "
-                '[{"role": ..., "content": ..., "tool_calls"?: ..., "tool_call_id"?: ...}].',
+                "Prompt messages as JSON text, whatever the convention captured: "
+                '[{"role": ..., "content": text or null, "tool_calls"?: [{"id", "type": "function", '
+                '"function": {"name", "arguments": JSON text}}], "tool_call_id"?: ..., "reasoning_content"?: ...}] '
+                "(tracelearn.schemas.messages).",
             ),
             _field("output_messages", pa.string(), "Response messages, same JSON shape."),
-            _field("input_tokens", pa.int64(), "gen_ai.usage.input_tokens."),
-            _field("output_tokens", pa.int64(), "gen_ai.usage.output_tokens."),
+            _field("input_tokens", pa.int64(), "gen_ai.usage.input_tokens (OpenInference: llm.token_count.prompt)."),
+            _field(
+                "output_tokens", pa.int64(), "gen_ai.usage.output_tokens (OpenInference: llm.token_count.completion)."
+            ),
+            _field(
+                "request_temperature",
+                pa.float64(),
+                "Sampling temperature requested (gen_ai.request.temperature, OpenInference invocation parameters).",
+            ),
+            _field("request_top_p", pa.float64(), "Nucleus sampling top_p requested."),
+            _field("request_top_k", pa.int64(), "Top-k sampling requested."),
+            _field(
+                "messages_problem",
+                pa.string(),
+                "What could not be read of an LLM call's messages, as '<attribute>: <problem>' (not JSON, "
+                "truncated JSON, not a list of messages, unreadable message, unreadable part); null when "
+                "everything was read. The call keeps the messages that could be read.",
+            ),
             _field("prompt_token_ids", TOKEN_IDS, "Prompt token ids as the model server tokenized them."),
             _field("response_token_ids", TOKEN_IDS, "Response token ids as the model server generated them."),
             _field("response_logprobs", LOGPROBS, "Log-probability of each response token under the serving policy."),

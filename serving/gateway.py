@@ -63,6 +63,7 @@ from tracelearn.instrumentation.token_ids import (
     token_ids_mode,
 )
 from tracelearn.schemas import semconv as sc
+from tracelearn.schemas.messages import compact_json, openai_message_to_parts, openai_messages_to_parts
 from tracelearn.serving.protocol import MODEL_VERSION_HEADER
 
 if TYPE_CHECKING:
@@ -203,48 +204,9 @@ def substitute_system_prompt(body: dict[str, Any], text: str) -> bool:
 # --- Span attributes --------------------------------------------------------------------------------
 
 
-def _text_parts(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "content": content}]
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                parts.append({"type": "text", "content": str(part.get("text", ""))})
-            elif isinstance(part, dict):
-                parts.append({"type": str(part.get("type", "unknown"))})  # images etc.: kind only
-        return parts
-    return []
-
-
-def _tool_call_parts(calls: Any) -> list[dict[str, Any]]:
-    parts = []
-    for call in calls or ():
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") or {}
-        parts.append(
-            {"type": "tool_call", "id": call.get("id"), "name": function.get("name"),
-             "arguments": function.get("arguments")}
-        )
-    return parts
-
-
 def input_messages_json(messages: Any) -> str:
     """OpenAI chat messages as GenAI ``gen_ai.input.messages`` JSON (role + parts)."""
-    converted = []
-    for message in messages if isinstance(messages, list) else ():
-        if not isinstance(message, dict):
-            continue
-        role = message.get("role", "user")
-        if role == "tool":
-            parts: list[dict[str, Any]] = [
-                {"type": "tool_call_response", "id": message.get("tool_call_id"), "response": message.get("content")}
-            ]
-        else:
-            parts = _text_parts(message.get("content")) + _tool_call_parts(message.get("tool_calls"))
-        converted.append({"role": role, "parts": parts})
-    return json.dumps(converted, ensure_ascii=False)
+    return compact_json(openai_messages_to_parts(messages))
 
 
 @dataclass
@@ -280,9 +242,10 @@ class _ChoiceOutput:
                 call["function"]["arguments"] += function["arguments"]
 
     def message(self) -> dict[str, Any]:
-        parts = _text_parts(self.content) if self.has_content else []
-        parts += _tool_call_parts([self.tool_calls[i] for i in sorted(self.tool_calls)])
-        out: dict[str, Any] = {"role": "assistant", "parts": parts}
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        out = openai_message_to_parts(
+            {"role": "assistant", "content": self.content if self.has_content else None, "tool_calls": calls}
+        )
         if self.finish_reason is not None:
             out["finish_reason"] = self.finish_reason
         return out
@@ -335,7 +298,7 @@ class _ResponseRecord:
             attributes[sc.GEN_AI_RESPONSE_MODEL] = self.model
         if self.choices:
             outputs = [self.choices[i] for i in sorted(self.choices)]
-            attributes[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([o.message() for o in outputs], ensure_ascii=False)
+            attributes[sc.GEN_AI_OUTPUT_MESSAGES] = compact_json([o.message() for o in outputs])
             reasons = [o.finish_reason for o in outputs if o.finish_reason is not None]
             if reasons:
                 attributes[sc.GEN_AI_RESPONSE_FINISH_REASONS] = reasons

@@ -36,6 +36,7 @@ from tracelearn.schemas.tables import FEEDBACK, SCHEMA_VERSION_KEY, SPANS, TABLE
 DATE = "2026-11-21"  # the factory's reference day
 SERVICE = "calc-agent"
 SPANS_PER_ROLLOUT = 4
+CURRENT = str(SPANS.version).encode()
 HOUR = 3600
 
 
@@ -124,7 +125,7 @@ def test_small_files_become_one_sorted_file_with_every_span_once(tmp_path: Path)
     metadata = pq.read_metadata(output)
     assert metadata.num_row_groups == 1 and metadata.row_group(0).num_rows == 48, "one large row group"
     assert metadata.row_group(0).column(0).compression == "ZSTD"
-    assert metadata.metadata[SCHEMA_VERSION_KEY] == b"1" and metadata.metadata[TABLE_NAME_KEY] == b"spans"
+    assert metadata.metadata[SCHEMA_VERSION_KEY] == CURRENT and metadata.metadata[TABLE_NAME_KEY] == b"spans"
     table = read_table_file(output, SPANS)
     order = list(zip(*(table.column(c).to_pylist() for c in ("trace_id", "start_time", "span_id")), strict=True))
     assert order == sorted(order), "sorted by (trace_id, start_time, span_id)"
@@ -235,7 +236,9 @@ def test_files_of_another_table_or_a_newer_version_are_skipped_and_reported(tmp_
     small_files(data, range(1, 4))
     directory = partition(data)
     spans_rows = read_table(data / "spans", "spans").slice(0, 2)
-    newer = spans_rows.replace_schema_metadata({SCHEMA_VERSION_KEY: b"2", TABLE_NAME_KEY: b"spans"})
+    newer = spans_rows.replace_schema_metadata(
+        {SCHEMA_VERSION_KEY: str(SPANS.version + 1).encode(), TABLE_NAME_KEY: b"spans"}
+    )
     pq.write_table(newer, directory / "part-newer.parquet")
     pq.write_table(FEEDBACK.schema_with_metadata().empty_table(), directory / "part-feedback.parquet")
     pq.write_table(pa.table({"x": [1]}), directory / "part-plain.parquet")
@@ -247,7 +250,7 @@ def test_files_of_another_table_or_a_newer_version_are_skipped_and_reported(tmp_
 
     assert report.files_read == 3 and len(report.files_written) == 1
     reasons = {item.path.name: item.reason for item in report.skipped}
-    assert "newer than this tracelearn's (1)" in reasons["part-newer.parquet"]
+    assert f"newer than this tracelearn's ({SPANS.version})" in reasons["part-newer.parquet"]
     assert "holds the 'feedback' table" in reasons["part-feedback.parquet"]
     assert "no tracelearn.schema_version" in reasons["part-plain.parquet"]
     assert {path: path.read_bytes() for path in strangers} == before
@@ -266,7 +269,7 @@ def test_an_older_version_is_migrated_into_the_output(tmp_path: Path, monkeypatc
     report = compact(data, DATE, min_age_seconds=0)
 
     (output,) = report.files_written
-    assert pq.read_metadata(output).metadata[SCHEMA_VERSION_KEY] == b"1" and not other.exists()
+    assert pq.read_metadata(output).metadata[SCHEMA_VERSION_KEY] == CURRENT and not other.exists()
     assert set(span_keys(data)) == expected_keys(range(1, 3))
 
 

@@ -21,7 +21,7 @@ from tracelearn.collector.span_exporter import ParquetSpanExporter
 from tracelearn.collector.spool import SPOOL_DIR, read_segment
 from tracelearn.instrumentation.span_processors import DurableBatchSpanProcessor
 from tracelearn.schemas.dataset import dataset_files, read_table
-from tracelearn.schemas.tables import SCHEMA_VERSION_KEY
+from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, SPANS
 
 
 def span_rows(data: Path) -> list[dict[str, object]]:
@@ -43,7 +43,7 @@ def test_spans_land_in_hive_partitions_with_hex_ids_and_version(tmp_path: Path) 
     assert files, "no Parquet file written"
     date = time.strftime("%Y-%m-%d", time.gmtime())
     assert files[0].parent == tmp_path / "spans" / f"date={date}" / "service=calc_agent_v1"
-    assert pq.read_schema(files[0]).metadata[SCHEMA_VERSION_KEY] == b"1"
+    assert pq.read_schema(files[0]).metadata[SCHEMA_VERSION_KEY] == str(SPANS.version).encode()
     rows = {row["name"]: row for row in span_rows(tmp_path)}
     trace_id = format(root.get_span_context().trace_id, "032x")
     assert rows["root"]["trace_id"] == trace_id and len(rows["root"]["span_id"]) == 16

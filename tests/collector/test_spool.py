@@ -93,7 +93,7 @@ def test_a_segment_holds_every_append_with_its_partition(tmp_path: Path) -> None
     assert first == second, "appends go to the active segment until a roll seals it"
     contents = read_segment(spool.directory / first.file_name, partition_width=2)
     assert not contents.torn
-    assert contents.schema is not None and contents.schema.metadata[SCHEMA_VERSION_KEY] == b"1"
+    assert contents.schema is not None and contents.schema.metadata[SCHEMA_VERSION_KEY] == str(SPANS.version).encode()
     names = {p: [n for b in batches for n in b.column("name").to_pylist()] for p, batches in contents.batches.items()}
     assert names == {
         ("2026-09-21", "agent"): ["span-1", "span-2", "span-3"],
