@@ -178,20 +178,25 @@ def rollout_task_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
 # Finish reasons of a response that asks for tools: the conversation goes on.
 _TOOL_FINISH_REASONS = ["tool_calls", "function_call", "tool_use"]
 _HAS_TOOL_CALLS = r'"tool_calls"\s*:\s*\[\s*\{'
+_TOOL_CALL_NAME = r'"function"\s*:\s*\{\s*"name"\s*:\s*"([^"]*)"'
+# Tools whose call is the agent's answer (smolagents ends every run with one): no call follows them.
+FINAL_ANSWER_TOOLS = ["final_answer"]
 _IDENTITY_RANK = {EXPLICIT: 0, SEQUENCE: 1, CONVERSATION: 2, TRACE: 3}
 COMPLETE = "complete"
 
 
 def _conversation_ended() -> pl.Expr:
-    """Aggregation over a rollout's spans in start order: its last LLM call answered without tool calls."""
+    """Aggregation over a rollout's spans in start order: its last LLM call answered, without asking
+    for a tool or by calling only a final-answer tool (:data:`FINAL_ANSWER_TOOLS`)."""
     is_llm = pl.col("span_type") == sc.TYPE_LLM
     output = pl.col("output_messages").filter(is_llm).last()
     finish = pl.col("finish_reason").filter(is_llm).last()
-    return (
-        output.is_not_null()
-        & ~output.str.contains(_HAS_TOOL_CALLS).fill_null(False)
-        & ~finish.is_in(_TOOL_FINISH_REASONS).fill_null(False)
+    called = output.str.extract_all(_TOOL_CALL_NAME).list.eval(pl.element().str.extract(_TOOL_CALL_NAME, 1))
+    answered = called.list.len().gt(0) & called.list.eval(pl.element().is_in(FINAL_ANSWER_TOOLS)).list.all()
+    no_tools = ~output.str.contains(_HAS_TOOL_CALLS).fill_null(False) & ~finish.is_in(_TOOL_FINISH_REASONS).fill_null(
+        False
     )
+    return output.is_not_null() & (no_tools | answered.fill_null(False))
 
 
 def rollout_rows(spans: pl.LazyFrame) -> pl.LazyFrame:
@@ -200,7 +205,8 @@ def rollout_rows(spans: pl.LazyFrame) -> pl.LazyFrame:
     Complete: a ``trace`` rollout whose root span is there (spans are written when they end) and no
     span misses its parent; an ``explicit`` one whose ``tracelearn.rollout`` span is there (its other
     traces may still come until then); a ``conversation`` or ``sequence`` one whose last call
-    answered without asking for tools (a final finish reason). Reads prepared spans.
+    answered without asking for tools (a final finish reason) or called only a final-answer tool.
+    Reads prepared spans.
     """
     spans = ensure_prepared(spans)
     # "first" and "last" below are well defined: the join in with_parent_found does not keep row

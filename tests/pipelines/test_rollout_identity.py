@@ -236,6 +236,20 @@ def test_a_conversation_that_ended_is_complete_and_one_waiting_for_a_tool_is_not
     assert build.deferred.get_column("rollout_id").to_list() == [trace_hex(3)]
 
 
+def test_a_call_of_a_final_answer_tool_ends_the_conversation(factory: SpansFactory) -> None:
+    """smolagents ends every run by calling its final_answer tool: no call follows it."""
+    asked = [text("user", "What is 3 plus 3?")]
+    call(factory, 1, 0, asked, tool_call("c1", "3+3"))
+    answer = {
+        "role": "assistant",
+        "parts": [{"type": "tool_call", "id": "c2", "name": "final_answer", "arguments": {}}],
+    }
+    call(factory, 2, 1, [*asked, tool_call("c1", "3+3"), tool_result("c1", "6")], answer)
+    factory.write()
+    build = build_closed_rollouts(scan_spans(factory.directory), at(5))
+    assert build.rollouts.get_column("rollout_id").to_list() == [trace_hex(1)] and build.deferred.height == 0
+
+
 def test_a_failed_step_fails_the_joined_rollout_with_its_message(factory: SpansFactory) -> None:
     asked = [text("user", "What is 3 plus 3?")]
     call(factory, 1, 0, asked, tool_call("c1", "3+3"))
