@@ -14,6 +14,7 @@ import logging
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from types import ModuleType
 from typing import Any, Final
 
@@ -43,6 +44,8 @@ def guarded(where: str, hook: Callable[..., Any], *args: Any) -> None:
 
 def _field(obj: Any, name: str) -> Any:
     """A field of a parsed response (a plain dict, or a pydantic model with extra fields kept)."""
+    if type(obj) is dict:  # parsed JSON: the hot path, without an ABC check
+        return obj.get(name)
     if isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)
@@ -50,6 +53,7 @@ def _field(obj: Any, name: str) -> Any:
 
 _INT_TYPES: Final = frozenset({int})
 _FLOAT_TYPES: Final = frozenset({float})
+_DICT_TYPES: Final = frozenset({dict})
 
 
 def _int_list(value: Any) -> list[int] | None:
@@ -66,10 +70,14 @@ def _int_list(value: Any) -> list[int] | None:
 
 
 def _choice_zero_logprobs(choice: Any) -> list[float] | None:
-    content = _field(_field(choice, "logprobs"), "content")
-    if not isinstance(content, Sequence) or isinstance(content, str):
+    logprobs = _field(choice, "logprobs")
+    content = None if logprobs is None else _field(logprobs, "content")
+    if type(content) is list and set(map(type, content)) <= _DICT_TYPES:
+        values = list(map(dict.get, content, repeat("logprob")))  # parsed JSON, one entry per token: at C speed
+    elif isinstance(content, Sequence) and not isinstance(content, str):
+        values = [_field(entry, "logprob") for entry in content]
+    else:
         return None
-    values = [_field(entry, "logprob") for entry in content]
     if set(map(type, values)) <= _FLOAT_TYPES:
         return values  # the common case, checked at C speed; ``float(v)`` of a float is ``v``
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
@@ -101,8 +109,8 @@ class TokenIdsCapture:
         self._add_top_level(chunk)
         for choice in _field(chunk, "choices") or ():
             index = _field(choice, "index")
-            if isinstance(index, int):
-                self.choice_count = max(self.choice_count, index + 1)
+            if isinstance(index, int) and index >= self.choice_count:
+                self.choice_count = index + 1
             if index not in (0, None):
                 continue
             # Both helpers return new lists: extending them is safe (and linear over a long stream).
@@ -150,8 +158,9 @@ class TokenIdsCapture:
 class ResponseReader:
     """Reads choice 0's ids from one response body, whole or piece by piece, and records them once.
 
-    A ``text/event-stream`` body is read event by event (``data:`` lines, an event ends at a blank
-    line, ``[DONE]`` ends the stream); any other body is one JSON chat completion. A piece that cannot
+    A ``text/event-stream`` body is read event by event (``data:`` lines; an event ends at a blank
+    line, LF or CRLF, not a lone CR; ``[DONE]`` ends the stream); any other body is one JSON chat
+    completion. A piece that cannot
     be read drops what was read so far: partial ids are no ids (status ``missing_in_response``).
     """
 
@@ -160,9 +169,8 @@ class ResponseReader:
         self.capture = TokenIdsCapture()
         self.is_event_stream = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
         self.decompress: Callable[[bytes], bytes] | None = None
-        self.pending = b""  # the end of the last piece: an SSE line not complete yet
+        self.pending = b""  # the end of the last piece: an SSE event not complete yet
         self.parts: list[bytes] = []  # a JSON body, piece by piece
-        self.event_data: list[bytes] = []
         self.failed = False
         self.finished = False
 
@@ -183,10 +191,12 @@ class ResponseReader:
             if not self.is_event_stream:
                 self.parts.append(piece)
                 return
-            lines = (self.pending + piece).split(b"\n")
-            self.pending = lines.pop()
-            for line in lines:
-                self._line(line)
+            buffer = self.pending + piece
+            if b"\r" in buffer:  # CRLF line ends; a CR ending the buffer waits in `pending` for its LF
+                buffer = buffer.replace(b"\r\n", b"\n")
+            *events, self.pending = buffer.split(b"\n\n")
+            for event in events:
+                self._event(event)
         except Exception as error:
             self._fail("reading a response stream", error)
 
@@ -201,24 +211,24 @@ class ResponseReader:
             elif not self.is_event_stream:
                 self.capture.add_response(orjson.loads(b"".join(self.parts)))
             else:
-                self._line(self.pending)  # a last line and event without their terminators
-                self._line(b"")
+                self._event(self.pending.rstrip(b"\r\n"))  # a last event without its blank line
         except Exception as error:
             self._fail("reading a response", error)
         guarded("recording token ids", self.record, self.capture)
 
-    def _line(self, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if line.startswith(b"data:"):
-            value = line[5:]
-            self.event_data.append(value[1:] if value.startswith(b" ") else value)
-        elif not line and self.event_data:
-            data, self.event_data = b"\n".join(self.event_data), []
-            if data == b"[DONE]":
-                self.finish()
-            elif not self.finished:
-                self.capture.add_chunk(orjson.loads(data))
+    def _event(self, event: bytes) -> None:
+        """One SSE event: its ``data:`` lines, joined, are a chunk (other fields and comments are not ours)."""
+        if event.startswith(b"data: ") and b"\n" not in event:
+            data = event[6:]  # the common case: one data line
+        else:
+            lines = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+            if not lines:
+                return
+            data = b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+        if data == b"[DONE]":
+            self.finish()
+        elif not self.finished:
+            self.capture.add_chunk(orjson.loads(data))
 
     def _fail(self, where: str, error: Exception) -> None:
         report_once(where, error)

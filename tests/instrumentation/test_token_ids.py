@@ -615,18 +615,24 @@ def test_with_an_llm_span_nothing_is_said(
 # --- Reading a stream as it passes ------------------------------------------------------------------
 
 
-def sse_body(server: ScriptedLLMServer, body: dict[str, Any]) -> bytes:
-    events = [f"data: {json.dumps(chunk)}\r\n\r\n".encode() for chunk in server.chunks(body, 1)]
-    return b"".join(events) + b"data: [DONE]\r\n\r\n"
+def sse_body(server: ScriptedLLMServer, body: dict[str, Any], end: str = "\r\n") -> bytes:
+    """The server's chunks as SSE, with what else a stream may hold: a comment, an event name, a
+    multi-line data field."""
+    events = [f"data: {json.dumps(chunk)}{end}{end}" for chunk in server.chunks(body, 1)]
+    events[1] = f": keep-alive{end}{end}event: chunk{end}" + events[1]
+    first, rest = events[2].split(", ", 1)
+    events[2] = f"{first},{end}data: {rest}"
+    return "".join(events).encode() + f"data: [DONE]{end}{end}".encode()
 
 
 @pytest.mark.parametrize("piece_size", [1, 7, 4096])
 @pytest.mark.parametrize("encoding", ["", "gzip"])
-def test_a_stream_is_read_whatever_its_pieces_and_encoding(
-    piece_size: int, encoding: str, server: ScriptedLLMServer
+@pytest.mark.parametrize("end", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_a_stream_is_read_whatever_its_pieces_line_ends_and_encoding(
+    piece_size: int, encoding: str, end: str, server: ScriptedLLMServer
 ) -> None:
     body = {"messages": HELLO, "stream": True, "return_token_ids": True, "logprobs": True}
-    raw = sse_body(server, body)
+    raw = sse_body(server, body, end)
     sent = gzip.compress(raw) if encoding else raw
     recorded: list[TokenIdsCapture] = []
     reader = ResponseReader(recorded.append, "text/event-stream; charset=utf-8")
