@@ -109,7 +109,8 @@ def render_summary(summaries: list[dict[str, object]]) -> str:
         "",
         "Made by `python tests/integration/frameworks/write_matrix.py raw /work/notes/matrix-raw` (tracelearn "
         "as in the working tree at the time). `<id>.jsonl`: one span a line (name, scope, parent, attributes, "
-        "events, the span_type tracelearn gave it). `summary.json`: the figures below and each check's outcome.",
+        "events, the span_type tracelearn gave it). `summary.json`: the figures below and each check's outcome. "
+        "`findings.md` (written by hand) says what each framework emits that surprised, and whom each failure is for.",
         "",
         "| combination | calls (server) | spans by type | LLM rows (stats) | token_ids_status | LLM spans with "
         "gen_ai.input.messages | rollouts / transitions (default build) | checks failing |",
