@@ -380,20 +380,19 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 def as_int(value: Any) -> int | None:
     """An integer attribute, tolerating floats and numeric strings; ``None`` when not a number or
     beyond the int64 columns (one span's value must not fail the whole batch it is written in)."""
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
-    if type(value) is int or (isinstance(value, int) and not isinstance(value, bool)):
-        return value if _INT64_MIN <= value <= _INT64_MAX else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float) and math.isfinite(value):
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
+    if type(value) is not int:
+        if isinstance(value, float) and math.isfinite(value):
+            value = int(value)
+        elif isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:  # not an integer (or more digits than Python converts)
+                return None
+        elif not isinstance(value, int):
             return None
-    return None
+    return value if _INT64_MIN <= value <= _INT64_MAX else None
 
 
 def as_float(value: Any) -> float | None:

@@ -46,14 +46,16 @@ _DECODER = json.JSONDecoder()
 
 
 def compact_json(value: Any) -> str:
-    """``value`` as compact JSON text (non-finite floats inside containers become ``null``)."""
+    """``value`` as compact JSON text (non-finite floats inside containers become ``null``); a value
+    JSON cannot represent at all (too deeply nested) becomes a JSON string saying so."""
     try:
         return orjson.dumps(value).decode()
-    except TypeError:
-        try:
-            return _COMPACT_JSON.encode(value)
-        except (TypeError, ValueError):
-            return _COMPACT_JSON.encode(str(value))
+    except TypeError:  # integers beyond 64 bits, non-string keys, nesting beyond orjson's limit
+        pass
+    try:
+        return _COMPACT_JSON.encode(value)
+    except (TypeError, ValueError, RecursionError):
+        return _COMPACT_JSON.encode(f"<{type(value).__name__} not representable as JSON>")
 
 
 def parse_json(text: str) -> Any:
@@ -138,7 +140,7 @@ def _loads_salvaging(text: str) -> tuple[Any, str | None]:
             position += 1
         try:
             item, position = _DECODER.raw_decode(text, position)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             break
         items.append(item)
     return (items, TRUNCATED_JSON) if items else (None, NOT_JSON)

@@ -238,3 +238,21 @@ def test_malformed_message_json_from_an_instrumentation_lands_the_call_and_count
     ]
     assert [m["role"] for m in messages(rows[1]["input_messages"]) or []] == ["system", "user", "assistant"]
     assert rows[1]["output_messages"] is None and rows[1]["input_tokens"] == 191
+
+
+def test_values_beyond_the_columns_types_land_as_nulls_without_failing_the_batch() -> None:
+    (first, second) = recorded("traceloop_openai.json")["spans"]
+    extreme = json.loads(json.dumps(first))
+    extreme["attributes"].update(
+        {
+            sc.GEN_AI_USAGE_INPUT_TOKENS: 1e300,
+            sc.GEN_AI_USAGE_OUTPUT_TOKENS: "9" * 30,
+            sc.GEN_AI_REQUEST_TOP_K: 2**64,
+            sc.GEN_AI_REQUEST_TEMPERATURE: "1e999",
+            sc.GEN_AI_RESPONSE_ID: ["not", "text"],
+        }
+    )
+    rows = rows_of([extreme, second])
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"], rows[0]["request_top_k"]) == (None, None, None)
+    assert rows[0]["request_temperature"] == float("inf") and rows[0]["response_id"] == '["not","text"]'
+    assert rows[1]["input_tokens"] == 191

@@ -231,6 +231,8 @@ def test_no_attribute_value_makes_normalization_raise() -> None:
         2**70,
         -1.0,
         float("inf"),
+        1e300,
+        "9" * 30,
         b"\xff",
         [1, "a"],
         {"k": [1]},

@@ -130,3 +130,15 @@ def test_no_reader_raises_on_any_input() -> None:
         decoded = mc.parts_messages_to_openai(value)
         if decoded.messages is not None:
             json.loads(mc.compact_json(decoded.messages))
+
+
+def test_nesting_deeper_than_any_parser_is_a_problem_not_a_crash() -> None:
+    assert mc.parts_messages_to_openai("[" * 100_000) == (None, "not JSON")
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(5_000):
+        inner.append([])
+        inner = inner[0]
+    message = {"role": "tool", "parts": [{"type": "tool_call_response", "id": "c1", "response": deep}]}
+    (tool,) = mc.parts_messages_to_openai([message]).messages or []
+    assert tool["content"] == '"<list not representable as JSON>"'
