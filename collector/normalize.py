@@ -27,6 +27,7 @@ malformed input yields ``None`` (and, for messages, a problem named in ``message
 than an exception, because a span is never rejected for having odd attributes.
 """
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -108,20 +109,24 @@ def _text_attribute(attributes: Mapping[str, Any], key: str) -> str | None:
 
 def openinference_agent(name: str, attributes: Mapping[str, Any]) -> str | None:
     """The agent an OpenInference span names: ``agent.name``, a graph node (OpenAI Agents, CrewAI),
-    a LangGraph node in its metadata, or smolagents' ``<agent>.run`` span name."""
+    LangChain's agent or else the LangGraph node in its metadata, or smolagents' ``<agent>.run`` span name."""
     named = _text_attribute(attributes, sc.OPENINFERENCE_AGENT_NAME) or _text_attribute(
         attributes, sc.OPENINFERENCE_GRAPH_NODE_ID
     )
     if named is not None:
         return named
     metadata = attributes.get(sc.OPENINFERENCE_METADATA)
-    if isinstance(metadata, str) and '"langgraph_node"' in metadata:
+    if isinstance(metadata, str) and ('"lc_agent_name"' in metadata or '"langgraph_node"' in metadata):
         try:
-            node = mc.parse_json(metadata).get("langgraph_node")
-        except (ValueError, AttributeError):
-            node = None
-        if isinstance(node, str) and node:
-            return node
+            parsed = mc.parse_json(metadata)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            # LangChain's create_agent names its agent; its graph's nodes (model, tools) are steps.
+            for key in ("lc_agent_name", "langgraph_node"):
+                named = parsed.get(key)
+                if isinstance(named, str) and named:
+                    return named
     if attributes.get(sc.OPENINFERENCE_SPAN_KIND) == "AGENT" and name.endswith(".run") and len(name) > 4:
         return name[:-4]
     return None
@@ -132,8 +137,8 @@ def agent_name_of(attributes: Mapping[str, Any], name: str = "") -> str | None:
 
     In order: the user's explicit ``tracelearn.agent()`` / ``rollout(agent=)`` (baggage), the span's own
     ``gen_ai.agent.name``, Traceloop agent entity or OpenInference agent (``openinference_agent``), the
-    LangGraph node it ran in, the name inherited from its ancestors at start, older Pydantic AI's
-    ``agent_name``, and last the span's own Traceloop workflow name.
+    LangChain agent (``create_agent``) or else the LangGraph node it ran in, the name inherited from its
+    ancestors at start, older Pydantic AI's ``agent_name``, and last the span's own Traceloop workflow name.
     """
     for key in (sc.AGENT_NAME, sc.GEN_AI_AGENT_NAME):
         value = attributes.get(key)
@@ -147,7 +152,7 @@ def agent_name_of(attributes: Mapping[str, Any], name: str = "") -> str | None:
         named = openinference_agent(name, attributes)
         if named is not None:
             return named
-    for key in (sc.LANGGRAPH_NODE, sc.AGENT_INHERITED, sc.PYDANTIC_AI_AGENT_NAME):
+    for key in (sc.LANGCHAIN_AGENT_NAME, sc.LANGGRAPH_NODE, sc.AGENT_INHERITED, sc.PYDANTIC_AI_AGENT_NAME):
         value = attributes.get(key)
         if isinstance(value, str) and value:
             return value
@@ -284,7 +289,11 @@ def _invocation_parameters(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def finish_reason_of(value: Any) -> str | None:
-    """The first finish reason, in OpenAI's words (``tool_call`` of the GenAI conventions is ``tool_calls``)."""
+    """The first finish reason, in OpenAI's words (``tool_call`` of the GenAI conventions is ``tool_calls``);
+    the list may come as JSON text (attributes re-read from the spans table, which stores them so)."""
+    if isinstance(value, str) and value.startswith("["):
+        with contextlib.suppress(ValueError):
+            value = mc.parse_json(value)
     first = first_of(value)
     return None if first is None else FINISH_REASONS.get(first, first)
 

@@ -107,8 +107,10 @@ TRACELOOP_ENTITY_NAME: Final = "traceloop.entity.name"
 TRACELOOP_WORKFLOW_NAME: Final = "traceloop.workflow.name"
 TRACELOOP_AGENT_KINDS: Final = frozenset({"agent", "workflow"})
 TRACELOOP_TOOL_KIND: Final = "tool"
-# Traceloop copies LangGraph's node name onto the spans created inside that node.
+# Traceloop copies LangGraph's node name onto the spans created inside that node, and the name of the
+# agent LangChain's create_agent built (whose nodes "model" and "tools" are steps, not agents).
 LANGGRAPH_NODE: Final = "traceloop.association.properties.langgraph_node"
+LANGCHAIN_AGENT_NAME: Final = "traceloop.association.properties.lc_agent_name"
 # Set by Traceloop on LLM spans (e.g. LangChain's), with or without the gen_ai.* attributes.
 TRACELOOP_LLM_REQUEST_TYPE: Final = "llm.request.type"
 

@@ -256,3 +256,15 @@ def test_values_beyond_the_columns_types_land_as_nulls_without_failing_the_batch
     assert (rows[0]["input_tokens"], rows[0]["output_tokens"], rows[0]["request_top_k"]) == (None, None, None)
     assert rows[0]["request_temperature"] == float("inf") and rows[0]["response_id"] == '["not","text"]'
     assert rows[1]["input_tokens"] == 191
+
+
+@pytest.mark.parametrize("name", ["langgraph_traceloop.json", "langgraph_openinference.json"])
+def test_langchain_create_agent_names_its_agent_not_its_graph_nodes(name: str) -> None:
+    # Spans from the framework matrix (attribute values as the spans table stores them: text).
+    rows = rows_of(recorded(name)["spans"])
+    llm = [row for row in rows if row["span_type"] == sc.TYPE_LLM]
+    assert len(llm) == 2 and {row["agent_name"] for row in llm} == {"calculator_agent"}
+    assert [row["finish_reason"] for row in llm] == ["tool_calls", "stop"]
+    history = messages(llm[1]["input_messages"]) or []
+    assert history[-1]["role"] == "tool" and history[-1]["content"] == "408"
+    assert messages(llm[1]["output_messages"]) == [{"role": "assistant", "content": "408"}]
