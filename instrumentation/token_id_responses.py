@@ -72,6 +72,7 @@ def _int_list(value: Any) -> list[int] | None:
 def _choice_zero_logprobs(choice: Any) -> list[float] | None:
     logprobs = _field(choice, "logprobs")
     content = None if logprobs is None else _field(logprobs, "content")
+    values: list[Any]
     if type(content) is list and set(map(type, content)) <= _DICT_TYPES:
         values = list(map(dict.get, content, repeat("logprob")))  # parsed JSON, one entry per token: at C speed
     elif isinstance(content, Sequence) and not isinstance(content, str):

@@ -10,7 +10,8 @@ on the span current while the request is sent, when that is an LLM instrumentati
 ``openai.chat``, the official ``chat {model}``, OpenInference's ``openinference.span.kind=LLM``, Pydantic
 AI's chat span). Without one it writes a ``tracelearn.token_ids`` child span carrying
 ``gen_ai.response.id`` so the pipeline can join the two by response id, and says once per process
-which instrumentation to install. Ids a server did not return are never made up: the status says why.
+which instrumentation to install (``missing_instrumentation``). Ids a server did not return are never
+made up: the status says why.
 
 Where it hooks, and why there: ``Client.send`` / ``AsyncClient.send`` of ``httpx2`` (what ``openai`` 3
 sends through) and of ``httpx`` (a legacy client handed to the SDK, other libraries), wrapped when those
@@ -40,13 +41,10 @@ Every hook catches its own errors and logs the first one of each kind: capture n
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import ipaddress
 import logging
 import os
 import re
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -57,10 +55,10 @@ import orjson
 import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.environment_variables import OTEL_PYTHON_DISABLED_INSTRUMENTATIONS
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
 
+from tracelearn.instrumentation.missing_instrumentation import advise_llm_instrumentation, forget_advice
 from tracelearn.instrumentation.token_id_responses import ResponseReader, guarded, report_once, tap_types
 from tracelearn.instrumentation.token_id_responses import TokenIdsCapture as TokenIdsCapture  # the gateway's too
 from tracelearn.schemas import semconv as sc
@@ -83,19 +81,6 @@ _REJECTION_STATUSES: Final = frozenset({400, 422})
 _CALLER_FIELD_NAMES: Final = tuple(f'"{name}"'.encode() for name in (RETURN_TOKEN_IDS, LOGPROBS, TOP_LOGPROBS))
 # A non-empty JSON object's opening brace (its first member's name follows): where the fields go in.
 _OBJECT_START: Final = re.compile(rb"[ \t\r\n]*\{(?=[ \t\r\n]*\")")
-# Traceloop's LangChain handler sets this context key while it owns an LLM call's span (not current).
-_TRACELOOP_LLM_SUPPRESSION_KEY: Final = "suppress_language_model_instrumentation"
-# Frameworks with LLM spans of their own, by top-level package, and what records them (said, once, of
-# the framework found on the call stack of a chat completion sent with no LLM span around it).
-_FRAMEWORK_INSTRUMENTATIONS: Final = {
-    "langchain_core": ("LangChain", "opentelemetry-instrumentation-langchain (tracelearn[instrumentations])"),
-    "langchain_openai": ("LangChain", "opentelemetry-instrumentation-langchain (tracelearn[instrumentations])"),
-    "crewai": ("CrewAI", "opentelemetry-instrumentation-crewai"),
-    "litellm": ("LiteLLM", "openinference-instrumentation-litellm"),
-    "smolagents": ("smolagents", "openinference-instrumentation-smolagents"),
-    "pydantic_ai": ("Pydantic AI", "its own, turned on by pydantic_ai.Agent.instrument_all()"),
-}
-
 _log = logging.getLogger(__name__)
 
 
@@ -149,7 +134,6 @@ class _ServerMemory:
 
 
 _servers = _ServerMemory()
-_advice_lock = threading.Lock()
 
 
 # --- One chat-completions request -------------------------------------------------------------------
@@ -287,7 +271,7 @@ def _start_call(tracer: trace.Tracer, mode: str, request: Any) -> _Call | None:
     span = trace.get_current_span()
     on_llm_span = _is_llm_span(span)
     if not on_llm_span:
-        guarded("saying what to install", _advise_llm_instrumentation, server, request.headers.get("user-agent", ""))
+        guarded("saying what to install", advise_llm_instrumentation, server, request.headers.get("user-agent", ""))
     call = _Call(
         tracer=tracer,
         server=server,
@@ -314,62 +298,6 @@ def _prepared(tracer: trace.Tracer, mode: str, request: Any) -> _Call | None:
     except Exception as error:
         report_once("preparing a request", error)
         return None
-
-
-# --- Saying what is missing -------------------------------------------------------------------------
-
-_advised = threading.Event()  # set once per process (cleared by uninstrument)
-
-
-def _advise_llm_instrumentation(server: str, user_agent: str) -> None:
-    """The first chat completion sent with no LLM span around it: one log line saying what to install."""
-    if _advised.is_set() or otel_context.get_value(_TRACELOOP_LLM_SUPPRESSION_KEY):
-        return
-    with _advice_lock:
-        if _advised.is_set():
-            return
-        _advised.set()
-    steps = []
-    if user_agent.startswith("OpenAI/"):  # the openai SDK's own User-Agent, e.g. "OpenAI/Python 3.63.0"
-        disabled = os.environ.get(OTEL_PYTHON_DISABLED_INSTRUMENTATIONS, "")
-        if importlib.util.find_spec("opentelemetry.instrumentation.openai") is None:
-            steps.append("pip install opentelemetry-instrumentation-openai (the openai SDK's instrumentation)")
-        elif "openai" in [name.strip() for name in disabled.split(",")]:
-            steps.append(
-                "the openai SDK's instrumentation (opentelemetry-instrumentation-openai) is installed but "
-                f"disabled by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS={disabled}: take 'openai' out of it"
-            )
-        else:
-            steps.append(
-                "the openai SDK's instrumentation (opentelemetry-instrumentation-openai, installed with "
-                "tracelearn) is not active: run the agent under opentelemetry-instrument, and keep 'openai' "
-                "out of OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"
-            )
-    steps += [f"it came from {name}, whose instrumentation is {what}" for name, what in _calling_frameworks()]
-    if not steps:
-        steps.append(
-            f"instrument the client that sent it (User-Agent {user_agent!r}); the openai SDK's "
-            "instrumentation is opentelemetry-instrumentation-openai"
-        )
-    _log.warning(
-        "tracelearn: a chat completion went to %s with no LLM instrumentation around it, so its messages, "
-        "model and usage are not captured (its token ids are, on a %s span). To capture them: %s.",
-        server,
-        sc.SPAN_TOKEN_IDS,
-        "; ".join(steps),
-    )
-
-
-def _calling_frameworks() -> list[tuple[str, str]]:
-    """The frameworks of ``_FRAMEWORK_INSTRUMENTATIONS`` with code on the current call stack, outermost last."""
-    found: list[tuple[str, str]] = []
-    frame = inspect.currentframe()
-    while frame is not None:
-        framework = _FRAMEWORK_INSTRUMENTATIONS.get(str(frame.f_globals.get("__name__", "")).partition(".")[0])
-        if framework is not None and framework not in found:
-            found.append(framework)
-        frame = frame.f_back
-    return found
 
 
 # --- The hook on the HTTP clients -------------------------------------------------------------------
@@ -471,4 +399,4 @@ class TokenIdsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             unwrap(client, "send")
         _hooks.wrapped.clear()
         _servers.forget()
-        _advised.clear()
+        forget_advice()

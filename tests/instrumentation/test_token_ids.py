@@ -603,6 +603,18 @@ def test_without_an_llm_span_one_warning_says_what_to_install(
     assert client.base_url.host in warning
 
 
+def test_without_an_llm_span_a_framework_on_the_call_stack_is_named(
+    token_ids: Callable[..., None], server: ScriptedLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from langchain_openai import ChatOpenAI
+
+    token_ids()
+    ChatOpenAI(model="m", base_url=server.base_url, api_key="test", max_retries=0).invoke("hello")
+    (warning,) = [r.getMessage() for r in caplog.records if "no LLM instrumentation" in r.getMessage()]
+    assert "it came from LangChain, whose instrumentation is opentelemetry-instrumentation-langchain" in warning
+    assert "opentelemetry-instrumentation-openai" in warning  # ChatOpenAI sends through the openai SDK
+
+
 @pytest.mark.usefixtures("traceloop")
 def test_with_an_llm_span_nothing_is_said(
     token_ids: Callable[..., None], client: openai.OpenAI, caplog: pytest.LogCaptureFixture
