@@ -7,11 +7,11 @@ CLI (the base install) runs ``spans stats --json`` and ``transitions build`` wit
 the datasets are read back with the library's readers. Nothing here asserts: the test module holds
 the contract, ``write_matrix.py`` dumps raw spans for people.
 
-The agent's process gets a clean environment: no ``OPENAI_API_KEY`` (agents pass their key to the
-client themselves, so the Agents SDK's default trace exporter has no key and posts nothing) and
-HTTP(S) proxies pointing at a closed loopback port with only the loopback excluded, so any call a
-framework tries to make off this machine (telemetry, price lists, tokenizer downloads) fails fast
-here instead of leaving it.
+The agent's process gets a clean environment: no ``OPENAI_API_KEY`` unless its row sets one (the
+agents here pass their key to the client themselves, so the Agents SDK's default trace exporter has
+no key and posts nothing) and HTTP(S) proxies pointing at a closed loopback port with only the
+loopback excluded, so any call a framework tries to make off this machine (telemetry, price lists,
+tokenizer downloads) fails fast here instead of leaving it.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ CALLS_PER_TASK = 2
 AGENT_NAME = "calculator_agent"  # agents/calculator.py names every agent so (CrewAI: its role)
 CREWAI_ROLE = "Calculator"
 PLAIN_QUESTIONS = ("What is 12 times 34?", "What is 7 plus 8?")
+PLAIN_SDK_AGENT = envs.REPO / "tests" / "integration" / "agents" / "plain_sdk_tool_agent.py"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Framework:
     agent: tuple[str, ...]  # the agent script and its arguments
     agent_name: str | None  # the name the agent is given, None where the framework has no such notion
     tool_results_as: str  # "tool": results travel as tool messages; "text": as a user turn
+    env: tuple[tuple[str, str], ...] = ()  # variables the agent reads besides OPENAI_BASE_URL
 
 
 FRAMEWORKS: dict[str, Framework] = {
@@ -62,8 +64,10 @@ FRAMEWORKS: dict[str, Framework] = {
     "openai-sdk-async": Framework("OpenAI SDK (async)", (str(CALC_AGENT), "--limit", "2", "--async"), None, "tool"),
     "openai-sdk-stream": Framework("OpenAI SDK (streaming)", (str(CALC_AGENT), "--limit", "2", "--stream"), None,
                                    "tool"),
-    "openai-sdk-no-span": Framework("OpenAI SDK, no span of its own", ("openai_sdk_plain.py", *PLAIN_QUESTIONS), None,
-                                    "tool"),
+    # The rollout-joining tests' agent: no span of its own, two tasks at once on threads (interleaved calls).
+    "openai-sdk-no-span": Framework("OpenAI SDK, no span of its own",
+                                    (str(PLAIN_SDK_AGENT), "--concurrency", "2", *PLAIN_QUESTIONS), None, "tool",
+                                    env=(("OPENAI_API_KEY", "not-needed"),)),
     "openai-agents": Framework("OpenAI Agents SDK", ("openai_agents_sdk.py", *PLAIN_QUESTIONS), AGENT_NAME, "tool"),
     "pydantic-ai": Framework("Pydantic AI", ("pydantic_ai_agent.py", *PLAIN_QUESTIONS), AGENT_NAME, "tool"),
     "smolagents": Framework("smolagents (ToolCallingAgent)", ("smolagents_agent.py", *PLAIN_QUESTIONS), AGENT_NAME,
@@ -108,7 +112,7 @@ class Row:
             instrumentation=self.instrumentation,
             env=self.env,
             argv=(script, *self.agent_flags, *arguments),
-            extra_env=dict(self.extra_env),
+            extra_env={**dict(framework.env), **dict(self.extra_env)},
         )
 
     @property
