@@ -72,6 +72,7 @@ class Landed:
     stats_error: str = ""
     build_output: str = ""
     build_returncode: int = 0
+    pipeline_seconds: float = 0.0  # spans stats + transitions build
 
     def spans(self) -> pa.Table:
         from tracelearn.schemas.dataset import read_table
@@ -166,6 +167,7 @@ def run_combination(combination: Combination, server: ScriptedLLMServer, workdir
         data=data,
         out=out,
     )
+    started = time.monotonic()
     cli = str(bin_dir / "tracelearn")
     stats = subprocess.run([cli, "spans", "stats", str(data), "--json"], env=environment, capture_output=True,
                            text=True, timeout=AGENT_TIMEOUT_S, check=False)
@@ -177,4 +179,5 @@ def run_combination(combination: Combination, server: ScriptedLLMServer, workdir
                            capture_output=True, text=True, timeout=AGENT_TIMEOUT_S, check=False)
     landed.build_output = (build.stdout + build.stderr).strip()
     landed.build_returncode = build.returncode
+    landed.pipeline_seconds = time.monotonic() - started
     return landed

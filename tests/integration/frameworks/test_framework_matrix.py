@@ -16,8 +16,8 @@ combination and the check:
   its response, the tool-call step's response holding the calculator call;
 - ``tool_results``: the answer step's prompt holds the tool's result (a ``tool`` message; smolagents
   sends results as an ``Observation:`` user turn, and the prompt must say what was sent);
-- ``token_ids``: every transition's prompt and response token ids are exactly the server's
-  (``token_ids_source`` ``server``), with one logprob per response token;
+- ``token_ids``: every LLM call's token-id status is ``server`` (``spans stats``), and every
+  transition's prompt and response token ids and response logprobs are exactly the server's;
 - ``agent_name``: every transition names the agent, where the framework names one and the
   instrumentation carries it (``agent_name`` is ``None`` in the table where it cannot be known);
 - ``rollouts``: one rollout per task, each holding its 2 calls;
@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 from integration.frameworks import envs
 from integration.frameworks.matrix import CALC_AGENT, Combination, Landed, run_combination
-from support.scripted_llm_server import ScriptedLLMServer, prompt_ids, tool_result
+from support.scripted_llm_server import ScriptedLLMServer, logprob_of, prompt_ids, tool_result
 
 README = envs.REPO / "README.md"
 TASKS = 2
@@ -280,13 +280,16 @@ def check_token_ids(row: Row, landed: Landed, server: ScriptedLLMServer) -> None
     assert len(transitions) == len(landed.requests), (
         f"{len(transitions)} transitions for {len(landed.requests)} calls; build said:\n{landed.build_output}"
     )
+    statuses = (landed.stats or {}).get("token_ids_status")
+    assert statuses == {"server": len(landed.requests)}, f"spans stats token_ids_status {statuses}"
     sources = sorted({str(t["token_ids_source"]) for t in transitions})
     assert sources == ["server"], f"token_ids_source {sources}, expect only 'server'"
     expected = sorted((prompt_ids(r["messages"]), server.response_token_ids(r)) for r in landed.requests)
     got = sorted((list(t["prompt_token_ids"]), list(t["response_token_ids"])) for t in transitions)
     assert got == expected, "prompt/response token ids differ from the ones the server returned"
     for transition in transitions:
-        assert len(transition["response_logprobs"]) == len(transition["response_token_ids"])
+        logprobs = [logprob_of(i) for i in transition["response_token_ids"]]
+        assert transition["response_logprobs"] == pytest.approx(logprobs, abs=1e-6), "logprobs differ from the server's"
 
 
 def check_agent_name(row: Row, landed: Landed) -> None:

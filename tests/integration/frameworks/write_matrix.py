@@ -65,6 +65,7 @@ def summary(row: contract.Row, landed: Landed, server: ScriptedLLMServer) -> dic
         "env": row.env,
         "agent_exit": landed.returncode,
         "seconds": round(landed.seconds, 1),
+        "pipeline_seconds": round(landed.pipeline_seconds, 1),
         "server_calls": len(landed.requests),
         "spans": len(spans),
         "spans_by_type": dict(Counter(str(s["span_type"]) for s in spans)),
