@@ -53,6 +53,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tracelearn.instrumentation.token_ids import (
@@ -583,7 +584,9 @@ class Gateway:
             sent = {**body, **dict.fromkeys(added, True)}
             request = self.client.build_request("POST", self.url("chat/completions", ""), headers=headers, json=sent)
             try:
-                response = await self.client.send(request, stream=stream)
+                # The gateway asks for and records token ids itself: the in-process token-id hook stays out.
+                with suppress_instrumentation():
+                    response = await self.client.send(request, stream=stream)
             except httpx.TransportError as error:
                 raise self.unreachable(error) from error
             if not added or response.status_code not in _REJECTION_STATUSES:

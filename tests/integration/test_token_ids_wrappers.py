@@ -14,16 +14,20 @@ runs use the framework matrix's cached ``openai-sdk-openinference`` environment 
 install, which brings Traceloop's, plus OpenInference's).
 """
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from integration.frameworks import envs
 from support.scripted_llm_server import ScriptedLLMServer
 
+from tracelearn.processes import free_port, start_child
 from tracelearn.schemas.dataset import read_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +36,7 @@ OPENINFERENCE_AND_TRACELOOP_ENV = "openai-sdk-openinference"
 CALC_AGENT = REPO / "examples" / "calc" / "agent.py"
 INSTRUMENT_THEN_RUN = Path(__file__).parent / "agents" / "instrument_then_run.py"
 NO_LLM_INSTRUMENTATION = "with no LLM instrumentation"
+HELLO = [{"role": "user", "content": "hello"}]
 SPAN_COLUMNS = [
     "name",
     "response_id",
@@ -147,3 +152,33 @@ def test_without_llm_instrumentation_one_log_line_says_what_to_install(
     (line,) = [line for line in stderr.splitlines() if NO_LLM_INSTRUMENTATION in line]
     assert "opentelemetry-instrumentation-openai" in line
     assert "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS" in line
+
+
+@pytest.mark.slow
+def test_the_gateway_under_opentelemetry_instrument_records_each_call_once(
+    tmp_path: Path, scripted_llm_server: ScriptedLLMServer
+) -> None:
+    """The gateway asks for and records token ids itself; the in-process hook, which sees every
+    ``httpx`` request in its process, leaves its upstream calls alone."""
+    port = free_port()
+    command = [str(VENV_BIN / "opentelemetry-instrument"), str(VENV_BIN / "tracelearn"), "gateway"]
+    command += ["--upstream", scripted_llm_server.base_url, "--port", str(port)]
+    lines: list[str] = []
+    env = {**os.environ, "TRACELEARN_DATA": str(tmp_path / "data"), "OTEL_SERVICE_NAME": "gateway"}
+    with start_child(command, name="gateway", env=env, on_line=lines.append) as gateway:
+        base_url = f"http://127.0.0.1:{port}/v1"
+
+        def answers() -> bool | None:
+            with contextlib.suppress(httpx2.TransportError):
+                return httpx2.get(f"{base_url}/models").status_code == 200 or None
+            return None
+
+        gateway.wait_until(answers, timeout_s=120, what="the gateway answering")
+        reply = httpx2.post(f"{base_url}/chat/completions", json={"model": "m", "messages": HELLO}, timeout=60)
+        assert reply.status_code == 200
+        gateway.send_signal(signal.SIGINT)
+        assert gateway.wait(timeout_s=60) == 0
+
+    spans = read_table(tmp_path / "data" / "spans", "spans").select(SPAN_COLUMNS).to_pylist()
+    assert [(s["name"], s["token_ids_status"]) for s in spans] == [("chat m", "server")]
+    assert not [line for line in lines if NO_LLM_INSTRUMENTATION in line]
