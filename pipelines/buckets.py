@@ -136,14 +136,14 @@ def spill_buckets(
     assignment: pl.DataFrame,
     buckets: int,
     directory: Path,
-    identity: pl.DataFrame | None = None,
+    routes: pl.DataFrame | None = None,
 ) -> list[Path]:
     """Write each bucket's spans to ``directory/bucket=NNNNN/`` as Arrow IPC (lz4) files, one pass.
 
     ``files`` are the spans dataset's Parquet files (hive ``date=``/``service=`` directories become
     string columns, as ``scan_spans`` makes them); ``assignment`` maps ``rollout_id`` to
-    ``__bucket``; ``identity`` (``trace_id, rollout_id``, a rollout identity map) gives the joined
-    rollout id of loose traces, whose spans still carry their own (the spilled rows are unchanged).
+    ``__bucket``; ``routes`` (``trace_id, rollout_id``) gives the rollout of traces whose spans still
+    carry another id (loose calls joined by conversation, detached calls; the spilled rows are unchanged).
     Spans of rollouts not in ``assignment`` are skipped. Reads record batches and writes them out,
     so memory stays at a few batches whatever the dataset size. Returns the bucket directories,
     index = bucket.
@@ -152,9 +152,9 @@ def spill_buckets(
     ids = pa.array(assignment.get_column("rollout_id").to_list(), pa.string())
     bucket_of = pa.array(assignment.get_column(BUCKET).to_list(), pa.uint32())
     loose = joined = None
-    if identity is not None and identity.height:
-        loose = pa.array(identity.get_column("trace_id").to_list(), pa.string())
-        joined = pa.array(identity.get_column("rollout_id").to_list(), pa.string())
+    if routes is not None and routes.height:
+        loose = pa.array(routes.get_column("trace_id").to_list(), pa.string())
+        joined = pa.array(routes.get_column("rollout_id").to_list(), pa.string())
     directories = [directory / f"bucket={b:05d}" for b in range(buckets)]
     for path in directories:
         path.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,7 @@ from tracelearn.pipelines.config import (
     rollout_config,
 )
 from tracelearn.pipelines.credit import assign_credit
+from tracelearn.pipelines.detached_calls import attach_detached_calls, detached_pairs
 from tracelearn.pipelines.partition_output import COMPRESSION, OUTPUT_DATE, DatePartitionFiles, late_span_rollouts
 from tracelearn.pipelines.prepared import ensure_prepared, prepare_spans
 from tracelearn.pipelines.rewards import RewardSources
@@ -320,10 +321,18 @@ def _bucketed_spans(
     spill = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".build-", dir=out_root)))
     # Joined conversations span several traces: their identity is settled over the whole dataset
     # (only the loose calls are read), so each lands whole in one bucket and joins the same way there.
-    identity = rollout_identity_map(distinct_spans(lf), join)
-    keys = rollout_group_keys(apply_rollout_identity(lf, identity), columns).collect(engine="streaming")
+    distinct = distinct_spans(lf)
+    detached = detached_pairs(distinct)
+    attached = attach_detached_calls(distinct, detached)
+    identity = rollout_identity_map(attached, join)
+    keys = rollout_group_keys(apply_rollout_identity(attached, identity), columns).collect(engine="streaming")
     assignment = assign_buckets(keys, columns, buckets)
-    for directory in spill_buckets(files, assignment, buckets, spill, identity):
+    # Spans keep their own trace and rollout ids on disk: route loose traces by their joined rollout
+    # and detached calls by the rollout of the span they ran inside.
+    routes = pl.concat(
+        [identity.select("trace_id", "rollout_id"), detached.select("trace_id", rollout_id="__outer_rollout_id")]
+    )
+    for directory in spill_buckets(files, assignment, buckets, spill, routes):
         bucket = scan_bucket(directory)
         if bucket is not None:
             yield bucket, identity

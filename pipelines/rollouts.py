@@ -182,6 +182,8 @@ _TOOL_CALL_NAME = r'"function"\s*:\s*\{\s*"name"\s*:\s*"([^"]*)"'
 # Tools whose call is the agent's answer (smolagents ends every run with one): no call follows them.
 FINAL_ANSWER_TOOLS = ["final_answer"]
 _IDENTITY_RANK = {EXPLICIT: 0, SEQUENCE: 1, CONVERSATION: 2, TRACE: 3}
+# What makes a trace a run of the agent: a call of the model or a tool, or a reward.
+_RUN_SPAN_TYPES = [sc.TYPE_LLM, sc.TYPE_TOOL, sc.TYPE_REWARD]
 COMPLETE = "complete"
 
 
@@ -248,7 +250,11 @@ def rollout_rows(spans: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("input_tokens").filter(is_llm).sum().cast(pl.Int64),
         pl.col("output_tokens").filter(is_llm).sum().cast(pl.Int64),
         complete.fill_null(False).alias(COMPLETE),
+        (pl.col("span_type").is_in(_RUN_SPAN_TYPES) | is_error).any().alias("__ran"),
     )
+    # A trace where the agent ran nothing (a framework's setup span such as LangGraph's create_agent,
+    # a token-id span whose call was recorded in another trace) is no rollout.
+    counts = counts.filter(pl.col("__ran") | (pl.col("identity") != TRACE))
     return (
         counts.join(rollout_task_ids(spans), on="rollout_id", how="left")
         .join(rollout_rewards(ordered), on="rollout_id", how="left")
@@ -270,7 +276,9 @@ def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
     turns it into the Arrow map). Status: ``error`` if any span ended in ERROR (``error_message``:
     the first one's message, by end time), else ``incomplete`` if the rollout has orphan spans and
     no root span, else ``ok``. ``identity``: the rule that made the rollout (a rollout mixing
-    rules takes the first of explicit, sequence, conversation, trace).
+    rules takes the first of explicit, sequence, conversation, trace). A trace holding no LLM call,
+    tool call, reward or error is no rollout (a framework's setup span, a token-id span cut off
+    from its call's trace).
     """
     return rollout_rows(spans).select(ROLLOUT_COLUMNS)
 

@@ -145,6 +145,7 @@ class PreparedSpans:
     location: str
     files: int
     spans: int
+    traces: int
     prepared: pl.LazyFrame | None  # None: no Parquet file yet
 
 
@@ -156,12 +157,18 @@ def read_prepared_spans(root: str | Path) -> PreparedSpans:
     """
     location = spans_location(root)
     if not locate_files(location).paths:
-        return PreparedSpans(location, 0, 0, None)
+        return PreparedSpans(location, 0, 0, 0, None)
     files = spans_files(root)
     scan = scan_files(files)
-    raw = int(scan.select(pl.struct("trace_id", "span_id").n_unique()).collect().item())
+    spans, traces = (
+        scan.select(
+            pl.struct("trace_id", "span_id").n_unique().alias("spans"), pl.col("trace_id").n_unique().alias("traces")
+        )
+        .collect()
+        .row(0)
+    )
     prepared = prepare_spans(scan.drop(c for c in _UNREAD if c in scan.collect_schema().names()))
-    return PreparedSpans(location, len(files.paths), raw, prepared.collect().lazy())
+    return PreparedSpans(location, len(files.paths), int(spans), int(traces), prepared.collect().lazy())
 
 
 def spans_stats(root: str | Path, dataset: PreparedSpans | None = None) -> SpanStats:
@@ -179,7 +186,6 @@ def spans_stats(root: str | Path, dataset: PreparedSpans | None = None) -> SpanS
         return empty
     span_type = pl.col("span_type")
     overview = spans.select(
-        pl.col("trace_id").n_unique().alias("traces"),
         pl.col("rollout_id").n_unique().alias("rollouts"),
         pl.col("start_time").min().alias("first_span"),
         pl.col("end_time").max().alias("last_span"),
@@ -195,7 +201,7 @@ def spans_stats(root: str | Path, dataset: PreparedSpans | None = None) -> SpanS
     return SpanStats(
         files=dataset.files,
         spans=dataset.spans,
-        traces=int(row["traces"]),
+        traces=dataset.traces,
         rollouts=int(row["rollouts"]),
         tasks=int(tasks),
         services=sorted(spans.select(pl.col("service_name").drop_nulls().unique()).collect().to_series().to_list()),

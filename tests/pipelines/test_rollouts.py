@@ -48,7 +48,8 @@ def test_one_trace_is_one_rollout_with_its_counts(factory: SpansFactory) -> None
     factory.llm(1, root, 1, "2+2?", input_tokens=11, output_tokens=3, agent="calc")
     factory.tool(1, root, 2, status="ERROR", agent="calc")
     factory.llm(1, root, 3, "2+2?", input_tokens=20, output_tokens=4, agent="checker")
-    factory.root(2, 0, 5)
+    factory.llm(2, factory.root(2, 0, 5), 1, "3+3?")
+    factory.root(3, 0, 5)  # a trace where nothing ran (a framework's setup span): no rollout
     rollouts = rollouts_of(factory)
     assert sorted(rollouts) == [trace_hex(1), trace_hex(2)]
     one = rollouts[trace_hex(1)]
@@ -124,7 +125,7 @@ def test_primary_reward_flagged_beats_first_emitted(factory: SpansFactory) -> No
 def test_rollouts_without_reward_are_counted_and_dropped_or_filled(factory: SpansFactory) -> None:
     root = factory.root(1, 0, 10)
     factory.reward(1, root, 9, 1.0)
-    factory.root(2, 0, 10)
+    factory.llm(2, factory.root(2, 0, 10), 1, "unrewarded")
     factory.write()
     spans = scan_spans(factory.directory)
     kept = build_closed_rollouts(spans, LATER)
@@ -141,7 +142,7 @@ def test_rollouts_without_reward_are_counted_and_dropped_or_filled(factory: Span
 def test_watermark_defers_a_recent_rollout_that_may_grow_and_a_later_build_includes_it(
     factory: SpansFactory,
 ) -> None:
-    factory.root(1, 0, 600)  # its root span ended at 12:10: complete, built at once
+    factory.llm(1, factory.root(1, 0, 600), 1, "q")  # its root span ended at 12:10: complete, built at once
     # An explicit rollout id without its tracelearn.rollout span: more traces may still join it.
     factory.root(2, 0, 10, rollout_id="episode-2")
     factory.root(3, 0, 600, rollout_id="episode-3")  # ... and its last span ended at 12:10
@@ -161,7 +162,7 @@ def test_watermark_defers_a_recent_rollout_that_may_grow_and_a_later_build_inclu
 
 def test_status_is_error_when_the_root_span_failed(factory: SpansFactory) -> None:
     factory.root(1, 0, 10, status="ERROR")
-    factory.root(2, 0, 10, status="OK")
+    factory.llm(2, factory.root(2, 0, 10, status="OK"), 1, "q")
     rollouts = rollouts_of(factory)
     assert rollouts[trace_hex(1)]["status"] == "error"
     assert rollouts[trace_hex(2)]["status"] == "ok"
