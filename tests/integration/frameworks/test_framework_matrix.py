@@ -489,10 +489,22 @@ def test_readme_table_is_generated() -> None:
     )
 
 
+def _requirement(line: str) -> tuple[str, str]:
+    """``(normalized name, version or "")`` of a requirement line such as ``smolagents[openai]==1.26.0  # why``."""
+    text = line.split("#")[0].strip()
+    name, _, version = text.partition("==")
+    return name.split("[")[0].strip().lower().replace("_", "-"), version.strip()
+
+
 def test_every_environment_is_locked() -> None:
-    """Every environment the matrix uses has a spec and a lock made from it (envs.py lock)."""
+    """Every environment the matrix uses has a spec and a lock made from it (envs.py lock), pinning what it asks."""
     for row in COMBINATIONS:
-        assert (envs.SPECS / f"{row.env}.in").is_file(), row.env
-        lock = envs.SPECS / f"{row.env}.txt"
-        assert lock.is_file(), f"run `python tests/integration/frameworks/envs.py lock {row.env}`"
+        spec, lock = envs.SPECS / f"{row.env}.in", envs.SPECS / f"{row.env}.txt"
+        relock = f"run `python tests/integration/frameworks/envs.py lock {row.env}`"
+        assert spec.is_file() and lock.is_file(), relock
+        pinned = dict(_requirement(line) for line in lock.read_text(encoding="utf-8").splitlines() if "==" in line)
+        for line in spec.read_text(encoding="utf-8").splitlines():
+            if line.split("#")[0].strip():
+                name, version = _requirement(line)
+                assert name in pinned and version in ("", pinned[name]), f"{lock.name} does not pin {line}: {relock}"
     assert {row.env for row in COMBINATIONS} == set(envs.names()), "an environment is unused or missing"
