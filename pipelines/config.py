@@ -10,6 +10,7 @@ Example (every key is optional; an omitted key takes the default shown in the co
     watermark: {lateness_seconds: 600}
     conversation: {window_seconds: 600, sequence_gap_seconds: 30}
     trajectory: false
+    timeouts: {reward_function_seconds: 60, stage_seconds: 60}
 
 ``reward``: several sources at once, every named reward of every source lands in the rollout's
 ``rewards`` (``tracelearn.pipelines.rewards`` says how each is computed and joined):
@@ -32,6 +33,11 @@ rule's gap between two calls of one process and thread).
 mapping; both check every field and raise :class:`PipelineConfigError` naming the file, the key
 path, the bad value and what is allowed. Stages and the reward function are imported and checked
 at load. :func:`config_hash` is the ``pipeline_config_hash`` written into every output row.
+
+``timeouts``: how long one call of user code may take: ``reward_function_seconds`` per reward function
+call (a call past it is stopped and its rollout counted as timed out), ``stage_seconds`` per user stage
+call (a stage past it fails the build, naming the stage). They bound how a build runs, not what it
+computes, so :func:`config_hash` leaves them out.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ import yaml
 from tracelearn.pipelines.advantages import ADVANTAGE_LEVELS
 from tracelearn.pipelines.credit import CREDIT_METHODS
 from tracelearn.pipelines.rewards import (
+    DEFAULT_REWARD_TIMEOUT_S,
     RewardFunctionError,
     RewardSources,
     feedback_directory,
@@ -60,7 +67,7 @@ from tracelearn.pipelines.rewards import (
 )
 from tracelearn.pipelines.rollout_identity import JoinConfig
 from tracelearn.pipelines.rollouts import DEFAULT_LATENESS, RolloutConfig
-from tracelearn.pipelines.stages import StageError, StageSpec, resolve_stage
+from tracelearn.pipelines.stages import DEFAULT_STAGE_TIMEOUT_S, StageError, StageSpec, resolve_stage
 
 __all__ = [
     "ADVANTAGE_METHODS",
@@ -72,6 +79,7 @@ __all__ = [
     "PipelineConfigError",
     "RewardConfig",
     "SelectConfig",
+    "TimeoutsConfig",
     "WatermarkConfig",
     "config_as_dict",
     "config_hash",
@@ -156,6 +164,14 @@ class ConversationConfig:
 
 
 @dataclass(frozen=True)
+class TimeoutsConfig:
+    """Seconds one call of user code may take: a reward function call, a user stage call."""
+
+    reward_function_seconds: float = DEFAULT_REWARD_TIMEOUT_S
+    stage_seconds: float = DEFAULT_STAGE_TIMEOUT_S
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The whole parsed ``pipeline.yaml``; ``PipelineConfig()`` is the defaults."""
 
@@ -167,6 +183,7 @@ class PipelineConfig:
     watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     trajectory: bool = False
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
 
 # Field checks ------------------------------------------------------------------------------------
@@ -289,13 +306,14 @@ def _parse_stages(check: _Checker, raw: Mapping[str, Any]) -> tuple[StageSpec, .
     value = raw.get("stages")
     if value is None:
         return ()
+    timeout_s = _parse_timeouts(check, raw).stage_seconds
     if not isinstance(value, list):
         raise check.fail("stages", f"{value!r} must be a list of stage names or {{name: {{params}}}} mappings")
     specs = []
     for i, item in enumerate(value):
         key = f"stages[{i}]"
         if isinstance(item, str):
-            spec = StageSpec(item)
+            spec = StageSpec(item, timeout_s=timeout_s)
         elif isinstance(item, Mapping) and len(item) == 1:
             ((name, params),) = item.items()
             if params is None:
@@ -306,7 +324,7 @@ def _parse_stages(check: _Checker, raw: Mapping[str, Any]) -> tuple[StageSpec, .
                 or not all(isinstance(k, str) for k in params)
             ):
                 raise check.fail(key, f"{dict(item)!r} must be {{stage_name: {{param: value, ...}}}}")
-            spec = StageSpec(name, dict(params))
+            spec = StageSpec(name, dict(params), timeout_s)
         else:
             raise check.fail(key, f"{item!r} must be a stage name or a one-key mapping {{stage_name: {{params}}}}")
         try:
@@ -376,6 +394,18 @@ def _parse_conversation(check: _Checker, raw: Mapping[str, Any]) -> Conversation
     return ConversationConfig(*values)
 
 
+def _parse_timeouts(check: _Checker, raw: Mapping[str, Any]) -> TimeoutsConfig:
+    keys = ("reward_function_seconds", "stage_seconds")
+    section = check.section(raw, "timeouts", keys)
+    seconds = []
+    for key in keys:
+        value = check.number(section.get(key, getattr(TimeoutsConfig, key)), f"timeouts.{key}")
+        if value <= 0:
+            raise check.fail(f"timeouts.{key}", f"{section[key]!r} must be a number of seconds > 0")
+        seconds.append(value)
+    return TimeoutsConfig(*seconds)
+
+
 _TOP_LEVEL: tuple[str, ...] = (
     "select",
     "reward",
@@ -385,6 +415,7 @@ _TOP_LEVEL: tuple[str, ...] = (
     "watermark",
     "conversation",
     "trajectory",
+    "timeouts",
 )
 
 
@@ -412,6 +443,7 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE) ->
         watermark=_parse_watermark(check, raw),
         conversation=_parse_conversation(check, raw),
         trajectory=check.boolean(raw.get("trajectory", False), "trajectory"),
+        timeouts=_parse_timeouts(check, raw),
     )
 
 
@@ -461,7 +493,9 @@ def reward_sources(config: PipelineConfig, data_root: str | Path) -> RewardSourc
     function = None
     if reward.function is not None:
         try:
-            function = load_reward_function(reward.function, reward.name or reward.function)
+            function = load_reward_function(
+                reward.function, reward.name or reward.function, config.timeouts.reward_function_seconds
+            )
         except RewardFunctionError as exc:
             raise PipelineConfigError("<config>", "reward.function", str(exc)) from None
     feedback = scan_feedback(feedback_directory(data_root)) if reward.feedback else None
@@ -493,7 +527,9 @@ def config_hash(config: PipelineConfig) -> str:
 
     Keys are sorted and defaults are filled in by parsing, so key order and writing a default out
     or leaving it implicit do not change the hash; any changed value (a stage parameter included)
-    does.
+    does. ``timeouts`` are left out: they bound how long a build may run, not what it computes.
     """
-    canonical = json.dumps(config_as_dict(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    hashed = {key: value for key, value in config_as_dict(config).items() if key != "timeouts"}
+    hashed["stages"] = [{k: v for k, v in stage.items() if k != "timeout_s"} for stage in hashed["stages"]]
+    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -20,8 +20,11 @@ arguments chosen by its parameter names:
 
 It returns a number (stored under the configured name) or a ``dict[str, number]`` (several named
 rewards). A rollout whose needed input is absent (no such metadata key, no LLM response), whose call
-raises, or whose result is not a finite number gets no function reward; it is counted per cause in a
-:class:`FunctionRewardReport` (which keeps the first failure's message) and the build goes on.
+raises (``SystemExit`` and ``KeyboardInterrupt`` included), does not return within the function's
+timeout, or whose result is not a finite number gets no function reward; it is counted per cause in a
+:class:`FunctionRewardReport` (which keeps the first failure's message) and the build goes on. The
+calls run in a worker process that is killed when a call overruns its timeout
+(``tracelearn.pipelines.reward_calls``).
 
 Feedback (``<data root>/feedback/date=YYYY-MM-DD/*.parquet``, the FEEDBACK table, written by
 ``tracelearn.collector.feedback``): a row applies to the rollout of its ``rollout_id``, or to every
@@ -33,17 +36,19 @@ rollout has several feedback rows of one name, the latest by ``time`` wins (ties
 from __future__ import annotations
 
 import inspect
-import json
-import math
-import numbers
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+from polars.datatypes import DataTypeClass
 
-from tracelearn.pipelines.spans_input import distinct_spans
+from tracelearn.pipelines.reward_calls import RewardWorkerError, call_reward_function
+from tracelearn.pipelines.reward_worker import BUILTIN_ARGUMENTS
+from tracelearn.pipelines.spans_input import check_columns, distinct_spans
 from tracelearn.pipelines.stages import StageError, import_callable
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import DatasetError, dataset_files, file_schema_version
@@ -52,6 +57,7 @@ from tracelearn.schemas.tables import FEEDBACK
 
 __all__ = [
     "BUILTIN_ARGUMENTS",
+    "DEFAULT_REWARD_TIMEOUT_S",
     "REWARD_ROWS_SCHEMA",
     "SOURCE_FEEDBACK",
     "SOURCE_FUNCTION",
@@ -66,7 +72,9 @@ __all__ = [
     "scan_feedback",
 ]
 
-BUILTIN_ARGUMENTS: tuple[str, ...] = ("answer", "messages", "spans", "metadata", "task_id", "rollout_id")
+logger = logging.getLogger(__name__)
+
+DEFAULT_REWARD_TIMEOUT_S = 60.0
 TIME_DTYPE = pl.Datetime("ns", "UTC")
 REWARD_ROWS_DTYPES: dict[str, pl.DataType] = {
     "rollout_id": pl.String(),
@@ -86,27 +94,25 @@ class RewardFunctionError(ValueError):
     """A reward function cannot be used: not importable, or a signature the pipeline cannot call."""
 
 
-class _MissingInputError(LookupError):
-    """A rollout lacks an input the reward function asks for (counted, not raised out of the build)."""
-
-
 @dataclass(frozen=True)
 class RewardFunction:
     """A reward function checked at load: ``path`` (``module:function``), the reward ``name`` a plain
-    number is stored under, the callable and its keyword-passable parameters."""
+    number is stored under, the callable, its keyword-passable parameters and the seconds one call may take."""
 
     path: str
     name: str
     function: Callable[..., Any]
     parameters: tuple[inspect.Parameter, ...]
     takes_any_keyword: bool
+    timeout_s: float = DEFAULT_REWARD_TIMEOUT_S
 
     def needs(self, argument: str) -> bool:
         return any(p.name == argument for p in self.parameters)
 
 
-def load_reward_function(path: str, name: str) -> RewardFunction:
-    """Import ``module:function`` and check that the pipeline can call it by keyword.
+def load_reward_function(path: str, name: str, timeout_s: float = DEFAULT_REWARD_TIMEOUT_S) -> RewardFunction:
+    """Import ``module:function`` and check that the pipeline can call it by keyword; each call may
+    take ``timeout_s`` seconds.
 
     Raises :class:`RewardFunctionError` naming the function when it cannot be imported, has no
     readable signature, has positional-only parameters, or takes no keyword-passable parameter.
@@ -135,20 +141,28 @@ def load_reward_function(path: str, name: str) -> RewardFunction:
             f"reward function {path!r}: takes no named parameters; name the inputs it needs "
             f"({', '.join(BUILTIN_ARGUMENTS)} or metadata keys), e.g. def score(answer, gold)"
         )
-    return RewardFunction(path, name, function, parameters, takes_any_keyword)
+    return RewardFunction(path, name, function, parameters, takes_any_keyword, timeout_s)
 
 
 @dataclass
 class FunctionRewardReport:
-    """What applying a reward function did: rollouts rewarded, failures per cause, the first failure."""
+    """What applying a reward function did: rollouts rewarded, failures per cause, the first failure.
+
+    ``errors`` counts the calls that raised or did not return in time; ``timeouts`` those of them that
+    timed out (or were not made after timeouts in a row).
+    """
 
     rewarded: int = 0
     missing_input: int = 0
     errors: int = 0
     invalid: int = 0
+    timeouts: int = 0
     first_failure: str | None = None
 
     def fail(self, cause: str, rollout_id: str, message: str) -> None:
+        if cause == "timeouts":
+            self.timeouts += 1
+            cause = "errors"
         setattr(self, cause, getattr(self, cause) + 1)
         if self.first_failure is None:
             self.first_failure = f"rollout {rollout_id}: {message}"
@@ -173,35 +187,23 @@ class RewardSources:
 # Reward function ---------------------------------------------------------------------------------
 
 
-def _decoded(text: str) -> Any:
-    if text[:1] in ("{", "["):
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
-    return text
+def _plain(dtype: pl.DataType | DataTypeClass) -> pl.DataType | DataTypeClass:
+    """``dtype`` with every ``Map`` (at any depth) as the list of ``{key, value}`` structs it is stored
+    as, and nanosecond times as microseconds (what a Python ``datetime`` holds).
 
-
-def _messages(text: str | None) -> list[dict[str, Any]]:
-    if text is None:
-        return []
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return []
-    return value if isinstance(value, list) else []
-
-
-def _text_content(messages: list[dict[str, Any]]) -> str:
-    """The text of the response messages (string content, or the text parts of a parts list)."""
-    texts = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return "".join(texts)
+    Polars (2.1) builds a struct of whole spans wrongly when a column nests a map (``events``: the key
+    field's nullability differs between chunks, and ``collect`` panics), so such columns are cast
+    first; and Arrow would hand a nanosecond time to Python as a pandas ``Timestamp``.
+    """
+    if isinstance(dtype, pl.Map):
+        return pl.List(pl.Struct({"key": _plain(dtype.key), "value": _plain(dtype.value)}))
+    if isinstance(dtype, pl.List):
+        return pl.List(_plain(dtype.inner))
+    if isinstance(dtype, pl.Struct):
+        return pl.Struct({f.name: _plain(f.dtype) for f in dtype.fields})
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit == "ns":
+        return pl.Datetime("us", dtype.time_zone)
+    return dtype
 
 
 def _function_inputs(spans: pl.LazyFrame, rollouts: pl.LazyFrame, with_spans: bool) -> pl.DataFrame:
@@ -236,64 +238,33 @@ def _function_inputs(spans: pl.LazyFrame, rollouts: pl.LazyFrame, with_spans: bo
     )
     inputs = ids.join(last_call, on="rollout_id", how="left").join(metadata, on="rollout_id", how="left")
     if with_spans:
-        all_spans = ordered.group_by("rollout_id").agg(pl.struct(pl.all().exclude("rollout_id")).alias("spans"))
+        schema = ordered.collect_schema()
+        plain = ordered.with_columns(pl.col(name).cast(_plain(dtype)) for name, dtype in schema.items()
+                                     if _plain(dtype) != dtype)
+        all_spans = plain.group_by("rollout_id").agg(pl.struct(pl.all().exclude("rollout_id")).alias("spans"))
         inputs = inputs.join(all_spans, on="rollout_id", how="left")
     return inputs.sort("rollout_id").collect()
 
 
-def _span_dict(span: dict[str, Any], rollout_id: str) -> dict[str, Any]:
-    attributes = span.get("attributes")
-    if isinstance(attributes, list):
-        span = {**span, "attributes": {item["key"]: item["value"] for item in attributes}}
-    return {"rollout_id": rollout_id, **span}
-
-
-def _arguments(function: RewardFunction, row: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of one call; raises :class:`_MissingInputError` naming what is absent."""
-    metadata = {item["key"]: _decoded(item["value"]) for item in row.get("metadata") or ()}
-    response = _messages(row["output_messages"])
-    builtins: dict[str, Callable[[], Any]] = {
-        "answer": lambda: _text_content(response),
-        "messages": lambda: _messages(row["input_messages"]) + response,
-        "spans": lambda: [_span_dict(span, row["rollout_id"]) for span in row.get("spans") or ()],
-        "metadata": lambda: metadata,
-        "task_id": lambda: row["task_id"],
-        "rollout_id": lambda: row["rollout_id"],
-    }
-    arguments: dict[str, Any] = {}
+def _missing_input(function: RewardFunction, row: dict[str, Any]) -> str | None:
+    """What the call would lack (an absent LLM response or metadata key), ``None`` when nothing is missing."""
+    keys = {item["key"] for item in row.get("metadata") or ()}
     for parameter in function.parameters:
         name = parameter.name
         if name in ("answer", "messages") and row["output_messages"] is None:
-            raise _MissingInputError(f"{name!r}: the rollout has no LLM call with a response")
-        if name in builtins:
-            arguments[name] = builtins[name]()
-        elif name in metadata:
-            arguments[name] = metadata[name]
-        elif parameter.default is inspect.Parameter.empty:
-            raise _MissingInputError(f"{name!r}: no metadata key {sc.METADATA_PREFIX}{name} on the rollout's spans")
-    if function.takes_any_keyword:
-        arguments.update({k: v for k, v in metadata.items() if k not in arguments and k not in builtins})
-    return arguments
+            return f"{name!r}: the rollout has no LLM call with a response"
+        if name not in BUILTIN_ARGUMENTS and name not in keys and parameter.default is inspect.Parameter.empty:
+            return f"{name!r}: no metadata key {sc.METADATA_PREFIX}{name} on the rollout's spans"
+    return None
 
 
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and math.isfinite(float(value))
-
-
-def _named_rewards(function: RewardFunction, result: Any) -> dict[str, float]:
-    """The call's result as ``{name: value}``; raises ``TypeError`` saying what is wrong with it."""
-    if isinstance(result, Mapping):
-        if not result:
-            raise TypeError("returned an empty dict")
-        for key, value in result.items():
-            if not isinstance(key, str) or not key:
-                raise TypeError(f"returned a dict with key {key!r}; reward names are non-empty strings")
-            if not _is_finite_number(value):
-                raise TypeError(f"returned {key}={value!r}, not a finite number")
-        return {key: float(value) for key, value in result.items()}
-    if not _is_finite_number(result):
-        raise TypeError(f"returned {result!r}, not a finite number or a dict of them")
-    return {function.name: float(result)}
+def _ipc(frame: pl.DataFrame) -> bytes:
+    """``frame`` as an Arrow IPC stream (how rows travel to the reward function's worker)."""
+    table = frame.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
 
 
 def function_reward_rows(
@@ -303,30 +274,45 @@ def function_reward_rows(
     ``source = 'function'``, sorted by rollout and name) and the report of what failed and why.
 
     Reads the columns listed in :func:`_function_inputs` (every spans column when the function takes
-    ``spans``). One Python call per rollout: a reward function is user Python code.
+    ``spans``). One call per rollout, in a worker process with ``function.timeout_s`` per call (see
+    ``tracelearn.pipelines.reward_calls``): a reward function is user Python code. Raises
+    :class:`RewardFunctionError` when no worker process can run the function at all.
     """
     inputs = _function_inputs(spans, rollouts, with_spans=function.needs("spans"))
     report = FunctionRewardReport()
     rows: list[tuple[str, str, float]] = []
-    for row in inputs.iter_rows(named=True):
-        rollout_id = row["rollout_id"]
-        try:
-            arguments = _arguments(function, row)
-        except _MissingInputError as missing:
-            report.fail("missing_input", rollout_id, f"{function.path} needs {missing}")
-            continue
-        try:
-            result = function.function(**arguments)
-        except Exception as exc:  # user code: one failing rollout must not fail the build
-            report.fail("errors", rollout_id, f"{function.path} raised {type(exc).__name__}: {exc}")
-            continue
-        try:
-            named = _named_rewards(function, result)
-        except TypeError as exc:
-            report.fail("invalid", rollout_id, f"{function.path} {exc}")
-            continue
-        report.rewarded += 1
-        rows.extend((rollout_id, name, value) for name, value in sorted(named.items()))
+    missing: dict[int, str] = {}
+    for index, row in enumerate(inputs.select("output_messages", "metadata").iter_rows(named=True)):
+        if (lacking := _missing_input(function, row)) is not None:
+            missing[index] = lacking
+    called = inputs.filter(~pl.int_range(pl.len()).is_in(list(missing)))
+    setup = {"function": function.path, "name": function.name, "takes_any_keyword": function.takes_any_keyword,
+             "parameters": [parameter.name for parameter in function.parameters]}
+    outcomes = call_reward_function(setup, called.height, lambda start, stop: _ipc(called[start:stop]),
+                                    function.timeout_s)
+    try:
+        for index, rollout_id in enumerate(inputs.get_column("rollout_id")):  # failures are reported in rollout order
+            if index in missing:
+                report.fail("missing_input", rollout_id, f"{function.path} needs {missing[index]}")
+                continue
+            outcome = next(outcomes)
+            if outcome.outcome == "ok":
+                report.rewarded += 1
+                rows.extend((rollout_id, name, value) for name, value in sorted(outcome.rewards.items()))
+            else:
+                report.fail(outcome.outcome, rollout_id, outcome.message)
+    except RewardWorkerError as error:
+        raise RewardFunctionError(str(error)) from None
+    finally:
+        outcomes.close()
+    if report.timeouts:
+        logger.warning(
+            "reward function %s: %d of %d rollouts got no reward because it did not return within %g s",
+            function.path,
+            report.timeouts,
+            len(called),
+            function.timeout_s,
+        )
     frame = pl.DataFrame(rows, schema=["rollout_id", "reward_name", "reward"], orient="row").with_columns(
         pl.lit(SOURCE_FUNCTION).alias("source"), pl.lit(None, dtype=TIME_DTYPE).alias("time")
     )
@@ -351,7 +337,7 @@ def scan_feedback(directory: str | Path) -> pl.LazyFrame:
     """The feedback rows under ``directory`` (FEEDBACK columns); an empty frame when there are none.
 
     Raises ``SchemaVersionError`` naming a file written with another feedback schema version and
-    ``DatasetError`` for a file that is not a feedback file.
+    ``DatasetError`` for a file that is not a feedback file or has a column that is not the schema's.
     """
     path = Path(directory)
     files = dataset_files(path) if path.exists() else []
@@ -361,6 +347,7 @@ def scan_feedback(directory: str | Path) -> pl.LazyFrame:
             raise SchemaVersionError(
                 f"{file}: feedback schema version {version}; this tracelearn reads version {FEEDBACK.version}"
             )
+        check_columns(str(file), FEEDBACK)
     empty = pl.from_arrow(FEEDBACK.schema.empty_table())
     if not isinstance(empty, pl.DataFrame):  # pragma: no cover - from_arrow of a table is a frame
         raise DatasetError(f"{path}: the feedback schema did not convert to a frame")

@@ -1,17 +1,21 @@
 """The spans dataset as a polars LazyFrame: the edge where the experience pipeline reads capture output.
 
 The dataset may be a local directory or a URI in object storage (``s3://bucket/data``; see
-``tracelearn.schemas.dataset.locate_files``). Every file's ``tracelearn.schema_version`` is checked
-before anything is scanned, so a dataset written by a newer tracelearn fails up front with the file
-named instead of mid-query.
+``tracelearn.schemas.dataset.locate_files``). Every file's ``tracelearn.schema_version`` and columns
+are checked before anything is scanned, so a dataset written by a newer tracelearn, or a file whose
+columns are not the schema's (a column missing, added, or of another type), fails up front with the
+file and the column named instead of mid-query.
 """
 
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from tracelearn.schemas.dataset import DatasetError, DatasetFiles, is_directory, locate_files, require_current_version
-from tracelearn.schemas.tables import SPANS
+from tracelearn.schemas.tables import SPANS, TableSpec
 
 PARTITION_SCHEMA = {"date": pl.String, "service": pl.String}
 
@@ -33,17 +37,44 @@ def spans_location(root: str | Path) -> str:
     return child if is_directory(child) else text
 
 
+def check_columns(path: str, spec: TableSpec, filesystem: pafs.FileSystem | None = None, where: str = "") -> None:
+    """Raise ``DatasetError`` naming the file (``where``, default ``path``) and the first column that is
+    missing, of another type than ``spec``'s current schema, or not in it. Reads the Parquet footer only."""
+    where = where or path
+    try:
+        found = pq.read_schema(path, filesystem=filesystem)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DatasetError(f"{where}: not a readable Parquet file ({exc})") from exc
+    for expected in spec.schema:
+        index = found.get_field_index(expected.name)
+        if index < 0:
+            raise DatasetError(
+                f"{where}: column {expected.name!r} is missing ({spec.name} schema version {spec.version})"
+            )
+        if not found.field(index).type.equals(expected.type):
+            raise DatasetError(
+                f"{where}: column {expected.name!r} is {found.field(index).type}, but the {spec.name} schema "
+                f"(version {spec.version}) has {expected.type}; the file was not written by tracelearn's writer: "
+                "rewrite it with the schema's types, or move it out of the dataset"
+            )
+    extra = [name for name in found.names if spec.schema.get_field_index(name) < 0]
+    if extra:
+        raise DatasetError(f"{where}: column {extra[0]!r} is not in the {spec.name} schema (version {spec.version})")
+
+
 def _check_versions(files: DatasetFiles) -> None:
     for path in files.paths:
         fix = "rewrite the partition with tracelearn.schemas.dataset.read_table first"
         require_current_version(path, SPANS, fix, files.filesystem, files.uri(path))
+        check_columns(path, SPANS, files.filesystem, files.uri(path))
 
 
 def spans_files(root: str | Path, date: str | None = None) -> DatasetFiles:
     """The spans dataset's files (only the ``date=`` partition when ``date`` is given), versions checked.
 
-    Raises ``DatasetError`` when there is no spans file at all, ``SchemaVersionError`` naming a file
-    written with a newer (or an older, not lazily migratable) spans schema.
+    Raises ``DatasetError`` when there is no spans file at all or naming a file and a column that is not
+    the schema's, ``SchemaVersionError`` naming a file written with a newer (or an older, not lazily
+    migratable) spans schema.
     """
     files = locate_files(spans_location(root))
     if not files.paths:

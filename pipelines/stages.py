@@ -13,6 +13,12 @@ and that its signature accepts the frame plus exactly the parameters given (and,
 the parameter values are valid). :func:`run_stages` applies the stages in order and, after each one,
 checks on the lazy schema (no data read) that the required columns are still there.
 
+A user stage is user Python code: its call runs on a thread and may take ``StageSpec.timeout_s``
+seconds (``timeouts.stage_seconds`` in ``pipeline.yaml``); past that, or when it raises (``SystemExit``
+and ``KeyboardInterrupt`` included), the build stops with a :class:`StageError` naming the stage. A
+thread cannot be killed, so a stage that hangs is left running until the process exits (the CLI and
+an Airflow task exit on the error); the plan a stage returns runs later, in the build's own collect.
+
 Built-in stages work on transitions frames (one row per LLM call, columns of
 ``tracelearn.schemas.tables.TRANSITIONS``) and read these extra columns where documented:
 
@@ -30,6 +36,7 @@ import difflib
 import importlib
 import inspect
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +45,7 @@ import polars as pl
 
 __all__ = [
     "BUILTIN_STAGES",
+    "DEFAULT_STAGE_TIMEOUT_S",
     "BoundStage",
     "Stage",
     "StageError",
@@ -54,6 +62,9 @@ __all__ = [
 ]
 
 
+DEFAULT_STAGE_TIMEOUT_S = 60.0
+
+
 class StageError(ValueError):
     """A stage is unknown, cannot be imported, has the wrong signature or breaks the frame."""
 
@@ -66,29 +77,61 @@ class Stage(Protocol):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage as written in the config: a built-in name or ``module:function``, and its params."""
+    """A stage as written in the config: a built-in name or ``module:function``, its params, and the
+    seconds a user stage's call may take (``timeouts.stage_seconds``)."""
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = DEFAULT_STAGE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
 class BoundStage:
-    """A resolved stage: the function and the parameters it is called with."""
+    """A resolved stage: the function, the parameters it is called with, and (a user stage) the
+    seconds its call may take."""
 
     name: str
     function: Callable[..., Any]
     params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None
 
     def __call__(self, lf: pl.LazyFrame) -> pl.LazyFrame:
-        """Apply the stage; raises :class:`StageError` if it does not return a LazyFrame."""
-        result = self.function(lf, **self.params)
+        """Apply the stage; raises :class:`StageError` if it does not return a LazyFrame, raises, or
+        (with ``timeout_s``) does not return in time."""
+        if self.timeout_s is None:
+            result = self.function(lf, **self.params)
+        else:
+            result = _call_user_stage(self, lf, self.timeout_s)
         if not isinstance(result, pl.LazyFrame):
             raise StageError(
                 f"stage {self.name!r} returned {type(result).__name__}, not a polars LazyFrame; "
                 "a stage must return a LazyFrame (use .lazy() on a DataFrame)"
             )
         return result
+
+
+def _call_user_stage(stage: BoundStage, lf: pl.LazyFrame, timeout_s: float) -> Any:
+    """``stage.function(lf, **params)`` on a thread, waited for at most ``timeout_s`` seconds."""
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = stage.function(lf, **stage.params)
+        except BaseException as error:  # user code: even SystemExit is the stage's error
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, name=f"stage {stage.name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise StageError(
+            f"stage {stage.name!r} did not return within {timeout_s:g} s (timeouts.stage_seconds); a stage "
+            "builds a lazy plan and should return at once: the build stopped"
+        )
+    error = outcome.get("error")
+    if error is not None:
+        raise StageError(f"stage {stage.name!r} raised {type(error).__name__}: {error}") from error
+    return outcome["result"]
 
 
 # Built-in stages ---------------------------------------------------------------------------------
@@ -238,7 +281,7 @@ def resolve_stage(spec: StageSpec | str) -> BoundStage:
     if ":" in name:
         function = import_callable(name, "stage")
         _check_signature(name, function, params)
-        return BoundStage(name, function, params)
+        return BoundStage(name, function, params, spec.timeout_s)
     if name not in BUILTIN_STAGES:
         close = difflib.get_close_matches(name, BUILTIN_STAGES, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""

@@ -28,6 +28,10 @@ Params (defaults from the environment when the file is parsed):
   rounds, beam, branch, failures (per critique), max_rollouts / max_optimizer_tokens (0: none)
   gate_tasks: held-out tasks for the gate (empty: the validation rollouts); margin
 
+Every task stops after ``$TRACELEARN_APO_TASK_TIMEOUT_MINUTES`` minutes (its ``execution_timeout``, read when
+the file is parsed; default 720, for a whole APO search): a task that hangs fails, and is
+retried, instead of holding a worker slot.
+
 Run once without a scheduler:
   AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data/transitions \\
     airflow dags test tracelearn_apo
@@ -37,6 +41,7 @@ import logging
 import os
 import re
 import shlex
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,21 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 log = logging.getLogger(__name__)
+
+
+def _task_timeout(variable: str, default_minutes: float) -> timedelta:
+    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
+    text = os.environ.get(variable) or str(default_minutes)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not 0 < minutes < float("inf"):
+        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
+    return timedelta(minutes=minutes)
+
+
+TASK_TIMEOUT = _task_timeout("TRACELEARN_APO_TASK_TIMEOUT_MINUTES", 720)
 
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 PROMPTS = Asset(name="tracelearn_prompts", uri="tracelearn://registry/prompts")
@@ -85,6 +105,7 @@ def _config(params: dict[str, Any], run_id: str) -> Any:
     start_date=None,
     catchup=False,
     max_active_runs=1,
+    default_args={"execution_timeout": TASK_TIMEOUT},
     tags=["tracelearn"],
     params={
         "prompt": Param("calc-system@production", type="string"),

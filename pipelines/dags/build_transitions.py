@@ -15,6 +15,10 @@ Params (defaults come from the environment when the DAG file is parsed):
 
 Each date is built by its own mapped ``build`` task instance, retried on its own.
 
+Every task stops after ``$TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES`` minutes (its ``execution_timeout``, read when
+the file is parsed; default 120, for a build of one date partition): a task that hangs fails, and is
+retried, instead of holding a worker slot.
+
 Run once without a scheduler:
   AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data \
     airflow dags test tracelearn_build_transitions 2026-11-21
@@ -30,6 +34,21 @@ from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger(__name__)
 
+
+def _task_timeout(variable: str, default_minutes: float) -> timedelta:
+    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
+    text = os.environ.get(variable) or str(default_minutes)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not 0 < minutes < float("inf"):
+        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
+    return timedelta(minutes=minutes)
+
+
+TASK_TIMEOUT = _task_timeout("TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES", 120)
+
 SPANS = Asset(name="tracelearn_spans", uri="tracelearn://spans")
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 
@@ -42,7 +61,7 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
     start_date=None,
     catchup=False,
     max_active_runs=1,
-    default_args=RETRIES,
+    default_args={**RETRIES, "execution_timeout": TASK_TIMEOUT},
     tags=["tracelearn"],
     params={
         "data": Param(os.environ.get("TRACELEARN_DATA", "./data"), type="string", description="dataset root"),

@@ -29,6 +29,10 @@ Params (defaults from the environment when the file is parsed):
   agent (empty: the calc agent), eval_pipeline
   margin: success-rate points (as a fraction) the candidate must gain to be promoted
 
+Every task stops after ``$TRACELEARN_TRAIN_TASK_TIMEOUT_MINUTES`` minutes (its ``execution_timeout``, read when
+the file is parsed; default 1440, for a training run or an evaluation): a task that hangs fails, and is
+retried, instead of holding a worker slot.
+
 Run once without a scheduler:
   AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data \\
     airflow dags test tracelearn_train
@@ -38,6 +42,7 @@ import json
 import logging
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,21 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger(__name__)
+
+
+def _task_timeout(variable: str, default_minutes: float) -> timedelta:
+    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
+    text = os.environ.get(variable) or str(default_minutes)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0.0
+    if not 0 < minutes < float("inf"):
+        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
+    return timedelta(minutes=minutes)
+
+
+TASK_TIMEOUT = _task_timeout("TRACELEARN_TRAIN_TASK_TIMEOUT_MINUTES", 1440)
 
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 CHECKPOINTS = Asset(name="tracelearn_checkpoints", uri="tracelearn://registry/checkpoints")
@@ -70,6 +90,7 @@ def _train_config(params: dict[str, Any]) -> Any:
     start_date=None,
     catchup=False,
     max_active_runs=1,
+    default_args={"execution_timeout": TASK_TIMEOUT},
     tags=["tracelearn"],
     params={
         "transitions": Param(os.environ.get("TRACELEARN_DATA", "./data"), type="string"),

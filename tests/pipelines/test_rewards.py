@@ -1,5 +1,6 @@
 """The reward engine over real spans Parquet: function rewards, feedback, several sources, the primary."""
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from support.spans_factory import SpansFactory, at
 
 from tracelearn.collector.feedback import append_feedback, feedback_item
 from tracelearn.pipelines.config import parse_config, reward_sources, rollout_config
-from tracelearn.pipelines.rewards import RewardFunctionError, load_reward_function
-from tracelearn.pipelines.rollouts import RolloutBuild, build_closed_rollouts
+from tracelearn.pipelines.rewards import RewardFunctionError, function_reward_rows, load_reward_function
+from tracelearn.pipelines.rollouts import RolloutBuild, build_closed_rollouts, build_rollouts
 from tracelearn.pipelines.spans_input import scan_spans
 
 LATER = at(3600)
@@ -175,3 +176,33 @@ def test_default_sources_leave_emitted_rewards_as_they_were(tmp_path: Path, fact
     wired = build_closed_rollouts(spans, LATER, rollout_config(config), reward_sources(config, tmp_path))
     assert plain.rollouts.equals(wired.rollouts)
     assert dt.timedelta(0) < LATER - at(0)
+
+
+def test_the_spans_argument_over_several_files_as_a_build_reads_them(tmp_path: Path) -> None:
+    """The SQL example's eval crashed here: a struct of whole spans built from several files' rows
+    (a build collects its bucket first) made polars panic on the map nested in ``events``."""
+    factory = SpansFactory(tmp_path / "spans")
+    for part in range(4):  # four files of five spans, as an exporter rolls them
+        for step in range(5):
+            trace = 1 + (part * 5 + step) % 3
+            factory.llm(trace, None, part * 5 + step, f"question {part}.{step}", rollout_id=f"r{trace}",
+                        task_id="t1")
+        factory.write()
+        factory.records.clear()
+    spans = scan_spans(tmp_path).collect().lazy()
+    config = parse_config({"reward": {"function": "reward_functions_fixture:span_count"}})
+    result = build_closed_rollouts(spans, LATER, rollout_config(config), reward_sources(config, tmp_path))
+    assert {row["rollout_id"]: row["final_reward"] for row in result.rollouts.to_dicts()} == {
+        "r1": 7.0, "r2": 7.0, "r3": 6.0}
+
+
+def test_a_reward_function_sees_every_map_of_a_span_as_a_dict(tmp_path: Path, factory: SpansFactory) -> None:
+    task_run(factory, 1, gold="42")
+    call = factory.records[-1]
+    factory.records[-1] = dataclasses.replace(
+        call, events=(("exception", call.start_ns, {"exception.type": "ValueError", "exception.message": "x"}),))
+    factory.write()
+    spans = scan_spans(tmp_path)
+    rows, report = function_reward_rows(spans, build_rollouts(spans),
+                                        load_reward_function("hostile_user_code:maps_are_dicts", "maps"))
+    assert report.first_failure is None and rows["reward"].to_list() == [2.0]  # the event's two attributes
