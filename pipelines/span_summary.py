@@ -19,8 +19,8 @@ import polars as pl
 
 from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR
 from tracelearn.pipelines.prepared import prepare_spans
-from tracelearn.pipelines.rollout_rewards import reward_spans, rollout_rewards
-from tracelearn.pipelines.rollouts import rollout_task_ids
+from tracelearn.pipelines.rollout_rewards import reward_spans
+from tracelearn.pipelines.rollouts import build_rollouts
 from tracelearn.pipelines.spans_input import scan_files, spans_files, spans_location
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import locate_files
@@ -186,24 +186,22 @@ def spans_stats(root: str | Path, dataset: PreparedSpans | None = None) -> SpanS
         return empty
     span_type = pl.col("span_type")
     overview = spans.select(
-        pl.col("rollout_id").n_unique().alias("rollouts"),
         pl.col("start_time").min().alias("first_span"),
         pl.col("end_time").max().alias("last_span"),
         (span_type == sc.TYPE_TOOL).sum().alias("tool_calls"),
         (pl.col("status_code") == "ERROR").sum().alias("errors"),
     ).collect()
     calls = spans.filter(span_type == sc.TYPE_LLM).collect()
-    rollouts = spans.group_by("rollout_id").agg(pl.col("rollout_identity").first()).collect()
-    rewarded = rollout_rewards(spans).select(pl.col("final_reward").drop_nulls()).collect().get_column("final_reward")
-    tasks = rollout_task_ids(spans).select(pl.col("task_id").drop_nulls().n_unique()).collect().item()
+    rollouts = build_rollouts(spans).select("identity", "task_id", "final_reward").collect()
+    rewarded = rollouts.get_column("final_reward").drop_nulls()
     other = spans.filter(span_type == sc.TYPE_OTHER).select("scope_name").collect()
     row = overview.row(0, named=True)
     return SpanStats(
         files=dataset.files,
         spans=dataset.spans,
         traces=dataset.traces,
-        rollouts=int(row["rollouts"]),
-        tasks=int(tasks),
+        rollouts=rollouts.height,
+        tasks=rollouts.get_column("task_id").drop_nulls().n_unique(),
         services=sorted(spans.select(pl.col("service_name").drop_nulls().unique()).collect().to_series().to_list()),
         first_span=_time(row["first_span"]),
         last_span=_time(row["last_span"]),
@@ -215,7 +213,7 @@ def spans_stats(root: str | Path, dataset: PreparedSpans | None = None) -> SpanS
         token_ids_status=_counts(calls, "token_ids_status"),
         rollouts_with_reward=rewarded.len(),
         mean_primary_reward=float(rewarded.mean()) if rewarded.len() else None,  # type: ignore[arg-type]
-        rollouts_by_identity=_counts(rollouts, "rollout_identity"),
+        rollouts_by_identity=_counts(rollouts, "identity"),
         other_spans_by_scope=_counts(other, "scope_name"),
         spool_segments=segments,
         spool_bytes=spool_bytes,
