@@ -11,6 +11,12 @@ out, because the agent does not import tracelearn).
 
     opentelemetry-instrument python examples/calc/agent.py --tasks examples/calc/tasks.jsonl
 
+The tool task (``products.jsonl``: two-digit products, which the default policy cannot work out in
+its head) is run with worked exchanges before the question, which is how a small model learns the
+tool-call format in context: ``--few-shot 2`` (two calculator exchanges) and ``--direct-example`` (one
+small product answered without the tool, placed first). Each tool execution gets an
+``execute_tool calculator`` span (OpenTelemetry GenAI convention), so rollouts count their tool calls.
+
 Environment: ``OPENAI_BASE_URL`` (default http://127.0.0.1:8000/v1), ``OPENAI_API_KEY`` (default
 "not-needed"), ``OPENAI_MODEL`` (default SmolLM2-135M-Instruct, or ``--model``).
 """
@@ -63,6 +69,15 @@ _OPERATORS: dict[type, Callable[..., float]] = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
 }
+# Worked exchanges the agent can place before the question (--few-shot N): a small model copies a
+# demonstrated tool call far more readily than it follows an instruction to make one.
+WORKED_EXAMPLES: tuple[tuple[str, str, str], ...] = (
+    ("What is 12 times 34?", "12 * 34", "408"),
+    ("What is 57 times 26?", "57 * 26", "1482"),
+    ("What is 83 times 41?", "83 * 41", "3403"),
+)
+# A question small enough to answer without the tool (--direct-example): the prompt then shows both ways.
+DIRECT_EXAMPLE = ("What is 7 times 8?", "56")
 _MAX_EXPONENT = 64
 _MAX_EXPRESSION_CHARS = 200
 
@@ -166,6 +181,8 @@ class Settings:
     temperature: float
     stream: bool
     seed: int | None = None
+    few_shot: int = 0
+    direct_example: bool = False
 
 
 def request_seed(base: int | None, task: Task, turn: int) -> int | None:
@@ -191,43 +208,76 @@ def _request(settings: Settings, messages: list[dict[str, Any]], seed: int | Non
     return request
 
 
-def _first_messages(task: Task) -> list[dict[str, Any]]:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task.question}]
+def worked_exchange(number: int) -> list[dict[str, Any]]:
+    """One prior exchange: the question, the assistant's calculator call, the tool's result, the answer."""
+    question, expression, result = WORKED_EXAMPLES[number]
+    call = {"id": f"example-{number}", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": result},
+            {"role": "assistant", "content": result}]
 
 
-def _after(turn: Turn, messages: list[dict[str, Any]]) -> str | None:
-    """Append the turn (and its tool results) to ``messages``; the final answer if there were no calls."""
+def _first_messages(task: Task, few_shot: int, direct_example: bool = False) -> list[dict[str, Any]]:
+    examples = [message for number in range(few_shot) for message in worked_exchange(number)]
+    if direct_example:  # first: the exchanges nearest the question weigh most with a small model
+        question, answer = DIRECT_EXAMPLE
+        examples = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}, *examples]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *examples, {"role": "user", "content": task.question}]
+
+
+@dataclass
+class Outcome:
+    """What one task's loop came to: the final answer, the tool calls made and the model calls taken."""
+
+    answer: str = ""
+    tool_calls: int = 0
+    turns: int = 0
+
+
+def _run_tool_call(call: dict[str, Any]) -> str:
+    # A span per tool execution in the OpenTelemetry GenAI convention, so traces show the tool calls.
+    name = call["function"]["name"]
+    with tracer.start_as_current_span(f"execute_tool {name}", attributes={
+        "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name, "gen_ai.tool.call.id": call["id"],
+    }):
+        return run_tool(name, call["function"]["arguments"])
+
+
+def _after(turn: Turn, messages: list[dict[str, Any]], outcome: Outcome) -> bool:
+    """Append the turn (and its tool results) to ``messages``; True when it was the final answer."""
     messages.append(turn.message())
+    outcome.turns += 1
     if not turn.tool_calls:
-        return turn.content.strip()
+        outcome.answer = turn.content.strip()
+        return True
     for call in turn.tool_calls:
-        result = run_tool(call["function"]["name"], call["function"]["arguments"])
-        messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-    return None
+        outcome.tool_calls += 1
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": _run_tool_call(call)})
+    return False
 
 
-def solve(client: openai.OpenAI, settings: Settings, task: Task) -> str:
-    messages = _first_messages(task)
-    for turn in range(settings.max_turns):
-        request = _request(settings, messages, request_seed(settings.seed, task, turn))
-        response = client.chat.completions.create(**request)
+def solve(client: openai.OpenAI, settings: Settings, task: Task, outcome: Outcome) -> None:
+    messages = _first_messages(task, settings.few_shot, settings.direct_example)
+    for number in range(settings.max_turns):
+        response = client.chat.completions.create(**_request(settings, messages, request_seed(settings.seed, task,
+                                                                                              number)))
         turn = Turn()
         if settings.stream:
             for chunk in response:
                 turn.add_chunk(chunk)
         else:
             turn = Turn.of(response.choices[0].message)
-        answer = _after(turn, messages)
-        if answer is not None:
-            return answer
-    return ""
+        if _after(turn, messages, outcome):
+            return
 
 
-async def solve_async(client: openai.AsyncOpenAI, settings: Settings, task: Task) -> str:
-    messages = _first_messages(task)
-    for turn in range(settings.max_turns):
+async def solve_async(client: openai.AsyncOpenAI, settings: Settings, task: Task, outcome: Outcome) -> None:
+    messages = _first_messages(task, settings.few_shot, settings.direct_example)
+    for number in range(settings.max_turns):
         response = await client.chat.completions.create(
-            **_request(settings, messages, request_seed(settings.seed, task, turn))
+            **_request(settings, messages, request_seed(settings.seed, task, number))
         )
         turn = Turn()
         if settings.stream:
@@ -235,10 +285,8 @@ async def solve_async(client: openai.AsyncOpenAI, settings: Settings, task: Task
                 turn.add_chunk(chunk)
         else:
             turn = Turn.of(response.choices[0].message)
-        answer = _after(turn, messages)
-        if answer is not None:
-            return answer
-    return ""
+        if _after(turn, messages, outcome):
+            return
 
 
 # --- Tasks, rewards, output ---------------------------------------------------------------------------
@@ -260,8 +308,8 @@ def read_tasks(path: Path, limit: int | None, samples: int = 1) -> list[Task]:
     return [Task(t.id, t.question, t.answer, sample) for t in chosen for sample in range(samples)]
 
 
-def _report(task: Task, answer: str, error: str | None) -> None:
-    reward = score(answer, task.answer)
+def _report(task: Task, outcome: Outcome, error: str | None) -> None:
+    reward = score(outcome.answer, task.answer)
     with tracer.start_as_current_span(
         "tracelearn.reward",
         attributes={
@@ -272,8 +320,8 @@ def _report(task: Task, answer: str, error: str | None) -> None:
         },
     ):
         pass
-    line = {"id": task.id, "sample": task.sample, "answer": answer, "gold": task.answer, "reward": reward,
-            "correct": reward == 1.0}
+    line = {"id": task.id, "sample": task.sample, "answer": outcome.answer, "gold": task.answer, "reward": reward,
+            "correct": reward == 1.0, "tool_calls": outcome.tool_calls, "turns": outcome.turns}
     if error is not None:
         line["error"] = error
     # One write per line: tasks report from several threads at once (--concurrency).
@@ -290,12 +338,12 @@ def _task_attributes(task: Task) -> dict[str, str]:
 
 def run_task(client: openai.OpenAI, settings: Settings, task: Task) -> None:
     with tracer.start_as_current_span("calc.task", attributes=_task_attributes(task)):
-        answer, error = "", None
+        outcome, error = Outcome(), None
         try:
-            answer = solve(client, settings, task)
+            solve(client, settings, task, outcome)
         except openai.APIError as failure:  # one failed task must not end the run
             error = f"{type(failure).__name__}: {failure}"
-        _report(task, answer, error)
+        _report(task, outcome, error)
 
 
 def run(tasks: Iterable[Task], settings: Settings, base_url: str, api_key: str, concurrency: int = 1) -> None:
@@ -310,12 +358,12 @@ async def run_async(tasks: Iterable[Task], settings: Settings, base_url: str, ap
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key)
     for task in tasks:
         with tracer.start_as_current_span("calc.task", attributes=_task_attributes(task)):
-            answer, error = "", None
+            outcome, error = Outcome(), None
             try:
-                answer = await solve_async(client, settings, task)
+                await solve_async(client, settings, task, outcome)
             except openai.APIError as failure:
                 error = f"{type(failure).__name__}: {failure}"
-            _report(task, answer, error)
+            _report(task, outcome, error)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,9 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="tasks in flight at once (sync mode)")
     parser.add_argument("--samples", type=int, default=1, help="run every task this many times (a GRPO group)")
     parser.add_argument("--seed", type=int, default=None, help="seed every request from this, the task and the turn")
+    parser.add_argument("--few-shot", type=int, default=0, choices=range(len(WORKED_EXAMPLES) + 1),
+                        help="worked exchanges (question, calculator call, result, answer) placed before the question")
+    parser.add_argument("--direct-example", action="store_true",
+                        help="also place an exchange answered without the tool (7 times 8) before the question")
     args = parser.parse_args(argv)
     tasks = read_tasks(args.tasks, args.limit, max(1, args.samples))
-    settings = Settings(args.model, args.max_turns, args.max_tokens, args.temperature, args.stream, args.seed)
+    settings = Settings(args.model, args.max_turns, args.max_tokens, args.temperature, args.stream, args.seed,
+                        args.few_shot, args.direct_example)
     base_url = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     api_key = os.environ.get("OPENAI_API_KEY") or "not-needed"
     if args.use_async:

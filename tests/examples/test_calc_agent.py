@@ -113,3 +113,43 @@ def test_a_malformed_tool_call_is_answered_with_an_error_not_a_crash(
     assert line["answer"].startswith("error:") and line["reward"] == 0.0
     tool_message = scripted_llm_server.chat_requests()[1]["messages"][-1]
     assert tool_message["role"] == "tool" and tool_message["content"].startswith("error:")
+
+
+def test_worked_examples_go_before_the_question_and_each_line_counts_tool_calls_and_turns(
+    agent: ModuleType,
+    scripted_llm_server: ScriptedLLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(agent, "tracer", provider.get_tracer("examples.calc"))
+    monkeypatch.setenv("OPENAI_BASE_URL", scripted_llm_server.base_url)
+
+    def after_the_question(body: dict[str, Any]) -> Reply:
+        # The worked examples hold tool results too: only what follows the last user turn counts.
+        messages = body["messages"]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        return default_script({**body, "messages": messages[last_user:]})
+
+    scripted_llm_server.script = after_the_question
+    agent.main(["--tasks", str(CALC / "products.jsonl"), "--limit", "1", "--few-shot", "2", "--direct-example"])
+
+    (line,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (line["tool_calls"], line["turns"]) == (1, 2)
+    messages = scripted_llm_server.chat_requests()[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"] + ["user", "assistant", "tool",
+                                                                                "assistant"] * 2 + ["user"]
+    assert messages[1]["content"] == "What is 7 times 8?" and messages[-1]["content"] == "What is 24 times 73?"
+    call = messages[4]["tool_calls"][0]
+    assert json.loads(call["function"]["arguments"]) == {"expression": "12 * 34"} and messages[5]["content"] == "408"
+    (tool_span,) = [s for s in exporter.get_finished_spans() if s.name == "execute_tool calculator"]
+    assert dict(tool_span.attributes or {})["gen_ai.operation.name"] == "execute_tool"
+
+
+def test_the_worked_examples_are_right_and_not_among_the_product_tasks(agent: ModuleType) -> None:
+    questions = {json.loads(line)["question"] for name in ("products.jsonl", "products_heldout.jsonl")
+                 for line in (CALC / name).read_text().splitlines()}
+    for question, expression, result in agent.WORKED_EXAMPLES:
+        assert agent.calculate(expression) == result and question not in questions

@@ -29,6 +29,14 @@ NAMES = {"get_weather", "add"}
         ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',  # not an offered tool
          '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', []),
         ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+        # What a small model gets wrong in a call it otherwise wrote well: an unquoted expression, a
+        # surplus closing brace, keys after the call's object.
+        ('<tool_call>\n{"name": "add", "arguments": {"expression": 25 * 65}}}\n</tool_call>',
+         None, [ToolCall("add", '{"expression": "25 * 65"}')]),
+        ('<tool_call>{"name": "add", "arguments": {"a": 3, "b": two}}, "required": ["a"]}</tool_call>',
+         None, [ToolCall("add", '{"a": 3, "b": "two"}')]),
+        ('{"name": "add", "arguments": {"a": 1}} and then some', '{"name": "add", "arguments": {"a": 1}} and then some',
+         []),  # without tags, only a reply that is nothing but the call is one
         ('{"city": "Paris"}', '{"city": "Paris"}', []),
         ("  Plain answer, kept exactly.\n", "  Plain answer, kept exactly.\n", []),
     ],
@@ -105,6 +113,22 @@ def test_template_without_tools_support_gets_a_system_description(fallback: Chat
     assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
     assert json.dumps(WEATHER) in system and system.endswith("You must call get_weather.")
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    # Tool results get a turn of their own: the model does not learn to write them in its own turns.
+    assert fallback.tool_role
+    assert "<|im_start|>tool\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt
+
+
+def test_a_template_that_knows_only_user_and_assistant_gets_tool_results_as_a_user_turn() -> None:
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('roles must be user or assistant') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    builder = ChatPromptBuilder(tokenizer)
+    assert not builder.native_tools and not builder.tool_role
+    prompt = decoded(builder, builder.prompt_token_ids(HISTORY, [WEATHER]))
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt
 
 
