@@ -17,7 +17,6 @@ line prefixed with the function's path.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import sys
@@ -62,7 +61,7 @@ class _Worker:
     def __init__(self, setup: Mapping[str, Any], scratch: Path) -> None:
         self.path = path = str(setup["function"])
         self.feed_error: Exception | None = None
-        address = str(scratch / f"worker-{os.getpid()}-{threading.get_ident()}.sock")
+        address = str(scratch / "worker.sock")  # a Unix socket path holds at most ~100 bytes: keep it short
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(address)
@@ -75,6 +74,8 @@ class _Worker:
                 tail_lines=20,
             )
             accepted = self._accept(listener)
+        except (OSError, ChildProcessError) as error:
+            raise RewardWorkerError(f"cannot start a worker process for reward function {path}: {error}") from error
         finally:
             listener.close()
             Path(address).unlink(missing_ok=True)
