@@ -1,8 +1,8 @@
 """``tracelearn collector serve|status``: the OTLP receiver sidecar, and a look at a running one.
 
-``serve`` composes the receiver core with its HTTP and gRPC fronts, prints where it listens, and on
-SIGTERM or SIGINT drains (readiness false, new requests 503), finishes the requests in flight, rolls
-every buffered span into Parquet and exits 0. grpc is imported only when the gRPC front is on.
+``serve`` parses its options, runs ``collector.sidecar.Sidecar`` (bind, replay, serve; on SIGTERM or
+SIGINT drain and close: every logged request converted into Parquet) and exits 0. grpc is imported
+only when the gRPC front is on.
 """
 
 from __future__ import annotations
@@ -16,28 +16,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from tracelearn.collector.receiver import (
-    DEFAULT_DEDUP_WINDOW,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_QUEUE_BYTES,
-    OtlpReceiver,
-    ReceiverConfig,
-    TlsFiles,
-    read_token_file,
-)
+from tracelearn.collector.dedup import DEFAULT_DEDUP_WINDOW
+from tracelearn.collector.http_bodies import DEFAULT_BODY_TIMEOUT_SECONDS
+from tracelearn.collector.otlp_validate import DEFAULT_MAX_PARTITIONS
+from tracelearn.collector.receiver import DEFAULT_MAX_BODY_BYTES, DEFAULT_QUEUE_BYTES, ReceiverConfig
+from tracelearn.collector.security import TlsFiles, read_token_file
 from tracelearn.collector.settings import CaptureSettings, SettingsError
+from tracelearn.collector.sidecar import DRAIN_SECONDS, Sidecar, SidecarOptions, SidecarStartError
 
-if TYPE_CHECKING:
-    from tracelearn.collector.otlp_grpc import OtlpGrpcServer
-    from tracelearn.collector.otlp_http import OtlpHttpServer
-
-# How long shutdown waits for requests in flight (each front, then the receiver's queue).
-DRAIN_SECONDS = 20.0
+__all__ = ["DRAIN_SECONDS", "collector", "parse_address", "serve", "status"]
 
 
 def parse_address(text: str, option: str) -> tuple[str, int] | None:
@@ -76,9 +68,17 @@ def collector() -> None:
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_MAX_BODY_BYTES, show_default=True,
               help="Largest request body, compressed and decompressed (413 / RESOURCE_EXHAUSTED above).")
 @click.option("--queue-bytes", type=click.IntRange(min=1024), default=DEFAULT_QUEUE_BYTES, show_default=True,
-              help="Bound of the write queue in bytes of request bodies (429 / RESOURCE_EXHAUSTED above).")
+              help="Memory of requests in flight, as read and as decoding will hold them (429 / RESOURCE_EXHAUSTED "
+                   "above; 413 for one request that alone needs more).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_BODY_TIMEOUT_SECONDS,
+              show_default=True, help="Seconds an OTLP/HTTP request body may take to arrive, first byte to last (408 "
+                                      "beyond).")
 @click.option("--dedup-window", type=click.IntRange(min=0), default=DEFAULT_DEDUP_WINDOW, show_default=True,
-              help="How many recently written spans are remembered to drop client retries (about 90 bytes each).")
+              help="How many recently written spans are remembered, across restarts, to drop client retries (about "
+                   "100 bytes of memory and 24 of disk each).")
+@click.option("--max-partitions", type=click.IntRange(min=1), default=DEFAULT_MAX_PARTITIONS, show_default=True,
+              help="Distinct (date, service) partitions one request may write; spans beyond are rejected in "
+                   "partial_success.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(
@@ -90,7 +90,9 @@ def serve(
     tls_key: Path | None,
     max_body_bytes: int,
     queue_bytes: int,
+    body_timeout: float,
     dedup_window: int,
+    max_partitions: int,
     log_level: str,
 ) -> None:
     """Receive OTLP spans over HTTP and gRPC; acknowledge each only once it is on disk, exactly once."""
@@ -101,7 +103,6 @@ def serve(
         raise click.UsageError("both fronts are off: give --http or --grpc an address")
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
-    tls = TlsFiles(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     try:
         settings = CaptureSettings.from_env()
         token = read_token_file(token_file) if token_file is not None else None
@@ -112,15 +113,23 @@ def serve(
         **({"data_root": data_root} if data_root is not None else {}),
         queue_bytes=queue_bytes,
         dedup_window=dedup_window,
+        max_partitions=max_partitions,
     )
-    receiver = OtlpReceiver(config, token=token)
-    try:
+    options = SidecarOptions(
+        config,
+        http=http_at,
+        grpc=grpc_at,
         # gRPC asked for on the command line must work; the default address is dropped without grpcio.
-        grpc_given = click.get_current_context().get_parameter_source("grpc_address") is not ParameterSource.DEFAULT
-        http_front, grpc_front = _bind_fronts(receiver, http_at, grpc_at, tls, max_body_bytes, grpc_given)
-    except click.ClickException:
-        receiver.close()
-        raise
+        grpc_required=click.get_current_context().get_parameter_source("grpc_address") is not ParameterSource.DEFAULT,
+        token=token,
+        tls=TlsFiles(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
+    )
+    try:
+        sidecar = Sidecar.bind(options)
+    except SidecarStartError as error:
+        raise click.ClickException(str(error)) from error
 
     stop = threading.Event()
 
@@ -128,74 +137,24 @@ def serve(
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if http_front is not None:
-        http_front.start()
-        click.echo(f"collector: OTLP/HTTP on {http_front.url} (/v1/traces, /v1/feedback, /health, /ready, /metrics, "
-                   f"/status)")
-    if grpc_front is not None:
-        grpc_front.start()
-        click.echo(f"collector: OTLP/gRPC on {grpc_front.address}{' (TLS)' if tls else ''}")
-    click.echo(f"collector: writing spans to {config.spans_root}, feedback to {config.data_root / 'feedback'}"
-               f"{'; bearer token required' if token else ''}", nl=True)
-    receiver.start()
     try:
+        sidecar.serve()
+        if sidecar.http is not None:
+            click.echo(f"collector: OTLP/HTTP on {sidecar.http.url} (/v1/traces, /v1/feedback, /health, /ready, "
+                       "/metrics, /status)")
+        if sidecar.grpc is not None:
+            click.echo(f"collector: OTLP/gRPC on {sidecar.grpc.address}{' (TLS)' if options.tls else ''}")
+        click.echo(f"collector: writing spans to {config.spans_root}, feedback to {config.data_root / 'feedback'}"
+                   f"{'; bearer token required' if token else ''}")
         while not stop.wait(0.5):
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        logging.getLogger(__name__).info("tracelearn collector: shutting down: draining requests in flight")
-        receiver.drain(DRAIN_SECONDS)
-        if http_front is not None:
-            http_front.stop(grace=DRAIN_SECONDS)
-        if grpc_front is not None:
-            grpc_front.stop(grace=DRAIN_SECONDS)
-        report = receiver.close()
-        click.echo(f"collector: shutdown flushed {report.rows_flushed} spans into {report.files} files"
-                   + (f"; {report.rows_left_in_spool} stay in the spool for the next start"
-                      if report.rows_left_in_spool else ""))
-
-
-def _bind_fronts(
-    receiver: OtlpReceiver,
-    http_at: tuple[str, int] | None,
-    grpc_at: tuple[str, int] | None,
-    tls: TlsFiles | None,
-    max_body_bytes: int,
-    grpc_required: bool = True,
-) -> tuple[OtlpHttpServer | None, OtlpGrpcServer | None]:
-    """Bind the fronts that are on (before the start-up replay, so a port in use fails fast).
-
-    Without grpcio the gRPC front is an error when ``grpc_required``, else left off with a warning
-    (so that the defaults serve OTLP/HTTP on an install without grpcio).
-    """
-    http_front: OtlpHttpServer | None = None
-    try:
-        if http_at is not None:
-            from tracelearn.collector.otlp_http import OtlpHttpServer
-
-            http_front = OtlpHttpServer(receiver, *http_at, tls=tls, max_body_bytes=max_body_bytes)
-        if grpc_at is None:
-            return http_front, None
-        try:
-            from tracelearn.collector.otlp_grpc import OtlpGrpcServer
-        except ImportError as error:
-            if not grpc_required and http_front is not None:
-                logging.getLogger(__name__).warning(
-                    "tracelearn collector: OTLP/gRPC is off: grpcio is not installed (%s); "
-                    "pip install 'tracelearn[collector]'", error
-                )
-                return http_front, None
-            raise click.ClickException(
-                f"OTLP/gRPC needs grpcio ({error}): pip install 'tracelearn[collector]', or --grpc '' for HTTP only"
-            ) from error
-        return http_front, OtlpGrpcServer(receiver, *grpc_at, tls=tls, max_body_bytes=max_body_bytes)
-    except (OSError, ssl.SSLError, click.ClickException) as error:
-        if http_front is not None:
-            http_front.stop(grace=0)
-        if isinstance(error, click.ClickException):
-            raise
-        raise click.ClickException(f"cannot start the collector: {error}") from error
+        report = sidecar.stop()
+        click.echo(f"collector: shutdown flushed {report.spans_converted} spans into {report.files} Parquet files"
+                   + (f"; {report.segments_left} request log segments stay in the spool for the next start"
+                      if report.segments_left else ""))
 
 
 def fetch_status(url: str, token: bytes | None, ca_file: Path | None, timeout: float = 10.0) -> dict[str, Any]:
@@ -258,10 +217,13 @@ def status(url: str, token_file: Path | None, ca_file: Path | None, as_json: boo
         ("queue", f"{_bytes(numbers['queue_bytes'])} of {_bytes(numbers['queue_limit_bytes'])}"),
         ("spans accepted", numbers["spans_accepted"]),
         ("spans written to Parquet", numbers["spans_written"]),
-        ("spans waiting for the roll", numbers["buffered_rows"]),
+        ("spans awaiting conversion", f"{numbers['spans_awaiting_conversion']} "
+                                      f"({_bytes(numbers['conversion_backlog_bytes'])} of sealed requests)"),
         ("spans rejected", ", ".join(f"{reason}: {n}" for reason, n in rejected.items()) or "0"),
         ("duplicates dropped", numbers["spans_duplicate"]),
         ("spans replayed at start", numbers["spans_replayed"]),
+        ("quarantine", f"{numbers['quarantine_entries']} entries, {numbers['quarantine_spans']} spans set aside "
+                       f"({numbers['spans_quarantined']} since start)"),
         ("files", f"{numbers['spans_files']} in the dataset, {numbers['files_rolled']} rolled since start"),
         ("spool", f"{numbers['spool_segments']} segments, {_bytes(numbers['spool_bytes'])}"),
         ("free disk", _bytes(numbers["disk_free_bytes"])),

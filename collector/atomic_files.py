@@ -6,6 +6,8 @@ and the removal of temp files such a writer left behind. The spool and the parti
 build on these; nothing here buffers rows.
 """
 
+import errno
+import hashlib
 import os
 import re
 import socket
@@ -20,15 +22,37 @@ TEMP_SUFFIX = ".parquet.tmp"
 ROW_GROUP_ROWS = 1_000_000
 
 UNSAFE_PATH_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+# A value used as a path segment as it is: short, and only characters safe everywhere.
+PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# What ``path_segment_safe`` makes of any other value: a readable prefix, ``~`` and a digest.
+DIGEST_SEGMENT = re.compile(r"[A-Za-z0-9._-]{0,40}~[0-9a-f]{16}")
+# Errors that say the disk (or the whole filesystem) refuses writes, not one path: wait and retry.
+DISK_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+     errno.EAGAIN, errno.EINTR}
+)
 
 # Hive partition values of one row, in the table's ``partition_columns`` order.
 Partition = tuple[str, ...]
 
 
 def path_segment_safe(value: str) -> str:
-    """``value`` usable as one path segment: a partition value like ``my/agent`` must not escape."""
-    cleaned = UNSAFE_PATH_CHARS.sub("_", value)
-    return cleaned if cleaned.strip(".") else "_"
+    """``value`` usable as one path segment (a hive partition value, a host name), never over 57 characters.
+
+    A short value of safe characters stays as it is; any other (too long for a file name, non-ASCII,
+    with ``/`` or spaces, ``.`` or ``..``) becomes its first 40 safe characters, ``~`` and 16 hex
+    digits of its SHA-256, so no value escapes its directory and two different values never share
+    one (``my/agent`` and ``my_agent`` included). The real value stays in the row.
+    """
+    if (PLAIN_SEGMENT.fullmatch(value) and value.strip(".")) or DIGEST_SEGMENT.fullmatch(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{UNSAFE_PATH_CHARS.sub('_', value)[:40]}~{digest}"
+
+
+def is_disk_error(error: OSError) -> bool:
+    """Whether ``error`` says the disk refuses writes (retry later) rather than that one path is unusable."""
+    return error.errno is None or error.errno in DISK_ERRNOS
 
 
 def local_host() -> str:

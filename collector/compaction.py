@@ -7,10 +7,11 @@ atomic_files and spool modules, and pyarrow; never polars, torch or airflow.
 
 Inputs. Only finished files: names ``part-*.parquet`` directly in the partition directory (never a
 ``.tmp-`` file being written, never ``_spool/``), modified at least ``min_age_seconds`` ago, whose
-spool segment is gone (while ``_spool/spool-<stem>.arrows`` exists a replay may write
-``part-<stem>.parquet`` again once it is missing, so merging that file away would land its rows
-twice), of the spans table at this tracelearn's schema version (or an older one a registered
-migration lifts), with the spans columns, and smaller than the target. A file that appears after
+spool segment is gone (while ``_spool/spool-<stem>.arrows`` or ``requests-<stem>.otlp`` exists a
+replay may write ``part-<stem>.parquet`` (or ``part-<stem>+<n>.parquet``) again once it is missing,
+so merging that file away would land its rows twice), of the spans table at this tracelearn's
+schema version (or an older one a registered migration lifts), with the spans columns, and smaller
+than the target. A file that appears after
 the run listed the directory is not an input: the collector may keep writing meanwhile.
 
 Outputs. Inputs are packed first-fit, in name (time) order, into groups of at most
@@ -79,7 +80,16 @@ from tracelearn.collector.atomic_files import (
     path_segment_safe,
     process_gone,
 )
-from tracelearn.collector.spool import SEGMENT_PREFIX, SEGMENT_SUFFIX, SPAN_KEY, SPOOL_DIR, SegmentName, unique_rows
+from tracelearn.collector.spool import (
+    REQUEST_LOG_PREFIX,
+    REQUEST_LOG_SUFFIX,
+    SEGMENT_PREFIX,
+    SEGMENT_SUFFIX,
+    SPAN_KEY,
+    SPOOL_DIR,
+    SegmentName,
+    unique_rows,
+)
 from tracelearn.schemas.dataset import DatasetError, file_schema_version
 from tracelearn.schemas.migrations import MIGRATIONS, SchemaVersionError, migrate
 from tracelearn.schemas.tables import SPANS
@@ -279,8 +289,11 @@ def inspect_file(
     age = now - stat.st_mtime
     if age < min_age_seconds:
         return SkippedFile(path, f"modified {age:.0f} s ago, less than --min-age-seconds {min_age_seconds:g}")
-    stem = path.name.removeprefix(PART_PREFIX).removesuffix(PART_SUFFIX)
-    if (spool / f"{SEGMENT_PREFIX}{stem}{SEGMENT_SUFFIX}").exists():
+    # A sidecar's conversion batches after the first are named part-<stem>+<n>.parquet.
+    stem = path.name.removeprefix(PART_PREFIX).removesuffix(PART_SUFFIX).partition("+")[0]
+    if (spool / f"{SEGMENT_PREFIX}{stem}{SEGMENT_SUFFIX}").exists() or (
+        spool / f"{REQUEST_LOG_PREFIX}{stem}{REQUEST_LOG_SUFFIX}"
+    ).exists():
         return SkippedFile(path, "its spool segment is still pending (a replay would write this file again)")
     try:
         version = file_schema_version(path, SPANS)

@@ -1,6 +1,8 @@
 """Late rewards (production thumbs-up, graders) appended to the feedback table.
 
-Owns: validating a feedback item and appending items atomically as
+Owns: validating a feedback item (its ``time`` within what the ``timestamp[ns]`` column holds,
+1677-09-22 to 2262-04-11) and a request's items (at most ``MAX_FEEDBACK_DATES`` distinct dates, so
+one request cannot open thousands of partitions), and appending items atomically as
 ``<data root>/feedback/date=YYYY-MM-DD/feedback-<uuid>.parquet`` (FEEDBACK schema, ``date`` = the
 item's ``time`` in UTC). Every item is checked before any file is written, so a bad item writes
 nothing; each file appears complete or not at all. The pipeline joins the table by ``rollout_id`` or
@@ -21,9 +23,14 @@ import pyarrow as pa
 from tracelearn.collector.atomic_files import partition_directory, write_parquet_atomically
 from tracelearn.schemas.tables import FEEDBACK
 
-__all__ = ["FeedbackError", "FeedbackItem", "append_feedback", "feedback_item"]
+__all__ = ["FeedbackError", "FeedbackItem", "append_feedback", "check_dates", "feedback_item"]
 
 COMPRESSION = "zstd"
+# What a timestamp[ns] column holds (int64 nanoseconds since 1970), whole days inside it.
+EARLIEST_TIME = dt.datetime(1677, 9, 22, tzinfo=dt.UTC)
+LATEST_TIME = dt.datetime(2262, 4, 11, tzinfo=dt.UTC)
+# Distinct dates (one partition directory and file each) one request may write.
+MAX_FEEDBACK_DATES = 16
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _FIELDS = ("feedback_id", "trace_id", "rollout_id", "name", "value", "time", "source", "attributes")
 
@@ -65,7 +72,16 @@ def _time(value: Any, where: str, now: dt.datetime) -> dt.datetime:
             raise FeedbackError(f"{where}: time: {value!r} is not an ISO 8601 time") from None
     if not isinstance(value, dt.datetime) or value.tzinfo is None:
         raise FeedbackError(f"{where}: time: {value!r} needs a time zone (e.g. 2026-11-21T12:00:00+00:00)")
-    return value.astimezone(dt.UTC)
+    try:
+        utc = value.astimezone(dt.UTC)
+    except OverflowError:
+        utc = EARLIEST_TIME - dt.timedelta(days=1) if value.year < 2000 else LATEST_TIME + dt.timedelta(days=1)
+    if not EARLIEST_TIME <= utc < LATEST_TIME:
+        raise FeedbackError(
+            f"{where}: time: {value.isoformat()} is outside 1677-09-22 .. 2262-04-10, the times the feedback "
+            "table holds"
+        )
+    return utc
 
 
 def feedback_item(raw: Mapping[str, Any], where: str = "feedback", now: dt.datetime | None = None) -> FeedbackItem:
@@ -105,6 +121,16 @@ def feedback_item(raw: Mapping[str, Any], where: str = "feedback", now: dt.datet
         source=_optional_text(raw, "source", where),
         attributes=dict(attributes),
     )
+
+
+def check_dates(items: Sequence[FeedbackItem], bound: int = MAX_FEEDBACK_DATES) -> None:
+    """Raise ``FeedbackError`` when ``items`` fall on more than ``bound`` dates (one file each)."""
+    dates = {item.time.date() for item in items}
+    if len(dates) > bound:
+        raise FeedbackError(
+            f"the items fall on {len(dates)} different dates; at most {bound} per request (each date is a "
+            "partition with a file of its own): send the others in more requests"
+        )
 
 
 def _table(items: Sequence[FeedbackItem]) -> pa.Table:

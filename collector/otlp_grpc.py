@@ -7,13 +7,14 @@ after gzip decompression) and the number of concurrent calls.
 
 Answers: OK with an ``ExportTraceServiceResponse`` (``partial_success`` as over HTTP);
 INVALID_ARGUMENT for a malformed request; UNAUTHENTICATED without the bearer token (metadata
-``authorization: Bearer <token>``); RESOURCE_EXHAUSTED (queue full) and UNAVAILABLE (starting,
+``authorization: Bearer <token>``); RESOURCE_EXHAUSTED without retry information for a request that
+alone needs more memory than the write queue holds; RESOURCE_EXHAUSTED (queue full) and UNAVAILABLE (starting,
 draining, disk refusing) with retry information in the trailing metadata in both forms clients
 read: ``google.rpc.retryinfo-bin`` (a ``RetryInfo``, what opentelemetry-exporter-otlp-proto-grpc
 honours) and ``grpc-status-details-bin`` (a ``google.rpc.Status`` whose details hold the
 ``RetryInfo``, what the Go and Java exporters read).
 
-May import: tracelearn.collector.receiver and otlp_decode, grpc, protobuf messages.
+May import: tracelearn.collector (receiver, backpressure, security, otlp_decode), grpc, protobuf messages.
 """
 
 import logging
@@ -25,16 +26,10 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from tracelearn.collector.backpressure import QueueFullError, RequestTooLargeError, RetryLaterError
 from tracelearn.collector.otlp_decode import PROTOBUF_CONTENT_TYPE, OtlpDecodeError
-from tracelearn.collector.receiver import (
-    DEFAULT_MAX_BODY_BYTES,
-    ExportOutcome,
-    OtlpReceiver,
-    QueueFullError,
-    RetryLaterError,
-    TlsFiles,
-    bearer_token_matches,
-)
+from tracelearn.collector.receiver import DEFAULT_MAX_BODY_BYTES, ExportOutcome, OtlpReceiver
+from tracelearn.collector.security import TlsFiles, bearer_token_matches
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +136,8 @@ class OtlpGrpcServer:
             outcome = self.receiver.export_traces(request, PROTOBUF_CONTENT_TYPE)
         except OtlpDecodeError as exc:
             return grpc.StatusCode.INVALID_ARGUMENT, str(exc), None
+        except RequestTooLargeError as exc:  # no retry information: a retry would fail the same way
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), None
         except RetryLaterError as refusal:
             exhausted = isinstance(refusal, QueueFullError)
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exhausted else grpc.StatusCode.UNAVAILABLE

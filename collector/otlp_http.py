@@ -1,14 +1,13 @@
 """OTLP/HTTP front of the collector sidecar, on the standard library's threaded HTTP/1.1 server.
 
-Owns the HTTP protocol only: reading a bounded body (``Content-Length`` or chunked), inflating
-``gzip``/``deflate`` bodies incrementally up to the same bound (a gzip bomb is refused with 413 after
-inflating at most ``max_body_bytes``), the bearer token (401), TLS, and turning the receiver's results
-and refusals into OTLP/HTTP answers:
+Owns the HTTP protocol only: dispatch, the bearer token (401), TLS, and turning the receiver's results
+and refusals into OTLP/HTTP answers; reading bodies within their limits is ``http_bodies``'s:
 
 - ``POST /v1/traces`` (``application/x-protobuf`` or ``application/json``): 200 with an
   ``ExportTraceServiceResponse`` in the request's encoding (``partial_success`` when spans were
   rejected, dropped or truncated); 400 malformed, 413 too large, 415 unsupported type or encoding,
-  429 queue full, 503 starting / draining / disk refusing, both with ``Retry-After``. Error bodies are
+  408 body not received within the body deadline, 429 queue full, 503 starting / draining / disk
+  refusing, both with ``Retry-After``. Error bodies are
   a ``google.rpc.Status`` in the request's encoding (JSON when it had none we speak).
 - ``POST /v1/feedback``: a JSON object or list of objects, whatever the ``Content-Type`` (so that
   ``curl -d`` works); 200 ``{"accepted": n}`` once durable; 400 names each bad item and field.
@@ -19,13 +18,16 @@ and refusals into OTLP/HTTP answers:
 Why the standard library server: one request carries hundreds of spans, so its HTTP cost (~0.1 ms
 to parse a request) is a few per cent of decoding them; keep-alive connections each get a thread,
 which blocks in I/O or in the group commit with the GIL released. It adds no dependency.
-Memory: a request body counts in the receiver's byte-bounded write queue from its first byte read
-(and its inflated bytes as they are produced), so many connections at once cannot hold more than
-the queue's bound (429 beyond); a single body is at most ``max_body_bytes``, inflated as well.
+Memory: a request body counts in the receiver's byte-bounded write queue as its bytes arrive (not
+as its ``Content-Length`` announces: a client that announces 16 MiB and sends a byte a minute holds a
+byte), so many connections at once cannot hold more than the queue's bound (429 beyond); a body must
+arrive whole within ``body_timeout_s`` of its first byte (408 and the connection closed otherwise),
+so idle uploads cannot keep even their few bytes, or a thread, for long.
 
 Nothing received is evaluated: bodies go to the protobuf parser or orjson.
 
-May import: tracelearn.collector.receiver and otlp_decode, the standard library, protobuf messages.
+May import: tracelearn.collector (receiver, backpressure, http_bodies, security, otlp_decode), the
+standard library, protobuf messages.
 """
 
 import contextlib
@@ -36,27 +38,25 @@ import socket
 import ssl
 import sys
 import threading
-import time
-import zlib
 from typing import Any
 
 import orjson
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from tracelearn.collector.otlp_decode import JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE, OtlpDecodeError
-from tracelearn.collector.receiver import (
-    DEFAULT_MAX_BODY_BYTES,
-    ExportOutcome,
-    InvalidFeedbackError,
-    OtlpReceiver,
-    QueueFullError,
-    Reservation,
-    RetryLaterError,
-    TlsFiles,
-    UnavailableError,
-    bearer_token_matches,
+from tracelearn.collector.backpressure import RequestTooLargeError, Reservation, RetryLaterError
+from tracelearn.collector.http_bodies import (
+    DEFAULT_BODY_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    HttpError,
+    RequestBody,
+    linger,
+    refusal_answer,
 )
+from tracelearn.collector.otlp_decode import JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE, OtlpDecodeError
+from tracelearn.collector.otlp_wire import Body
+from tracelearn.collector.receiver import DEFAULT_MAX_BODY_BYTES, ExportOutcome, InvalidFeedbackError, OtlpReceiver
+from tracelearn.collector.security import TlsFiles, bearer_token_matches
 
 logger = logging.getLogger(__name__)
 
@@ -64,85 +64,10 @@ TRACES_PATH = "/v1/traces"
 FEEDBACK_PATH = "/v1/feedback"
 GET_PATHS = frozenset({"/health", "/ready", "/metrics", "/status"})
 OPEN_PATHS = frozenset({"/health", "/ready"})
-# Seconds an idle keep-alive connection (or a client that stalls mid-request) is kept.
-IDLE_TIMEOUT_SECONDS = 60.0
-# A refused body up to this size is read and dropped so the client can read the answer on a
-# healthy connection; a larger one gets the answer and the connection is closed.
-DISCARD_LIMIT = 64 * 1024 * 1024
-READ_CHUNK = 1 << 16
-# A connection closed before its request body was read to the end is closed lingering: our answer is
-# sent, then what the client still sends is read and dropped until it has been quiet this long (or
-# for at most LINGER_SECONDS). Closing at once would make the kernel reset the connection over the
-# unread bytes, and the client, still writing its body, would see a broken pipe instead of the answer.
-LINGER_IDLE_SECONDS = 1.0
-LINGER_SECONDS = 10.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # google.rpc.Code for each HTTP status we answer with (the Status body's ``code``).
-RPC_CODES = {400: 3, 401: 16, 404: 5, 405: 12, 411: 3, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
-# Content-Encoding -> zlib window bits (gzip header, zlib header); identity is no encoding.
-ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+RPC_CODES = {400: 3, 401: 16, 404: 5, 405: 12, 408: 4, 411: 3, 413: 8, 415: 3, 429: 8, 500: 13, 503: 14}
 EMPTY_RESPONSE = bytes(ExportTraceServiceResponse().SerializeToString())
-
-
-class HttpError(Exception):
-    """An answer other than 200; ``close`` ends the connection (the body was not read to its end)."""
-
-    def __init__(self, status: int, message: str, retry_after: float | None = None, close: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-        self.close = close
-
-
-def inflate(data: bytes, encoding: str, limit: int, reservation: Reservation | None = None) -> bytes:
-    """``data`` decompressed, never producing more than ``limit`` bytes (413 beyond, 400 if corrupt).
-
-    Incremental (``decompressobj`` with ``max_length``): a small body that inflates to gigabytes
-    costs at most ``limit`` bytes of memory before it is refused. Each piece is added to
-    ``reservation`` as it is produced (``QueueFullError`` when the write queue has no room for it).
-    Concatenated gzip members are read one after another, as gzip(1) does.
-    """
-    wbits = ENCODINGS[encoding]
-    parts: list[bytes] = []
-    produced = 0
-    inflater = zlib.decompressobj(wbits)
-    pending = data
-    try:
-        while True:
-            chunk = inflater.decompress(pending, limit + 1 - produced)
-            produced += len(chunk)
-            if produced > limit:
-                raise HttpError(413, f"the body inflates to more than {limit} bytes (the limit, --max-body-bytes)")
-            if reservation is not None:
-                reservation.grow(len(chunk))
-            parts.append(chunk)
-            if inflater.eof:
-                rest = inflater.unused_data
-                if not rest:
-                    break
-                if wbits != ENCODINGS["gzip"]:
-                    raise HttpError(400, f"{len(rest)} bytes follow the end of the {encoding} stream")
-                inflater, pending = zlib.decompressobj(wbits), rest  # the next gzip member
-                continue
-            pending = inflater.unconsumed_tail
-            if not pending:
-                # Every input byte is consumed and the stream has not ended: cut off.
-                raise HttpError(400, f"the {encoding} body is truncated ({len(data)} bytes)")
-    except zlib.error as exc:
-        raise HttpError(400, f"the body is not valid {encoding}: {exc}") from None
-    return b"".join(parts)
-
-
-def linger(connection: socket.socket) -> None:
-    """Half-close ``connection`` (our answer and a FIN go out), then drop what the client still sends."""
-    try:
-        connection.shutdown(socket.SHUT_WR)
-        connection.settimeout(LINGER_IDLE_SECONDS)
-        deadline = time.monotonic() + LINGER_SECONDS
-        while time.monotonic() < deadline and connection.recv(READ_CHUNK):
-            pass
-    except OSError:  # the client closed, reset or went quiet: all the same now
-        pass
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -175,7 +100,7 @@ class _Server(http.server.ThreadingHTTPServer):
             self.connections.add(connection)
         try:
             handler = _OtlpHandler(connection, client_address, self)
-            if not handler.body_consumed:
+            if handler.body is not None and not handler.body.consumed:
                 linger(connection)
         finally:
             with self.idle:
@@ -200,8 +125,8 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT_SECONDS
     disable_nagle_algorithm = True  # the answer is two writes (headers, body): send each at once
     server: _Server
-    # Whether the current request's body has been read to its end (see ``linger``).
-    body_consumed = True
+    # The current request's body (``None`` before the first request).
+    body: RequestBody | None = None
 
     def version_string(self) -> str:
         return "tracelearn-collector"
@@ -218,7 +143,9 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
         self._answer(self._post)
 
     def _answer(self, handler: Any) -> None:
-        self.body_consumed = False
+        front = self.server.front
+        self.body = RequestBody(self.rfile, self.connection, self.headers, front.max_body_bytes,
+                                front.receiver.queue.limit, front.body_timeout_s)
         path = self.path.split("?", 1)[0]
         self._path_label = path if path in GET_PATHS or path in (TRACES_PATH, FEEDBACK_PATH) else "other"
         self._status_encoding = JSON_CONTENT_TYPE
@@ -228,7 +155,7 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
             self._dispatch(handler, path)
         except (TimeoutError, ConnectionError):
             self.close_connection = True  # the client stalled or went away: nobody to answer
-            self.body_consumed = True  # nor to linger for
+            self.body.consumed = True  # nor to linger for
         finally:
             with self.server.idle:
                 self.server.busy -= 1
@@ -240,7 +167,7 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError):
             raise
         except HttpError as error:
-            if error.close:
+            if error.close or self._current_body().close:
                 self.close_connection = True
             self.server.front.receiver.warnings.warn(
                 f"http {error.status}",
@@ -281,31 +208,37 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
                 self._refuse_body(
                     HttpError(415, f"Content-Type {content_type!r}: use {PROTOBUF_CONTENT_TYPE} or {JSON_CONTENT_TYPE}")
                 )
-            self._admit(spans=True)
-            # The body counts in the write queue from its first byte read, so the memory of bodies
-            # being read on many connections at once is bounded too (429 when they do not fit).
+            self._admit()
+            # The body counts in the write queue as its bytes arrive, so the memory of bodies being
+            # read on many connections at once is bounded too (429 when they do not fit).
             with receiver.reserve() as reservation:
                 body = self._read_body(reservation)
                 try:
                     outcome = receiver.export_traces(body, media_type, reservation)
                 except OtlpDecodeError as exc:
                     raise HttpError(400, str(exc)) from None
+                except RequestTooLargeError as exc:
+                    raise HttpError(413, str(exc)) from None
                 except RetryLaterError as refusal:
-                    raise _refusal(refusal) from None
+                    raise refusal_answer(refusal) from None
             self._send(200, _export_response(outcome, media_type), media_type)
         elif path == FEEDBACK_PATH:
             self._check_token()
-            self._admit(spans=False)
-            body = self._read_body()
-            try:
-                accepted = receiver.export_feedback(body)
-            except InvalidFeedbackError as exc:
-                receiver.warnings.warn("feedback 400", f"answered 400 to feedback from {self.address_string()}: {exc}")
-                payload = {"code": RPC_CODES[400], "message": str(exc), "errors": exc.errors}
-                self._send(400, orjson.dumps(payload), JSON_CONTENT_TYPE)
-                return
-            except RetryLaterError as refusal:
-                raise _refusal(refusal) from None
+            self._admit()
+            with receiver.reserve() as reservation:
+                body = self._read_body(reservation)
+                try:
+                    accepted = receiver.export_feedback(body, reservation)
+                except InvalidFeedbackError as exc:
+                    receiver.warnings.warn("feedback 400", f"answered 400 to feedback from {self.address_string()}: "
+                                                           f"{exc}")
+                    payload = {"code": RPC_CODES[400], "message": str(exc), "errors": exc.errors}
+                    self._send(400, orjson.dumps(payload), JSON_CONTENT_TYPE)
+                    return
+                except RequestTooLargeError as exc:
+                    raise HttpError(413, str(exc)) from None
+                except RetryLaterError as refusal:
+                    raise refusal_answer(refusal) from None
             self._send(200, orjson.dumps({"accepted": accepted}), JSON_CONTENT_TYPE)
         elif path in GET_PATHS:
             self._refuse_body(HttpError(405, f"{path} answers GET"))
@@ -318,114 +251,30 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
         if not bearer_token_matches(self.server.front.token, self.headers.get("Authorization")):
             self._refuse_body(HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)"))
 
-    def _admit(self, spans: bool) -> None:
+    def _admit(self) -> None:
         """Refuse before reading the body when the receiver would refuse anyway (cheap under overload)."""
         try:
-            self.server.front.receiver.check_accepting(spans)
+            self.server.front.receiver.check_accepting()
         except RetryLaterError as refusal:
-            self._refuse_body(_refusal(refusal))
+            self._refuse_body(refusal_answer(refusal))
 
     # --- bodies
 
+    def _current_body(self) -> RequestBody:
+        assert self.body is not None, "set for every request in _answer"
+        return self.body
+
     def _refuse_body(self, error: HttpError) -> None:
-        """Raise ``error`` after reading and dropping the body (so the connection stays usable)."""
-        try:
-            self._discard_body()
-        except HttpError:
-            error.close = True
-        raise error
+        self._current_body().refuse(error)
 
     def _discard_body(self) -> None:
-        length = self._content_length()
-        if self._chunked():
-            self.close_connection = True  # not worth parsing the chunks of a body we drop
-            return
-        if length > DISCARD_LIMIT:
-            raise HttpError(413, "body too large to read", close=True)
-        while length > 0:
-            chunk = self.rfile.read(min(length, READ_CHUNK))
-            if not chunk:
-                raise HttpError(400, "the body ended early", close=True)
-            length -= len(chunk)
-        self.body_consumed = True
+        body = self._current_body()
+        body.discard()
+        if body.close:
+            self.close_connection = True
 
-    def _chunked(self) -> bool:
-        return "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-
-    def _content_length(self) -> int:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return 0
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise HttpError(400, f"Content-Length {raw!r} is not a byte count", close=True)
-        return length
-
-    def _read_body(self, reservation: Reservation | None = None) -> bytes:
-        """The request body, decoded from its transfer and content encodings, within the body limit.
-
-        With a ``reservation``, every byte read or inflated is added to it first (429 when the write
-        queue has no room).
-        """
-        limit = self.server.front.max_body_bytes
-        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ENCODINGS and encoding != "identity":
-            self._refuse_body(HttpError(415, f"Content-Encoding {encoding!r}: use gzip, deflate or none"))
-        if self._chunked():
-            body = self._read_chunked(limit, reservation)
-        else:
-            length = self._content_length()
-            if length > limit:
-                self._refuse_body(
-                    HttpError(413, f"the body is {length} bytes; the limit is {limit} (--max-body-bytes)")
-                )
-            if reservation is not None:
-                try:
-                    reservation.grow(length)
-                except QueueFullError as refusal:
-                    self._refuse_body(_refusal(refusal))
-            body = self.rfile.read(length)
-            if len(body) != length:
-                raise HttpError(400, f"the body ended after {len(body)} of {length} bytes", close=True)
-        self.body_consumed = True
-        if encoding == "identity":
-            return body
-        try:
-            return inflate(body, encoding, limit, reservation)
-        except QueueFullError as refusal:
-            raise _refusal(refusal) from None
-
-    def _read_chunked(self, limit: int, reservation: Reservation | None) -> bytes:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HttpError(400, f"bad chunk size line {line[:40]!r}", close=True) from None
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise HttpError(413, f"the chunked body exceeds the limit of {limit} bytes", close=True)
-            if reservation is not None:
-                try:
-                    reservation.grow(size)
-                except QueueFullError as refusal:
-                    error = _refusal(refusal)
-                    error.close = True  # the rest of the body is not read
-                    raise error from None
-            chunk = self.rfile.read(size)
-            if len(chunk) != size or self.rfile.readline(1024) not in (b"\r\n", b"\n"):
-                raise HttpError(400, "a chunk of the body is truncated", close=True)
-            parts.append(chunk)
-        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-            pass  # trailer fields: ignored
-        return b"".join(parts)
+    def _read_body(self, reservation: Reservation) -> Body:
+        return self._current_body().read(reservation)
 
     # --- answers
 
@@ -454,12 +303,6 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
         self._send(status, body, self._status_encoding, headers)
 
 
-def _refusal(refusal: RetryLaterError) -> HttpError:
-    status = 429 if isinstance(refusal, QueueFullError) else 503
-    assert isinstance(refusal, QueueFullError | UnavailableError), "every refusal is one of the two"
-    return HttpError(status, str(refusal), retry_after=refusal.retry_after)
-
-
 def _export_response(outcome: ExportOutcome, media_type: str) -> bytes:
     if not outcome.rejected and not outcome.error_message:
         return EMPTY_RESPONSE if media_type == PROTOBUF_CONTENT_TYPE else b"{}"
@@ -483,10 +326,12 @@ class OtlpHttpServer:
         port: int = 4318,
         tls: TlsFiles | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_SECONDS,
     ) -> None:
         self.receiver = receiver
         self.token = receiver.token
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.tls_context = tls.server_context() if tls is not None else None
         server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), self)

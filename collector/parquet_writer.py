@@ -2,9 +2,7 @@
 
 Rows are buffered in memory per partition. ``spool_pending()`` (the end of a rollout) appends the
 rows not yet spooled to this writer's spool segment and fsyncs it: from then on they survive a
-crash. ``spool_and_add()`` (the OTLP receiver's group commit) does both steps at once: the rows are
-buffered only once they are in the spool, so rows whose append failed are nowhere. When a
-partition's buffer reaches the roll size or age, and on ``flush()`` (shutdown), every partition is
+crash. When a partition's buffer reaches the roll size or age, and on ``flush()`` (shutdown), every partition is
 rolled: its rows are written from memory as atomic Parquet files named after the spool segment they
 came from (see ``tracelearn.collector.spool``), and the segment is deleted once those files are
 durable. Rolling all partitions together lets each roll retire the whole segment. A roll seals the
@@ -12,7 +10,9 @@ segment first and writes its files without holding up appends, which go on into 
 
 File names carry host, pid and a per-writer random id, so several writers (processes) sharing one
 dataset never clobber each other. Temp files left by a killed writer are removed by the next writer
-on the same host once their pid is gone.
+on the same host once their pid is gone. Rows that one partition's path refuses (not the disk: a
+name or a directory the filesystem will not take) go to the quarantine with the reason, so a bad
+partition never blocks the others.
 """
 
 import functools
@@ -26,13 +26,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import (
-    Partition,
-    partition_directory,
-    remove_abandoned_temp_files,
-    write_parquet_atomically,
-)
-from tracelearn.collector.spool import SPOOL_DIR, SegmentName, Spool
+from tracelearn.collector.atomic_files import Partition, partition_directory
+from tracelearn.collector.quarantine import Quarantine, entry_name
+from tracelearn.collector.spool import SPOOL_DIR, SegmentName, Spool, write_or_quarantine
 from tracelearn.schemas.tables import TableSpec
 
 
@@ -104,7 +100,7 @@ class PartitionedParquetWriter:
         self._write_lock = threading.Lock()  # the spool: one append, seal or segment deletion at a time
         self._roll_lock = threading.Lock()  # the files: one roll at a time
         self._spool = Spool(root / SPOOL_DIR, spec.schema_with_metadata())
-        self._cleaned: set[Path] = set()
+        self._quarantine = Quarantine(root)
         os.register_at_fork(after_in_child=functools.partial(_forget_parent_rows, weakref.ref(self)))
 
     def forget_parent_rows(self) -> None:
@@ -143,26 +139,6 @@ class PartitionedParquetWriter:
                     buffered = BufferedBatch(batch)
                     self._unspooled.append((partition, buffered))
                     self._buffer(partition, buffered)
-
-    def spool_and_add(self, batches: Sequence[tuple[Partition, pa.RecordBatch]]) -> int:
-        """Append ``batches`` to the spool in one write and fsync, then buffer them; returns the rows.
-
-        On failure (``WriteError``) nothing was buffered: the rows are neither on disk nor rolled later.
-        """
-        batches = [(partition, batch) for partition, batch in batches if batch.num_rows]
-        if not batches:
-            return 0
-        with self._write_lock:
-            try:
-                segment = self._spool.append(batches)
-            except OSError as exc:
-                raise WriteError(f"cannot append to the spool under {self._spool.directory}: {exc}") from exc
-            # Still under the write lock: a roll must not seal this segment between append and buffering,
-            # or these rows would roll later into a second file of the same name.
-            with self._lock:
-                for partition, batch in batches:
-                    self._buffer(partition, BufferedBatch(batch, segment))
-        return sum(batch.num_rows for _, batch in batches)
 
     def _buffer(self, partition: Partition, buffered: BufferedBatch) -> None:
         # Not ``batch.nbytes``, which walks every value of nested columns (~60 µs a batch).
@@ -224,11 +200,13 @@ class PartitionedParquetWriter:
                 groups = batches_by_file(buffer.batches, seal)
                 for done, (name, batches) in enumerate(groups):
                     try:
-                        written.append(self._write_file(partition, name, batches))
+                        path = self._write_file(partition, name, batches)
                     except OSError as exc:
                         buffer.batches = [b for _, group in groups[done:] for b in group]
                         self._restore(pending[index:])
                         raise WriteError(f"cannot write {self.spec.name} files under {self.root}: {exc}") from exc
+                    if path is not None:
+                        written.append(path)
                     with self._write_lock:
                         self._spool.mark_written(name, sum(b.batch.num_rows for b in batches if b.segment == name))
         return written
@@ -249,11 +227,9 @@ class PartitionedParquetWriter:
                 buffer.nbytes = sum(b.batch.get_total_buffer_size() for b in buffer.batches)
                 self._buffers[partition] = buffer
 
-    def _write_file(self, partition: Partition, name: SegmentName, batches: Sequence[BufferedBatch]) -> Path:
+    def _write_file(self, partition: Partition, name: SegmentName, batches: Sequence[BufferedBatch]) -> Path | None:
+        """Write one partition's rows; ``None`` when that partition's path refused them and they were quarantined."""
         directory = partition_directory(self.root, self.spec.partition_columns, partition)
-        if directory not in self._cleaned and directory.is_dir():
-            remove_abandoned_temp_files(directory)
-            self._cleaned.add(directory)
         # One batch per flush (a rollout's spans) makes many small chunks; Parquet writes one large
         # chunk per column about twice as fast, which outweighs the copy.
         table = (
@@ -261,6 +237,9 @@ class PartitionedParquetWriter:
             .combine_chunks()
             .replace_schema_metadata(self.spec.schema_with_metadata().metadata)
         )
-        path = write_parquet_atomically(table, directory, name.parquet_name, self.compression)
-        self.rows_written += table.num_rows
+        entry = entry_name(name.stem, *partition)
+        path = write_or_quarantine(table, directory, name.parquet_name, self.compression, self._quarantine, entry,
+                                   str(self._spool.directory / name.file_name))
+        if path is not None:
+            self.rows_written += table.num_rows
         return path

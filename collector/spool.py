@@ -18,6 +18,11 @@ so a crash between "Parquet written" and "segment deleted" (in a roll or in a re
 row twice, and two processes replaying one segment at once write the same files. A segment is read
 up to its first incomplete or invalid message: what a kill tore off its tail was never acknowledged.
 Rows repeated within a segment (a retried delivery) are kept once, by (trace_id, span_id).
+
+Nothing acknowledged is dropped on the way: rows that cannot be written where they belong (a path
+the filesystem refuses) and segments that cannot be read go to the quarantine (``quarantine``) with
+their reason, and the replay goes on with the rest. ``replay_spools`` also replays the sidecar's
+request logs (``request_log``, converted by ``conversion``), which live in the same directory.
 """
 
 import contextlib
@@ -29,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +42,7 @@ import pyarrow.compute as pc
 from tracelearn.collector.atomic_files import (
     Partition,
     fsync_directory,
+    is_disk_error,
     local_host,
     partition_directory,
     path_segment_safe,
@@ -44,17 +50,30 @@ from tracelearn.collector.atomic_files import (
     remove_abandoned_temp_files,
     write_parquet_atomically,
 )
+from tracelearn.collector.quarantine import QUARANTINE_DIR, Quarantine, entry_name
 from tracelearn.schemas.migrations import SchemaVersionError, migrate
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TableSpec
+
+if TYPE_CHECKING:
+    from tracelearn.collector.dedup import KeyIndex
+    from tracelearn.collector.otlp_spans import DecodeLimits
 
 logger = logging.getLogger(__name__)
 
 SPOOL_DIR = "_spool"
 SEGMENT_PREFIX = "spool-"
 SEGMENT_SUFFIX = ".arrows"
+# The sidecar's write-ahead request logs (``request_log``) share the directory and the naming.
+REQUEST_LOG_PREFIX = "requests-"
+REQUEST_LOG_SUFFIX = ".otlp"
+DEFAULT_MAX_ATTRIBUTE_BYTES = 8 * 1024 * 1024
 PARTITION_KEY = b"tracelearn.partition"
 SPAN_KEY = ("trace_id", "span_id")
 STREAM_BUFFER_BYTES = 1 << 16
+
+class SegmentFormatError(ValueError):
+    """A file in the spool directory is not a segment this tracelearn can read (it goes to the quarantine)."""
+
 
 # Writer ids created in this process: a segment with this process's pid but another writer id was
 # left by an earlier process that had the same pid (a restarted container's agent is often pid 1).
@@ -85,16 +104,34 @@ class SegmentName:
         return f"part-{self.stem}.parquet"
 
     @classmethod
-    def parse(cls, file_name: str) -> "SegmentName | None":
+    def parse(cls, file_name: str, prefix: str = SEGMENT_PREFIX, suffix: str = SEGMENT_SUFFIX) -> "SegmentName | None":
         """The name of a segment file, or ``None`` for anything else (host names may contain ``-``)."""
-        if not (file_name.startswith(SEGMENT_PREFIX) and file_name.endswith(SEGMENT_SUFFIX)):
+        if not (file_name.startswith(prefix) and file_name.endswith(suffix)):
             return None
-        stamp, _, rest = file_name.removeprefix(SEGMENT_PREFIX).removesuffix(SEGMENT_SUFFIX).partition("-")
+        stamp, _, rest = file_name.removeprefix(prefix).removesuffix(suffix).partition("-")
         parts = rest.rsplit("-", 3)
         if len(parts) != 4 or not (parts[1].isdigit() and parts[3].isdigit()) or not parts[0]:
             return None
         host, pid, writer_id, sequence = parts
         return cls(stamp, host, int(pid), writer_id, int(sequence))
+
+
+def pending_segments(spool: Path) -> list[Path]:
+    """The segments in ``spool`` (a ``_spool`` directory) of both kinds: Arrow spools and request logs."""
+    if not spool.is_dir():
+        return []
+    return sorted(
+        path for path in spool.iterdir()
+        if path.name.endswith((SEGMENT_SUFFIX, REQUEST_LOG_SUFFIX)) and path.name.startswith((SEGMENT_PREFIX,
+                                                                                             REQUEST_LOG_PREFIX))
+    )
+
+
+def new_writer_id() -> str:
+    """A random id for a new writer of this process (see ``writer_gone``)."""
+    writer_id = uuid.uuid4().hex[:8]
+    _OWN_WRITER_IDS.add(writer_id)
+    return writer_id
 
 
 def writer_gone(name: SegmentName) -> bool:
@@ -197,8 +234,7 @@ class Spool:
     def __init__(self, directory: Path, schema: pa.Schema) -> None:
         self.directory = directory
         self.schema = schema
-        self.writer_id = uuid.uuid4().hex[:8]
-        _OWN_WRITER_IDS.add(self.writer_id)
+        self.writer_id = new_writer_id()
         self._host = local_host()
         self._pid = os.getpid()
         self._sequence = 0
@@ -346,61 +382,185 @@ def _schema_version(schema: pa.Schema, path: Path) -> int:
 
 @dataclass
 class ReplayReport:
-    """What ``replay_spools`` did."""
+    """What ``replay_spools`` (or the conversion of one segment) did."""
 
     segments: int = 0
     rows: int = 0
     duplicates: int = 0
     torn_tails: int = 0
     files: list[Path] = field(default_factory=list)
+    quarantined_spans: int = 0  # acknowledged spans set aside with their reason (see ``quarantine``)
+    quarantined_segments: int = 0  # segments (or their damaged rest) set aside whole
+    keys: list[bytes] = field(default_factory=list)  # trace_id + span_id of the rows landed (when asked)
+    truncated_values: int = 0
+
+    def add(self, other: "ReplayReport") -> None:
+        self.segments += other.segments
+        self.rows += other.rows
+        self.duplicates += other.duplicates
+        self.torn_tails += other.torn_tails
+        self.files.extend(other.files)
+        self.quarantined_spans += other.quarantined_spans
+        self.quarantined_segments += other.quarantined_segments
+        self.keys.extend(other.keys)
+        self.truncated_values += other.truncated_values
 
 
-def replay_segment(path: Path, name: SegmentName, root: Path, spec: TableSpec, compression: str) -> ReplayReport:
-    """Write the rows of one segment as Parquet files (those not there yet), then delete it."""
+def table_keys(table: pa.Table) -> list[bytes]:
+    """trace_id + span_id (16 + 8 bytes) of each row of a spans table."""
+    return [
+        bytes.fromhex(trace_id + span_id)
+        for trace_id, span_id in zip(
+            table.column("trace_id").to_pylist(), table.column("span_id").to_pylist(), strict=True
+        )
+    ]
+
+
+def write_or_quarantine(
+    table: pa.Table,
+    directory: Path,
+    file_name: str,
+    compression: str,
+    quarantine: Quarantine,
+    entry: str,
+    source: str,
+) -> Path | None:
+    """Write ``table`` atomically as ``directory/file_name``; when that one path refuses it, quarantine the rows.
+
+    Returns the file, or ``None`` when the rows went to the quarantine. Raises ``OSError`` when the
+    disk refuses writes (``is_disk_error``), or when the quarantine cannot take the rows either: the
+    caller keeps its source and retries later.
+    """
+    try:
+        if directory.is_dir():
+            remove_abandoned_temp_files(directory)
+        return write_parquet_atomically(table, directory, file_name, compression)
+    except OSError as exc:
+        if is_disk_error(exc):
+            raise
+        reason = f"cannot write {directory / file_name}: {exc}"
+        if quarantine.rows(entry, table, compression, reason, source):
+            logger.error("tracelearn: %d spans set aside in %s: %s", table.num_rows, quarantine.directory, reason)
+        return None
+
+
+def replay_segment(
+    path: Path,
+    name: SegmentName,
+    root: Path,
+    spec: TableSpec,
+    compression: str,
+    collect_keys: bool = False,
+) -> ReplayReport:
+    """Write the rows of one Arrow segment as Parquet files (those not there yet), then delete it.
+
+    A partition whose rows cannot be migrated or written (a path the filesystem refuses) goes to the
+    quarantine, and the other partitions go on. Raises ``SchemaVersionError`` for a segment this
+    tracelearn cannot read as a whole (a newer version, no version), ``OSError`` when the disk
+    refuses writes.
+    """
     contents = read_segment(path, len(spec.partition_columns))
     report = ReplayReport(segments=1, torn_tails=int(contents.torn))
+    quarantine = Quarantine(root)
     if contents.schema is not None:
         version = _schema_version(contents.schema, path)
+        if version > spec.version:
+            raise SchemaVersionError(
+                f"{path}: {spec.name} schema version {version} is newer than this tracelearn reads ({spec.version}); "
+                "upgrade tracelearn"
+            )
         for partition, batches in contents.batches.items():
             directory = partition_directory(root, spec.partition_columns, partition)
-            if (directory / name.parquet_name).exists():
+            entry = entry_name(name.stem, *partition)
+            if (directory / name.parquet_name).exists() or quarantine.holds(entry):
                 continue  # written by the roll, or by an earlier replay of this segment
-            table = migrate(pa.Table.from_batches(batches, schema=contents.schema), spec, version, str(path))
-            unique = unique_rows(table)
-            if directory.is_dir():
-                remove_abandoned_temp_files(directory)
-            report.files.append(write_parquet_atomically(unique, directory, name.parquet_name, compression))
-            report.rows += unique.num_rows
-            report.duplicates += table.num_rows - unique.num_rows
+            raw = pa.Table.from_batches(batches, schema=contents.schema)
+            try:
+                table = unique_rows(migrate(raw, spec, version, str(path)))
+            except (SchemaVersionError, pa.ArrowException, KeyError, ValueError) as exc:
+                if quarantine.rows(entry, raw, compression, f"the rows do not fit the {spec.name} table: {exc}",
+                                   str(path)):
+                    report.quarantined_spans += raw.num_rows
+                continue
+            written = write_or_quarantine(table, directory, name.parquet_name, compression, quarantine, entry,
+                                          str(path))
+            if written is None:
+                report.quarantined_spans += table.num_rows
+                continue
+            report.files.append(written)
+            report.rows += table.num_rows
+            report.duplicates += raw.num_rows - table.num_rows
+            if collect_keys:
+                report.keys += table_keys(table)
     path.unlink(missing_ok=True)
     return report
 
 
-def replay_spools(root: Path, spec: TableSpec, compression: str) -> ReplayReport:
+def replay_spools(
+    root: Path,
+    spec: TableSpec,
+    compression: str,
+    *,
+    max_attribute_bytes: int = DEFAULT_MAX_ATTRIBUTE_BYTES,
+    limits: "DecodeLimits | None" = None,
+    collect_keys: bool = False,
+    key_index: "KeyIndex | None" = None,
+) -> ReplayReport:
     """Replay every segment under ``root/_spool`` whose writer (on this host) has exited.
 
-    Segments of live writers, and of other hosts (whose processes cannot be checked), are left
-    alone. A segment of a newer schema version is logged and left for a newer tracelearn. Raises
-    ``OSError`` when a file cannot be written; whatever was replayed before stays replayed.
+    Both kinds: the in-process exporter's Arrow segments (``spool-*.arrows``) and the sidecar's
+    request logs (``requests-*.otlp``, converted by ``conversion.convert_log_segment`` with
+    ``max_attribute_bytes`` and the count ``limits``). Segments of live writers, and of other hosts
+    (whose processes cannot be checked), are left alone; so is a segment of a newer schema version,
+    logged, for a newer tracelearn. A segment that cannot be read at all is moved to the quarantine
+    (``root/_quarantine``) with its reason, and the others go on. ``collect_keys``: report each
+    landed row's key (for de-duplication). The keys of replayed request logs go to ``key_index``
+    (by default the sidecar's, ``root/_spool/dedup-*.keys``), so that a collector started later
+    recognizes retries of them. Raises ``OSError`` when the disk refuses writes; whatever was
+    replayed before stays replayed.
     """
     report = ReplayReport()
     directory = root / SPOOL_DIR
     if not directory.is_dir():
         return report
-    for path in sorted(directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")):
-        name = SegmentName.parse(path.name)
+    for path in sorted(directory.iterdir()):
+        arrow_name = SegmentName.parse(path.name)
+        log_name = SegmentName.parse(path.name, REQUEST_LOG_PREFIX, REQUEST_LOG_SUFFIX)
+        name = arrow_name or log_name
         if name is None or not writer_gone(name):
             continue
         try:
-            done = replay_segment(path, name, root, spec, compression)
+            if arrow_name is not None:
+                done = replay_segment(path, arrow_name, root, spec, compression, collect_keys)
+            else:
+                # Imported here: only a sidecar's segments need the OTLP decoder, an agent's exporter never does.
+                from tracelearn.collector.conversion import convert_log_segment
+                from tracelearn.collector.dedup import DEFAULT_DEDUP_WINDOW, KeyIndex
+
+                key_index = key_index or KeyIndex(directory, DEFAULT_DEDUP_WINDOW)
+                done = convert_log_segment(path, name, root, spec, compression, max_attribute_bytes, limits, key_index)
         except FileNotFoundError:
             continue  # another process replayed it meanwhile
         except SchemaVersionError as exc:
-            logger.error("tracelearn: spool segment %s is not replayed: %s", path, exc)
-            continue
-        report.segments += done.segments
-        report.rows += done.rows
-        report.duplicates += done.duplicates
-        report.torn_tails += done.torn_tails
-        report.files.extend(done.files)
+            if "newer than this tracelearn" in str(exc):
+                logger.error("tracelearn: spool segment %s is not replayed: %s", path, exc)
+                continue
+            done = quarantine_segment(path, name, root, str(exc))
+        except SegmentFormatError as exc:
+            done = quarantine_segment(path, name, root, str(exc))
+        except OSError as exc:
+            if is_disk_error(exc):
+                raise
+            done = quarantine_segment(path, name, root, f"cannot be read: {exc}")
+        except Exception as exc:  # a segment that breaks the reader must not stop the replay of the others
+            logger.exception("tracelearn: spool segment %s cannot be replayed", path)
+            done = quarantine_segment(path, name, root, f"cannot be replayed: {type(exc).__name__}: {exc}")
+        report.add(done)
     return report
+
+
+def quarantine_segment(path: Path, name: SegmentName, root: Path, reason: str) -> ReplayReport:
+    """Move a segment that cannot be read to the quarantine; raises ``OSError`` if it cannot be moved."""
+    Quarantine(root).segment(entry_name(name.stem, "segment"), path, reason, str(path))
+    logger.error("tracelearn: spool segment %s set aside in %s: %s", path, root / QUARANTINE_DIR, reason)
+    return ReplayReport(segments=1, quarantined_segments=1)

@@ -1,4 +1,5 @@
-"""The writer's group-commit path (``spool_and_add``) and rolls that do not hold up appends."""
+"""The in-process exporter's partitioned writer: spooled rows are durable before a roll, and a roll does not
+hold up appends."""
 
 import threading
 import time
@@ -31,9 +32,14 @@ def segments(root: Path) -> list[Path]:
     return sorted((root / SPOOL_DIR).glob("spool-*.arrows"))
 
 
-def test_rows_committed_with_spool_and_add_are_durable_before_any_roll(tmp_path: Path) -> None:
+def spool(writer: PartitionedParquetWriter, batches: list[tuple[Partition, pa.RecordBatch]]) -> int:
+    writer.add(dict(batches))
+    return writer.spool_pending()
+
+
+def test_spooled_rows_are_durable_before_any_roll(tmp_path: Path) -> None:
     writer = PartitionedParquetWriter(tmp_path, SPANS)
-    assert writer.spool_and_add(span_batches(1, 5)) == 5
+    assert spool(writer, span_batches(1, 5)) == 5
     assert writer.unspooled_rows == 0 and writer.buffered_rows == 5
     [segment] = segments(tmp_path)
     assert sum(b.num_rows for bs in read_segment(segment, 2).batches.values() for b in bs) == 5
@@ -44,7 +50,7 @@ def test_rows_committed_with_spool_and_add_are_durable_before_any_roll(tmp_path:
 def test_appends_go_on_into_a_new_segment_while_a_roll_writes_its_files(tmp_path: Path) -> None:
     writer = PartitionedParquetWriter(tmp_path, SPANS, compression="gzip")  # a slow codec: a long roll
     for first in range(0, 40_000, 4_000):
-        writer.spool_and_add(span_batches(first, 4_000))
+        spool(writer, span_batches(first, 4_000))
     roll_done = threading.Event()
     rolled: list[Path] = []
 
@@ -57,7 +63,7 @@ def test_appends_go_on_into_a_new_segment_while_a_roll_writes_its_files(tmp_path
     while writer.buffered_rows:  # the roll took the buffers (and seals their segment under the same lock)
         time.sleep(0.001)
     started = time.monotonic()
-    writer.spool_and_add(span_batches(100_000, 3))
+    spool(writer, span_batches(100_000, 3))
     append_seconds = time.monotonic() - started
     assert not roll_done.is_set(), "the append finished while the roll was still writing"
     roller.join()

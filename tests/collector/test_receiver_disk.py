@@ -88,9 +88,9 @@ def test_a_file_size_limit_makes_the_process_refuse_then_resume_without_losing_a
             spans = sdk_spans(10)
             assert post(sidecar.port, TRACES, otlp_body(spans))[0] == 200
             acknowledged += map(span_key, spans)
-        segment = next((data / "spans" / "_spool").glob("spool-*.arrows"))
+        segment = next((data / "spans" / "_spool").glob("requests-*.otlp"))
         limit = segment.stat().st_size // 2
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))  # the spool segment cannot grow
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))  # the request log cannot grow
         status, headers, answer = post(sidecar.port, TRACES, otlp_body(sdk_spans(10)))
         assert status == 503 and headers["retry-after"] == "5" and b"File too large" in answer
         assert get(sidecar.url, "/ready")[0] == 503

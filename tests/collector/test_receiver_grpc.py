@@ -12,6 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace.export import SpanExportResult
 from support.capture import capture_settings
 from support.otlp_sidecar import (
+    holding_queue,
     otlp_body,
     running_sidecar,
     sdk_spans,
@@ -133,7 +134,8 @@ def test_a_full_queue_answers_resource_exhausted_with_retry_info(tmp_path: Path)
     acknowledged: list[tuple[str, str]] = []
     delays: list[tuple[float, float]] = []
     lock = threading.Lock()
-    with running_sidecar(tmp_path, queue_bytes=1024) as sidecar:
+    queue = 1 << 20
+    with running_sidecar(tmp_path, queue_bytes=queue) as sidecar:
 
         def client(share: list) -> None:
             export = export_call(sidecar.grpc_address)
@@ -148,13 +150,16 @@ def test_a_full_queue_answers_resource_exhausted_with_retry_info(tmp_path: Path)
                 with lock:
                     acknowledged.extend(map(span_key, spans))
 
-        threads = [threading.Thread(target=client, args=(bodies[i::6],)) for i in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert delays and set(delays) == {(1.0, 1.0)}
-    assert sorted(span_keys(tmp_path)) == sorted(acknowledged)
+        # An HTTP upload that stalled with most of the queue's bytes sent leaves too little room for a call.
+        with holding_queue(sidecar.url, sidecar.port, queue - 20_000):
+            threads = [threading.Thread(target=client, args=(bodies[i::6],)) for i in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        client(bodies[:2])
+    assert len(delays) == 24 and set(delays) == {(1.0, 1.0)}
+    assert sorted(span_keys(tmp_path)) == sorted(acknowledged) and len(acknowledged) == 20
 
 
 def test_a_compressed_message_above_the_limit_is_refused(tmp_path: Path) -> None:

@@ -8,14 +8,16 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 from support.otlp_sidecar import (
+    SidecarProcess,
+    get,
     otlp_body,
     post,
     sdk_spans,
@@ -90,7 +92,7 @@ def test_kill_9_mid_stream_under_the_sdk_exporter_then_restart_leaves_every_ackn
     agents = [threading.Thread(target=agent, args=(list(range(i, len(batches), 4)),)) for i in range(4)]
     for thread in agents:
         thread.start()
-    # Kill once a roll has written Parquet files: some spans are in files, some only in the spool.
+    # Kill once a conversion has written Parquet files: some spans are in files, some only in the request log.
     wait_for(lambda: len(results) >= 40 and dataset_files(data / "spans"), 60, "a roll")
     # One more request is committed and answered, but its client never reads the answer: for it the
     # request is unacknowledged, and it sends it again to the restarted collector.
@@ -105,7 +107,7 @@ def test_kill_9_mid_stream_under_the_sdk_exporter_then_restart_leaves_every_ackn
         first.process.send_signal(signal.SIGKILL)  # requests are in flight on all four connections
     first.process.wait(timeout=30)
     acknowledged_before_kill = len(results)
-    assert any((data / "spans" / SPOOL_DIR).glob("spool-*.arrows")), "the kill left a spool behind"
+    assert any((data / "spans" / SPOOL_DIR).glob("requests-*.otlp")), "the kill left a request log behind"
 
     second = start_sidecar_process(data, http_port=port, env=env)
     retry = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}{TRACES}")
@@ -124,7 +126,7 @@ def test_kill_9_mid_stream_under_the_sdk_exporter_then_restart_leaves_every_ackn
     assert len(keys) == len(set(keys)), "no span twice"
     exported = [batches[index] for index in results]
     assert set(keys) == {span_key(span) for spans in [*exported, unanswered] for span in spans}
-    assert not list((data / "spans" / SPOOL_DIR).glob("spool-*.arrows")), "a clean shutdown leaves no spool"
+    assert not list((data / "spans" / SPOOL_DIR).glob("requests-*.otlp")), "a clean shutdown leaves no log"
 
 
 def test_sigterm_drains_flushes_and_exits_0_and_status_reports_on_it(tmp_path: Path) -> None:
@@ -142,7 +144,8 @@ def test_sigterm_drains_flushes_and_exits_0_and_status_reports_on_it(tmp_path: P
     for text in ("spans accepted", "30", "spool", "1 segments", "free disk", "queue", "0 B of 64.0 MiB"):
         assert text in shown.output, text
     raw = CliRunner().invoke(main, ["collector", "status", "--url", sidecar.url, "--json"])
-    assert json.loads(raw.output)["spans_accepted"] == 30 and json.loads(raw.output)["buffered_rows"] == 30
+    numbers = json.loads(raw.output)
+    assert numbers["spans_accepted"] == 30 and numbers["spans_awaiting_conversion"] == 30
 
     # Requests keep arriving while it shuts down: each is either acknowledged (and lands) or refused.
     client = RecordingClient([otlp_body(sdk_spans(5)) for _ in range(400)])
@@ -160,7 +163,7 @@ def test_sigterm_drains_flushes_and_exits_0_and_status_reports_on_it(tmp_path: P
         key for index in client.acknowledged for key in span_keys_of(client.requests[index])
     }
     assert set(span_keys(data)) == expected and len(span_keys(data)) == len(expected)
-    assert not list((data / "spans" / SPOOL_DIR).glob("spool-*.arrows"))
+    assert not list((data / "spans" / SPOOL_DIR).glob("requests-*.otlp"))
 
     gone = CliRunner().invoke(main, ["collector", "status", "--url", sidecar.url])
     assert gone.exit_code == 1 and "cannot reach the collector" in gone.output
@@ -215,19 +218,52 @@ def test_serve_listens_on_loopback_unless_told_otherwise() -> None:
 def test_without_grpcio_the_default_grpc_front_is_left_off_and_an_explicit_one_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tracelearn.cli.collector import _bind_fronts
-    from tracelearn.collector.receiver import OtlpReceiver, ReceiverConfig
+    from tracelearn.collector.receiver import ReceiverConfig
+    from tracelearn.collector.sidecar import Sidecar, SidecarOptions, SidecarStartError
 
     monkeypatch.setitem(sys.modules, "grpc", None)  # import grpc raises ImportError, as without grpcio
     monkeypatch.delitem(sys.modules, "tracelearn.collector.otlp_grpc", raising=False)
-    receiver = OtlpReceiver(ReceiverConfig(data_root=tmp_path))
     loopback = ("127.0.0.1", 0)
-    try:
-        http_front, grpc_front = _bind_fronts(receiver, loopback, loopback, None, 1 << 20, grpc_required=False)
-        assert http_front is not None and grpc_front is None
-        http_front.stop(grace=0)
-        assert "OTLP/gRPC is off: grpcio is not installed" in caplog.text
-        with pytest.raises(click.ClickException, match="OTLP/gRPC needs grpcio"):
-            _bind_fronts(receiver, loopback, loopback, None, 1 << 20, grpc_required=True)
-    finally:
-        receiver.close()
+    options = SidecarOptions(ReceiverConfig(data_root=tmp_path), http=loopback, grpc=loopback, grpc_required=False)
+    with Sidecar.bind(options) as sidecar:
+        assert sidecar.http is not None and sidecar.grpc is None
+    assert "OTLP/gRPC is off: grpcio is not installed" in caplog.text
+    with pytest.raises(SidecarStartError, match="OTLP/gRPC needs grpcio"):
+        Sidecar.bind(replace(options, grpc_required=True))
+
+
+def test_a_retry_after_a_restart_lands_once_after_sigterm_and_after_kill_9(tmp_path: Path) -> None:
+    """The same spans sent before and after a restart once gave two rows each (the window forgot them)."""
+    data = tmp_path / "data"
+    slow, fast = {"TRACELEARN_ROLL_SECONDS": "60"}, {"TRACELEARN_ROLL_SECONDS": "1"}
+    first, second, third = (otlp_body(sdk_spans(10)) for _ in range(3))
+
+    def status(sidecar: SidecarProcess) -> dict[str, int]:
+        return json.loads(get(sidecar.url, "/status")[1])
+
+    collector = start_sidecar_process(data, env=fast)
+    assert post(collector.port, TRACES, first)[0] == 200
+    collector.stop(signal.SIGTERM)
+    assert collector.process.returncode == 0, "converted, then gone"
+
+    collector = start_sidecar_process(data, env=slow)
+    assert post(collector.port, TRACES, first)[0] == 200, "a retry of what the previous process wrote"
+    assert status(collector)["spans_duplicate"] == 10
+    assert post(collector.port, TRACES, second)[0] == 200
+    collector.stop(signal.SIGKILL)  # acknowledged, still in the request log
+
+    collector = start_sidecar_process(data, env=fast)
+    assert post(collector.port, TRACES, second)[0] == 200, "a retry of what the killed process acknowledged"
+    assert post(collector.port, TRACES, third)[0] == 200
+    wait_for(lambda: status(collector)["spans_written"] >= 10, 30, "the conversion of the third request")
+    assert status(collector)["spans_duplicate"] == 10
+    collector.stop(signal.SIGKILL)  # acknowledged and converted: only the key index remembers it
+
+    collector = start_sidecar_process(data, env=fast)
+    assert post(collector.port, TRACES, third)[0] == 200
+    assert status(collector)["spans_duplicate"] == 10
+    collector.stop(signal.SIGTERM)
+    assert collector.process.returncode == 0
+    keys = span_keys(data)
+    assert len(keys) == len(set(keys)) == 30, "each span once, across a SIGTERM and two kill -9"
+    assert set(keys) == span_keys_of(first) | span_keys_of(second) | span_keys_of(third)

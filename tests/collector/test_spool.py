@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tracelearn.collector.atomic_files import Partition, local_host
+from tracelearn.collector.atomic_files import Partition, local_host, path_segment_safe
 from tracelearn.collector.parquet_writer import PartitionedParquetWriter
 from tracelearn.collector.span_rows import SpanColumns, SpanRecord
 from tracelearn.collector.spool import (
@@ -97,8 +97,9 @@ def test_a_segment_holds_every_append_with_its_partition(tmp_path: Path) -> None
     names = {p: [n for b in batches for n in b.column("name").to_pylist()] for p, batches in contents.batches.items()}
     assert names == {
         ("2026-09-21", "agent"): ["span-1", "span-2", "span-3"],
-        ("2026-09-22", "b_c"): ["span-4", "span-5"],
+        ("2026-09-22", path_segment_safe("b/c")): ["span-4", "span-5"],
     }
+    assert path_segment_safe("b/c").startswith("b_c~"), "not plain: a readable prefix and a digest"
 
 
 def test_a_roll_writes_from_memory_names_files_after_the_segment_and_deletes_it(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -26,34 +27,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from tracelearn.collector.otlp_grpc import OtlpGrpcServer
-from tracelearn.collector.otlp_http import OtlpHttpServer
-from tracelearn.collector.receiver import OtlpReceiver, ReceiverConfig, TlsFiles
+from tracelearn.collector.receiver import ReceiverConfig
+from tracelearn.collector.security import TlsFiles
+from tracelearn.collector.sidecar import Sidecar, SidecarOptions
 from tracelearn.schemas.dataset import read_table
 
 TRACELEARN = Path(sys.executable).parent / "tracelearn"
 PROTOBUF = "application/x-protobuf"
-
-
-@dataclass
-class Sidecar:
-    """A running in-process sidecar."""
-
-    receiver: OtlpReceiver
-    http: OtlpHttpServer
-    grpc: OtlpGrpcServer
-
-    @property
-    def url(self) -> str:
-        return self.http.url
-
-    @property
-    def port(self) -> int:
-        return self.http.address[1]
-
-    @property
-    def grpc_address(self) -> str:
-        return self.grpc.address
 
 
 @contextmanager
@@ -63,24 +43,28 @@ def running_sidecar(
     tls: TlsFiles | None = None,
     max_body_bytes: int = 16 * 1024 * 1024,
     start: bool = True,
+    body_timeout_s: float = 30.0,
     **config: Any,
 ) -> Iterator[Sidecar]:
-    """Receiver and both fronts on free loopback ports; drained, stopped and flushed on exit."""
-    receiver = OtlpReceiver(replace(ReceiverConfig(data_root=data), **config), token=token)
-    http_front = OtlpHttpServer(receiver, "127.0.0.1", 0, tls=tls, max_body_bytes=max_body_bytes)
-    grpc_front = OtlpGrpcServer(receiver, "127.0.0.1", 0, tls=tls, max_body_bytes=max_body_bytes)
-    http_front.start()
-    grpc_front.start()
-    if start:
-        receiver.start()
-        assert receiver.wait_ready(30), receiver.ready
-    try:
-        yield Sidecar(receiver, http_front, grpc_front)
-    finally:
-        receiver.drain(10)
-        http_front.stop(grace=5)
-        grpc_front.stop(grace=5)
-        receiver.close()
+    """The library's sidecar (receiver, both fronts on free loopback ports); drained, stopped and converted on exit.
+
+    ``start=False`` serves without the start-up replay (503 until ``sidecar.receiver.start()``).
+    """
+    options = SidecarOptions(
+        replace(ReceiverConfig(data_root=data), **config),
+        http=("127.0.0.1", 0),
+        grpc=("127.0.0.1", 0),
+        token=token,
+        tls=tls,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout_s,
+        drain_seconds=5,
+    )
+    with Sidecar.bind(options) as sidecar:
+        sidecar.serve(replay=start)
+        if start:
+            assert sidecar.wait_ready(30), sidecar.receiver.ready
+        yield sidecar
 
 
 def sdk_spans(count: int, service: str = "otlp-agent", prompt_bytes: int = 2000) -> list[ReadableSpan]:
@@ -141,6 +125,24 @@ def post(
     if connection is None:
         conn.close()
     return answer
+
+
+@contextmanager
+def holding_queue(url: str, port: int, nbytes: int) -> Iterator[socket.socket]:
+    """An upload that has sent ``nbytes`` of a larger body and waits: its bytes hold the write queue.
+
+    Closed on exit without sending the rest (the collector answers 400 and frees the bytes).
+    """
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        connection.sendall(
+            f"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: {PROTOBUF}\r\n"
+            f"Content-Length: {nbytes + 1}\r\n\r\n".encode() + bytes(nbytes)
+        )
+        wait_for(lambda: json.loads(get(url, "/status")[1])["queue_bytes"] >= nbytes, 10, "the upload's bytes")
+        yield connection
+    finally:
+        connection.close()
 
 
 def get(url: str, path: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> tuple[
