@@ -9,8 +9,11 @@ whichever span has it, a nested span's first (the client span saw the request as
 token-id hook recorded on a ``tracelearn.token_ids`` span are joined onto the call first
 (:func:`attach_token_ids`), so they travel up with it.
 
-Both run once, where a build reads its spans (``tracelearn.pipelines.prepared``). Everything is
-polars expressions over LazyFrames; the only thing collected is the small map of nested span ids.
+A call left without an agent name takes its nearest named ancestor's (:func:`inherit_agent_names`):
+capture names calls after the ancestors it understands, normalization names more spans than that.
+
+All run once, where a build reads its spans (``tracelearn.pipelines.prepared``). Everything is
+polars expressions over LazyFrames; only small frames of span ids are collected.
 """
 
 import polars as pl
@@ -18,10 +21,12 @@ import polars as pl
 from tracelearn.schemas import semconv as sc
 
 __all__ = [
+    "AGENT_DEPTH",
     "CALL_COLUMNS",
     "NESTING_DEPTH",
     "TOKEN_COLUMNS",
     "attach_token_ids",
+    "inherit_agent_names",
     "merge_nested_llm_spans",
     "nested_llm_spans",
 ]
@@ -42,6 +47,9 @@ CALL_COLUMNS = (
 # How many ancestors of an LLM span are walked to find an enclosing LLM span (through agent, chain
 # or HTTP spans in between). Deeper nesting is not detected: the spans then count as two calls.
 NESTING_DEPTH = 4
+# How many ancestors of an LLM call without an agent name are walked to find the agent it ran in
+# (agent > step > model wrapper > call is common; deeper graphs nest a few more).
+AGENT_DEPTH = 8
 ERROR = "ERROR"
 _TOP = "__top_llm_span_id"
 _CURSOR = "__ancestor"
@@ -186,4 +194,41 @@ def merge_nested_llm_spans(spans: pl.LazyFrame, depth: int = NESTING_DEPTH) -> p
         .join(reparent, on=["trace_id", "parent_span_id"], how="left", maintain_order="left")
         .with_columns(pl.coalesce("__new_parent", "parent_span_id").alias("parent_span_id"))
         .select(columns)
+    )
+
+
+def inherit_agent_names(spans: pl.LazyFrame, depth: int = AGENT_DEPTH) -> pl.LazyFrame:
+    """``spans`` with each LLM call that has no ``agent_name`` given its nearest named ancestor's.
+
+    Capture names a call after its ancestors when it starts, for the conventions it knows; an
+    ancestor named only by normalization (an OpenInference AGENT span, spans sent over OTLP by
+    another SDK) leaves its calls unnamed until here. Walks up to ``depth`` parents over the id
+    columns (collected, small); returns ``spans`` untouched when every call has a name.
+    """
+    unnamed = (
+        spans.filter((pl.col("span_type") == sc.TYPE_LLM) & pl.col("agent_name").is_null())
+        .select(
+            "trace_id", "span_id", pl.col("parent_span_id").alias(_CURSOR), pl.lit(None, pl.String).alias("__agent")
+        )
+        .collect()
+    )
+    if unnamed.height == 0:
+        return spans
+    tree = spans.select(
+        "trace_id", pl.col("span_id").alias(_CURSOR), pl.col("parent_span_id").alias("__next"), "agent_name"
+    )
+    frame = unnamed.lazy()
+    for _ in range(depth):
+        frame = (
+            frame.join(tree, on=["trace_id", _CURSOR], how="left")
+            .with_columns(pl.coalesce("__agent", "agent_name").alias("__agent"), pl.col("__next").alias(_CURSOR))
+            .drop("__next", "agent_name")
+        )
+    named = frame.filter(pl.col("__agent").is_not_null()).select("trace_id", "span_id", "__agent").collect()
+    if named.height == 0:
+        return spans
+    return (
+        spans.join(named.lazy(), on=["trace_id", "span_id"], how="left", maintain_order="left")
+        .with_columns(pl.coalesce("agent_name", "__agent").alias("agent_name"))
+        .drop("__agent")
     )

@@ -13,7 +13,7 @@ prepares each bucket once and collects it, never repeats the work.
 import polars as pl
 
 from tracelearn.pipelines.detached_calls import attach_detached_calls
-from tracelearn.pipelines.llm_calls import attach_token_ids, merge_nested_llm_spans
+from tracelearn.pipelines.llm_calls import attach_token_ids, inherit_agent_names, merge_nested_llm_spans
 from tracelearn.pipelines.rollout_identity import JoinConfig, apply_rollout_identity, rollout_identity_map
 from tracelearn.pipelines.spans_input import distinct_spans
 
@@ -26,7 +26,8 @@ def prepare_spans(
     spans: pl.LazyFrame, config: JoinConfig | None = None, identity: pl.DataFrame | None = None
 ) -> pl.LazyFrame:
     """De-duplicate, join token ids, put detached calls back in the trace around them, merge nested
-    LLM spans and resolve rollout identity, in that order.
+    LLM spans, name unnamed calls after their nearest named ancestor and resolve rollout identity, in
+    that order.
 
     ``identity`` is a precomputed :func:`~tracelearn.pipelines.rollout_identity.rollout_identity_map`
     (a bucketed build computes it over the whole dataset, so a conversation is joined the same way
@@ -35,6 +36,7 @@ def prepare_spans(
     span ids, the loose calls); the result is lazy, for the caller to collect once.
     """
     calls = merge_nested_llm_spans(attach_detached_calls(attach_token_ids(distinct_spans(spans))))
+    calls = inherit_agent_names(calls)
     if identity is None:
         identity = rollout_identity_map(calls, config)
     return apply_rollout_identity(calls, identity)

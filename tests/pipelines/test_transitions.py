@@ -234,3 +234,14 @@ def test_credit_and_advantages_run_on_the_transitions(factory: SpansFactory) -> 
     advantages = [row["advantage"] for row in rows]
     assert advantages[0] == advantages[1] > 0 > advantages[2] == advantages[3]
     assert transitions_to_arrow(pl.DataFrame(rows).select(TRANSITION_COLUMNS)).num_rows == 4
+
+
+def test_a_call_without_an_agent_name_takes_its_nearest_named_ancestors(factory: SpansFactory) -> None:
+    """An OpenInference AGENT span is named by normalization only (smolagents' ``<agent>.run``), so
+    capture could not pass the name down to the calls inside it."""
+    agent = factory.span(1, "calculator_agent.run", 0, 10, attributes={"openinference.span.kind": "AGENT"})
+    step = factory.span(1, "Step 1", 1, 9, parent=agent, attributes={"openinference.span.kind": "CHAIN"})
+    call(factory, 1, step, 2, agent=None, response_id="r-1")
+    call(factory, 2, None, 2, agent=None, response_id="r-2")  # no ancestor: stays unnamed
+    rows = transitions_of(factory).sort("trace_id").to_dicts()
+    assert [row["agent_name"] for row in rows] == ["calculator_agent", None]
