@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "eval": "tracelearn.cli.eval:eval_command",
     "feedback": "tracelearn.cli.feedback:feedback",
     "gateway": "tracelearn.cli.gateway:gateway",
+    "loop": "tracelearn.cli.loop:loop",
     "registry": "tracelearn.cli.registry:registry",
     "serve": "tracelearn.cli.serve:serve",
     "spans": "tracelearn.cli.spans:spans",

@@ -26,6 +26,7 @@ VARIABLES = {
     "tracelearn_build_transitions": "TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES",
     "tracelearn_train": "TRACELEARN_TRAIN_TASK_TIMEOUT_MINUTES",
     "tracelearn_apo": "TRACELEARN_APO_TASK_TIMEOUT_MINUTES",
+    "tracelearn_loop": "TRACELEARN_LOOP_TASK_TIMEOUT_MINUTES",
 }
 
 
@@ -41,7 +42,8 @@ def test_every_task_has_the_configured_execution_timeout(tmp_path: Path) -> None
     defaults = parse_dags(tmp_path / "defaults", {})
     assert defaults["errors"] == {}
     assert set(defaults["timeouts"]) == set(VARIABLES)
-    expected = {"tracelearn_build_transitions": 120 * 60, "tracelearn_train": 1440 * 60, "tracelearn_apo": 720 * 60}
+    expected = {"tracelearn_build_transitions": 120 * 60, "tracelearn_train": 1440 * 60, "tracelearn_apo": 720 * 60,
+                "tracelearn_loop": 1440 * 60}
     for dag_id, tasks in defaults["timeouts"].items():
         assert isinstance(tasks, dict) and tasks, dag_id
         assert set(tasks.values()) == {expected[dag_id]}, (dag_id, tasks)
