@@ -268,13 +268,28 @@ def _messages_source(attributes: Mapping[str, Any], genai_key: str, openinferenc
 
 
 def _openinference_response_id(attributes: Mapping[str, Any]) -> str | None:
-    """The response id opening OpenInference's ``output.value`` (the provider's JSON response, ``{"id": ...``)."""
+    """The response id in OpenInference's ``output.value``: the provider's JSON response opens with it
+    (``{"id": ...``); LangChain's ``LLMResult`` carries it in ``llm_output``, after the generations.
+
+    Read from the text, not parsed: the value holds the whole response, logprobs included.
+    """
     output = attributes.get(sc.OPENINFERENCE_OUTPUT_VALUE)
-    if isinstance(output, str) and output.startswith('{"id":"'):
-        end = output.find('"', 7)
-        if end > 7:
-            return output[7:end]
+    if not isinstance(output, str):
+        return None
+    if output.startswith('{"id":"'):
+        return _quoted_at(output, 7)
+    if output.startswith('{"generations"'):
+        llm_output = output.rfind('"llm_output": {')
+        start = output.find('"id": "', llm_output) if llm_output >= 0 else -1
+        if start >= 0:
+            return _quoted_at(output, start + 7)
     return None
+
+
+def _quoted_at(text: str, start: int) -> str | None:
+    """The string that starts at ``start`` and ends at the next double quote (None when empty or open)."""
+    end = text.find('"', start)
+    return text[start:end] if end > start else None
 
 
 def _invocation_parameters(attributes: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -265,6 +265,8 @@ def test_langchain_create_agent_names_its_agent_not_its_graph_nodes(name: str) -
     llm = [row for row in rows if row["span_type"] == sc.TYPE_LLM]
     assert len(llm) == 2 and {row["agent_name"] for row in llm} == {"calculator_agent"}
     assert [row["finish_reason"] for row in llm] == ["tool_calls", "stop"]
+    # The response id joins the call with its token ids (OpenInference: read from LangChain's llm_output).
+    assert all(row["response_id"].startswith("chatcmpl-") for row in llm)
     history = messages(llm[1]["input_messages"]) or []
     assert history[-1]["role"] == "tool" and history[-1]["content"] == "408"
     assert messages(llm[1]["output_messages"]) == [{"role": "assistant", "content": "408"}]
