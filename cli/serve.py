@@ -43,6 +43,15 @@ if TYPE_CHECKING:
               help="Seconds between checks of a registry:NAME@ALIAS model's alias.")
 @click.option("--engine", type=click.Choice(["embedded", "vllm"]), default="embedded", show_default=True,
               help="embedded: transformers in this process (CPU or CUDA); vllm: launch vLLM (CUDA, tracelearn[gpu]).")
+@click.option("--prefix-cache-mb", default=512, show_default=True, type=click.IntRange(min=0),
+              help="Memory for the key/value cache of earlier prompts and replies (a conversation's next turn "
+                   "prefills only what is new); 0 turns it off.")
+@click.option("--default-max-tokens", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Completion budget of a request that sets no max_tokens (capped by the context left).")
+@click.option("--max-request-tokens", default=16384, show_default=True, type=click.IntRange(min=1),
+              help="Most tokens one request's n choices may generate together (n x max_tokens; 400 beyond).")
+@click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest request body accepted (413 beyond).")
 def serve(
     engine: str,
     model_name: str,
@@ -53,6 +62,10 @@ def serve(
     served_model_name: str | None,
     max_model_len: int | None,
     watch_interval: float,
+    prefix_cache_mb: int,
+    default_max_tokens: int,
+    max_request_tokens: int,
+    max_body_mb: float,
 ) -> None:
     """Serve a model over the OpenAI chat-completions API (token ids and logprobs included)."""
     if engine == "vllm":
@@ -61,19 +74,22 @@ def serve(
     from tracelearn.serving.http_server import BackgroundServer
     from tracelearn.serving.model_store import REGISTRY_PREFIX
     from tracelearn.serving.openai_api import create_app
+    from tracelearn.serving.protocol import ServingLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     if model_name.startswith(REGISTRY_PREFIX):
         slot, aliases, stop_following = _follow_registry_model(model_name, device, max_model_len, max_batch_size,
-                                                               watch_interval)
+                                                               watch_interval, prefix_cache_mb << 20)
         served = served_model_name or slot.following or model_name
     else:
-        slot, aliases = _load_model(model_name, device, max_model_len, max_batch_size)
+        slot, aliases = _load_model(model_name, device, max_model_len, max_batch_size, prefix_cache_mb << 20)
         served, stop_following = served_model_name or slot.current.model_id, None
     click.echo(f"loaded {slot.current.model_version} in {time.perf_counter() - started:.1f} s "
                f"(context {slot.current.context_length} tokens)")
-    server = BackgroundServer(create_app(slot, served, aliases), host=host, port=port)
+    limits = ServingLimits(max_body_bytes=int(max_body_mb * 2**20), default_max_tokens=default_max_tokens,
+                           max_request_tokens=max_request_tokens)
+    server = BackgroundServer(create_app(slot, served, aliases, limits), host=host, port=port)
     try:
         server.start()
     except RuntimeError as error:
@@ -100,7 +116,7 @@ def serve(
 
 
 def _load_model(
-    model_name: str, device: str, max_model_len: int | None, max_batch_size: int
+    model_name: str, device: str, max_model_len: int | None, max_batch_size: int, prefix_cache_bytes: int
 ) -> tuple[EngineSlot, set[str]]:
     """A slot holding one engine for a model that is served as loaded, and the names it answers to."""
     from tracelearn.serving.engine import GenerationEngine
@@ -127,11 +143,13 @@ def _load_model(
     aliases = {model_name}
     if is_default_model_name(model_name):
         aliases |= {*DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME}
-    return EngineSlot(GenerationEngine(loaded, max_batch_size=max_batch_size)), aliases
+    engine = GenerationEngine(loaded, max_batch_size=max_batch_size, prefix_cache_bytes=prefix_cache_bytes)
+    return EngineSlot(engine), aliases
 
 
 def _follow_registry_model(
-    model_name: str, device: str, max_model_len: int | None, max_batch_size: int, watch_interval: float
+    model_name: str, device: str, max_model_len: int | None, max_batch_size: int, watch_interval: float,
+    prefix_cache_bytes: int,
 ) -> tuple[EngineSlot, set[str], Callable[[], None]]:
     """A slot serving what a registry alias names, kept current by a started ``AliasFollower``; the
     names it answers to; and the function that stops following.
@@ -148,7 +166,8 @@ def _follow_registry_model(
             interval_s=watch_interval,
             device=device,
             max_model_len=max_model_len,
-            make_engine=lambda loaded: GenerationEngine(loaded, max_batch_size=max_batch_size),
+            make_engine=lambda loaded: GenerationEngine(loaded, max_batch_size=max_batch_size,
+                                                        prefix_cache_bytes=prefix_cache_bytes),
         )
     except (RegistryError, ModelNotFoundError, ModelLoadError, ValueError) as error:
         raise click.ClickException(str(error)) from error

@@ -60,11 +60,13 @@ class EngineStats:
     max_batch_size: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0  # of every prefilled request
+    prefill_tokens: int = 0  # tokens prefill forward passes actually ran (shared prefixes included, padding not)
     prefix_cache_hits: int = 0  # requests whose prefill started from a cached prompt prefix
     prefix_tokens_reused: int = 0  # prompt tokens those requests did not recompute
     prefix_cache_bytes: int = 0
-    prefill_seconds: float = 0.0  # worker time in prefill forward passes (cached shared prefixes included)
+    prefill_seconds: float = 0.0  # worker time prefilling newcomers (shared prefixes and cache copies included)
     decode_seconds: float = 0.0  # worker time in decoding steps: sampling, reporting, forward passes
+    decode_forward_seconds: float = 0.0  # the forward passes of those steps
 
 
 Listener = Callable[[StepOutput | BaseException], None]
@@ -130,6 +132,12 @@ class BatchDecoder:
         with self._stats_lock:
             return replace(self._stats, batch_sizes=dict(self._stats.batch_sizes))
 
+    def release(self) -> None:
+        """Drop the prefix cache (the engine has stopped; a retired engine may outlive its use)."""
+        self._prefixes = None
+        with self._stats_lock:
+            self._stats.prefix_cache_bytes = 0
+
     def prefill(self, requests: list[PendingRequest]) -> Batch | None:
         """Run the newcomers' prompts, each from the longest prefix the cache holds; the new rows, or
         None when every one of them failed. Only a request whose prompt fails alone fails."""
@@ -176,7 +184,10 @@ class BatchDecoder:
                                                      self._pad_id, device)
         positions = positions + torch.tensor(reused, dtype=torch.long, device=device).unsqueeze(1)
         kv = PaddedCache.starting_from([hit.kv if hit is not None else None for hit in hits], suffix_mask)
-        return kv, self._forward(input_ids, kv, positions), reused
+        logits = self._forward(input_ids, kv, positions)
+        with self._stats_lock:
+            self._stats.prefill_tokens += sum(len(p) for p in prompts) - sum(reused)
+        return kv, logits, reused
 
     def _cache_shared_prefixes(self, prompts: list[list[int]]) -> None:
         """Prompts that arrive together and share a prefix the cache lacks (a GRPO group's samples,
@@ -248,12 +259,15 @@ class BatchDecoder:
         positions = torch.tensor([[row.next_position] for row in rows], dtype=torch.long, device=device)
         kv.extend_mask()
         before = kv.layer_tensors()
+        started = time.perf_counter()
         try:
             return Batch(rows, kv, self._forward(input_ids, kv, positions))
         except Exception as error:
             if len(rows) == 1:
                 self.fail(rows[0].request, error)
                 return None
+        finally:
+            self._add_time("decode_forward_seconds", started)
         survivors = []
         for index, row in enumerate(rows):
             alone = PaddedCache.from_tensors(before, kv.mask).select([index])

@@ -232,6 +232,7 @@ class GenerationEngine:
                         self._decoder.fail(request, error)
                     batch = None
         self._fail_remaining(batch)
+        self._decoder.release()
 
     def _admit(self, capacity: int, wait: bool) -> list[PendingRequest]:
         """Take up to ``capacity`` queued requests. When idle, block for the first one and then give

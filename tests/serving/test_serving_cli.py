@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
 from click.testing import CliRunner
 from openai import OpenAI
@@ -30,7 +31,8 @@ def test_serve_prints_its_url_answers_and_stops_cleanly_on_sigterm(tiny_model_di
     port = free_port()
     tracelearn = Path(sys.executable).parent / "tracelearn"
     process = subprocess.Popen(
-        [str(tracelearn), "serve", "--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny"],
+        [str(tracelearn), "serve", "--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny",
+         "--max-body-mb", "0.01", "--default-max-tokens", "3", "--prefix-cache-mb", "16"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert process.stdout is not None
@@ -45,6 +47,11 @@ def test_serve_prints_its_url_answers_and_stops_cleanly_on_sigterm(tiny_model_di
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed", max_retries=0)
         reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert reply.choices[0].finish_reason in {"stop", "length"}
+        defaulted = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert defaulted.usage is not None and defaulted.usage.completion_tokens <= 3  # --default-max-tokens
+        with pytest.raises(openai.APIStatusError) as too_large:  # --max-body-mb: 10 KiB
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 20_000}])
+        assert too_large.value.status_code == 413
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     finally:
