@@ -54,26 +54,66 @@ ERROR = "ERROR"
 _TOP = "__top_llm_span_id"
 _CURSOR = "__ancestor"
 _TOKEN_PREFIX = "__token_"
+_DETACHED_PREFIX = "__detached_"
 _INNER_PREFIX = "__inner_"
 
 
 def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
-    """Fill LLM rows' token columns from ``token_ids`` rows of the same trace and response id.
+    """Fill LLM rows' token columns from ``token_ids`` rows of the same call: the same trace and response
+    id, or else a ``token_ids`` span that started a trace of its own with the call's response id.
 
-    Reads ``span_type``, ``trace_id``, ``response_id``, ``start_time``, ``span_id`` and the token
-    columns (``prompt_token_ids``, ``response_token_ids``, ``response_logprobs``,
-    ``token_ids_status``); adds nothing. When a retried request left several token rows for one
-    key, the earliest-starting one is used. An LLM row's own ids win; its ``token_ids_status`` is
-    replaced by the token row's (the LLM row says ``not_captured`` when only the sibling token span
-    saw the call). Row order is kept.
+    Reads ``span_type``, ``trace_id``, ``parent_span_id``, ``service_name``, ``response_id``,
+    ``start_time``, ``end_time``, ``span_id`` and the token columns (``prompt_token_ids``,
+    ``response_token_ids``, ``response_logprobs``, ``token_ids_status``); adds nothing. When a retried
+    request left several token rows for one key, the earliest-starting one is used. An LLM row's own ids
+    win; its ``token_ids_status`` is replaced by the token row's (the LLM row says ``not_captured`` when
+    only the sibling token span saw the call). Row order is kept.
+
+    A token span lands in a trace of its own when the LLM span around its call was not the current
+    OpenTelemetry span (OpenInference's LangChain instrumentation keeps its own context); it is joined
+    by response id within the service only when exactly one such span has that id and it ran within
+    the LLM span's time, so a server that repeats response ids never lends one call another's tokens.
     """
-    tokens = (
-        spans.filter((pl.col("span_type") == sc.TYPE_TOKEN_IDS) & pl.col("response_id").is_not_null())
+    is_tokens = (pl.col("span_type") == sc.TYPE_TOKEN_IDS) & pl.col("response_id").is_not_null()
+    token_values = [pl.col(c).alias(_TOKEN_PREFIX + c) for c in TOKEN_COLUMNS]
+    same_trace = (
+        spans.filter(is_tokens)
         .sort(["trace_id", "response_id", "start_time", "span_id"])
         .unique(subset=["trace_id", "response_id"], keep="first", maintain_order=True)
-        .select("trace_id", "response_id", *(pl.col(c).alias(_TOKEN_PREFIX + c) for c in TOKEN_COLUMNS))
+        .select("trace_id", "response_id", *token_values)
+    )
+    detached = (
+        spans.filter(is_tokens & pl.col("parent_span_id").is_null())
+        .group_by("service_name", "response_id")
+        .agg(
+            *(pl.col(c).first() for c in TOKEN_COLUMNS),
+            pl.col("start_time").first().alias("__token_start"),
+            pl.col("end_time").first().alias("__token_end"),
+            pl.len().alias("__token_spans"),
+        )
+        .filter(pl.col("__token_spans") == 1)
+        .select("service_name", "response_id", "__token_start", "__token_end", *token_values)
     )
     is_llm = pl.col("span_type") == sc.TYPE_LLM
+    joined = spans.join(same_trace, on=["trace_id", "response_id"], how="left", maintain_order="left")
+    within = (pl.col("__token_start") >= pl.col("start_time")) & (pl.col("__token_end") <= pl.col("end_time"))
+    from_detached = is_llm & pl.col(_TOKEN_PREFIX + "response_token_ids").is_null() & within
+    joined = (
+        joined.join(
+            detached.rename({_TOKEN_PREFIX + c: _DETACHED_PREFIX + c for c in TOKEN_COLUMNS}),
+            on=["service_name", "response_id"],
+            how="left",
+            maintain_order="left",
+        )
+        .with_columns(
+            pl.when(from_detached.fill_null(False))
+            .then(pl.col(_DETACHED_PREFIX + c))
+            .otherwise(pl.col(_TOKEN_PREFIX + c))
+            .alias(_TOKEN_PREFIX + c)
+            for c in TOKEN_COLUMNS
+        )
+        .drop("__token_start", "__token_end", *(_DETACHED_PREFIX + c for c in TOKEN_COLUMNS))
+    )
     filled = []
     for column in TOKEN_COLUMNS:
         other = pl.col(_TOKEN_PREFIX + column)
@@ -81,11 +121,7 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
         if column != "token_ids_status":
             take_other = take_other & pl.col(column).is_null()
         filled.append(pl.when(take_other.fill_null(False)).then(other).otherwise(pl.col(column)).alias(column))
-    return (
-        spans.join(tokens, on=["trace_id", "response_id"], how="left", maintain_order="left")
-        .with_columns(filled)
-        .drop([_TOKEN_PREFIX + c for c in TOKEN_COLUMNS])
-    )
+    return joined.with_columns(filled).drop([_TOKEN_PREFIX + c for c in TOKEN_COLUMNS])
 
 
 def nested_llm_spans(spans: pl.LazyFrame, depth: int = NESTING_DEPTH) -> pl.LazyFrame:

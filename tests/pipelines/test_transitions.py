@@ -157,6 +157,30 @@ def test_token_ids_are_joined_from_a_token_ids_span_and_missing_ones_counted(fac
     assert transition_counts(transitions) == {"transitions": 2, "rollouts": 1, "without_token_ids": 1}
 
 
+def test_token_ids_in_a_trace_of_their_own_join_their_call_by_response_id(factory: SpansFactory) -> None:
+    # OpenInference's LangChain span is not the current span while its request runs: the token-id hook
+    # records on a root span of its own trace, which only the response id (and the time) ties to the call.
+    root = episode(factory)
+    call(factory, 1, root, 1, end=3, response_id="r-1")
+    call(factory, 1, root, 4, end=6, response_id="r-2")
+    call(factory, 1, root, 7, end=9, response_id="r-repeated")
+    token_span = {sc.SPAN_TYPE: sc.TYPE_TOKEN_IDS}
+    factory.span(2, sc.SPAN_TOKEN_IDS, 2.5, 2.6, attributes={
+        **token_span, sc.GEN_AI_RESPONSE_ID: "r-1", **token_attributes([1, 2], [7, 8], [-1, -2])})
+    # Outside the call's time: another call that happens to share the id.
+    factory.span(3, sc.SPAN_TOKEN_IDS, 10, 10.1, attributes={
+        **token_span, sc.GEN_AI_RESPONSE_ID: "r-2", **token_attributes([1], [5], [-1])})
+    # A server repeating an id: two detached token spans with it, so neither is trusted.
+    for trace in (4, 5):
+        factory.span(trace, sc.SPAN_TOKEN_IDS, 8, 8.1, attributes={
+            **token_span, sc.GEN_AI_RESPONSE_ID: "r-repeated", **token_attributes([1], [6], [-1])})
+    factory.write()
+    joined = attach_token_ids(scan_spans(factory.directory)).filter(pl.col("span_type") == "llm")
+    rows = joined.sort("start_time").collect()
+    assert rows.get_column("response_token_ids").to_list() == [[7, 8], None, None]
+    assert rows.get_column("token_ids_status").to_list() == ["server", "not_captured", "not_captured"]
+
+
 def test_select_llm_calls_rejects_a_bad_agent_regex(factory: SpansFactory) -> None:
     episode(factory)
     factory.write()
