@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tracelearn.schemas.dataset import DatasetError, DatasetFiles, is_directory, locate_files, require_current_version
+from tracelearn.schemas.migrations import columns_added_since
 from tracelearn.schemas.tables import SPANS, TableSpec
 
 PARTITION_SCHEMA = {"date": pl.String, "service": pl.String}
@@ -37,16 +38,24 @@ def spans_location(root: str | Path) -> str:
     return child if is_directory(child) else text
 
 
-def check_columns(path: str, spec: TableSpec, filesystem: pafs.FileSystem | None = None, where: str = "") -> None:
+def check_columns(
+    path: str, spec: TableSpec, filesystem: pafs.FileSystem | None = None, where: str = "", version: int | None = None
+) -> None:
     """Raise ``DatasetError`` naming the file (``where``, default ``path``) and the first column that is
-    missing, of another type than ``spec``'s current schema, or not in it. Reads the Parquet footer only."""
+    missing, of another type than ``spec``'s current schema, or not in it. Reads the Parquet footer only.
+
+    A file of an older ``version`` may lack the nullable columns added since (a lazy scan reads them as
+    nulls: ``tracelearn.schemas.migrations.columns_added_since``)."""
     where = where or path
+    may_lack = columns_added_since(spec, version) if version is not None else None
     try:
         found = pq.read_schema(path, filesystem=filesystem)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DatasetError(f"{where}: not a readable Parquet file ({exc})") from exc
     for expected in spec.schema:
         index = found.get_field_index(expected.name)
+        if index < 0 and may_lack is not None and expected.name in may_lack:
+            continue
         if index < 0:
             raise DatasetError(
                 f"{where}: column {expected.name!r} is missing ({spec.name} schema version {spec.version})"
@@ -65,8 +74,8 @@ def check_columns(path: str, spec: TableSpec, filesystem: pafs.FileSystem | None
 def _check_versions(files: DatasetFiles) -> None:
     for path in files.paths:
         fix = "rewrite the partition with tracelearn.schemas.dataset.read_table first"
-        require_current_version(path, SPANS, fix, files.filesystem, files.uri(path))
-        check_columns(path, SPANS, files.filesystem, files.uri(path))
+        version = require_current_version(path, SPANS, fix, files.filesystem, files.uri(path))
+        check_columns(path, SPANS, files.filesystem, files.uri(path), version)
 
 
 def spans_files(root: str | Path, date: str | None = None) -> DatasetFiles:
@@ -93,12 +102,21 @@ def spans_files(root: str | Path, date: str | None = None) -> DatasetFiles:
     return files
 
 
+# The spans table as polars reads it: files of older versions lack the columns added since, which the
+# scan inserts as nulls.
+SPANS_FRAME_SCHEMA = pl.DataFrame(SPANS.schema.empty_table()).schema
+
+
 def scan_files(files: DatasetFiles) -> pl.LazyFrame:
-    """Lazily scan ``files``; a directory's hive partitions ``date`` and ``service`` become string columns."""
+    """Lazily scan ``files``; a directory's hive partitions ``date`` and ``service`` become string columns.
+
+    Columns an older file lacks (nullable ones added by a later schema version) read as nulls."""
     if files.single_file:
-        return pl.scan_parquet(files.uris())
+        return pl.scan_parquet(files.uris(), schema=SPANS_FRAME_SCHEMA, missing_columns="insert")
     return pl.scan_parquet(
         files.uris(),
+        schema=SPANS_FRAME_SCHEMA,
+        missing_columns="insert",
         hive_partitioning=True,
         hive_schema=PARTITION_SCHEMA,
         try_parse_hive_dates=False,

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tracelearn.schemas.migrations import SchemaVersionError, migrate
+from tracelearn.schemas.migrations import SchemaVersionError, columns_added_since, migrate
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TABLE_NAME_KEY, TableSpec, table_spec
 
 
@@ -141,12 +141,13 @@ def file_schema_version(path: Path | str, expected: TableSpec, filesystem: pafs.
 
 def require_current_version(
     path: Path | str, spec: TableSpec, older_fix: str, filesystem: pafs.FileSystem | None = None, where: str = ""
-) -> None:
-    """Refuse, naming the file, a file a lazy scan cannot read as the current schema of ``spec``.
+) -> int:
+    """Refuse, naming the file, a file a lazy scan cannot read as the current schema of ``spec``; its version.
 
-    Lazy scans (polars) read files as they are, without ``migrate``: a newer version means upgrade,
-    an older one is refused with ``older_fix`` (how to rewrite it). ``where`` names the file in the
-    message (default ``path``; a URI for object storage).
+    Lazy scans (polars) read files as they are, without ``migrate``: a newer version means upgrade; an
+    older one is read when every version since only added nullable columns (they read as nulls, see
+    ``migrations.columns_added_since``), and refused otherwise with ``older_fix`` (how to rewrite it).
+    ``where`` names the file in the message (default ``path``; a URI for object storage).
     """
     version = file_schema_version(path, spec, filesystem)
     where = where or str(path)
@@ -155,11 +156,12 @@ def require_current_version(
             f"{where}: {spec.name} schema version {version} is newer than this tracelearn reads ({spec.version}); "
             "upgrade tracelearn"
         )
-    if version < spec.version:
+    if columns_added_since(spec, version) is None:
         raise SchemaVersionError(
             f"{where}: {spec.name} schema version {version} is older than {spec.version}; the lazy scan does not "
             f"migrate, {older_fix}"
         )
+    return version
 
 
 def read_table_file(path: Path, spec: TableSpec) -> pa.Table:

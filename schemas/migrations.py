@@ -16,20 +16,43 @@ Migration = Callable[[pa.Table], pa.Table]
 
 # (table name, version the migration reads) -> function producing version + 1.
 MIGRATIONS: dict[tuple[str, int], Migration] = {}
+# The migrations that only add nullable columns, and which: a lazy scan reads such files as they are,
+# the missing columns as nulls, so a dataset need not be rewritten when tracelearn is upgraded.
+COLUMN_ADDING: dict[tuple[str, int], frozenset[str]] = {}
 
 
 class SchemaVersionError(ValueError):
     """A file's schema version cannot be read by this tracelearn."""
 
 
-def register_migration(table: str, from_version: int) -> Callable[[Migration], Migration]:
-    """Decorator registering ``fn`` as the migration of ``table`` from ``from_version``."""
+def register_migration(
+    table: str, from_version: int, *, only_adds: tuple[str, ...] = ()
+) -> Callable[[Migration], Migration]:
+    """Decorator registering ``fn`` as the migration of ``table`` from ``from_version``.
+
+    ``only_adds``: the nullable columns the new version adds, when that is all it changes (the migration
+    returns its input), so a lazy scan can read files of the old version as they are.
+    """
 
     def register(fn: Migration) -> Migration:
         MIGRATIONS[(table, from_version)] = fn
+        if only_adds:
+            COLUMN_ADDING[(table, from_version)] = frozenset(only_adds)
         return fn
 
     return register
+
+
+def columns_added_since(spec: TableSpec, version: int) -> frozenset[str] | None:
+    """The columns added after ``version`` when files of it read as ``spec``'s current version with those
+    columns as nulls (every step since only added columns); ``None`` when they do not."""
+    added: frozenset[str] = frozenset()
+    for step in range(version, spec.version):
+        columns = COLUMN_ADDING.get((spec.name, step))
+        if columns is None:
+            return None
+        added |= columns
+    return added
 
 
 def conform(table: pa.Table, spec: TableSpec) -> pa.Table:
@@ -83,7 +106,9 @@ def _rollouts_v1_identity(table: pa.Table) -> pa.Table:
     )
 
 
-@register_migration("spans", 1)
+@register_migration(
+    "spans", 1, only_adds=("request_temperature", "request_top_p", "request_top_k", "messages_problem")
+)
 def spans_v1_to_v2(table: pa.Table) -> pa.Table:
     """Version 2 adds the sampling parameters (request_temperature, request_top_p, request_top_k) and
     messages_problem; files written before know none of them, so they are null (``conform`` adds them)."""

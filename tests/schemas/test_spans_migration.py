@@ -33,3 +33,46 @@ def test_a_version_1_spans_file_reads_with_the_new_columns_null(tmp_path: Path) 
     assert migrated.schema.equals(SPANS.schema)
     assert migrated.column("input_tokens").to_pylist() == [10, 20]
     assert all(migrated.column(name).null_count == 2 for name in ADDED_IN_2)
+
+
+def test_a_dataset_with_version_1_and_version_2_files_builds_without_a_rewrite(tmp_path: Path) -> None:
+    # A user upgrades tracelearn: yesterday's spans (version 1) and today's (version 2) build together.
+    from support.spans_factory import SpansFactory
+
+    from tracelearn.pipelines.build import build_transitions
+    from tracelearn.pipelines.spans_input import scan_spans
+
+    factory = SpansFactory(tmp_path / "data" / "spans")
+    root = factory.root(1, 0, 4, task_id="t-1")
+    factory.llm(1, root, 1, "What is 2 plus 2?", task_id="t-1")
+    factory.reward(1, root, 3, 1.0, task_id="t-1")
+    (written,) = factory.write()
+    v1 = pq.read_table(written)
+    v1 = v1.drop_columns(ADDED_IN_2).replace_schema_metadata({SCHEMA_VERSION_KEY: b"1", TABLE_NAME_KEY: b"spans"})
+    pq.write_table(v1, written)
+    today = SpansFactory(tmp_path / "data" / "spans")
+    root = today.root(2, 10, 14, task_id="t-1")
+    today.llm(2, root, 11, "What is 2 plus 2?", task_id="t-1")
+    today.reward(2, root, 13, 0.0, task_id="t-1")
+    today.write()
+
+    spans = scan_spans(tmp_path / "data").collect()
+    assert spans.height == 6 and spans.get_column("request_temperature").null_count() == 6
+    result = build_transitions(tmp_path / "data", tmp_path / "out")
+    assert result.summary["rollouts"] == 2 and result.summary["transitions"] == 2
+
+
+def test_an_older_file_missing_a_column_its_version_had_is_still_refused(tmp_path: Path) -> None:
+    import pytest
+
+    from tracelearn.pipelines.spans_input import scan_spans
+    from tracelearn.schemas.dataset import DatasetError
+
+    v1_schema = pa.schema([field for field in SPANS.schema if field.name not in [*ADDED_IN_2, "reward"]])
+    table = pa.table({field.name: pa.nulls(0, field.type) for field in v1_schema}, schema=v1_schema)
+    directory = tmp_path / "spans" / "date=2026-01-01" / "service=a"
+    directory.mkdir(parents=True)
+    pq.write_table(table.replace_schema_metadata({SCHEMA_VERSION_KEY: b"1", TABLE_NAME_KEY: b"spans"}),
+                   directory / "part-0.parquet")
+    with pytest.raises(DatasetError, match="column 'reward' is missing"):
+        scan_spans(tmp_path)
