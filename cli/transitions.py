@@ -35,6 +35,7 @@ SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
     ("rollouts rewarded by the function", "function_rewards"),
     ("  function input missing", "function_reward_missing_input"),
     ("  function raised", "function_reward_errors"),
+    ("    of which timed out", "function_reward_timeouts"),
     ("  function result not a finite number", "function_reward_invalid"),
     ("rollouts with a feedback reward", "feedback_rewards"),
     ("transitions", "transitions"),

@@ -106,6 +106,7 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "function_reward_missing_input",
     "function_reward_errors",
     "function_reward_invalid",
+    "function_reward_timeouts",
     "feedback_rewards",
     "transitions",
     "without_token_ids",
@@ -136,7 +137,8 @@ class BuildResult:
     ``dropped_without_reward``, ``without_reward`` (built rollouts with no reward, before the
     missing-reward policy), ``orphan_spans``, ``error_rollouts``, ``function_rewards`` (rollouts the
     reward function rewarded) and its failures by cause ``function_reward_missing_input``,
-    ``function_reward_errors``, ``function_reward_invalid`` (the first one is logged),
+    ``function_reward_errors`` (of which ``function_reward_timeouts`` did not return in time),
+    ``function_reward_invalid`` (the first one is logged),
     ``feedback_rewards`` (rollouts with a feedback reward), ``transitions`` (written),
     ``without_token_ids``, ``groups``, ``zero_signal_groups``, ``buckets`` (how many pieces the
     spans were built in), ``late_span_rollouts`` (rollouts this build rewrote with more spans than
@@ -288,6 +290,7 @@ def _build_bucket(
             "function_reward_missing_input": summary.function_reward_missing_input,
             "function_reward_errors": summary.function_reward_errors,
             "function_reward_invalid": summary.function_reward_invalid,
+            "function_reward_timeouts": summary.function_reward_timeouts,
             "feedback_rewards": summary.feedback_rewards,
             "transitions": counts["transitions"],
             "without_token_ids": counts["without_token_ids"],

@@ -86,6 +86,7 @@ class RolloutSummary:
     function_reward_missing_input: int = 0
     function_reward_errors: int = 0
     function_reward_invalid: int = 0
+    function_reward_timeouts: int = 0
     feedback_rewards: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,6 +351,7 @@ def rollout_summary(
         function_reward_missing_input=function.missing_input,
         function_reward_errors=function.errors,
         function_reward_invalid=function.invalid,
+        function_reward_timeouts=function.timeouts,
         feedback_rewards=feedback_rollouts,
     )
 

@@ -119,6 +119,16 @@ def test_the_cli_build_survives_sys_exit_in_a_reward_function_and_says_so(tmp_pa
     assert transitions.height == 3
 
 
+def test_the_cli_build_counts_reward_calls_that_timed_out(tmp_path: Path, pid_dir: Path) -> None:
+    write_tasks(tmp_path, ["ok", "sleep", "ok"])
+    completed = build_with(tmp_path, {"reward": {"function": "hostile_user_code:misbehave", "name": "score"},
+                                      "timeouts": {"reward_function_seconds": 1}})
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    timed_out = next(line for line in completed.stdout.splitlines() if "of which timed out" in line)
+    assert timed_out.strip("│ ").split()[-1] == "1", completed.stdout
+
+
 def test_the_cli_build_stops_on_a_stage_that_hangs_or_exits_naming_it(tmp_path: Path) -> None:
     write_tasks(tmp_path, ["ok"])
     completed = build_with(tmp_path, {"stages": ["hostile_user_code:hanging_stage"],
