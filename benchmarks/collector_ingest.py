@@ -4,10 +4,11 @@ backpressure under many clients, and what survives a ``kill -9``.
 Targets (issue 6, "Performance"):
 
 * **ingest**: spans per CPU-second of the sidecar process (``tracelearn collector serve``), durable
-  (a request is answered 200 only after its spans are fsynced into the write-ahead spool). Goal:
-  >= 20,000 spans per CPU-second on the 2-core development machine. After the run the sidecar is
-  stopped with SIGTERM (it rolls what it buffers into Parquet) and every acknowledged span is looked
-  up in the Parquet dataset: present exactly once.
+  (a request is answered 200 only after its body is fsynced into the write-ahead request log) and
+  converted into Parquet (behind the answers, ``TRACELEARN_ROLL_SECONDS`` 2 s here): the verdict
+  counts the server's CPU until every acknowledged span is in Parquet. Goal: >= 20,000 spans per
+  CPU-second on the 2-core development machine. After the run the sidecar is stopped with SIGTERM
+  and every acknowledged span is looked up in the Parquet dataset: present exactly once.
 * **compare**: the same bodies, the same client, the same concurrency against Agent Lightning 0.3.0's
   store server (``agl store``, OTLP/HTTP protobuf on ``/v1/traces``, in ``benchmarks/.venv-agl``):
   ratio of throughput (ours / agl), goal >= 3x, while ours is durable and its memory backend is not.
@@ -32,9 +33,10 @@ attempt ids suffixed with it, so no server sees a duplicate it could skip cheapl
 The load generator runs in separate processes (``multiprocessing`` spawn), each with its own
 keep-alive ``http.client`` connections (one thread per connection), so it never shares the server's
 GIL. Server CPU is read from ``/proc/PID/stat`` (utime + stime of the server process and its
-descendants) when the clients start and when the last one finishes; for the sidecar also through its
-exit (``os.wait4``), which adds the final roll of buffered rows into Parquet. Nothing is asserted on
-timings: the script prints ratios and PASS / BELOW TARGET lines.
+descendants) when the clients start and when the last one finishes; for the sidecar also when
+``/status`` says every acknowledged span is in Parquet (``spans_awaiting_conversion`` 0), and
+through its exit (``os.wait4``). Nothing is asserted on timings: the script prints ratios and PASS /
+BELOW TARGET lines.
 
     .venv/bin/python benchmarks/collector_ingest.py                      # all parts (~3 min)
     .venv/bin/python benchmarks/collector_ingest.py --quick              # short run of every part (~1 min)
@@ -108,6 +110,10 @@ DEFAULT_AGL = HERE / ".venv-agl" / "bin" / "agl"
 TRACELEARN = Path(sys.executable).parent / "tracelearn"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REQUEST_TIMEOUT_S = 120.0
+# The sidecar's TRACELEARN_ROLL_SECONDS in these runs (see ``start_sidecar``).
+ROLL_SECONDS = 2.0
+# How long to wait, after the last answer, for every acknowledged span to be in Parquet.
+CONVERSION_TIMEOUT_S = 600.0
 # After this many connection failures in a row a client thread gives up (the server is gone).
 MAX_CONSECUTIVE_ERRORS = 20
 
@@ -481,14 +487,25 @@ def _wait_until(what: str, condition: Any, process: subprocess.Popen[bytes], log
     raise RuntimeError(f"timed out waiting for {what}:\n{log_tail(log, 30)}")
 
 
-def start_sidecar(data: Path, log: Path, queue_bytes: int | None = None, extra: Sequence[str] = ()) -> ServerProcess:
-    """``tracelearn collector serve --data DATA --http 127.0.0.1:0 --grpc ''``; returns once ``/ready`` is 200."""
+def start_sidecar(
+    data: Path,
+    log: Path,
+    queue_bytes: int | None = None,
+    extra: Sequence[str] = (),
+    roll_seconds: float = ROLL_SECONDS,
+) -> ServerProcess:
+    """``tracelearn collector serve --data DATA --http 127.0.0.1:0 --grpc ''``; returns once ``/ready`` is 200.
+
+    ``roll_seconds`` (``TRACELEARN_ROLL_SECONDS``): how old a request log segment gets before it is
+    converted into Parquet; short, so the conversion runs during the run, as in a long-lived collector.
+    """
     command = [str(TRACELEARN), "collector", "serve", "--data", str(data), "--http", "127.0.0.1:0", "--grpc", ""]
     if queue_bytes is not None:
         command += ["--queue-bytes", str(queue_bytes)]
     command += list(extra)
+    env = {**os.environ, "TRACELEARN_ROLL_SECONDS": str(roll_seconds)}
     with log.open("ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     def banner() -> tuple[str, int] | None:
         match = re.search(r"OTLP/HTTP on http://([\d.]+):(\d+)", log.read_text(errors="replace"))
@@ -531,6 +548,17 @@ def agl_statistics(server: ServerProcess) -> dict[str, Any]:
     """The store's ``/v1/agl/statistics`` (``total_spans``, ``total_rollouts``, ...)."""
     answer: dict[str, Any] = http_json(f"{server.url}/v1/agl/statistics")
     return answer
+
+
+def wait_for_conversion(server: ServerProcess, timeout: float = CONVERSION_TIMEOUT_S) -> tuple[float, float] | None:
+    """Wait until the sidecar has every acknowledged span in Parquet; (its CPU seconds then, seconds waited)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        status = sidecar_status(server)
+        if status["spans_awaiting_conversion"] == 0 and status["conversion_backlog_bytes"] == 0:
+            return server.cpu_seconds(), time.monotonic() - started
+        time.sleep(0.05)
+    return None
 
 
 def sidecar_status(server: ServerProcess) -> dict[str, Any]:
@@ -879,7 +907,9 @@ class IngestResult:
     bodies_acked: int
     wall_s: float
     server_cpu_s: float  # CPU of the server from the first request to the last answer
-    server_cpu_through_exit_s: float | None  # ... to its exit (the sidecar's final roll into Parquet)
+    # The sidecar: ... until every acknowledged span is in Parquet (its conversion runs behind the answers)
+    server_cpu_in_parquet_s: float | None
+    server_cpu_through_exit_s: float | None  # ... to its exit
     p50_ms: float
     p99_ms: float
     bytes_per_span: float
@@ -894,6 +924,11 @@ class IngestResult:
     @property
     def spans_per_cpu_s(self) -> float:
         return self.spans_acked / self.server_cpu_s if self.server_cpu_s > 0 else math.nan
+
+    @property
+    def spans_per_cpu_s_in_parquet(self) -> float | None:
+        cpu = self.server_cpu_in_parquet_s
+        return self.spans_acked / cpu if cpu else None
 
     @property
     def spans_per_cpu_s_through_exit(self) -> float | None:
@@ -921,6 +956,7 @@ def measure_ingest(
     with _workdir(workdir, keep) as directory:
         server, workload = start_target(target, directory / target, workload, agl=agl)
         writes_before = server.write_bytes()
+        cpu_in_parquet = None
         try:
             run = run_clients(server, workload, clients, bodies=range(workload.bodies))
             writes = server.write_bytes() - writes_before
@@ -931,10 +967,15 @@ def measure_ingest(
                 notes.append(f"agl {stats['name']}: total_spans {stats['total_spans']}, "
                              f"{stats.get('total_span_bytes', 0) / 2**20:.0f} MiB of spans in memory")
             else:
+                in_parquet = wait_for_conversion(server)
                 status = sidecar_status(server)
                 notes.append(f"sidecar /status: accepted {status['spans_accepted']}, duplicate "
                              f"{status['spans_duplicate']}, rejected {status['spans_rejected']}, "
-                             f"commits {status['commits']}, files rolled {status['files_rolled']}")
+                             f"commits {status['commits']}, files written {status['files_rolled']}, "
+                             f"quarantined {status['spans_quarantined']}")
+                if in_parquet is not None:
+                    cpu_in_parquet = in_parquet[0] - run.server_cpu_at_go
+                    notes.append(f"all acknowledged spans in Parquet {in_parquet[1]:.1f} s after the last answer")
                 durable = True
         finally:
             ended = server.stop(signal.SIGTERM)
@@ -956,6 +997,7 @@ def measure_ingest(
             bodies_acked=len(run.report.acked),
             wall_s=run.wall_s,
             server_cpu_s=run.server_cpu_s,
+            server_cpu_in_parquet_s=cpu_in_parquet,
             server_cpu_through_exit_s=through_exit,
             p50_ms=percentile(latencies, 50) * 1e3,
             p99_ms=percentile(latencies, 99) * 1e3,
@@ -1000,7 +1042,9 @@ class ComparisonResult:
 
     @property
     def cpu_ratio(self) -> float:
-        return self.ours.spans_per_cpu_s / self.agl.spans_per_cpu_s
+        """Ours (all the way into Parquet) over agl (spans held in memory), spans per server CPU-second."""
+        ours = self.ours.spans_per_cpu_s_in_parquet or self.ours.spans_per_cpu_s
+        return ours / self.agl.spans_per_cpu_s
 
 
 def compare_with_agl(
@@ -1179,10 +1223,14 @@ def print_ingest_table(results: Sequence[IngestResult]) -> None:
         print(f"{name:<24}{r.clients:>8}{r.spans_acked:>13,}{r.wall_s:>8.2f}{r.server_cpu_s:>14.2f}"
               f"{r.spans_per_cpu_s:>13,.0f}{r.spans_per_wall_s:>14,.0f}{r.p50_ms:>8.0f}{r.p99_ms:>8.0f}"
               f"{r.write_bytes / 2**20:>10.0f}  {'yes (fsync before 200)' if r.durable else 'no (memory only)'}")
+        if r.target == "tracelearn" and r.server_cpu_in_parquet_s:
+            in_parquet = r.spans_per_cpu_s_in_parquet or math.nan
+            print(f"{'  ... all in Parquet':<24}{'':>8}{'':>13}{'':>8}{r.server_cpu_in_parquet_s:>14.2f}"
+                  f"{in_parquet:>13,.0f}   (adds the conversion into Parquet, behind the answers)")
         if r.target == "tracelearn" and r.server_cpu_through_exit_s:
             through = r.spans_per_cpu_s_through_exit or math.nan
             print(f"{'  ... through its exit':<24}{'':>8}{'':>13}{'':>8}{r.server_cpu_through_exit_s:>14.2f}"
-                  f"{through:>13,.0f}   (adds the SIGTERM roll of buffered rows into Parquet)")
+                  f"{through:>13,.0f}   (adds the shutdown)")
 
 
 def print_ingest_details(r: IngestResult) -> None:
@@ -1205,13 +1253,14 @@ def print_ingest_details(r: IngestResult) -> None:
 
 
 def print_ingest_verdict(r: IngestResult, gauge: float | None = None) -> None:
-    rate = r.spans_per_cpu_s
+    # Judged on spans in Parquet per CPU-second: acknowledging is cheaper, but the conversion must keep up.
+    rate = r.spans_per_cpu_s_in_parquet or math.nan
     share = f"; {rate / gauge:.2f} of the decode + rows gauge" if gauge else ""
     print(f"{verdict(rate >= GOAL_SPANS_PER_CPU_SECOND and bool(r.check and r.check.exact))}: "
-          f"ingest {rate:,.0f} spans per server CPU-second, durable, = {rate / GOAL_SPANS_PER_CPU_SECOND:.2f}x "
-          f"the goal of {GOAL_SPANS_PER_CPU_SECOND:,} (through the final Parquet roll: "
-          f"{(r.spans_per_cpu_s_through_exit or math.nan):,.0f}{share}); every acknowledged span in Parquet "
-          f"exactly once: {'yes' if r.check and r.check.exact else 'NO'}")
+          f"ingest {rate:,.0f} spans per server CPU-second all the way into Parquet = "
+          f"{rate / GOAL_SPANS_PER_CPU_SECOND:.2f}x the goal of {GOAL_SPANS_PER_CPU_SECOND:,} (acknowledged, durable "
+          f"in the request log: {r.spans_per_cpu_s:,.0f}{share}); every acknowledged span in Parquet exactly once: "
+          f"{'yes' if r.check and r.check.exact else 'NO'}")
 
 
 def print_comparison(c: ComparisonResult) -> None:

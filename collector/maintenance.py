@@ -66,7 +66,7 @@ class Maintenance:
         self.recent = recent
         self.key_index = key_index
         self._on_ready = on_ready
-        self._sealed: collections.deque[Path] = collections.deque()
+        self._sealed: collections.deque[tuple[Path, int]] = collections.deque()  # with their sizes
         self._backlog_bytes = 0
         self._lock = threading.Condition()
         self._finishing = False
@@ -87,8 +87,9 @@ class Maintenance:
         """Sealed request log segments, oldest first, to convert."""
         with self._lock:
             for path in paths:
-                self._sealed.append(path)
-                self._backlog_bytes += _size(path)
+                size = _size(path)
+                self._sealed.append((path, size))
+                self._backlog_bytes += size
             self._lock.notify()
 
     def finish(self) -> None:
@@ -177,12 +178,12 @@ class Maintenance:
             with self._lock:
                 if not self._sealed:
                     return
-                path = self._sealed[0]
+                path, size = self._sealed[0]
             if not self._convert(path):
                 return  # the disk refuses writes: retried on the next round
             with self._lock:
                 self._sealed.popleft()
-                self._backlog_bytes = max(0, self._backlog_bytes - _size(path))
+                self._backlog_bytes -= size
 
     def _convert(self, path: Path) -> bool:
         """Convert one of this process's segments; ``False`` when the disk refused (the segment stays)."""

@@ -46,6 +46,7 @@ from tracelearn.collector.backpressure import (
     WriteHealth,
     WriteQueue,
 )
+from tracelearn.collector.conversion import MAX_BATCH_BYTES
 from tracelearn.collector.dedup import DEFAULT_DEDUP_WINDOW, KeyIndex, RecentSpanKeys
 from tracelearn.collector.feedback import FeedbackError, FeedbackItem, append_feedback, check_dates, feedback_item
 from tracelearn.collector.group_commit import COMMIT_BYTES_PER_SPAN, GroupCommitter, PendingRequest
@@ -167,7 +168,7 @@ class OtlpReceiver:
             self.counters, self.health, self.recent, KeyIndex(spool, config.dedup_window), self._replayed,
         )
         self._committer = GroupCommitter(
-            RequestLog(spool, config.roll_bytes), self.recent, self.counters, self.health.failed,
+            RequestLog(spool, min(config.roll_bytes, MAX_BATCH_BYTES)), self.recent, self.counters, self.health.failed,
             self.maintenance.submit, config.roll_bytes, config.roll_seconds,
         )
         self._phase = Phase.STARTING

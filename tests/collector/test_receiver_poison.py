@@ -45,7 +45,8 @@ def status_of(url: str) -> dict[str, object]:
 
 
 def converted(url: str) -> bool:
-    return status_of(url)["spans_awaiting_conversion"] == 0
+    status = status_of(url)
+    return status["spans_awaiting_conversion"] == 0 and status["conversion_backlog_bytes"] == 0
 
 
 def quarantine_reasons(data: Path) -> list[dict[str, object]]:
