@@ -1,7 +1,8 @@
 """Landing spans as Parquet: span normalization into the spans table, the in-process OpenTelemetry
 exporter (a write-ahead spool appended and fsynced at the end of every rollout, ``spool``,
-``parquet_writer``), the OTLP receiver sidecar, and compaction (a partition's small files merged into
-large row groups, crash-safe next to a running writer).
+``spool_append``, ``parquet_writer``), the OTLP receiver sidecar, and compaction (a partition's small
+files merged into large row groups, crash-safe next to a running writer: ``compaction``,
+``compaction_plan``, ``compaction_safety``).
 
 The sidecar, one concern per module: ``sidecar`` (its life: bind, replay, serve, drain, close),
 ``otlp_http`` / ``http_bodies`` / ``otlp_grpc`` (the protocol fronts), ``receiver`` (the core they

@@ -1,9 +1,10 @@
 """Compaction: the small files of a spans partition merged into a few files with large row groups.
 
 Owns the work of ``tracelearn spans compact`` on one ``date=D/service=S`` directory: choosing the
-inputs, writing the merged files, the lock and journal files of a compaction, and finishing or
-rolling back a compaction a crash interrupted. May import tracelearn.schemas, the collector's
-atomic_files and spool modules, and pyarrow; never polars, torch or airflow.
+inputs (``compaction_plan``), writing the merged files, the lock and journal files of a compaction
+and finishing or rolling back a compaction a crash interrupted (``compaction_safety``). May import
+tracelearn.schemas, the collector's atomic_files, spool and compaction_* modules, and pyarrow;
+never polars, torch or airflow.
 
 Inputs. Only finished files: names ``part-*.parquet`` directly in the partition directory (never a
 ``.tmp-`` file being written, never ``_spool/``), modified at least ``min_age_seconds`` ago, whose
@@ -56,15 +57,12 @@ its token and that every input is still there, and rolls that output back if not
 over by mistake or an input deleted by hand cannot make rows appear twice or come back.
 """
 
-import contextlib
 import datetime as dt
-import enum
-import json
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,129 +70,71 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tracelearn.collector.atomic_files import (
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
     AtomicParquetWriter,
     fsync_directory,
     local_host,
     path_segment_safe,
-    process_gone,
 )
-from tracelearn.collector.spool import (
-    REQUEST_LOG_PREFIX,
-    REQUEST_LOG_SUFFIX,
-    SEGMENT_PREFIX,
-    SEGMENT_SUFFIX,
-    SPAN_KEY,
-    SPOOL_DIR,
-    SegmentName,
-    unique_rows,
+from tracelearn.collector.compaction_plan import (
+    PLANNED_BYTES_KEY,
+    InputFile,
+    PartitionPlan,
+    PlannedOutput,
+    SkippedFile,
+    plan_partition,
 )
-from tracelearn.schemas.dataset import DatasetError, file_schema_version
-from tracelearn.schemas.migrations import MIGRATIONS, SchemaVersionError, migrate
+from tracelearn.collector.compaction_safety import (
+    JOURNAL_PREFIX,
+    JOURNAL_SUFFIX,
+    LOCK_NAME,
+    WRITER_ID_PREFIX,
+    CompactionConflictError,
+    CompactionError,
+    CompactionEvent,
+    CompactionLockedError,
+    EventListener,
+    LockHolder,
+    Step,
+    delete_inputs,
+    ignore_event,
+    lock_still_held,
+    partition_lock,
+    read_journals,
+    recover_partition,
+    superseded_inputs,
+    write_journal,
+)
+from tracelearn.collector.spool import SPAN_KEY, SegmentName, unique_rows
+from tracelearn.schemas.migrations import migrate
 from tracelearn.schemas.tables import SPANS
+
+__all__ = [
+    "LOCK_NAME",
+    "MIB",
+    "MIN_AGE_SECONDS",
+    "CompactionConflictError",
+    "CompactionError",
+    "CompactionEvent",
+    "CompactionLockedError",
+    "CompactionReport",
+    "InputFile",
+    "PartitionPlan",
+    "PlannedOutput",
+    "SkippedFile",
+    "Step",
+    "compact",
+    "compact_partition",
+    "spans_table_root",
+    "superseded_inputs",
+]
 
 MIB = 1024 * 1024
 TARGET_BYTES = 128 * MIB
 ROW_GROUP_BYTES = 128 * MIB
 MIN_AGE_SECONDS = 60.0
 
-PART_PREFIX = "part-"
-PART_SUFFIX = ".parquet"
-LOCK_NAME = "_compaction.lock"
-JOURNAL_PREFIX = "_compaction-"
-JOURNAL_SUFFIX = ".json"
-JOURNAL_FORMAT = 1
-WRITER_ID_PREFIX = "compact"
-# Journal temps and the stale locks being taken over: a dot prefix like every temp file, and a name
-# of their own, so nothing but compaction ever matches them.
-COMPACTION_TEMP_PREFIX = f"{TEMP_PREFIX}compaction-"
-PLANNED_BYTES_KEY = b"tracelearn.compaction.planned_bytes"
 SORT_KEYS = [("trace_id", "ascending"), ("start_time", "ascending"), ("span_id", "ascending")]
 DATE_FORMAT = re.compile(r"\d{4}-\d{2}-\d{2}")
-
-# Lock tokens held in this process: a lock naming this pid but another token was left by an earlier
-# process that had the same pid (a restarted container's command is often pid 1).
-_HELD_TOKENS: set[str] = set()
-
-
-class CompactionError(Exception):
-    """Compaction cannot run as asked (no such data, a bad date, a broken journal)."""
-
-
-class CompactionLockedError(CompactionError):
-    """Another compaction of the partition holds its lock."""
-
-
-class CompactionConflictError(CompactionError):
-    """Someone else changed the partition's inputs or lock during the run; that output was rolled back."""
-
-
-class Step(enum.StrEnum):
-    """The points of a run that ``on_event`` hears about, in the order they happen per output."""
-
-    PLANNED = "planned"  # path: the partition; nbytes: what the run will read there
-    INPUT_READ = "input read"  # path: the input; nbytes: its size on disk
-    OUTPUT_WRITTEN = "output written"  # path: the temp file, every row in it, not yet renamed
-    JOURNAL_WRITTEN = "journal written"  # path: the journal
-    OUTPUT_RENAMED = "output renamed"  # path: the output, now visible next to its inputs
-    INPUT_DELETED = "input deleted"  # path: the deleted input
-
-
-@dataclass(frozen=True)
-class CompactionEvent:
-    step: Step
-    path: Path
-    nbytes: int = 0
-
-
-EventListener = Callable[[CompactionEvent], None]
-
-
-def _ignore(event: CompactionEvent) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """A finished file chosen for merging."""
-
-    path: Path
-    file_bytes: int  # on disk
-    planned_bytes: int  # uncompressed estimate, or the size a compaction planned the file at
-    rows: int
-    version: int
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    path: Path
-    reason: str
-
-
-@dataclass(frozen=True)
-class PlannedOutput:
-    inputs: tuple[InputFile, ...]
-
-    @property
-    def planned_bytes(self) -> int:
-        return sum(item.planned_bytes for item in self.inputs)
-
-    @property
-    def rows(self) -> int:
-        return sum(item.rows for item in self.inputs)
-
-    @property
-    def file_bytes(self) -> int:
-        return sum(item.file_bytes for item in self.inputs)
-
-
-@dataclass(frozen=True)
-class PartitionPlan:
-    directory: Path
-    outputs: tuple[PlannedOutput, ...]
-    skipped: tuple[SkippedFile, ...]
-
 
 @dataclass
 class CompactionReport:
@@ -260,344 +200,6 @@ def partition_directories(root: Path, date: str, service: str | None = None) -> 
         present = ", ".join(p.name.removeprefix("service=") for p in services) or "none"
         raise CompactionError(f"{wanted}: no such partition (services that day: {present})")
     return [wanted]
-
-
-# --- Choosing the inputs ----------------------------------------------------------------------------
-
-
-def migration_path_exists(version: int) -> bool:
-    """Whether registered migrations lift spans files of ``version`` to the current version."""
-    return all((SPANS.name, step) in MIGRATIONS for step in range(version, SPANS.version))
-
-
-def planned_size(metadata: pq.FileMetaData) -> int:
-    """A file's size for packing: what a compaction planned it at, else its uncompressed row groups."""
-    recorded = (metadata.metadata or {}).get(PLANNED_BYTES_KEY)
-    if recorded is not None and recorded.isdigit():
-        return int(recorded)
-    return sum(metadata.row_group(index).total_byte_size for index in range(metadata.num_row_groups))
-
-
-def inspect_file(
-    path: Path, now: float, min_age_seconds: float, target_bytes: int, spool: Path
-) -> InputFile | SkippedFile:
-    """``path`` as an input, or why it is left alone."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return SkippedFile(path, "deleted while the partition was being listed")
-    age = now - stat.st_mtime
-    if age < min_age_seconds:
-        return SkippedFile(path, f"modified {age:.0f} s ago, less than --min-age-seconds {min_age_seconds:g}")
-    # A sidecar's conversion batches after the first are named part-<stem>+<n>.parquet.
-    stem = path.name.removeprefix(PART_PREFIX).removesuffix(PART_SUFFIX).partition("+")[0]
-    if (spool / f"{SEGMENT_PREFIX}{stem}{SEGMENT_SUFFIX}").exists() or (
-        spool / f"{REQUEST_LOG_PREFIX}{stem}{REQUEST_LOG_SUFFIX}"
-    ).exists():
-        return SkippedFile(path, "its spool segment is still pending (a replay would write this file again)")
-    try:
-        version = file_schema_version(path, SPANS)
-        metadata = pq.read_metadata(path)
-    except (DatasetError, SchemaVersionError, OSError, pa.ArrowInvalid) as exc:
-        return SkippedFile(path, str(exc).removeprefix(f"{path}: "))
-    if version > SPANS.version:
-        return SkippedFile(path, f"schema version {version} is newer than this tracelearn's ({SPANS.version})")
-    if version < SPANS.version and not migration_path_exists(version):
-        return SkippedFile(path, f"schema version {version} has no migration to version {SPANS.version}")
-    if version == SPANS.version and not metadata.schema.to_arrow_schema().equals(SPANS.schema, check_metadata=False):
-        return SkippedFile(path, f"its columns are not those of spans schema version {SPANS.version}")
-    planned = planned_size(metadata)
-    if planned >= target_bytes:
-        return SkippedFile(path, f"already {planned / MIB:.1f} MiB, at or above the target")
-    return InputFile(path, stat.st_size, planned, metadata.num_rows, version)
-
-
-def pack_first_fit(inputs: Sequence[InputFile], target_bytes: int) -> list[list[InputFile]]:
-    """Groups of at most ``target_bytes``, each input in the first group it fits, inputs kept in order.
-
-    First-fit (not next-fit): an input opens a group only when it fits in none, so no two final
-    groups fit together, whatever the order of the next run's listing.
-    """
-    groups: list[list[InputFile]] = []
-    sizes: list[int] = []
-    for item in inputs:
-        for index, size in enumerate(sizes):
-            if size + item.planned_bytes <= target_bytes:
-                groups[index].append(item)
-                sizes[index] += item.planned_bytes
-                break
-        else:
-            groups.append([item])
-            sizes.append(item.planned_bytes)
-    return groups
-
-
-def plan_partition(directory: Path, target_bytes: int, min_age_seconds: float) -> PartitionPlan:
-    """Which files of the partition ``directory`` merge into which outputs, and which stay, and why."""
-    now = time.time()
-    spool = directory.parent.parent / SPOOL_DIR
-    inputs: list[InputFile] = []
-    skipped: list[SkippedFile] = []
-    for path in sorted(directory.glob(f"*{PART_SUFFIX}")):
-        if path.name.startswith((".", "_")):
-            continue  # invisible to readers, not ours to merge
-        checked = (
-            inspect_file(path, now, min_age_seconds, target_bytes, spool)
-            if path.name.startswith(PART_PREFIX)
-            else SkippedFile(path, "not a tracelearn part-*.parquet file")
-        )
-        if isinstance(checked, InputFile):
-            inputs.append(checked)
-        else:
-            skipped.append(checked)
-    outputs = []
-    for group in pack_first_fit(inputs, target_bytes):
-        if len(group) == 1:
-            skipped.append(SkippedFile(group[0].path, "no other small file fits with it"))
-        else:
-            outputs.append(PlannedOutput(tuple(group)))
-    return PartitionPlan(directory, tuple(outputs), tuple(sorted(skipped, key=lambda s: s.path)))
-
-
-# --- The lock ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LockHolder:
-    host: str
-    pid: int
-    token: str
-    since: str
-
-
-def read_lock(path: Path) -> LockHolder | None:
-    """Who holds the lock at ``path`` (``None``: nobody); raises ``CompactionLockedError`` when it names no one.
-
-    A lock without a readable holder is being written right now (O_EXCL creates it empty), or was
-    left so by a crash in that instant: only a person can tell which.
-    """
-    try:
-        fields = json.loads(path.read_text())
-        return LockHolder(str(fields["host"]), int(fields["pid"]), str(fields["token"]), str(fields["since"]))
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
-        if path.exists():
-            raise CompactionLockedError(
-                f"{path}: lock file without a readable holder (being taken right now, or left empty by a crash); "
-                "if no compaction of this partition runs, delete it"
-            ) from None
-        return None
-
-
-def lock_is_stale(holder: LockHolder) -> bool:
-    """Whether the holder has exited; a holder on another host cannot be checked, so it is not stale."""
-    if holder.host != local_host():
-        return False
-    if holder.pid == os.getpid():
-        return holder.token not in _HELD_TOKENS
-    return process_gone(holder.pid)
-
-
-def locked_message(path: Path, holder: LockHolder) -> str:
-    if holder.host == local_host():
-        return (
-            f"{path}: a compaction of this partition is running (pid {holder.pid}, since {holder.since}); wait for it"
-        )
-    return (
-        f"{path}: held by pid {holder.pid} on host {holder.host} since {holder.since}, which this host cannot check; "
-        "if no compaction runs there, delete the lock file"
-    )
-
-
-def _create_lock(path: Path, ours: LockHolder) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"host": ours.host, "pid": ours.pid, "token": ours.token, "since": ours.since}, handle)
-    return True
-
-
-def _take_over_stale(path: Path, stale: LockHolder, ours: LockHolder) -> None:
-    """Remove the lock if it is still ``stale``'s; a lock taken meanwhile by a live process stays."""
-    aside = path.parent / f"{COMPACTION_TEMP_PREFIX}stale-lock-{ours.token}"
-    try:
-        path.rename(aside)  # exactly one process moves a given lock file away
-    except FileNotFoundError:
-        return
-    try:
-        moved = read_lock(aside)
-        still_stale = moved is None or moved.token == stale.token
-    except CompactionLockedError:  # a lock being written by the process that just created it
-        moved, still_stale = None, False
-    if not still_stale:
-        # Another process took the lock between our read and our rename: give it back.
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-        aside.unlink(missing_ok=True)
-        raise CompactionLockedError(
-            locked_message(path, moved) if moved else f"{path}: just taken by another compaction"
-        )
-    aside.unlink(missing_ok=True)
-
-
-def acquire_lock(directory: Path) -> LockHolder:
-    """Hold the partition's lock, taking over one whose process on this host is gone."""
-    path = directory / LOCK_NAME
-    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    ours = LockHolder(local_host(), os.getpid(), uuid.uuid4().hex, now)
-    for _ in range(3):  # another try only after a stale lock was removed
-        if _create_lock(path, ours):
-            _HELD_TOKENS.add(ours.token)
-            return ours
-        holder = read_lock(path)
-        if holder is None:
-            continue  # released meanwhile
-        if not lock_is_stale(holder):
-            raise CompactionLockedError(locked_message(path, holder))
-        _take_over_stale(path, holder, ours)
-    raise CompactionLockedError(f"{path}: the lock keeps changing hands; try again")
-
-
-def lock_still_held(directory: Path, ours: LockHolder) -> bool:
-    holder = read_lock(directory / LOCK_NAME)
-    return holder is not None and holder.token == ours.token
-
-
-def release_lock(directory: Path, ours: LockHolder) -> None:
-    """Delete the lock if it is still ours."""
-    _HELD_TOKENS.discard(ours.token)
-    with contextlib.suppress(CompactionLockedError):
-        if lock_still_held(directory, ours):
-            (directory / LOCK_NAME).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def partition_lock(directory: Path) -> Iterator[LockHolder]:
-    ours = acquire_lock(directory)
-    try:
-        yield ours
-    finally:
-        release_lock(directory, ours)
-
-
-# --- Journals ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Journal:
-    """One output's commit record: while it exists, ``output`` may be visible next to ``inputs``."""
-
-    path: Path
-    output: str
-    inputs: tuple[str, ...]
-
-
-def write_journal(path: Path, output: str, inputs: Sequence[Path]) -> None:
-    """Write the journal ``path`` atomically (temp, fsync, rename, directory fsync)."""
-    payload = {
-        "format": JOURNAL_FORMAT,
-        "output": output,
-        "inputs": [item.name for item in inputs],
-        "host": local_host(),
-        "pid": os.getpid(),
-        "written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    temp = path.parent / f"{COMPACTION_TEMP_PREFIX}{path.name}.tmp"
-    try:
-        with temp.open("w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(path)
-        fsync_directory(path.parent)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def read_journals(directory: Path) -> list[Journal]:
-    """The journals in ``directory``; raises ``CompactionError`` naming one that cannot be understood."""
-    journals = []
-    for path in sorted(directory.glob(f"{JOURNAL_PREFIX}*{JOURNAL_SUFFIX}")):
-        try:
-            payload = json.loads(path.read_text())
-        except FileNotFoundError:
-            continue  # its compaction just finished
-        except ValueError as exc:
-            raise CompactionError(f"{path}: not a compaction journal ({exc}); nothing was changed") from None
-        names = _journal_names(payload)
-        if names is None:
-            raise CompactionError(f"{path}: not a compaction journal of format {JOURNAL_FORMAT}; nothing was changed")
-        output, inputs = names
-        for name in [output, *inputs]:
-            if Path(name).name != name or not name.startswith(PART_PREFIX):
-                raise CompactionError(f"{path}: names {name!r}, not a part file of this directory")
-        journals.append(Journal(path, output, inputs))
-    return journals
-
-
-def _journal_names(payload: object) -> tuple[str, tuple[str, ...]] | None:
-    """(output, inputs) of a parsed journal, ``None`` when it is not one of this format."""
-    if not isinstance(payload, dict) or payload.get("format") != JOURNAL_FORMAT:
-        return None
-    output, inputs = payload.get("output"), payload.get("inputs")
-    if not isinstance(output, str) or not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
-        return None
-    return output, tuple(inputs)
-
-
-def superseded_inputs(directory: Path, listed: Collection[str]) -> set[str]:
-    """Names in ``listed`` (one listing of ``directory``) whose rows a listed compaction output holds.
-
-    For a reader that does not de-duplicate: list the directory, drop these names, read the rest. An
-    input is dropped only when its output is in the same listing; if the journal is gone by the time
-    it is read, its inputs are gone too, and opening one raises ``FileNotFoundError``: list again.
-    """
-    present = set(listed)
-    superseded = {name for journal in read_journals(directory) if journal.output in present for name in journal.inputs}
-    return superseded & present
-
-
-def _delete_inputs(directory: Path, names: Sequence[str], on_event: EventListener) -> None:
-    for name in names:
-        path = directory / name
-        path.unlink(missing_ok=True)
-        on_event(CompactionEvent(Step.INPUT_DELETED, path))
-    fsync_directory(directory)
-
-
-def _output_temp_files(directory: Path, output: str | None = None) -> list[Path]:
-    """Temp files of compaction outputs (of ``output`` only, if given)."""
-    stem = output.removesuffix(PART_SUFFIX) if output else f"{PART_PREFIX}*-{WRITER_ID_PREFIX}*"
-    return sorted(directory.glob(f"{TEMP_PREFIX}{stem}-*{TEMP_SUFFIX}"))
-
-
-def recover_partition(directory: Path) -> list[str]:
-    """Finish (output present) or roll back (output absent) every journal; call with the lock held.
-
-    Also deletes the temp files of compactions that died before writing a journal: with the lock
-    held, no other compaction of this partition is running. Returns what was done, one line each.
-    """
-    done = []
-    for journal in read_journals(directory):
-        if (directory / journal.output).exists():
-            remaining = [name for name in journal.inputs if (directory / name).exists()]
-            _delete_inputs(directory, remaining, _ignore)
-            done.append(f"finished {journal.output}: deleted {len(remaining)} remaining inputs")
-        else:
-            for temp in _output_temp_files(directory, journal.output):
-                temp.unlink(missing_ok=True)
-            done.append(f"rolled back {journal.output}: its {len(journal.inputs)} inputs stay")
-        journal.path.unlink(missing_ok=True)
-        fsync_directory(directory)
-    leftovers = _output_temp_files(directory) + sorted(directory.glob(f"{COMPACTION_TEMP_PREFIX}{JOURNAL_PREFIX}*"))
-    for temp in leftovers:
-        temp.unlink(missing_ok=True)
-        done.append(f"deleted {temp.name}, left by an interrupted compaction")
-    return done
 
 
 # --- Merging ----------------------------------------------------------------------------------------
@@ -698,7 +300,7 @@ def commit_output(
             journal.unlink(missing_ok=True)
         raise  # an output already renamed in keeps its journal: the next run deletes its inputs
     on_event(CompactionEvent(Step.OUTPUT_RENAMED, output))
-    _delete_inputs(directory, [path.name for path in inputs], on_event)
+    delete_inputs(directory, [path.name for path in inputs], on_event)
     journal.unlink()
     fsync_directory(directory)
     return output
@@ -712,7 +314,7 @@ def compact_partition(
     min_age_seconds: float = MIN_AGE_SECONDS,
     compression: str = "zstd",
     dry_run: bool = False,
-    on_event: EventListener = _ignore,
+    on_event: EventListener = ignore_event,
 ) -> CompactionReport:
     """Merge the small files of one ``service=`` directory (see the module docstring)."""
     if dry_run:
@@ -762,7 +364,7 @@ def compact(
     min_age_seconds: float = MIN_AGE_SECONDS,
     compression: str = "zstd",
     dry_run: bool = False,
-    on_event: EventListener = _ignore,
+    on_event: EventListener = ignore_event,
 ) -> CompactionReport:
     """Compact every ``service=`` partition of ``date`` (or ``service``'s) of the spans dataset under ``data``."""
     if target_bytes <= 0 or row_group_bytes <= 0 or min_age_seconds < 0:

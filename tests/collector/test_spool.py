@@ -16,11 +16,11 @@ from tracelearn.collector.span_rows import SpanColumns, SpanRecord
 from tracelearn.collector.spool import (
     SPOOL_DIR,
     SegmentName,
-    Spool,
     read_segment,
     replay_spools,
     unique_rows,
 )
+from tracelearn.collector.spool_append import Spool
 from tracelearn.schemas.dataset import dataset_files, read_table
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, SPANS
 
@@ -179,7 +179,7 @@ def test_a_crash_between_a_roll_and_the_segment_deletion_never_duplicates_rows(t
         from pathlib import Path
         from test_spool import DAY_2, span_batches
         from tracelearn.collector.parquet_writer import PartitionedParquetWriter
-        from tracelearn.collector.spool import Spool
+        from tracelearn.collector.spool_append import Spool
         from tracelearn.schemas.tables import SPANS
 
         writer = PartitionedParquetWriter(Path({str(root)!r}), SPANS)
