@@ -13,7 +13,6 @@ May import: opentelemetry-sdk, tracelearn.collector (the Parquet exporter), trac
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from opentelemetry.trace import Tracer
 from tracelearn.collector.settings import CaptureSettings
 from tracelearn.collector.span_exporter import ParquetSpanExporter
 from tracelearn.instrumentation.span_processors import DurableBatchSpanProcessor
+from tracelearn.schemas import messages as mc
 from tracelearn.schemas import semconv as sc
 
 __all__ = ["SERVICE_NAME", "OptimizerSpans", "llm_call_attributes"]
@@ -47,8 +47,8 @@ class OptimizerSpans:
         self._provider.shutdown()
 
 
-def _parts_message(role: str, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": role, "parts": [{"type": "text", "content": text}]}
+def _with_finish_reason(reply: str, finish_reason: str | None) -> dict[str, Any]:
+    message = mc.openai_message_to_parts({"role": "assistant", "content": reply})
     if finish_reason is not None:
         message["finish_reason"] = finish_reason
     return message
@@ -62,10 +62,8 @@ def llm_call_attributes(model: str, messages: Sequence[Mapping[str, str]], reply
         sc.GEN_AI_OPERATION_NAME: "chat",
         sc.GEN_AI_PROVIDER_NAME: "openai",
         sc.GEN_AI_REQUEST_MODEL: model,
-        sc.GEN_AI_INPUT_MESSAGES: json.dumps([_parts_message(m["role"], m["content"]) for m in messages],
-                                             ensure_ascii=False),
-        sc.GEN_AI_OUTPUT_MESSAGES: json.dumps([_parts_message("assistant", reply, finish_reason)],
-                                              ensure_ascii=False),
+        sc.GEN_AI_INPUT_MESSAGES: mc.compact_json(mc.openai_messages_to_parts(list(messages))),
+        sc.GEN_AI_OUTPUT_MESSAGES: mc.compact_json([_with_finish_reason(reply, finish_reason)]),
     }
     if response_model:
         attributes[sc.GEN_AI_RESPONSE_MODEL] = response_model
