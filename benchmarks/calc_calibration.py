@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -42,11 +43,11 @@ TASKS = REPO / "examples" / "calc" / "products_heldout.jsonl"
 @dataclass(frozen=True)
 class VariantResult:
     flags: str
-    rows: list[dict[str, object]]
+    rows: list[dict[str, Any]]
     seconds: float
 
     def rate(self, key: str) -> tuple[int, int]:
-        hits = sum(1 for row in self.rows if (row[key] > 0 if key == "tool_calls" else row[key]))  # type: ignore[operator]
+        hits = sum(1 for row in self.rows if (row[key] > 0 if key == "tool_calls" else row[key]))
         return hits, len(self.rows)
 
     def mixed_tasks(self) -> tuple[int, int]:
@@ -65,7 +66,7 @@ def run_variant(base_url: str, model: str, flags: str, args: argparse.Namespace,
     command = [sys.executable, str(AGENT), "--tasks", str(args.tasks), "--limit", str(args.limit), "--samples",
                str(args.samples), "--seed", str(args.seed), "--concurrency", str(args.concurrency), "--model", model,
                *shlex.split(flags)]
-    lines: list[dict[str, object]] = []
+    lines: list[dict[str, Any]] = []
 
     def keep(line: str) -> None:
         if line.startswith("{"):
@@ -113,7 +114,7 @@ def main() -> None:
         table.add_column(column)
     for result in results:
         mixed, tasks = result.mixed_tasks()
-        turns = sum(int(row["turns"]) for row in result.rows) / max(len(result.rows), 1)  # type: ignore[call-overload]
+        turns = sum(int(row["turns"]) for row in result.rows) / max(len(result.rows), 1)
         table.add_row(result.flags or "(none)", _cell(*result.rate("tool_calls")), _cell(*result.rate("correct")),
                       f"{turns:.2f}", f"{mixed}/{tasks}", f"{result.seconds:.0f}")
     console.print(table)

@@ -8,7 +8,6 @@ larger ``--rounds``, it goes on from the last round. SIGTERM stops it like Ctrl-
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -20,7 +19,7 @@ import click
 from rich.console import Console
 
 from tracelearn.training.loop import LoopError, prepare_loop, run_loop, serve_production
-from tracelearn.training.loop_report import loop_rows, loop_table, plot_loop
+from tracelearn.training.loop_report import loop_table, write_loop_report
 from tracelearn.training.loop_spec import LoopSpec, LoopSpecError, load_loop_spec
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "calc" / "loop.yaml"
@@ -98,13 +97,10 @@ def loop(config_path: Path, rounds: int, workdir: Path, base_url: str | None, tr
             run_loop(spec, workdir, rounds, console=console, base_url=base_url)
     except LoopError as error:
         failure = str(error)
-    rows = loop_rows(workdir)
+    rows = write_loop_report(workdir)
     if rows:
         console.print(loop_table(rows))
-        plot = plot_loop(rows, workdir / "loop.png")
-        (workdir / "loop_rounds.json").write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n",
-                                                  encoding="utf-8")
-        console.print(f"plot: {plot}; per round: {workdir / 'rounds'}")
+        console.print(f"plot: {workdir / 'loop.png'}; per round: {workdir / 'rounds'}")
     if failure is not None:
         raise click.ClickException(f"the loop stopped: {failure}\n(earlier rounds and their promoted versions are "
                                    f"kept; fix the cause and run the same command to resume)")

@@ -45,10 +45,10 @@ import polars as pl
 from rich.console import Console
 
 from tracelearn.pipelines.build import build_transitions
-from tracelearn.pipelines.config import load_config
+from tracelearn.pipelines.config import PipelineConfigError, load_config
 from tracelearn.processes import ChildProcess, ChildProcessError, console_script, free_port, start_child
 from tracelearn.registry import REGISTRY_ENV, ArtifactVersion, Lineage, Registry, RegistryError, open_registry
-from tracelearn.training.config import load_train_config
+from tracelearn.training.config import TrainConfigError, load_train_config
 from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.evaluate import (
     EvalSpec,
@@ -65,7 +65,8 @@ from tracelearn.training.gate import GateConfig, GateConflictError, apply_gate, 
 from tracelearn.training.loop_evals import VersionEvaluations
 from tracelearn.training.loop_spec import LoopSpec
 
-__all__ = ["STEPS", "LoopError", "RoundState", "prepare_loop", "run_loop", "run_step", "serve_production"]
+__all__ = ["STEPS", "LoopContext", "LoopError", "RoundState", "prepare_loop", "run_loop", "run_step",
+           "serve_production", "wait_for_version"]
 
 STEPS: tuple[str, ...] = ("collect", "build", "train", "publish", "evaluate", "gate")
 SERVER_READY_TIMEOUT_S = 300.0
@@ -144,6 +145,11 @@ class LoopContext:
 def prepare_loop(spec: LoopSpec, workdir: Path, console: Console) -> Registry:
     """Check (or record) the workdir's settings and make sure production names a version: the starting
     model is published as version 1 of ``spec.name`` when the registry has none. Returns the registry."""
+    try:  # before anything runs: a broken config should not cost a collection first
+        eval_pipeline_config(spec.pipeline)  # also puts the repository root on sys.path for its reward function
+        load_train_config(spec.train)
+    except (PipelineConfigError, TrainConfigError) as error:
+        raise LoopError(str(error)) from None
     workdir.mkdir(parents=True, exist_ok=True)
     record = workdir / "loop.json"
     if record.exists():
@@ -202,8 +208,9 @@ def serve_production(spec: LoopSpec, registry: Registry, workdir: Path, console:
         yield base_url
 
 
-def _wait_for_version(base_url: str, version: ArtifactVersion, timeout_s: float = SWAP_TIMEOUT_S) -> float:
-    """Wait until the live server answers with ``version`` (it follows the alias); returns the seconds."""
+def wait_for_version(base_url: str, version: ArtifactVersion, timeout_s: float = SWAP_TIMEOUT_S) -> float | None:
+    """Wait until the live server answers with ``version`` (it follows the alias); returns the seconds, or
+    None for a server that does not say which version answers (vLLM, another OpenAI-compatible server)."""
     from tracelearn.serving.registry_models import registry_model_version
 
     wanted = registry_model_version(version)
@@ -212,7 +219,9 @@ def _wait_for_version(base_url: str, version: ArtifactVersion, timeout_s: float 
         state = _health(base_url)
         if state.get("model_version") == wanted:
             return time.monotonic() - started
-        if not state and not _answers(base_url):
+        if "model_version" not in state:
+            if _answers(base_url):
+                return None
             raise LoopError(f"the model server at {base_url} does not answer; is it running?")
         time.sleep(0.5)
     raise LoopError(f"the model server at {base_url} did not swap to {version.ref} within {timeout_s:.0f} s "
@@ -278,8 +287,10 @@ def _production_server(context: LoopContext, production: ArtifactVersion,
     """(base URL, model name) answering with ``production``: the live server once it has swapped to it,
     or a server started for the block."""
     if context.base_url is not None:
-        waited = _wait_for_version(context.base_url, production)
-        context.console.print(f"the live server answers with {production.ref} (waited {waited:.1f} s)")
+        waited = wait_for_version(context.base_url, production)
+        context.console.print(f"the live server answers with {production.ref} (waited {waited:.1f} s)" if waited
+                              is not None else f"the server at {context.base_url} does not report its model "
+                              f"version: collecting on the assumption that it serves {production.ref}")
         yield context.base_url, context.spec.name
         return
     with served_model(f"registry:{production.ref}", state.path, SERVER_READY_TIMEOUT_S, context.console,
@@ -321,7 +332,6 @@ def collect(context: LoopContext, state: RoundState) -> dict[str, Any]:
 def build(context: LoopContext, state: RoundState) -> dict[str, Any]:
     """Step 2: rollouts and credited transitions; stops the loop when the collection mostly failed."""
     config = load_config(context.spec.pipeline)
-    eval_pipeline_config(context.spec.pipeline)  # puts the repository root on sys.path for the reward function
     # The agent has exited and its spans are flushed: the watermark goes past the lateness allowance.
     now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=config.watermark.lateness_seconds + 1)
     result = build_transitions(state.data, state.data, config, now=now)

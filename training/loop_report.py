@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tracelearn.training.loop import RoundState
 
-__all__ = ["RoundRow", "loop_rows", "loop_table", "plot_loop"]
+__all__ = ["RoundRow", "loop_rows", "loop_table", "plot_loop", "write_loop_report"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,13 @@ def plot_loop(rows: list[RoundRow], path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def write_loop_report(workdir: Path) -> list[RoundRow]:
+    """The rows of ``workdir``'s rounds, also written as ``loop_rounds.json`` and plotted in ``loop.png``."""
+    rows = loop_rows(workdir)
+    if rows:
+        (workdir / "loop_rounds.json").write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n",
+                                                  encoding="utf-8")
+        plot_loop(rows, workdir / "loop.png")
+    return rows

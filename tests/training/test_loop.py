@@ -11,15 +11,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from rich.console import Console
+from support.scripted_llm_server import Reply, ScriptedError, ScriptedLLMServer
 from support.tiny_model import build_tiny_model
 
 from tracelearn.processes import free_port
@@ -136,6 +139,24 @@ def test_an_agent_that_crashes_stops_the_loop_with_the_reason(tiny_model: Path, 
     assert result.returncode == 1
     assert "round 1, step collect: the agent exited with code 1: no API key for the tool service" in result.stderr
     assert production(workdir) == 1 and not RoundState.load(workdir, 1).steps
+
+
+@pytest.mark.slow
+def test_a_collection_whose_model_calls_fail_stops_the_loop_with_the_first_error(
+    tiny_model: Path, tmp_path: Path, scripted_llm_server: ScriptedLLMServer
+) -> None:
+    def overloaded(body: dict[str, Any]) -> Reply:
+        raise ScriptedError(503, "the model server is overloaded")
+
+    scripted_llm_server.script = overloaded
+    config, workdir = write_loop(tmp_path / "spec", tiny_model, capture="exporter"), tmp_path / "loop"
+
+    result = run_loop_cli(config, workdir, "--rounds", "1", "--base-url", scripted_llm_server.base_url, timeout=300)
+
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert re.search(r"round 1, step build: 16 of 16 collected rollouts failed \(more than 50%\); the first error: "
+                     r".*overloaded", result.stderr), result.stderr
+    assert production(workdir) == 1 and list(RoundState.load(workdir, 1).steps) == ["collect"]
 
 
 @pytest.mark.slow
