@@ -37,8 +37,9 @@ import pyarrow as pa
 
 from tracelearn.collector.atomic_files import Partition, partition_directory
 from tracelearn.collector.dedup import KeyIndex
-from tracelearn.collector.otlp_decode import request_records
+from tracelearn.collector.otlp_decode import PROTOBUF_CONTENT_TYPE, protobuf_layout, request_records
 from tracelearn.collector.otlp_spans import DEFAULT_LIMITS, DecodedSpans, DecodeLimits, OtlpDecodeError
+from tracelearn.collector.otlp_wire import span_ids
 from tracelearn.collector.quarantine import Quarantine, entry_name
 from tracelearn.collector.request_log import LogReader, LogRecord
 from tracelearn.collector.span_rows import SpanColumns, SpanRecord
@@ -203,6 +204,35 @@ class _SegmentConversion:
         if self.quarantine.raw_bytes(entry, rest, reason, str(self.path)):
             logger.error("tracelearn collector: %s: %s; set aside in %s", self.path, reason, self.quarantine.directory)
         self.report.quarantined_segments += 1
+
+
+def logged_keys(path: Path, limits: DecodeLimits | None = None) -> bytes:
+    """trace_id + span_id (24 bytes each) of the spans a request log segment will land, read without converting.
+
+    What a starting collector remembers of a log it converts later, so that a retry of a span that
+    log holds is recognized meanwhile. Protobuf spans are read only up to their ids.
+    """
+    keys = bytearray()
+    for record in LogReader(path).records():
+        request = record.request
+        skipped = frozenset(request.skipped)
+        if request.media_type != PROTOBUF_CONTENT_TYPE:
+            limits = limits or DEFAULT_LIMITS
+            for _, span in request_records(request.body, request.media_type, limits, DecodedSpans(), skipped):
+                keys += span.trace_id.to_bytes(16, "big") + span.span_id.to_bytes(8, "big")
+            continue
+        try:
+            layout = protobuf_layout(request.body)
+        except OtlpDecodeError:
+            continue  # its conversion sets it aside
+        body, position = request.body, 0
+        for resource in layout.resources:
+            for scope in resource.scopes:
+                for start, end in zip(scope.starts, scope.ends, strict=True):
+                    if position not in skipped:
+                        keys += span_ids(body, start, end)
+                    position += 1
+    return bytes(keys)
 
 
 def convert_log_segment(

@@ -2,10 +2,12 @@
 
 One thread, in this order:
 
-1. **Start-up replay**: every spool segment and request log that exited writers on this host left
-   behind (a killed collector's, an agent's that died) becomes Parquet files (``spool.replay_spools``);
-   then the de-duplication window is seeded from the key index (``dedup.KeyIndex``, which the
-   replay has just extended) and from the rows the replay landed. Only then is the receiver ready.
+1. **Start-up replay**: every spool segment that exited writers on this host left behind (an
+   agent's that died) becomes Parquet files (``spool.replay_spools``); the request logs of an exited
+   collector are adopted: their keys are read (``conversion.logged_keys``, ids only: fast) and they
+   are queued for conversion like this process's own. The de-duplication window is seeded from the
+   key index (``dedup.KeyIndex``), the adopted logs' keys and the rows the replay landed. Only then
+   is the receiver ready: a backlog left by a crash is converted while it serves.
 2. **Conversion**: request log segments the committer sealed are converted one at a time, oldest
    first (``conversion.convert_log_segment``). A disk that refuses the writes leaves the segment for
    a retry a second later (``conversion_failures``); a segment that cannot be read at all goes to the
@@ -29,8 +31,8 @@ from pathlib import Path
 
 from tracelearn.collector.atomic_files import is_disk_error
 from tracelearn.collector.backpressure import PROBE_SECONDS, WriteHealth, probe_disk
-from tracelearn.collector.conversion import convert_log_segment
-from tracelearn.collector.dedup import KeyIndex, RecentSpanKeys
+from tracelearn.collector.conversion import convert_log_segment, logged_keys
+from tracelearn.collector.dedup import KEY_BYTES, KeyIndex, RecentSpanKeys
 from tracelearn.collector.metrics import ReceiverCounters
 from tracelearn.collector.otlp_spans import DecodeLimits
 from tracelearn.collector.request_log import log_segment_name
@@ -67,6 +69,7 @@ class Maintenance:
         self.key_index = key_index
         self._on_ready = on_ready
         self._sealed: collections.deque[tuple[Path, int]] = collections.deque()  # with their sizes
+        self._adopted: set[Path] = set()  # exited writers' request logs among them
         self._backlog_bytes = 0
         self._lock = threading.Condition()
         self._finishing = False
@@ -131,9 +134,9 @@ class Maintenance:
     def _replay_at_start(self) -> None:
         started = time.monotonic()
         try:
-            report = self._replay()
             keys = self.key_index.load()
             self.recent.add_all(keys[-self.recent.capacity :] if self.recent.capacity > 0 else [])
+            report = self._replay()
             self.recent.add_all(report.keys)
             logger.info(
                 "tracelearn collector: start-up replay done in %.1f s (%d keys seeded for de-duplication)",
@@ -154,7 +157,9 @@ class Maintenance:
             limits=self.limits,
             collect_keys=True,
             key_index=self.key_index,
+            request_logs=False,
         )
+        self._adopt(report.request_logs)
         if report.segments:
             logger.info(
                 "tracelearn collector: replayed %d spans from %d spool segments of exited writers into %d files "
@@ -172,6 +177,21 @@ class Maintenance:
             self.counters.spans_quarantined += report.quarantined_spans
             self.counters.segments_quarantined += report.quarantined_segments
         return report
+
+    def _adopt(self, paths: list[Path]) -> None:
+        """Queue exited writers' request logs for conversion, their keys in the window first."""
+        for path in paths:
+            if path in self._adopted:
+                continue
+            try:
+                keys = logged_keys(path, self.limits)
+            except (OSError, SegmentFormatError):
+                keys = b""  # its conversion sets it aside
+            self.recent.add_all(keys[i : i + KEY_BYTES] for i in range(0, len(keys), KEY_BYTES))
+            self._adopted.add(path)
+            self.submit([path])
+            logger.info("tracelearn collector: adopted %s of an exited collector (%d spans) for conversion", path.name,
+                        len(keys) // KEY_BYTES)
 
     def _convert_all(self) -> None:
         while True:
@@ -210,12 +230,18 @@ class Maintenance:
             logger.exception("tracelearn collector: %s cannot be converted", path)
             reason = f"cannot be converted: {type(exc).__name__}: {exc}"
             report = quarantine_segment(path, name, self.spans_root, reason)
+        adopted = path in self._adopted
+        self._adopted.discard(path)
         with self.counters.lock:
-            self.counters.spans_written += report.rows
+            if adopted:
+                self.counters.spans_replayed += report.rows
+            else:
+                self.counters.spans_written += report.rows
             self.counters.files_rolled += len(report.files)
             self.counters.spans_quarantined += report.quarantined_spans
             self.counters.segments_quarantined += report.quarantined_segments
-        self.own_spans_done += report.rows + report.quarantined_spans + report.duplicates
+        if not adopted:
+            self.own_spans_done += report.rows + report.quarantined_spans + report.duplicates
         logger.info(
             "tracelearn collector: converted %d spans (%d bytes of requests) into %d Parquet files in %.2f s",
             report.rows,

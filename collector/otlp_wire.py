@@ -254,6 +254,26 @@ def check_parse_cost(buf: Body, start: int, end: int, kind: str) -> None:
         )
 
 
+def span_ids(body: Body, start: int, end: int) -> bytes:
+    """trace_id (field 1) + span_id (field 2) of the span in ``body[start:end]``, read from the wire only.
+
+    Empty when the span lacks either (it is rejected when parsed). Exporters write the ids first,
+    so this reads two fields.
+    """
+    trace_id = span_id = b""
+    try:
+        for number, value_start, value_end in length_delimited_fields(body, start, end):
+            if number == 1:
+                trace_id = bytes(body[value_start:value_end])
+            elif number == 2:
+                span_id = bytes(body[value_start:value_end])
+            if trace_id and span_id:
+                break
+    except WireFormatError:
+        return b""
+    return trace_id + span_id if len(trace_id) == 16 and len(span_id) == 8 else b""
+
+
 def parse_span(body: Body, start: int, end: int) -> Span:
     """The span in ``body[start:end]``; raises ``DenseMessageError`` or protobuf's ``DecodeError``."""
     check_parse_cost(body, start, end, "span")

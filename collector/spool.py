@@ -214,6 +214,7 @@ class ReplayReport:
     quarantined_segments: int = 0  # segments (or their damaged rest) set aside whole
     keys: list[bytes] = field(default_factory=list)  # trace_id + span_id of the rows landed (when asked)
     truncated_values: int = 0
+    request_logs: list[Path] = field(default_factory=list)  # exited writers' request logs left to the caller
 
     def add(self, other: "ReplayReport") -> None:
         self.segments += other.segments
@@ -225,6 +226,7 @@ class ReplayReport:
         self.quarantined_segments += other.quarantined_segments
         self.keys.extend(other.keys)
         self.truncated_values += other.truncated_values
+        self.request_logs.extend(other.request_logs)
 
 
 def table_keys(table: pa.Table) -> list[bytes]:
@@ -326,6 +328,7 @@ def replay_spools(
     limits: "DecodeLimits | None" = None,
     collect_keys: bool = False,
     key_index: "KeyIndex | None" = None,
+    request_logs: bool = True,
 ) -> ReplayReport:
     """Replay every segment under ``root/_spool`` whose writer (on this host) has exited.
 
@@ -337,8 +340,9 @@ def replay_spools(
     (``root/_quarantine``) with its reason, and the others go on. ``collect_keys``: report each
     landed row's key (for de-duplication). The keys of replayed request logs go to ``key_index``
     (by default the sidecar's, ``root/_spool/dedup-*.keys``), so that a collector started later
-    recognizes retries of them. Raises ``OSError`` when the disk refuses writes; whatever was
-    replayed before stays replayed.
+    recognizes retries of them. ``request_logs=False`` leaves the request logs to the caller (listed
+    in ``request_logs``: a starting collector converts them while it serves). Raises ``OSError`` when
+    the disk refuses writes; whatever was replayed before stays replayed.
     """
     report = ReplayReport()
     directory = root / SPOOL_DIR
@@ -349,6 +353,9 @@ def replay_spools(
         log_name = SegmentName.parse(path.name, REQUEST_LOG_PREFIX, REQUEST_LOG_SUFFIX)
         name = arrow_name or log_name
         if name is None or not writer_gone(name):
+            continue
+        if arrow_name is None and not request_logs:
+            report.request_logs.append(path)
             continue
         try:
             if arrow_name is not None:

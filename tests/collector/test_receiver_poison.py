@@ -152,8 +152,9 @@ def test_replay_sets_a_bad_segment_aside_and_replays_the_others(tmp_path: Path) 
 
     sidecar = start_sidecar_process(data)
     try:
+        assert get(sidecar.url, "/ready")[0] == 200, "ready at once: the logs it adopted convert while it serves"
+        wait_for(lambda: converted(sidecar.url), 30, "the conversion of the adopted logs")
         status = status_of(sidecar.url)
-        assert sidecar.process.poll() is None and get(sidecar.url, "/ready")[0] == 200
         assert post(sidecar.port, TRACES, otlp_body(sdk_spans(2)))[0] == 200, "serving after the replay"
     finally:
         output = sidecar.stop(signal.SIGTERM)
