@@ -15,14 +15,9 @@ from rich.console import Console
 from tracelearn.registry import RegistryError
 from tracelearn.serving.model_store import REGISTRY_PREFIX, ModelNotFoundError, resolve_model
 from tracelearn.training.config import TrainConfig
-from tracelearn.training.verl_backend import (
-    VerlJobError,
-    VerlNotAvailableError,
-    find_verl_python,
-    prepare_verl_job,
-    run_verl_job,
-    verl_command,
-)
+from tracelearn.training.verl_backend import VerlCheckpointError, VerlJobError, latest_verl_checkpoint, prepare_verl_job
+from tracelearn.training.verl_environment import VerlNotAvailableError, find_verl_python
+from tracelearn.training.verl_runtime import run_verl_job, verl_command
 
 
 def verl_model_path(model: str) -> str:
@@ -62,5 +57,12 @@ def run_verl(console: Console, transitions: Path, model: str, out: Path, config:
     console.print("$ " + " ".join(verl_command(job, python)[:3]) + " ...", style="dim")
     status = run_verl_job(job, python, out / "verl.log")
     if status != 0:
-        raise click.ClickException(f"the verl job exited with status {status}; its log: {out / 'verl.log'}")
-    console.print(f"verl checkpoints: {job.paths.checkpoints}")
+        raise click.ClickException(
+            f"the verl job exited with status {status}; its logs: {out / 'verl.log'}"
+            + (f", {out / 'merge.log'}" if job.lora else "")
+        )
+    try:
+        weights = latest_verl_checkpoint(job.paths.directory, lora=job.lora)
+    except VerlCheckpointError as error:
+        raise click.ClickException(str(error)) from error
+    console.print(f"verl checkpoint ({'LoRA adapter' if job.lora else 'model'}): {weights}")

@@ -1,8 +1,10 @@
 """Transitions -> the Parquet files verl trains from: RL prompts, SFT conversations, on-policy replay.
 
-Contracts (checked against volcengine/verl ``verl/utils/dataset/rl_dataset.py``,
-``verl/utils/dataset/multiturn_sft_dataset.py``, ``examples/data_preprocess/gsm8k.py`` and
-``verl/experimental/agent_loop/agent_loop.py``):
+Contracts (verl 0.9.1, the version ``tracelearn.training.verl_backend`` pins: ``RLHFDataset`` in
+``verl/utils/dataset/rl_dataset.py``, ``MultiTurnSFTDataset`` in
+``verl/utils/dataset/multiturn_sft_dataset.py``, the agent loop in
+``verl/experimental/agent_loop/agent_loop.py`` and ``verl/trainer/ppo/v1/agent_loop_tq.py``; the
+contract tests in ``tests/contracts/`` load these files with verl's own classes):
 
 - **verl-rl** (:func:`to_verl_rl`): ``RLHFDataset`` reads ``prompt`` (its ``prompt_key``) as a chat
   list and applies the tokenizer's chat template itself, so the prompt is ``list<struct{role,
@@ -11,13 +13,18 @@ Contracts (checked against volcengine/verl ``verl/utils/dataset/rl_dataset.py``,
   ``extra_info`` carries the provenance of the first rollout that had the prompt (by ``rollout_id``)
   plus ``n_rollouts`` and that rollout's ``reward`` and ``advantage``.
 - **verl-sft** (:func:`to_verl_sft`): ``MultiTurnSFTDataset`` reads ``messages`` (its
-  ``messages_key``): one row per transition, the prompt messages followed by the response messages
-  (with ``tool_calls``, ``tool_call_id`` and ``name`` kept), optionally only rows whose reward is at
-  least ``min_reward`` (SFT on good traces).
-- **verl-replay** (:func:`to_verl_replay`): the RL row of every transition plus the fields of
-  ``AgentLoopOutput`` (``prompt_ids``, ``response_ids``, ``response_mask``, ``response_logprobs``,
-  ``reward_score``) and ``advantage``, so an agent loop can return the stored on-policy tokens
-  without retokenizing; setting ``reward_score`` makes verl skip its reward function. Rows without
+  ``messages_key``): one row per transition, the prompt messages followed by the response messages,
+  optionally only rows whose reward is at least ``min_reward`` (SFT on good traces). A Parquet column
+  has one struct type, so a message field is written only when some message of the export has it
+  (``tool_calls``, ``tool_call_id``, ``name``; a conversation without tools has ``role`` and
+  ``content`` alone, and no chat template sees a null ``name``), and tool-call arguments are JSON
+  objects as chat templates expect them (verl's own examples do the same), unless the export's
+  arguments do not fit one Arrow type: then they stay JSON text (``VerlExport.notes`` says so).
+- **verl-replay** (:func:`to_verl_replay`): the RL row of every transition plus one struct column,
+  ``tracelearn_replay{prompt_ids, response_ids, response_mask, response_logprobs, advantage}``: the
+  stored tokens the replay agent loop returns instead of sampling. One column under a name verl never
+  uses, because verl hands every dataset column to the agent loop and (trainer V1) merges them into
+  its own sample: a column named ``response_mask`` would replace verl's tensor mask. Rows without
   token ids cannot be replayed and are dropped and counted.
 
 Known gaps, stated rather than hidden: the transitions table holds no tool definitions and no
@@ -32,16 +39,23 @@ dropped and reported with its trace and span id.
 """
 
 import hashlib
-import json
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from tracelearn.collector.atomic_files import write_parquet_atomically
+from tracelearn.pipelines.export_messages import (
+    ARGUMENTS_AS_TEXT,
+    CHAT_MESSAGE,
+    ERROR,
+    MESSAGE,
+    PROMPT,
+    RESPONSE,
+    parse_messages,
+    sft_messages,
+)
 from tracelearn.pipelines.stats import transitions_directory
 from tracelearn.schemas.dataset import DatasetError, read_table
 
@@ -49,7 +63,9 @@ __all__ = [
     "CHAT_MESSAGE",
     "EXTRA_INFO",
     "MESSAGE",
+    "REPLAY_COLUMN",
     "REPLAY_SCHEMA",
+    "REPLAY_TOKENS",
     "RL_SCHEMA",
     "SFT_SCHEMA",
     "BadMessages",
@@ -57,6 +73,7 @@ __all__ = [
     "VerlExport",
     "assign_split",
     "load_transitions",
+    "replay_field",
     "to_verl_replay",
     "to_verl_rl",
     "to_verl_sft",
@@ -71,23 +88,6 @@ DEFAULT_ABILITY = "agent"
 REWARD_STYLE = "rule"
 
 # Arrow types of the files, fixed at the write edge (polars would write large/view types).
-CHAT_MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
-TOOL_CALL = pa.struct(
-    [
-        pa.field("id", pa.string()),
-        pa.field("type", pa.string()),
-        pa.field("function", pa.struct([pa.field("name", pa.string()), pa.field("arguments", pa.string())])),
-    ]
-)
-MESSAGE = pa.struct(
-    [
-        pa.field("role", pa.string()),
-        pa.field("content", pa.string()),
-        pa.field("tool_calls", pa.list_(TOOL_CALL)),
-        pa.field("tool_call_id", pa.string()),
-        pa.field("name", pa.string()),
-    ]
-)
 REWARD_MODEL = pa.struct([pa.field("style", pa.string()), pa.field("ground_truth", pa.string())])
 EXTRA_INFO = pa.struct(
     [
@@ -112,33 +112,27 @@ _RL_FIELDS = [
     pa.field("extra_info", EXTRA_INFO),
 ]
 RL_SCHEMA = pa.schema(_RL_FIELDS)
-REPLAY_SCHEMA = pa.schema(
+# The stored tokens of a replay row, under one column name verl never uses (see the module docstring).
+REPLAY_COLUMN = "tracelearn_replay"
+REPLAY_TOKENS = pa.struct(
     [
-        *_RL_FIELDS,
         pa.field("prompt_ids", pa.list_(pa.int32())),
         pa.field("response_ids", pa.list_(pa.int32())),
         pa.field("response_mask", pa.list_(pa.int8())),
         pa.field("response_logprobs", pa.list_(pa.float32())),
-        pa.field("reward_score", pa.float64()),
         pa.field("advantage", pa.float64()),
     ]
 )
+REPLAY_SCHEMA = pa.schema([*_RL_FIELDS, pa.field(REPLAY_COLUMN, REPLAY_TOKENS)])
+# An SFT export's schema when no message has tool calls, a tool call id or a name; otherwise
+# ``messages`` holds those fields too (see ``sft_messages``).
 SFT_SCHEMA = pa.schema(
     [
         pa.field("data_source", pa.string()),
-        pa.field("messages", pa.list_(MESSAGE)),
+        pa.field("messages", pa.list_(CHAT_MESSAGE)),
         pa.field("extra_info", EXTRA_INFO),
     ]
 )
-
-_MESSAGES_DTYPE = pl.List(pl.Series(pa.array([], MESSAGE)).dtype)
-_PARSED_DTYPE = pl.Struct({"messages": _MESSAGES_DTYPE, "error": pl.String})
-_TASK_KEY = "__task_key"
-_PROMPT = "__prompt"
-_RESPONSE = "__response"
-_ERROR = "__messages_error"
-
-
 class ExportError(ValueError):
     """The transitions cannot be exported as asked (path, config hash, nothing to export)."""
 
@@ -158,12 +152,19 @@ class VerlExport:
 
     ``skipped`` counts dropped transitions by reason: ``bad_messages`` (listed in ``bad_messages``),
     ``without_token_ids`` (replay), ``below_min_reward`` (SFT), ``duplicate_prompt`` (RL).
+    ``notes`` says where the files differ from the usual shape (SFT tool arguments left as JSON text).
     """
 
     splits: dict[str, pl.DataFrame]
     schema: pa.Schema
     skipped: dict[str, int] = field(default_factory=dict)
     bad_messages: list[BadMessages] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def replay_field(name: str) -> pl.Expr:
+    """One field of a replay row's stored tokens (``prompt_ids``, ``response_ids``, ...)."""
+    return pl.col(REPLAY_COLUMN).struct.field(name)
 
 
 def load_transitions(path: Path, config_hash_prefix: str | None = None) -> pl.LazyFrame:
@@ -223,93 +224,15 @@ def assign_split(frame: pl.LazyFrame, val_fraction: float) -> pl.LazyFrame:
     )
 
 
-def _text_content(content: Any) -> str | None:
-    """OpenAI content as text: a string, or the text parts of a content-part list joined."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
-    raise ValueError(f"content is {type(content).__name__}, expected a string or a list of parts")
-
-
-def _tool_call(call: Any) -> dict[str, Any]:
-    if not isinstance(call, Mapping):
-        raise ValueError(f"a tool call is {type(call).__name__}, expected an object")
-    function = call.get("function") or {}
-    arguments = function.get("arguments")
-    return {
-        "id": call.get("id"),
-        "type": call.get("type", "function"),
-        # OpenAI sends arguments as JSON text; a parsed object is kept as the same text.
-        "function": {
-            "name": function.get("name"),
-            "arguments": arguments if arguments is None or isinstance(arguments, str) else json.dumps(arguments),
-        },
-    }
-
-
-def _message(raw: Any, default_role: str | None) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"a message is {type(raw).__name__}, expected an object")
-    role = raw.get("role", default_role)
-    if not isinstance(role, str):
-        raise ValueError("a message has no role")
-    tool_calls = raw.get("tool_calls")
-    return {
-        "role": role,
-        "content": _text_content(raw.get("content")),
-        "tool_calls": None if tool_calls is None else [_tool_call(call) for call in tool_calls],
-        "tool_call_id": raw.get("tool_call_id"),
-        "name": raw.get("name"),
-    }
-
-
-def _parse_messages(text: str | None, default_role: str | None) -> dict[str, Any]:
-    try:
-        if text is None:
-            raise ValueError("no messages")
-        decoded = json.loads(text)
-        if not isinstance(decoded, list):
-            raise ValueError(f"JSON is {type(decoded).__name__}, expected a list of messages")
-        return {"messages": [_message(raw, default_role) for raw in decoded], "error": None}
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        return {"messages": None, "error": str(exc)}
-
-
-def _messages_parser(default_role: str | None) -> Callable[[pl.Series], pl.Series]:
-    # Python, not ``str.json_decode``: polars aborts the whole column on the first bad row, and a
-    # bad row must be reported by its ids, not crash the export. Export is a batch step, not a hot path.
-    def parse(texts: pl.Series) -> pl.Series:
-        return pl.Series([_parse_messages(text, default_role) for text in texts], dtype=_PARSED_DTYPE)
-
-    return parse
-
-
-def parse_messages(frame: pl.LazyFrame) -> pl.LazyFrame:
-    """Parse the JSON messages: reads ``prompt_messages`` and ``response``; adds ``__prompt``,
-    ``__response`` (lists of MESSAGE structs, response roles default to ``assistant``) and
-    ``__messages_error`` (null when both parsed)."""
-    prompt = pl.col("prompt_messages").map_batches(_messages_parser(None), return_dtype=_PARSED_DTYPE)
-    response = pl.col("response").map_batches(_messages_parser("assistant"), return_dtype=_PARSED_DTYPE)
-    return frame.with_columns(prompt.alias(_PROMPT), response.alias(_RESPONSE)).with_columns(
-        pl.coalesce(
-            pl.concat_str(pl.lit("prompt_messages: "), pl.col(_PROMPT).struct.field("error")),
-            pl.concat_str(pl.lit("response: "), pl.col(_RESPONSE).struct.field("error")),
-        ).alias(_ERROR),
-        pl.col(_PROMPT).struct.field("messages").alias(_PROMPT),
-        pl.col(_RESPONSE).struct.field("messages").alias(_RESPONSE),
-    )
-
-
 def _split_off_bad_messages(frame: pl.DataFrame, export: VerlExport) -> pl.DataFrame:
     """Record the rows whose messages did not parse in ``export``; return the others."""
-    bad = frame.filter(pl.col(_ERROR).is_not_null())
+    bad = frame.filter(pl.col(ERROR).is_not_null())
     export.skipped["bad_messages"] = bad.height
     export.bad_messages = [
-        BadMessages(row["trace_id"], row["span_id"], row[_ERROR])
-        for row in bad.select("trace_id", "span_id", _ERROR).iter_rows(named=True)
+        BadMessages(row["trace_id"], row["span_id"], row[ERROR])
+        for row in bad.select("trace_id", "span_id", ERROR).iter_rows(named=True)
     ]
-    return frame.filter(pl.col(_ERROR).is_null())
+    return frame.filter(pl.col(ERROR).is_null())
 
 
 def _extra_info(n_rollouts: pl.Expr) -> pl.Expr:
@@ -330,7 +253,7 @@ def _extra_info(n_rollouts: pl.Expr) -> pl.Expr:
 
 
 def _rl_columns(data_source: str, ability: str, n_rollouts: pl.Expr) -> list[pl.Expr]:
-    chat = pl.col(_PROMPT).list.eval(pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content")))
+    chat = pl.col(PROMPT).list.eval(pl.struct(pl.element().struct.field("role"), pl.element().struct.field("content")))
     return [
         pl.lit(data_source).alias("data_source"),
         chat.alias("prompt"),
@@ -391,11 +314,12 @@ def to_verl_replay(
     data_source: str = DEFAULT_DATA_SOURCE,
     ability: str = DEFAULT_ABILITY,
 ) -> VerlExport:
-    """One row per transition with stored tokens: the RL columns plus AgentLoopOutput's (REPLAY_SCHEMA).
+    """One row per transition with stored tokens: the RL columns plus ``tracelearn_replay`` (REPLAY_SCHEMA).
 
-    Reads the TRANSITIONS columns; ``response_mask`` is ``loss_mask`` (all ones when null),
-    ``reward_score`` the ``credited_reward``. Transitions without prompt or response token ids are
-    dropped and counted as ``without_token_ids``.
+    Reads the TRANSITIONS columns; ``tracelearn_replay`` holds the server's ``prompt_ids`` and
+    ``response_ids``, ``response_mask`` (the ``loss_mask``, all ones when null), ``response_logprobs``
+    and ``advantage``; the transition's reward stays in ``extra_info.reward``. Transitions without prompt or
+    response token ids are dropped and counted as ``without_token_ids``.
     """
     export = VerlExport(splits={}, schema=REPLAY_SCHEMA)
     has_tokens = pl.col("prompt_token_ids").is_not_null() & pl.col("response_token_ids").is_not_null()
@@ -405,12 +329,13 @@ def to_verl_replay(
     all_ones = pl.col("response_token_ids").list.eval(pl.lit(1, dtype=pl.Int8))
     rows = _with_index(parsed, ["split", "task_id", "rollout_id", "step_index"]).select(
         *_rl_columns(data_source, ability, pl.lit(1)),
-        pl.col("prompt_token_ids").alias("prompt_ids"),
-        pl.col("response_token_ids").alias("response_ids"),
-        pl.coalesce("loss_mask", all_ones).alias("response_mask"),
-        pl.col("response_logprobs"),
-        pl.col("credited_reward").alias("reward_score"),
-        pl.col("advantage"),
+        pl.struct(
+            pl.col("prompt_token_ids").alias("prompt_ids"),
+            pl.col("response_token_ids").alias("response_ids"),
+            pl.coalesce("loss_mask", all_ones).alias("response_mask"),
+            pl.col("response_logprobs"),
+            pl.col("advantage"),
+        ).alias(REPLAY_COLUMN),
     )
     return _into_splits(rows.with_columns(pl.col("extra_info").struct.field("split")), export)
 
@@ -433,9 +358,14 @@ def to_verl_sft(
     parsed = _split_off_bad_messages(frame.filter(good_enough), export)
     rows = _with_index(parsed, ["split", "task_id", "rollout_id", "step_index"]).select(
         pl.lit(data_source).alias("data_source"),
-        pl.concat_list(_PROMPT, _RESPONSE).alias("messages"),
+        pl.concat_list(PROMPT, RESPONSE).alias("messages"),
         _extra_info(pl.lit(1)),
     )
+    messages, arguments_as_text = sft_messages(rows["messages"].to_list())
+    if arguments_as_text:
+        export.notes.append(ARGUMENTS_AS_TEXT)
+    export.schema = SFT_SCHEMA.set(1, pa.field("messages", messages.type))
+    rows = rows.with_columns(pl.Series("messages", pl.from_arrow(messages)))
     return _into_splits(rows.with_columns(pl.col("extra_info").struct.field("split")), export)
 
 

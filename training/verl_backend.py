@@ -3,21 +3,25 @@
 Owns the job directory ``OUT/verl/`` and what runs there:
 
 - ``train.parquet`` / ``val.parquet``: verl-replay rows (``tracelearn.pipelines.export_verl``), the
-  RL columns verl's ``RLHFDataset`` reads plus the stored ``prompt_ids``, ``response_ids``,
-  ``response_mask``, ``response_logprobs`` and ``advantage`` of every replayable transition;
+  RL columns verl's ``RLHFDataset`` reads plus one struct column, ``tracelearn_replay``, holding the
+  stored ``prompt_ids``, ``response_ids``, ``response_mask``, ``response_logprobs`` and
+  ``advantage`` of every replayable transition (one name verl never uses: see ``verl_replay_loop``);
 - ``python/tracelearn_replay_loop.py`` (a copy of ``tracelearn.training.verl_replay_loop``) and
   ``agent_loop.yaml`` naming it: the agent loop that returns those stored tokens instead of sampling;
-- ``overrides.txt`` and an executable ``launch.sh``: the Hydra overrides of
-  ``python -m verl.trainer.main_ppo``, mapped from ``train.yaml`` (:func:`verl_overrides`);
-- ``checkpoints/`` (verl writes ``global_step_N/actor/``: ``huggingface/`` for full fine-tuning,
-  ``lora_adapter/`` with LoRA) and ``hydra/`` (verl's own logs).
+- ``overrides.txt``, ``job.json`` (the model, LoRA settings and verl version the job was written for)
+  and an executable ``launch.sh``: checks the verl version, runs ``python -m verl.trainer.main_ppo``
+  with the Hydra overrides mapped from ``train.yaml`` (:func:`verl_overrides`), then, with LoRA,
+  ``python -m verl.model_merger merge`` into ``checkpoints/global_step_N/actor/merged/``;
+- ``checkpoints/`` (verl writes ``global_step_N/actor/``; ``huggingface/`` holds the weights of a
+  full fine-tuning, the merger's ``merged/lora_adapter/`` the adapter of a LoRA run) and ``hydra/``.
 
 verl pins its own torch and vLLM, so it never shares tracelearn's environment: :func:`prepare_verl_job`
 needs no verl (and no GPU), :func:`find_verl_python` finds the Python of verl's environment and
-:func:`run_verl_job` runs the job there as a child process. verl's Ray workers import the replay
-loop through the ``PYTHONPATH`` the job sets, which a single-node run passes on to them; with
-``nnodes > 1`` the job directory must be on storage every node sees, and each node's ``ray start``
-needs the same ``PYTHONPATH``.
+checks its version (``VERL_VERSIONS``; ``VERL_PIN`` is the release tested), and :func:`run_verl_job`
+runs the job there as a child process. verl's Ray workers import the replay loop through the
+``PYTHONPATH`` the job sets, which a single-node run passes on to them; with ``nnodes > 1`` the job
+directory must be on storage every node sees, and each node's ``ray start`` needs the same
+``PYTHONPATH``.
 
 The training is the torch trainer's (``tracelearn.training.grpo``): the advantages are the ones
 stored in the transitions (verl's GRPO estimator passes them through, see ``verl_replay_loop``),
@@ -27,36 +31,32 @@ epoch steps through the mini-batches of ``grpo.mini_batch_size`` rows. Where ver
 difference is stated: its mini-batches keep one order across epochs (the torch trainer reshuffles
 each epoch); the rows past the last whole mini-batch are not trained (verl's dataloader drops
 them); transitions without the server's token ids cannot be replayed (the torch trainer
-retokenizes them); and one training row without logprobs makes verl recompute ``pi_old`` for all
-(see :func:`uses_stored_logprobs`). Settings verl cannot express are refused
+retokenizes them); one training row without logprobs makes verl recompute ``pi_old`` for all
+(see :func:`uses_stored_logprobs`); and verl computes logprobs at one temperature for the whole job
+(1.0), not at each transition's recorded one. Settings verl cannot express are refused
 (:class:`VerlJobError`), not dropped: ``grpo.warmup_steps`` (verl steps its scheduler once per PPO
 step), ``lora.dropout`` (verl builds its adapter without dropout), ``runtime.precision: fp32`` (verl
 trains in bf16 with fp32 master weights, our ``auto``/``bf16``), a non-CUDA ``runtime.device``.
 
-Checked against volcengine/verl b178a3cd (0.8.0.dev, January 2026): the key names and defaults in
-``verl/trainer/config/_generated_ppo_trainer.yaml`` (``actor/actor.yaml``, ``rollout/rollout.yaml``,
-``model/hf_model.yaml``, ``optim/fsdp.yaml``), ``verl/utils/config.py`` (``validate_config``),
-``verl/workers/config/actor.py``, ``verl/workers/fsdp_workers.py`` (mini-batch normalization, LoRA,
-checkpoint layout), ``verl/workers/actor/dp_actor.py``, ``verl/trainer/ppo/ray_trainer.py``
-(dataloader ``drop_last``, validation, bypass mode, checkpoints), ``verl/trainer/ppo/core_algos.py``
-(``agg_loss``, GRPO advantage, ``low_var_kl``), ``verl/trainer/main_ppo.py`` and
-``docs/advance/ppo_lora.rst``. REFERENCE.md names verl 0.9.1: re-check the keys when pinning it.
+Checked against the released verl 0.9.1 (the wheel's own files): the keys and defaults of
+``verl/trainer/config/_generated_ppo_trainer.yaml``, ``verl/trainer/main_ppo.py`` (``trainer.use_v1``
+picks the V1 trainer, the default since 0.9.0), ``verl/trainer/ppo/v1/trainer_base.py`` and
+``agent_loop_tq.py`` (dataloader ``drop_last``, bypass mode, ``calculate_log_probs``, how dataset
+columns reach the sample), ``verl/workers/utils/losses.py`` and ``verl/trainer/ppo/core_algos.py``
+(``agg_loss`` with ``loss_scale_factor``, the GRPO advantage of a group of one, ``low_var_kl``),
+``verl/utils/checkpoint/fsdp_checkpoint_manager.py`` and ``verl/model_merger/`` (checkpoint layout,
+the LoRA adapter). ``tests/contracts/`` composes verl's own config with these overrides.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import json
 import re
 import shlex
 import shutil
-import signal
-import subprocess
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import polars as pl
 import yaml
@@ -66,58 +66,39 @@ from tracelearn.pipelines.export_verl import (
     VALIDATION,
     VerlExport,
     load_transitions,
+    replay_field,
     to_verl_replay,
     write_verl_export,
 )
-from tracelearn.processes import ChildProcess, ChildProcessError, ChildTimeoutError, start_child
 from tracelearn.training import verl_replay_loop
 from tracelearn.training.config import TrainConfig, check_ranges, train_config_hash
+from tracelearn.training.verl_checkpoints import (
+    JOB_FILE,
+    MERGED,
+    VerlCheckpointError,
+    latest_verl_checkpoint,
+    merge_command,
+)
+from tracelearn.training.verl_environment import ENV_VARS, VERL_PIN, VERL_PYTHON_ENV, verl_version_check
 
 __all__ = [
     "ENV_VARS",
-    "VERL_PYTHON_ENV",
+    "VERL_ENTRY_POINT",
     "ReplayData",
+    "VerlCheckpointError",
     "VerlJob",
     "VerlJobError",
-    "VerlNotAvailableError",
     "VerlPaths",
-    "find_verl_python",
     "latest_verl_checkpoint",
     "prepare_verl_job",
-    "run_verl_job",
     "uses_stored_logprobs",
-    "verl_command",
     "verl_overrides",
 ]
 
-VERL_PYTHON_ENV = "TRACELEARN_VERL_PYTHON"
-# The training settings, as the README's settings table lists them (a test keeps the two equal).
-ENV_VARS: dict[str, tuple[str, str]] = {
-    VERL_PYTHON_ENV: ("unset", "Python of verl's own environment (`train grpo --backend verl`, the DAG's verl step)."),
-}
 VERL_ENTRY_POINT = "verl.trainer.main_ppo"
 DEFAULT_PROJECT = "tracelearn"
 # The name under which the copied agent loop is importable in verl's processes.
 REPLAY_MODULE = "tracelearn_replay_loop"
-# Importing verl pulls in torch; on a cold file cache that takes a while.
-CHECK_TIMEOUT_S = 300.0
-# After a forwarded signal, how long the job has to shut Ray down before its process group is killed.
-SHUTDOWN_GRACE_S = 60.0
-
-_HOW_TO_INSTALL = (
-    "verl pins its own torch and vLLM, so it lives in an environment of its own: on a CUDA machine run "
-    "`python3.12 -m venv ~/verl-env && ~/verl-env/bin/pip install 'verl[vllm]'`, then pass "
-    f"--verl-python ~/verl-env/bin/python or set {VERL_PYTHON_ENV}. Everything else in tracelearn "
-    "(capture, pipelines, export, the torch GRPO/SFT trainers) runs without it."
-)
-# Run by the candidate Python: verl imports, and it has the experimental agent-loop API the replay needs.
-_VERL_CHECK = (
-    "import importlib.util, sys\n"
-    "import verl\n"
-    "if importlib.util.find_spec('verl.experimental.agent_loop') is None:\n"
-    "    sys.exit('verl ' + verl.__version__ + ' has no verl.experimental.agent_loop (the replay loop needs it)')\n"
-    "print(verl.__version__)\n"
-)
 # Hydra reads these characters in a value as syntax; values holding any other character are quoted.
 _PLAIN_HYDRA_VALUE = re.compile(r"[A-Za-z0-9_./~+@%-]+")
 # Rows dropped before the export is written, by reason (added to the export's own ``skipped``).
@@ -127,10 +108,6 @@ _EMPTY_TOKENS = "empty_token_ids"
 _TOO_LONG = "longer_than_max_sequence_tokens"
 # Below this an advantage is a zero (a group whose rollouts all scored the same), as in training.grpo.
 ZERO_ADVANTAGE = 1e-12
-
-
-class VerlNotAvailableError(RuntimeError):
-    """No usable verl environment: says which Python was tried and how to create one."""
 
 
 class VerlJobError(ValueError):
@@ -201,7 +178,8 @@ class VerlJob:
 
     ``environment`` holds the variables the job adds to the caller's (``PYTHONPATH`` for the replay
     loop). ``skipped`` counts the transitions left out, by reason. ``stored_logprobs_as_old``: the
-    stored logprobs are ``pi_old`` (verl's bypass mode); else verl recomputes them.
+    stored logprobs are ``pi_old`` (verl's bypass mode); else verl recomputes them. ``lora``: the job
+    trains a LoRA adapter (verl's model merger runs after it).
     """
 
     paths: VerlPaths
@@ -211,6 +189,7 @@ class VerlJob:
     data: ReplayData
     skipped: Mapping[str, int] = field(default_factory=dict)
     stored_logprobs_as_old: bool = False
+    lora: bool = False
 
 
 def uses_stored_logprobs(config: TrainConfig, data: ReplayData) -> bool:
@@ -314,15 +293,6 @@ def verl_overrides(
     grpo, runtime = config.grpo, config.runtime
     batch = _train_batch_size(config, data, n_gpus_per_node * nnodes, batch_rows)
     response_length = data.max_response_tokens
-    if grpo.loss_aggregation == "dr_grpo" and grpo.dr_grpo_normalizer is not None:
-        if grpo.dr_grpo_normalizer < data.max_response_tokens:
-            raise VerlJobError(
-                f"grpo.dr_grpo_normalizer={grpo.dr_grpo_normalizer} is below the longest stored response "
-                f"({data.max_response_tokens} tokens): verl's FSDP worker divides by the padded response length, "
-                "at least the longest response; raise it or leave it empty (the longest response)"
-            )
-        # Padding every response to the normalizer makes both of verl's workers divide by it.
-        response_length = grpo.dr_grpo_normalizer
     longest_sequence = data.max_prompt_tokens + response_length
     # The validation dataset must load although validation is off (it would only replay stored scores).
     val_files = paths.val_parquet if data.val_rows else paths.train_parquet
@@ -334,6 +304,9 @@ def verl_overrides(
         # Each row is replayed once (n=1): a group of one has mean 0, so without std division verl's
         # GRPO advantage is exactly the stored advantage the replay loop returns as the score.
         "algorithm.norm_adv_by_std_in_grpo=False",
+        # No importance weights or rejection on top of the PPO ratio (verl's default, written down).
+        "algorithm.rollout_correction.rollout_is=null",
+        "algorithm.rollout_correction.rollout_rs=null",
     ]
     if uses_stored_logprobs(config, data):
         overrides.append("algorithm.rollout_correction.bypass_mode=True")  # pi_old := the stored logprobs
@@ -373,8 +346,9 @@ def verl_overrides(
         overrides.append(f"{actor}.loss_agg_mode=token-mean")
     elif grpo.loss_aggregation == "seq_mean":
         overrides.append(f"{actor}.loss_agg_mode=seq-mean-token-mean")
-    else:  # dr_grpo: token sums over a constant, no std division (set above)
-        overrides += [f"{actor}.loss_agg_mode=seq-mean-token-sum-norm", f"{actor}.loss_scale_factor={response_length}"]
+    else:  # dr_grpo: each sequence's token sum over one constant, averaged over the mini-batch
+        normalizer = grpo.dr_grpo_normalizer or data.max_response_tokens
+        overrides += [f"{actor}.loss_agg_mode=seq-mean-token-sum-norm", f"{actor}.loss_scale_factor={normalizer}"]
     if grpo.kl_beta > 0:
         overrides += [
             f"{actor}.use_kl_loss=True",
@@ -384,7 +358,7 @@ def verl_overrides(
     else:
         overrides.append(f"{actor}.use_kl_loss=False")  # no reference model is loaded
     if config.lora is None:
-        # A Hugging Face model next to verl's FSDP shards (LoRA runs save lora_adapter/ anyway).
+        # A Hugging Face model next to verl's FSDP shards (a LoRA adapter comes from verl's model merger).
         overrides.append(f"{actor}.checkpoint.save_contents=[model,optimizer,extra,hf_model]")
     overrides += [
         # verl starts its rollout servers although the replay loop never calls them.
@@ -392,6 +366,8 @@ def verl_overrides(
         f"{rollout}.tensor_model_parallel_size=1",
         f"{rollout}.n=1",
         f"{rollout}.temperature=1.0",  # training logprobs at temperature 1, as the stored ones
+        # The replay loop returns logprobs exactly when every row has them (verl stacks all or none).
+        f"{rollout}.calculate_log_probs={_flag(data.all_train_rows_have_logprobs)}",
     ]
     if config.lora is not None:
         overrides.append(f"{rollout}.load_format=safetensors")  # required with LoRA (ppo_lora.rst)
@@ -399,6 +375,9 @@ def verl_overrides(
     overrides += [
         f"{rollout}.agent.agent_loop_config_path={_hydra_text(str(paths.agent_loop_config), 'the agent loop file')}",
         f"{rollout}.agent.default_agent_loop={verl_replay_loop.AGENT_LOOP_NAME}",
+        # verl >= 0.9's V1 trainer (TransferQueue), synchronous: what the replay loop is written for.
+        "trainer.use_v1=True",
+        "trainer.v1.trainer_mode=sync",
         "trainer.total_epochs=1",
         # Save once, after the last step; never resume from an earlier run's checkpoints in this directory.
         f"trainer.save_freq={total_steps}",
@@ -420,14 +399,14 @@ def _replayable_rows(export: VerlExport, config: TrainConfig) -> tuple[dict[str,
     """The rows verl can replay and the count of the others, by reason (on top of the export's)."""
     skipped = dict(export.skipped)
     reasons: list[tuple[str, pl.Expr]] = [
-        (_WITHOUT_ADVANTAGE, pl.col("advantage").is_null() | pl.col("advantage").is_nan()),
-        (_EMPTY_TOKENS, (pl.col("prompt_ids").list.len() == 0) | (pl.col("response_ids").list.len() == 0)),
+        (_WITHOUT_ADVANTAGE, replay_field("advantage").is_null() | replay_field("advantage").is_nan()),
+        (_EMPTY_TOKENS, (replay_field("prompt_ids").list.len() == 0) | (replay_field("response_ids").list.len() == 0)),
     ]
     # As the torch trainer: a zero advantage carries no gradient unless a KL term pulls on the sequence.
     if config.grpo.skip_zero_advantage and config.grpo.kl_beta == 0:
-        reasons.append((_ZERO_ADVANTAGE, pl.col("advantage").abs() <= ZERO_ADVANTAGE))
+        reasons.append((_ZERO_ADVANTAGE, replay_field("advantage").abs() <= ZERO_ADVANTAGE))
     if config.runtime.max_sequence_tokens is not None:
-        length = pl.col("prompt_ids").list.len() + pl.col("response_ids").list.len()
+        length = replay_field("prompt_ids").list.len() + replay_field("response_ids").list.len()
         reasons.append((_TOO_LONG, length > config.runtime.max_sequence_tokens))
     splits = dict(export.splits)
     for reason, condition in reasons:
@@ -439,11 +418,10 @@ def _replayable_rows(export: VerlExport, config: TrainConfig) -> tuple[dict[str,
 
 def _check_lengths(rows: pl.DataFrame) -> None:
     """Refuse (naming the span) a row whose mask or logprobs do not match its response tokens."""
-    response = pl.col("response_ids").list.len()
-    logprobs = pl.col("response_logprobs")
-    bad = rows.filter(
-        (pl.col("response_mask").list.len() != response) | (logprobs.is_not_null() & (logprobs.list.len() != response))
-    )
+    response = replay_field("response_ids").list.len()
+    logprobs = replay_field("response_logprobs")
+    mask_differs = replay_field("response_mask").list.len() != response
+    bad = rows.filter(mask_differs | (logprobs.is_not_null() & (logprobs.list.len() != response)))
     if bad.height:
         span = bad["extra_info"].struct.field("span_id")[0]
         raise VerlJobError(
@@ -458,24 +436,36 @@ def _replay_data(splits: Mapping[str, pl.DataFrame]) -> ReplayData:
     return ReplayData(
         train_rows=train.height,
         val_rows=splits[VALIDATION].height,
-        max_prompt_tokens=int(both["prompt_ids"].list.len().max() or 0),  # type: ignore[arg-type]
-        max_response_tokens=int(both["response_ids"].list.len().max() or 0),  # type: ignore[arg-type]
-        train_rows_without_logprobs=train["response_logprobs"].null_count(),
+        max_prompt_tokens=int(both.select(replay_field("prompt_ids").list.len().max()).item() or 0),
+        max_response_tokens=int(both.select(replay_field("response_ids").list.len().max()).item() or 0),
+        train_rows_without_logprobs=train.select(replay_field("response_logprobs").null_count()).item(),
     )
 
 
-def _launch_script(paths: VerlPaths, overrides: list[str], environment: Mapping[str, str]) -> str:
+def _launch_script(paths: VerlPaths, overrides: list[str], environment: Mapping[str, str], lora: bool) -> str:
+    """The job as a shell script for verl's environment: version check, training, then (LoRA) the merger."""
     lines = [
         "#!/usr/bin/env bash",
         "# Written by tracelearn.training.verl_backend: replays the transitions in train.parquet with verl.",
-        f"# Runs in verl's own environment: set {VERL_PYTHON_ENV} to its python (verl needs CUDA GPUs).",
+        f"# Runs in verl's own environment (verl {VERL_PIN}): set {VERL_PYTHON_ENV} to its python (CUDA GPUs).",
         "set -euo pipefail",
         f"cd {shlex.quote(str(paths.directory))}",
     ]
     lines += [f"export {name}={shlex.quote(value)}${{{name}:+:${{{name}}}}}" for name, value in environment.items()]
-    python = f'"${{{VERL_PYTHON_ENV}:?set {VERL_PYTHON_ENV} to the python of the verl environment}}"'
-    command = [f"exec {python} -m {VERL_ENTRY_POINT}"] + [f"  {shlex.quote(item)}" for item in overrides]
-    return "\n".join([*lines, " \\\n".join(command)]) + "\n"
+    lines += [
+        f'PYTHON="${{{VERL_PYTHON_ENV}:?set {VERL_PYTHON_ENV} to the python of the verl environment}}"',
+        f'"$PYTHON" -c {shlex.quote(verl_version_check())} >/dev/null',
+    ]
+    command = [f'"$PYTHON" -m {VERL_ENTRY_POINT}'] + [f"  {shlex.quote(item)}" for item in overrides]
+    lines.append(" \\\n".join(command))
+    if lora:
+        # verl >= 0.8 saves no adapter directory: its model merger writes merged/lora_adapter/.
+        merge = merge_command('"$PYTHON"', Path("$ACTOR"))
+        lines += [
+            f'ACTOR="$(ls -d {shlex.quote(str(paths.checkpoints))}/global_step_* | sort -V | tail -n 1)/actor"',
+            " ".join([*merge[:-4], '--local_dir "$ACTOR"', f'--target_dir "$ACTOR/{MERGED}"']),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def prepare_verl_job(
@@ -542,7 +532,11 @@ def prepare_verl_job(
     paths.agent_loop_config.write_text(yaml.safe_dump([loop_entry], sort_keys=False), encoding="utf-8")
     environment = {"PYTHONPATH": str(paths.python_directory)}
     paths.overrides_file.write_text("\n".join(overrides) + "\n", encoding="utf-8")
-    paths.launch_script.write_text(_launch_script(paths, overrides, environment), encoding="utf-8")
+    lora = None if config.lora is None else {"r": config.lora.r, "alpha": config.lora.alpha}
+    job_record = {"model_path": model_path, "lora": lora, "verl": VERL_PIN}
+    (paths.directory / JOB_FILE).write_text(json.dumps(job_record, indent=2) + "\n", encoding="utf-8")
+    launch = _launch_script(paths, overrides, environment, lora=config.lora is not None)
+    paths.launch_script.write_text(launch, encoding="utf-8")
     paths.launch_script.chmod(0o755)
     return VerlJob(
         paths=paths,
@@ -552,112 +546,5 @@ def prepare_verl_job(
         data=data,
         skipped=skipped,
         stored_logprobs_as_old=uses_stored_logprobs(config, data),
+        lora=config.lora is not None,
     )
-
-
-def latest_verl_checkpoint(job_directory: Path, lora: bool) -> Path:
-    """The weights of a finished job's last step: ``checkpoints/global_step_N/actor/huggingface`` (full
-    fine-tuning) or ``.../lora_adapter`` (LoRA), for the highest N. ``VerlJobError`` when there is none."""
-    checkpoints = VerlPaths(job_directory).checkpoints
-    steps = sorted((int(p.name.removeprefix("global_step_")), p) for p in checkpoints.glob("global_step_*")
-                   if p.name.removeprefix("global_step_").isdigit())
-    if not steps:
-        raise VerlJobError(f"{checkpoints}: the verl job saved no checkpoint (no global_step_N directory)")
-    weights = steps[-1][1] / "actor" / ("lora_adapter" if lora else "huggingface")
-    if not weights.is_dir():
-        raise VerlJobError(f"{weights} is missing: the job's last checkpoint holds no {weights.name} weights")
-    return weights
-
-
-def find_verl_python(explicit: str | None) -> str:
-    """The Python of verl's environment: ``explicit`` (``--verl-python``), else ``$TRACELEARN_VERL_PYTHON``.
-
-    Checked by running it: verl must import and have ``verl.experimental.agent_loop``. Raises
-    :class:`VerlNotAvailableError` saying what was tried and how to create the environment.
-    """
-    source = "--verl-python" if explicit else f"${VERL_PYTHON_ENV}"
-    candidate = explicit or os.environ.get(VERL_PYTHON_ENV)
-    if not candidate:
-        raise VerlNotAvailableError(
-            f"no Python for verl: pass --verl-python or set {VERL_PYTHON_ENV}. {_HOW_TO_INSTALL}"
-        )
-    found = shutil.which(candidate)
-    if found is None:
-        raise VerlNotAvailableError(f"{candidate} (from {source}) is not an executable Python. {_HOW_TO_INSTALL}")
-    # Absolute but not resolved: a venv's python is a symlink, and resolving it would leave the venv.
-    python = str(Path(found).absolute())
-    try:
-        check = subprocess.run(
-            [python, "-c", _VERL_CHECK], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as error:
-        raise VerlNotAvailableError(
-            f"{python} (from {source}) did not import verl within {CHECK_TIMEOUT_S:.0f} s. {_HOW_TO_INSTALL}"
-        ) from error
-    except OSError as error:
-        raise VerlNotAvailableError(f"{python} (from {source}) cannot be run: {error}. {_HOW_TO_INSTALL}") from error
-    if check.returncode != 0:
-        reason = (check.stderr.strip().splitlines() or [f"exit status {check.returncode}"])[-1]
-        raise VerlNotAvailableError(f"{python} (from {source}) has no usable verl: {reason}. {_HOW_TO_INSTALL}")
-    return python
-
-
-def verl_command(job: VerlJob, python: str) -> list[str]:
-    """The command line of ``job`` run by ``python`` (the Python of verl's environment)."""
-    return [python, "-m", VERL_ENTRY_POINT, *job.overrides]
-
-
-def _job_environment(job: VerlJob) -> dict[str, str]:
-    environment = dict(os.environ)
-    for name, value in job.environment.items():
-        environment[name] = value + (os.pathsep + environment[name] if environment.get(name) else "")
-    return environment
-
-
-@contextlib.contextmanager
-def _forwarding_sigterm(child: ChildProcess) -> Iterator[None]:
-    """While inside, a SIGTERM to this process is passed on to the job (which then shuts down)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        child.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _echo(line: str) -> None:
-    print(line, flush=True)
-
-
-def run_verl_job(job: VerlJob, python: str, log_path: Path) -> int:
-    """Run ``job`` with ``python``, its output streamed to the console and to ``log_path``; its exit status.
-
-    The job runs in its directory in a process group of its own (verl's Ray processes with its
-    driver). A SIGTERM to this process, or a KeyboardInterrupt (forwarded as SIGINT), reaches the whole
-    group and the job gets ``SHUTDOWN_GRACE_S`` to stop; a second KeyboardInterrupt kills it. Returns
-    the exit status the shell would report (128 + the signal number for a job ended by a signal).
-    """
-    try:
-        child = start_child(verl_command(job, python), name="the verl job", log=log_path, env=_job_environment(job),
-                            cwd=job.paths.directory, on_line=_echo)
-    except ChildProcessError as error:
-        raise VerlNotAvailableError(f"{error}. {_HOW_TO_INSTALL}") from error
-    interrupts = 0
-    with _forwarding_sigterm(child):
-        while True:
-            try:
-                status = child.wait(SHUTDOWN_GRACE_S if interrupts else None)
-                break
-            except KeyboardInterrupt:
-                interrupts += 1
-                child.send_signal(signal.SIGINT if interrupts == 1 else signal.SIGKILL)
-            except ChildTimeoutError:
-                status = child.stop(grace_s=0)
-                break
-    return status if status >= 0 else 128 - status

@@ -9,18 +9,25 @@ need not be installed: ``tracelearn.training.verl_backend`` copies it into the j
 top-level module ``tracelearn_replay_loop`` and puts that directory on ``PYTHONPATH``. So it imports
 the standard library only, and verl lazily; keep it that way.
 
-How verl calls it (checked against volcengine/verl b178a3cd, version 0.8.0.dev, January 2026:
-``verl/experimental/agent_loop/agent_loop.py``, ``verl/utils/dataset/rl_dataset.py``,
-``verl/trainer/ppo/ray_trainer.py``, ``verl/trainer/ppo/core_algos.py``,
-``verl/workers/actor/dp_actor.py``; verl 0.9.1 is what REFERENCE.md names, re-check on upgrade):
+How verl calls it (verl 0.9.1, the version ``verl_backend`` pins; ``verl/utils/dataset/rl_dataset.py``,
+``verl/experimental/agent_loop/agent_loop.py``, ``verl/trainer/ppo/v1/agent_loop_tq.py``,
+``verl/trainer/ppo/v1/trainer_base.py``, ``verl/trainer/ppo/core_algos.py``; the contract tests in
+``tests/contracts/`` run this file against that release):
 
 - ``RLHFDataset.__getitem__`` returns every Parquet column of the row (plus ``raw_prompt``,
-  ``index``, ``tools_kwargs``, ``interaction_kwargs``; the trainer adds ``uid``), and
-  ``AgentLoopWorker`` passes them as keyword arguments to ``run(sampling_params, **kwargs)``. Lists
-  arrive as Python lists, structs (``extra_info``) as dicts.
+  ``index``, ``tools_kwargs``, ``interaction_kwargs``, ``dummy_tensor``; the trainer adds ``uid``,
+  the V1 worker ``global_steps`` and ``session_id``), and the agent-loop worker passes them as keyword
+  arguments to ``run(sampling_params, **kwargs)``. Lists arrive as Python lists, structs as dicts.
+- The V1 trainer (``trainer.use_v1``, the default since 0.9.0) then merges those same keyword
+  arguments into the sample it stores (``AgentLoopWorkerTQ._agent_loop_postprocess``:
+  ``field.update(kwargs)``), over the keys of ``AgentLoopOutput.as_dict()``. So the stored tokens
+  travel in one struct column, ``tracelearn_replay``, a name verl never uses: a column named
+  ``response_mask`` would replace verl's tensor mask (and its loss mask) with a Python list.
 - The entry in the agent-loop config file (``actor_rollout_ref.rollout.agent.agent_loop_config_path``)
-  is handed to ``hydra.utils.instantiate``, so its extra keys (``replay_logprobs``) reach
-  ``__init__`` as keyword arguments.
+  is handed to ``hydra.utils.instantiate`` together with verl's own arguments (``trainer_config``,
+  ``server_manager``, ``tokenizer``, ``processor``, ``dataset_cls``, ``data_config``,
+  ``hf_model_type``, ``tools``), so its extra keys (``replay_logprobs``) reach ``__init__`` as
+  keyword arguments.
 - A non-null ``reward_score`` makes verl skip its reward function and place the score on the last
   response token (``rm_scores``); the GRPO estimator then sums it back to one score per sequence.
 
@@ -31,7 +38,7 @@ verl would group the n repeats of one dataset row by its ``uid``; replaying one 
 times gives n identical scores and an advantage of 0 for all of them. So the job runs
 ``rollout.n=1`` and ``algorithm.norm_adv_by_std_in_grpo=False``: verl's GRPO gives a group of one
 mean 0 (and would give std 1), so the advantage it computes is the score we return, unchanged. The
-stored credited reward stays in the Parquet row (``extra_info.reward``) for inspection.
+transition's reward stays in the Parquet row (``extra_info.reward``) for inspection.
 
 On-policy-ness, exactly. Each stored response was sampled by the behaviour policy: the weights that
 served at capture time, with that server's sampling settings. Training starts from
@@ -53,9 +60,11 @@ from another model, the whole first epoch is off-policy by that gap. verl's PPO 
 - verl's actor ignores ``pi_old`` altogether when a PPO step is a single mini-batch and a single
   epoch (``on_policy`` in ``dp_actor.update_policy``): the ratio is 1 and nothing is clipped.
 
-Stored logprobs are taken to be the model's own distribution (temperature 1, what vLLM reports by
-default), so the job pins ``actor_rollout_ref.rollout.temperature=1.0``, the temperature verl
-divides the logits by when it computes training logprobs.
+verl computes training logprobs with the logits divided by ``actor_rollout_ref.rollout.temperature``,
+one temperature for the whole job, which the job pins to 1.0: stored logprobs are taken to be the
+model's own distribution at temperature 1. Data sampled at another temperature (or with top-p/top-k
+truncation) is off-policy by that difference here; the torch trainer is the one that reads each
+transition's recorded sampling parameters.
 """
 
 from __future__ import annotations
@@ -64,9 +73,12 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
-__all__ = ["AGENT_LOOP_NAME", "ReplayOutputFields", "ReplayRowError", "replay_output_fields"]
+__all__ = ["AGENT_LOOP_NAME", "REPLAY_COLUMN", "ReplayOutputFields", "ReplayRowError", "replay_output_fields"]
 
 AGENT_LOOP_NAME = "tracelearn_replay"
+# The dataset column holding the stored tokens (tracelearn.pipelines.export_verl.REPLAY_COLUMN; a test
+# keeps the two equal, this file cannot import tracelearn).
+REPLAY_COLUMN = "tracelearn_replay"
 # verl counts the turns for its metrics only; a replayed call is one user and one assistant turn,
 # as in verl's own single-turn loop.
 REPLAYED_TURNS = 2
@@ -94,39 +106,45 @@ def _row_name(row: Mapping[str, Any]) -> str:
     return "replay row without extra_info.span_id"
 
 
-def _values(row: Mapping[str, Any], field: str, where: str) -> list[Any]:
-    values = row.get(field)
+def _values(stored: Mapping[str, Any], field: str, where: str) -> list[Any]:
+    values = stored.get(field)
     if values is None:
         raise ReplayRowError(
-            f"{where}: {field} is missing; replay needs the token ids, mask and logprobs captured from the "
-            "model server (export with tracelearn.pipelines.export_verl.to_verl_replay)"
+            f"{where}: {REPLAY_COLUMN}.{field} is missing; replay needs the token ids, mask and logprobs captured "
+            "from the model server (export with tracelearn.pipelines.export_verl.to_verl_replay)"
         )
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise ReplayRowError(f"{where}: {field} is {type(values).__name__}, expected a list")
     return list(values)
 
 
-def _token_ids(row: Mapping[str, Any], field: str, where: str) -> list[int]:
-    ids = [int(token) for token in _values(row, field, where)]
+def _token_ids(stored: Mapping[str, Any], field: str, where: str) -> list[int]:
+    ids = [int(token) for token in _values(stored, field, where)]
     if not ids:
-        raise ReplayRowError(f"{where}: {field} is empty; a replayed call needs at least one token")
+        raise ReplayRowError(f"{where}: {REPLAY_COLUMN}.{field} is empty; a replayed call needs at least one token")
     return ids
 
 
 def replay_output_fields(row: Mapping[str, Any], *, with_logprobs: bool) -> ReplayOutputFields:
     """The stored tokens of ``row`` (a verl-replay row as verl's dataset yields it) as output fields.
 
-    ``prompt_ids``, ``response_ids`` and ``response_mask`` are returned as stored; the
-    ``response_logprobs`` too when ``with_logprobs`` (then every row must have them: verl stacks the
-    whole batch's logprobs or none), else None; ``reward_score`` is the stored ``advantage`` (see the
-    module docstring). Raises :class:`ReplayRowError` naming the row for missing or empty token ids,
-    a mask or logprobs whose length differs from the response, a mask value other than 0 or 1, and
-    a missing or non-finite advantage.
+    Reads ``row["tracelearn_replay"]``: ``prompt_ids``, ``response_ids`` and ``response_mask`` are
+    returned as stored; the ``response_logprobs`` too when ``with_logprobs`` (then every row must
+    have them: verl stacks the whole batch's logprobs or none), else None; ``reward_score`` is the
+    stored ``advantage`` (see the module docstring). Raises :class:`ReplayRowError` naming the row for
+    a missing column, missing or empty token ids, a mask or logprobs whose length differs from the
+    response, a mask value other than 0 or 1, and a missing or non-finite advantage.
     """
     where = _row_name(row)
-    prompt_ids = _token_ids(row, "prompt_ids", where)
-    response_ids = _token_ids(row, "response_ids", where)
-    response_mask = [int(flag) for flag in _values(row, "response_mask", where)]
+    stored = row.get(REPLAY_COLUMN)
+    if not isinstance(stored, Mapping):
+        raise ReplayRowError(
+            f"{where}: no {REPLAY_COLUMN} column (got {type(stored).__name__}); the training file must be a "
+            "verl-replay export (tracelearn.pipelines.export_verl.to_verl_replay)"
+        )
+    prompt_ids = _token_ids(stored, "prompt_ids", where)
+    response_ids = _token_ids(stored, "response_ids", where)
+    response_mask = [int(flag) for flag in _values(stored, "response_mask", where)]
     if len(response_mask) != len(response_ids):
         raise ReplayRowError(
             f"{where}: response_mask has {len(response_mask)} entries for {len(response_ids)} response tokens"
@@ -135,13 +153,13 @@ def replay_output_fields(row: Mapping[str, Any], *, with_logprobs: bool) -> Repl
         raise ReplayRowError(f"{where}: response_mask holds values other than 0 and 1")
     response_logprobs = None
     if with_logprobs:
-        response_logprobs = [float(value) for value in _values(row, "response_logprobs", where)]
+        response_logprobs = [float(value) for value in _values(stored, "response_logprobs", where)]
         if len(response_logprobs) != len(response_ids):
             raise ReplayRowError(
                 f"{where}: response_logprobs has {len(response_logprobs)} entries for "
                 f"{len(response_ids)} response tokens"
             )
-    advantage = row.get("advantage")
+    advantage = stored.get("advantage")
     if advantage is None or not math.isfinite(float(advantage)):
         raise ReplayRowError(
             f"{where}: advantage is {advantage!r}; rebuild the transitions so that every replayed call has one"

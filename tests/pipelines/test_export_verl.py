@@ -1,4 +1,7 @@
-"""Exporters from the transitions dataset to verl's RL, SFT and replay Parquet files."""
+"""Exporters from the transitions dataset to verl's RL, SFT and replay Parquet files.
+
+The same files read by verl's own dataset classes: tests/contracts/test_verl_contract.py.
+"""
 
 import json
 from pathlib import Path
@@ -10,10 +13,11 @@ import pytest
 from support.spans_factory import SpansFactory, at
 
 from tracelearn.pipelines.build import build_transitions
+from tracelearn.pipelines.export_messages import ARGUMENTS_AS_TEXT
 from tracelearn.pipelines.export_verl import (
     CHAT_MESSAGE,
     EXTRA_INFO,
-    MESSAGE,
+    REPLAY_COLUMN,
     REPLAY_SCHEMA,
     RL_SCHEMA,
     SFT_SCHEMA,
@@ -107,7 +111,8 @@ def test_sft_messages_end_with_the_response_and_respect_min_reward(out: Path, tm
     paths = write_verl_export(export, tmp_path / "sft")
     table = written(paths)
     assert pq.read_schema(paths[0]).remove_metadata() == SFT_SCHEMA
-    assert table.schema.field("messages").type == pa.list_(MESSAGE)
+    # no message has tool calls, a tool call id or a name: no chat template sees those keys as null
+    assert table.schema.field("messages").type == pa.list_(CHAT_MESSAGE)
     assert export.skipped["below_min_reward"] == 2 * len(TASKS)  # the reward-0 rollouts' calls
     assert table.num_rows == 2 * len(TASKS)
     for row in table.to_pylist():
@@ -117,16 +122,52 @@ def test_sft_messages_end_with_the_response_and_respect_min_reward(out: Path, tm
         assert [message["role"] for message in row["messages"]] == ["system", "user", "assistant"]
 
 
-def test_sft_keeps_tool_calls_of_the_response(out: Path) -> None:
-    tool_call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
-    response = json.dumps([{"role": "assistant", "content": None, "tool_calls": [tool_call]}])
-    transitions = load_transitions(out).with_columns(pl.lit(response).alias("response"))
-    rows = pl.concat(to_verl_sft(transitions).splits.values())
-    last = rows["messages"].to_list()[0][-1]
-    assert last["content"] is None
-    assert last["tool_calls"] == [
-        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
-    ]
+def tool_exchange(arguments: object) -> str:
+    """A response that calls a tool (arguments as OpenAI sends them: JSON text) and reads its result."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": json.dumps(arguments)}}
+    return json.dumps(
+        [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "3"},
+        ]
+    )
+
+
+def test_sft_keeps_tool_calls_with_arguments_as_objects(out: Path, tmp_path: Path) -> None:
+    transitions = load_transitions(out).with_columns(pl.lit(tool_exchange({"a": 1, "b": 2})).alias("response"))
+    export = to_verl_sft(transitions)
+    table = written(write_verl_export(export, tmp_path / "sft"))
+    messages = table["messages"].to_pylist()[0]
+    assert [message["role"] for message in messages] == ["system", "user", "assistant", "tool"]
+    call, result = messages[-2], messages[-1]
+    assert call["content"] is None
+    function = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    assert call["tool_calls"] == [{"id": "c1", "type": "function", "function": function}]
+    assert result["tool_call_id"] == "c1" and result["content"] == "3"
+    # written only because some message has them; nobody here has a name
+    assert set(call) == {"role", "content", "tool_calls", "tool_call_id"}
+    assert export.notes == []
+
+
+def test_sft_arguments_that_fit_no_one_arrow_type_stay_json_text_and_say_so(out: Path) -> None:
+    transitions = load_transitions(out)
+    spans = transitions.collect()["span_id"].to_list()
+    mixed = transitions.with_columns(
+        pl.when(pl.col("span_id") == spans[0])
+        .then(pl.lit(tool_exchange({"a": "one"})))
+        .otherwise(pl.lit(tool_exchange({"a": [1, 2]})))
+        .alias("response")
+    )
+    export = to_verl_sft(mixed)
+    arguments = {
+        message["tool_calls"][0]["function"]["arguments"]
+        for rows in export.splits.values()
+        for conversation in rows["messages"].to_list()
+        for message in conversation
+        if message.get("tool_calls")
+    }
+    assert arguments == {'{"a": "one"}', '{"a": [1, 2]}'}
+    assert export.notes == [ARGUMENTS_AS_TEXT]
 
 
 def test_replay_columns_are_the_stored_tokens(out: Path, tmp_path: Path) -> None:
@@ -138,14 +179,15 @@ def test_replay_columns_are_the_stored_tokens(out: Path, tmp_path: Path) -> None
     assert export.skipped["without_token_ids"] == 2 * len(TASKS)  # the planner calls
     assert table.num_rows == 2 * len(TASKS)
     stored = transitions.filter(pl.col("agent_name") == "writer").collect()
-    credited = dict(zip(stored["span_id"], stored["credited_reward"], strict=True))
+    rewards = dict(zip(stored["span_id"], stored["reward"], strict=True))
     advantages = dict(zip(stored["span_id"], stored["advantage"], strict=True))
     for row in table.to_pylist():
-        span = row["extra_info"]["span_id"]
-        assert row["prompt_ids"] == [1, 2, 3] and row["response_ids"] == [7, 8]
-        assert row["response_logprobs"] == [-0.5, -0.25]
-        assert row["response_mask"] == [1, 1]  # no loss mask stored: every response token trains
-        assert row["reward_score"] == credited[span] and row["advantage"] == advantages[span]
+        span, tokens = row["extra_info"]["span_id"], row[REPLAY_COLUMN]
+        assert tokens["prompt_ids"] == [1, 2, 3] and tokens["response_ids"] == [7, 8]
+        assert tokens["response_logprobs"] == [-0.5, -0.25]
+        assert tokens["response_mask"] == [1, 1]  # no loss mask stored: every response token trains
+        assert tokens["advantage"] == advantages[span]
+        assert row["extra_info"]["reward"] == rewards[span]
 
 
 def test_bad_json_is_counted_with_its_ids_not_a_crash(out: Path) -> None:

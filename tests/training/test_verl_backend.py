@@ -1,8 +1,12 @@
-"""The verl backend on CPU, without verl: the job's files, its overrides, the launch and the replay loop."""
+"""The verl backend on CPU, without verl: the job's files, its overrides, the launch and the replay loop.
+
+The same files against the real verl release: tests/contracts/test_verl_contract.py.
+"""
 
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -19,22 +23,35 @@ import yaml
 from support.spans_factory import SpansFactory, at
 
 from tracelearn.pipelines.build import build_transitions
-from tracelearn.pipelines.export_verl import CHAT_MESSAGE, EXTRA_INFO, REPLAY_SCHEMA, load_transitions
+from tracelearn.pipelines.export_verl import (
+    CHAT_MESSAGE,
+    EXTRA_INFO,
+    REPLAY_COLUMN,
+    REPLAY_SCHEMA,
+    REPLAY_TOKENS,
+    load_transitions,
+)
 from tracelearn.schemas import semconv as sc
+from tracelearn.training import verl_replay_loop
 from tracelearn.training.config import GrpoConfig, LoraConfig, RuntimeConfig, TrainConfig
 from tracelearn.training.verl_backend import (
     ReplayData,
+    VerlCheckpointError,
     VerlJob,
     VerlJobError,
-    VerlNotAvailableError,
     VerlPaths,
-    find_verl_python,
+    latest_verl_checkpoint,
     prepare_verl_job,
-    run_verl_job,
-    verl_command,
     verl_overrides,
 )
+from tracelearn.training.verl_environment import (
+    VERL_PIN,
+    VerlNotAvailableError,
+    find_verl_python,
+    version_in_range,
+)
 from tracelearn.training.verl_replay_loop import ReplayRowError, replay_output_fields
+from tracelearn.training.verl_runtime import run_verl_job, verl_command
 
 NOW = at(3600)
 # task -> rewards of its four rollouts; t3's are all equal, so its advantages are 0 (no signal).
@@ -120,12 +137,15 @@ def test_job_parquet_holds_what_rlhf_dataset_and_the_replay_loop_read(job: VerlJ
     assert train.schema.field("prompt").type == pa.list_(CHAT_MESSAGE)
     assert train.schema.field("extra_info").type == EXTRA_INFO
     assert train.schema.field("extra_info").type.field("index").type == pa.int64()
-    # the replay loop: the stored tokens as generated
-    assert train.schema.field("prompt_ids").type == pa.list_(pa.int32())
-    assert train.schema.field("response_ids").type == pa.list_(pa.int32())
-    assert train.schema.field("response_mask").type == pa.list_(pa.int8())
-    assert train.schema.field("response_logprobs").type == pa.list_(pa.float32())
-    assert train.schema.field("advantage").type == pa.float64()
+    # the replay loop: the stored tokens as generated, in one column under a name verl never uses
+    assert train.schema.names == ["data_source", "prompt", "ability", "reward_model", "extra_info", REPLAY_COLUMN]
+    stored_type = train.schema.field(REPLAY_COLUMN).type
+    assert stored_type == REPLAY_TOKENS
+    assert stored_type.field("prompt_ids").type == stored_type.field("response_ids").type == pa.list_(pa.int32())
+    assert stored_type.field("response_mask").type == pa.list_(pa.int8())
+    assert stored_type.field("response_logprobs").type == pa.list_(pa.float32())
+    assert stored_type.field("advantage").type == pa.float64()
+    assert REPLAY_COLUMN == verl_replay_loop.REPLAY_COLUMN  # the copied loop cannot import the exporter
     assert pq.read_table(job.paths.val_parquet).num_rows == 0  # every transition trains by default
 
     # 16 solve calls with token ids; t3's four carry no signal (advantage 0) and the note calls no ids
@@ -142,9 +162,11 @@ def test_job_parquet_holds_what_rlhf_dataset_and_the_replay_loop_read(job: VerlJ
     for row in train.to_pylist():
         info = row["extra_info"]
         assert info["task_id"] != "t3"
-        assert row["advantage"] == advantages[info["span_id"]] != 0.0
+        stored_tokens = row[REPLAY_COLUMN]
+        assert stored_tokens["advantage"] == advantages[info["span_id"]] != 0.0
         assert row["prompt"][-1] == {"role": "user", "content": f"{info['task_id']}: solve"}
-        assert len(row["response_logprobs"]) == len(row["response_ids"]) == len(row["response_mask"])
+        lengths = {len(stored_tokens[name]) for name in ("response_logprobs", "response_ids", "response_mask")}
+        assert len(lengths) == 1
     assert job.data == ReplayData(
         train_rows=12, val_rows=0, max_prompt_tokens=4, max_response_tokens=4, train_rows_without_logprobs=0
     )
@@ -180,7 +202,7 @@ def test_zero_advantage_rows_train_when_a_kl_term_pulls_on_them(built: Path, tmp
     config = TrainConfig(grpo=GrpoConfig(mini_batch_size=4, kl_beta=0.1))
     job = prepare_verl_job(built, tmp_path / "run", MODEL, config)
     assert "zero_advantage" not in job.skipped and job.data.train_rows == 16
-    advantages = pq.read_table(job.paths.train_parquet)["advantage"].to_pylist()
+    advantages = [row["advantage"] for row in pq.read_table(job.paths.train_parquet)[REPLAY_COLUMN].to_pylist()]
     assert advantages.count(0.0) == 4  # t3's rollouts, kept for the KL term
 
 
@@ -191,7 +213,8 @@ def test_sequences_over_max_sequence_tokens_are_left_out_and_counted(built: Path
     assert job.skipped["longer_than_max_sequence_tokens"] == 3
     rows = pq.read_table(job.paths.train_parquet).to_pylist()
     assert len(rows) == job.data.train_rows == 9
-    assert max(len(row["prompt_ids"]) + len(row["response_ids"]) for row in rows) == 6
+    stored = [row[REPLAY_COLUMN] for row in rows]
+    assert max(len(tokens["prompt_ids"]) + len(tokens["response_ids"]) for tokens in stored) == 6
     assert "data.train_batch_size=8" in job.overrides  # 9 rows: two whole mini-batches of 4
 
 
@@ -211,6 +234,8 @@ DATA = ReplayData(train_rows=13, val_rows=0, max_prompt_tokens=6, max_response_t
 DEFAULT_OVERRIDES = [
     "algorithm.adv_estimator=grpo",
     "algorithm.norm_adv_by_std_in_grpo=False",
+    "algorithm.rollout_correction.rollout_is=null",
+    "algorithm.rollout_correction.rollout_rs=null",
     "algorithm.rollout_correction.bypass_mode=True",
     "data.train_files=/jobs/run1/verl/train.parquet",
     "data.val_files=/jobs/run1/verl/train.parquet",
@@ -238,8 +263,11 @@ DEFAULT_OVERRIDES = [
     "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
     "actor_rollout_ref.rollout.n=1",
     "actor_rollout_ref.rollout.temperature=1.0",
+    "actor_rollout_ref.rollout.calculate_log_probs=True",
     "actor_rollout_ref.rollout.agent.agent_loop_config_path=/jobs/run1/verl/agent_loop.yaml",
     "actor_rollout_ref.rollout.agent.default_agent_loop=tracelearn_replay",
+    "trainer.use_v1=True",
+    "trainer.v1.trainer_mode=sync",
     "trainer.total_epochs=1",
     "trainer.save_freq=1",
     "trainer.resume_mode=disable",
@@ -299,18 +327,18 @@ def test_dr_grpo_with_kl_and_lora_overrides() -> None:
     ]
 
 
-def test_dr_grpo_normalizer_pads_responses_to_it_and_must_cover_the_longest() -> None:
-    config = TrainConfig(grpo=GrpoConfig(mini_batch_size=4, loss_aggregation="dr_grpo", dr_grpo_normalizer=64))
-    added, removed = changed(overrides(config))
-    assert added == [
-        "data.max_response_length=64",
-        "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
-        "actor_rollout_ref.actor.loss_scale_factor=64",
-    ]
-    assert removed == ["data.max_response_length=40", "actor_rollout_ref.actor.loss_agg_mode=token-mean"]
-    short = TrainConfig(grpo=GrpoConfig(mini_batch_size=4, loss_aggregation="dr_grpo", dr_grpo_normalizer=16))
-    with pytest.raises(VerlJobError, match="dr_grpo_normalizer=16 is below the longest stored response"):
-        overrides(short)
+@pytest.mark.parametrize("normalizer", [64, 16])
+def test_dr_grpo_normalizer_is_verls_loss_scale_factor_whatever_the_longest_response(normalizer: int) -> None:
+    # verl >= 0.8 divides each sequence's token sum by loss_scale_factor, not by the padded length,
+    # so the responses keep their own length and a normalizer below the longest response is fine.
+    config = TrainConfig(grpo=GrpoConfig(mini_batch_size=4, loss_aggregation="dr_grpo", dr_grpo_normalizer=normalizer))
+    assert changed(overrides(config)) == (
+        [
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
+            f"actor_rollout_ref.actor.loss_scale_factor={normalizer}",
+        ],
+        ["actor_rollout_ref.actor.loss_agg_mode=token-mean"],
+    )
 
 
 def test_seq_mean_and_clip_higher_overrides() -> None:
@@ -324,9 +352,13 @@ def test_seq_mean_and_clip_higher_overrides() -> None:
 def test_verl_recomputes_pi_old_when_asked_or_when_a_row_lacks_logprobs() -> None:
     bypass = "algorithm.rollout_correction.bypass_mode=True"
     always = TrainConfig(grpo=GrpoConfig(mini_batch_size=4, recompute_logprobs="always"))
-    assert changed(overrides(always)) == ([], [bypass])
+    assert changed(overrides(always)) == ([], [bypass])  # the stored logprobs still reach verl's metrics
     some_missing = ReplayData(13, 0, 6, 40, train_rows_without_logprobs=1)
-    assert changed(overrides(CONFIG, some_missing)) == ([], [bypass])
+    # verl >= 0.9 defaults calculate_log_probs to true and would then read logprobs the loop cannot return
+    assert changed(overrides(CONFIG, some_missing)) == (
+        ["actor_rollout_ref.rollout.calculate_log_probs=False"],
+        [bypass, "actor_rollout_ref.rollout.calculate_log_probs=True"],
+    )
 
 
 def test_runtime_settings_batches_and_gpus_overrides() -> None:
@@ -416,20 +448,56 @@ def test_job_files_hold_the_overrides_and_the_loop_config(job: VerlJob) -> None:
     ]
 
 
-def test_launch_script_runs_verl_with_exactly_the_overrides(job: VerlJob, tmp_path: Path) -> None:
-    python = standin_python(tmp_path, exit_code=0)
+def test_launch_script_checks_verl_then_runs_it_with_exactly_the_overrides(job: VerlJob, tmp_path: Path) -> None:
+    python = fake_verl(tmp_path / "env", VERL_PIN)
     assert os.access(job.paths.launch_script, os.X_OK)
     environment = {**os.environ, "TRACELEARN_VERL_PYTHON": str(python), "PYTHONPATH": "/site/extra"}
     launched = subprocess.run([job.paths.launch_script], env=environment, capture_output=True, text=True, check=False)
     assert launched.returncode == 0, launched.stderr
-    record = recorded(tmp_path)
-    assert record["argv"] == ["-m", "verl.trainer.main_ppo", *job.overrides]
+    record = recorded(tmp_path / "env")
+    assert record["argv"] == list(job.overrides)
     assert record["cwd"] == str(job.paths.directory)
-    assert record["pythonpath"] == f"{job.paths.python_directory}:/site/extra"
+    # the fake environment's own site first (its python wrapper adds it), then the job's loop, then the caller's
+    assert record["pythonpath"] == f"{tmp_path / 'env' / 'site'}:{job.paths.python_directory}:/site/extra"
+    assert not (tmp_path / "env" / "merge.json").exists()  # no LoRA, no merger
 
     del environment["TRACELEARN_VERL_PYTHON"]
     unset = subprocess.run([job.paths.launch_script], env=environment, capture_output=True, text=True, check=False)
     assert unset.returncode != 0 and "set TRACELEARN_VERL_PYTHON to the python of the verl environment" in unset.stderr
+
+
+def test_launch_script_refuses_a_verl_outside_the_pinned_range_before_anything_runs(
+    job: VerlJob, tmp_path: Path
+) -> None:
+    python = fake_verl(tmp_path / "env", "0.8.0")
+    environment = {**os.environ, "TRACELEARN_VERL_PYTHON": str(python)}
+    launched = subprocess.run([job.paths.launch_script], env=environment, capture_output=True, text=True, check=False)
+    assert launched.returncode != 0
+    assert f"verl 0.8.0 is installed; this job needs verl >=0.9.0,<0.10 (tested with {VERL_PIN})" in launched.stderr
+    assert f"pip install 'verl[vllm]=={VERL_PIN}'" in launched.stderr
+    assert not (tmp_path / "env" / "record.json").exists()
+
+
+def test_a_lora_job_runs_verls_model_merger_on_the_last_step(built: Path, tmp_path: Path) -> None:
+    config = TrainConfig(grpo=GrpoConfig(mini_batch_size=4), lora=LoraConfig(r=8, alpha=16))
+    job = prepare_verl_job(built, tmp_path / "run", MODEL, config)
+    assert json.loads((job.paths.directory / "job.json").read_text()) == {
+        "model_path": MODEL,
+        "lora": {"r": 8, "alpha": 16},
+        "verl": VERL_PIN,
+    }
+    python = fake_verl(tmp_path / "env", VERL_PIN)
+    environment = {**os.environ, "TRACELEARN_VERL_PYTHON": str(python), "FAKE_VERL_STEPS": "2,10"}
+    launched = subprocess.run([job.paths.launch_script], env=environment, capture_output=True, text=True, check=False)
+    assert launched.returncode == 0, launched.stderr
+    actor = job.paths.checkpoints / "global_step_10" / "actor"  # 10 after 2: by number, not by name
+    merge = json.loads((tmp_path / "env" / "merge.json").read_text())
+    assert merge == ["merge", "--backend", "fsdp", "--local_dir", str(actor), "--target_dir", str(actor / "merged")]
+
+    (tmp_path / "env" / "merge.json").unlink()
+    assert run_verl_job(job, str(python), tmp_path / "logs" / "verl.log") == 0
+    assert json.loads((tmp_path / "env" / "merge.json").read_text()) == merge
+    assert (tmp_path / "logs" / "merge.log").read_text().startswith(f"$ {python} -m verl.model_merger merge")
 
 
 @pytest.mark.parametrize("exit_code", [0, 3])
@@ -471,7 +539,7 @@ def test_sigterm_to_the_runner_stops_the_job_and_returns_its_status(job: VerlJob
         [
             sys.executable,
             "-c",
-            "import pickle, sys; from pathlib import Path; from tracelearn.training.verl_backend import run_verl_job; "
+            "import pickle, sys; from pathlib import Path; from tracelearn.training.verl_runtime import run_verl_job; "
             "job = pickle.loads(bytes.fromhex(sys.argv[1])); "
             "sys.exit(run_verl_job(job, sys.argv[2], Path(sys.argv[3])))",
             pickle.dumps(job).hex(),
@@ -491,17 +559,36 @@ def test_sigterm_to_the_runner_stops_the_job_and_returns_its_status(job: VerlJob
 # Finding verl's environment ----------------------------------------------------------------------
 
 
-def fake_verl(directory: Path, with_agent_loop: bool) -> Path:
-    """An executable Python whose path holds a ``verl`` package (version 9.9.9), with or without the agent loop."""
+FAKE_MAIN_PPO = """\
+import json, os, pathlib, sys
+here = pathlib.Path(__file__).resolve().parents[3]
+record = {"argv": sys.argv[1:], "cwd": os.getcwd(), "pythonpath": os.environ.get("PYTHONPATH", "")}
+(here / "record.json").write_text(json.dumps(record))
+for step in filter(None, os.environ.get("FAKE_VERL_STEPS", "").split(",")):
+    pathlib.Path("checkpoints", f"global_step_{step}", "actor").mkdir(parents=True, exist_ok=True)
+"""
+FAKE_MERGER = """\
+import json, pathlib, sys
+(pathlib.Path(__file__).resolve().parents[3] / "merge.json").write_text(json.dumps(sys.argv[1:]))
+"""
+
+
+def fake_verl(directory: Path, version: str, with_agent_loop: bool = True) -> Path:
+    """An executable Python whose path holds a ``verl`` package of ``version``, with or without the agent
+    loop; its ``verl.trainer.main_ppo`` and ``verl.model_merger`` record their arguments in ``directory``."""
     package = directory / "site" / "verl"
-    (package / "experimental").mkdir(parents=True)
-    (package / "__init__.py").write_text("__version__ = '9.9.9'\n")
-    (package / "experimental" / "__init__.py").write_text("")
+    for sub in ("experimental", "trainer", "model_merger"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (package / "trainer" / "main_ppo.py").write_text(FAKE_MAIN_PPO)
+    (package / "model_merger" / "__main__.py").write_text(FAKE_MERGER)
     if with_agent_loop:
         (package / "experimental" / "agent_loop").mkdir()
         (package / "experimental" / "agent_loop" / "__init__.py").write_text("")
     python = directory / "verl-python"
-    python.write_text(f'#!/bin/sh\nPYTHONPATH={directory / "site"} exec {sys.executable} "$@"\n')
+    site = directory / "site"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={site}${{PYTHONPATH:+:$PYTHONPATH}} exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     return python
 
@@ -512,7 +599,7 @@ def test_our_own_python_has_no_verl_and_the_error_says_how_to_get_one(monkeypatc
         find_verl_python(sys.executable)
     message = str(error.value)
     assert sys.executable in message and "No module named 'verl'" in message
-    assert "pip install 'verl[vllm]'" in message and "CUDA" in message
+    assert f"pip install 'verl[vllm]=={VERL_PIN}'" in message and "CUDA" in message
     assert "--verl-python" in message and "TRACELEARN_VERL_PYTHON" in message
     assert "runs without it" in message
 
@@ -528,23 +615,106 @@ def test_our_own_python_has_no_verl_and_the_error_says_how_to_get_one(monkeypatc
         find_verl_python("/nowhere/python")
 
 
-def test_a_python_with_verl_is_found_only_with_the_agent_loop_api(tmp_path: Path) -> None:
-    good = fake_verl(tmp_path / "good", with_agent_loop=True)
+def test_a_python_with_verl_is_found_only_in_the_pinned_range_and_with_the_agent_loop_api(tmp_path: Path) -> None:
+    good = fake_verl(tmp_path / "good", VERL_PIN)
     assert find_verl_python(str(good)) == str(good)
-    old = fake_verl(tmp_path / "old", with_agent_loop=False)
-    with pytest.raises(VerlNotAvailableError, match=r"verl 9\.9\.9 has no verl\.experimental\.agent_loop"):
+    assert find_verl_python(str(fake_verl(tmp_path / "dev", "0.9.2.dev4+g1234"))) is not None
+    for version in ("0.8.0", "0.10.0", "1.0"):
+        with pytest.raises(VerlNotAvailableError, match=rf"verl {re.escape(version)} is installed; this job needs "
+                           r"verl >=0\.9\.0,<0\.10"):
+            find_verl_python(str(fake_verl(tmp_path / version, version)))
+    old = fake_verl(tmp_path / "old", VERL_PIN, with_agent_loop=False)
+    no_loop = rf"verl {re.escape(VERL_PIN)} has no verl\.experimental\.agent_loop"
+    with pytest.raises(VerlNotAvailableError, match=no_loop):
         find_verl_python(str(old))
+
+
+def test_version_range_compares_release_numbers() -> None:
+    assert version_in_range("0.9.0") and version_in_range("0.9.10") and version_in_range("0.9.1rc1")
+    assert not version_in_range("0.8.9") and not version_in_range("0.10.0") and not version_in_range("0.10")
+
+
+# The finished job's checkpoint -------------------------------------------------------------------
+
+
+def write_checkpoint(job_directory: Path, step: int, files: dict[str, str]) -> Path:
+    actor = job_directory / "checkpoints" / f"global_step_{step}" / "actor"
+    for name, text in files.items():
+        (actor / name).parent.mkdir(parents=True, exist_ok=True)
+        (actor / name).write_text(text)
+    return actor
+
+
+def adapter_config(r: int = 8, alpha: int = 16, base: str | None = None) -> str:
+    # what verl 0.9.1's model merger writes: peft's LoraConfig.to_dict(), no base model
+    return json.dumps({"r": r, "lora_alpha": alpha, "base_model_name_or_path": base, "peft_type": "LORA"})
+
+
+@pytest.fixture
+def lora_job(built: Path, tmp_path: Path) -> VerlJob:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64, "vocab_size": 100}))
+    config = TrainConfig(grpo=GrpoConfig(mini_batch_size=4), lora=LoraConfig(r=8, alpha=16))
+    return prepare_verl_job(built, tmp_path / "run", str(base), config)
+
+
+def test_a_full_fine_tuning_checkpoint_is_the_last_steps_huggingface_weights(job: VerlJob) -> None:
+    write_checkpoint(job.paths.directory, 3, {"huggingface/model.safetensors": "w"})
+    last = write_checkpoint(job.paths.directory, 12, {"huggingface/model.safetensors": "w"})
+    assert latest_verl_checkpoint(job.paths.directory, lora=False) == last / "huggingface"
+    write_checkpoint(job.paths.directory, 13, {"huggingface/config.json": "{}"})
+    with pytest.raises(VerlCheckpointError, match="holds no model weights"):
+        latest_verl_checkpoint(job.paths.directory, lora=False)
+
+
+def test_the_lora_adapter_comes_from_the_merger_checked_against_the_job(lora_job: VerlJob) -> None:
+    directory, base = lora_job.paths.directory, lora_job.model_path
+    with pytest.raises(VerlCheckpointError, match="no global_step_N"):
+        latest_verl_checkpoint(directory, lora=True)
+    actor = write_checkpoint(directory, 1, {"huggingface/config.json": Path(base, "config.json").read_text()})
+    with pytest.raises(VerlCheckpointError, match=r"python -m verl\.model_merger merge --backend fsdp"):
+        latest_verl_checkpoint(directory, lora=True)
+    write_checkpoint(directory, 1, {"merged/lora_adapter/adapter_config.json": adapter_config()})
+    adapter = latest_verl_checkpoint(directory, lora=True)
+    assert adapter == actor / "merged" / "lora_adapter"
+    # the merger names no base model: the job's is recorded, so serving and the registry know it
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (adapter_config(r=16), "rank r=16, the job trained r=8"),
+        (adapter_config(alpha=0), "lora_alpha=0, the job trained alpha=16 .*no lora_train_meta.json"),
+        (adapter_config(base="/models/other"), "base_model_name_or_path='/models/other'"),
+    ],
+)
+def test_an_adapter_that_does_not_fit_the_job_is_refused(lora_job: VerlJob, config: str, message: str) -> None:
+    write_checkpoint(lora_job.paths.directory, 1, {"merged/lora_adapter/adapter_config.json": config})
+    with pytest.raises(VerlCheckpointError, match=message):
+        latest_verl_checkpoint(lora_job.paths.directory, lora=True)
+
+
+def test_an_adapter_trained_on_another_architecture_is_refused(lora_job: VerlJob) -> None:
+    other = json.dumps({"model_type": "qwen2", "hidden_size": 128, "vocab_size": 100})
+    write_checkpoint(lora_job.paths.directory, 1, {"huggingface/config.json": other,
+                                                   "lora_adapter/adapter_config.json": adapter_config()})
+    with pytest.raises(VerlCheckpointError, match="hidden_size: 128 vs 64"):
+        latest_verl_checkpoint(lora_job.paths.directory, lora=True)  # verl 0.7's layout, checked the same
 
 
 # The replay loop ---------------------------------------------------------------------------------
 
-ROW = {
+STORED = {
     "prompt_ids": [1, 2, 3],
     "response_ids": [7, 8],
     "response_mask": [1, 0],
     "response_logprobs": [-0.5, -0.25],
-    "reward_score": 1.0,
     "advantage": -0.75,
+}
+ROW = {
+    REPLAY_COLUMN: STORED,
     "extra_info": {"span_id": "00000000000000aa", "trace_id": "0" * 31 + "1", "task_id": "t9"},
 }
 
@@ -563,19 +733,21 @@ def test_replay_output_is_the_stored_row() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"response_ids": None}, "response_ids is missing; replay needs the token ids"),
-        ({"prompt_ids": []}, "prompt_ids is empty"),
+        ({"response_ids": None}, "tracelearn_replay.response_ids is missing; replay needs the token ids"),
+        ({"prompt_ids": []}, "tracelearn_replay.prompt_ids is empty"),
         ({"response_mask": [1]}, "response_mask has 1 entries for 2 response tokens"),
         ({"response_mask": [1, 2]}, "response_mask holds values other than 0 and 1"),
-        ({"response_logprobs": None}, "response_logprobs is missing"),
+        ({"response_logprobs": None}, "tracelearn_replay.response_logprobs is missing"),
         ({"response_logprobs": [-0.5]}, "response_logprobs has 1 entries for 2 response tokens"),
         ({"advantage": None}, "advantage is None"),
     ],
 )
 def test_rows_that_cannot_be_replayed_are_refused_naming_the_span(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ReplayRowError, match=message) as error:
-        replay_output_fields({**ROW, **change}, with_logprobs=True)
+        replay_output_fields({**ROW, REPLAY_COLUMN: {**STORED, **change}}, with_logprobs=True)
     assert "span 00000000000000aa" in str(error.value) and "task t9" in str(error.value)
+    with pytest.raises(ReplayRowError, match=r"no tracelearn_replay column .* verl-replay export"):
+        replay_output_fields({**STORED, "extra_info": ROW["extra_info"]}, with_logprobs=True)
 
 
 def run_copied_loop(job: VerlJob, site: Path | None, code: str) -> Any:
@@ -604,58 +776,4 @@ def test_the_copied_loop_needs_neither_tracelearn_nor_verl(job: VerlJob) -> None
         "fields": {**replay_output_fields(ROW, with_logprobs=False)},
         "imported": [],
         "class": False,  # without verl there is nothing to subclass
-    }
-
-
-FAKE_AGENT_LOOP_API = '''\
-"""verl's agent-loop API as far as the replay loop uses it (verl/experimental/agent_loop/agent_loop.py)."""
-registry = {}
-
-class AgentLoopBase:
-    def __init__(self, trainer_config, server_manager, tokenizer, processor, dataset_cls, dataset_config, **kwargs):
-        self.server_manager = server_manager
-
-class AgentLoopOutput:
-    def __init__(self, *, prompt_ids, response_ids, response_mask, metrics, response_logprobs=None,
-                 reward_score=None, num_turns=0, extra_fields=None):
-        self.fields = dict(prompt_ids=prompt_ids, response_ids=response_ids, response_mask=response_mask,
-                           response_logprobs=response_logprobs, reward_score=reward_score, num_turns=num_turns)
-        self.metrics = metrics
-
-def register(name):
-    def decorator(cls):
-        registry[name] = {"_target_": cls.__module__ + "." + cls.__qualname__}
-        return cls
-    return decorator
-'''
-
-
-def test_the_copied_loop_replays_a_row_through_the_agent_loop_api(job: VerlJob, tmp_path: Path) -> None:
-    api = tmp_path / "site" / "verl" / "experimental" / "agent_loop"
-    api.mkdir(parents=True)
-    for package in (api.parent.parent, api.parent, api):
-        (package / "__init__.py").write_text("")
-    (api / "agent_loop.py").write_text(FAKE_AGENT_LOOP_API)
-    [entry] = yaml.safe_load(job.paths.agent_loop_config.read_text())
-    answer = run_copied_loop(
-        job,
-        tmp_path / "site",
-        f"""\
-        import asyncio, importlib
-        from verl.experimental.agent_loop.agent_loop import registry
-        entry = {entry!r}
-        module, _, name = entry.pop("_target_").rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        # as hydra.utils.instantiate calls it: the entry's other keys plus verl's own arguments
-        loop = cls(trainer_config=None, server_manager="unused", tokenizer=None, processor=None,
-                   dataset_cls=None, dataset_config=None, **entry)
-        row = {{**{ROW!r}, "raw_prompt": [{{"role": "user", "content": "hi"}}], "uid": "u1", "index": 0}}
-        output = asyncio.run(loop.run({{"temperature": 1.0}}, **row))
-        print(json.dumps({{"fields": output.fields, "metrics": output.metrics, "registry": registry}}))
-        """,
-    )
-    assert answer == {
-        "fields": replay_output_fields(ROW, with_logprobs=True),
-        "metrics": {},
-        "registry": {"tracelearn_replay": {"_target_": "tracelearn_replay_loop.ReplayAgentLoop"}},
     }
