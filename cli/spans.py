@@ -22,7 +22,7 @@ from tracelearn.collector.compaction import (
     spans_table_root,
 )
 from tracelearn.collector.settings import CaptureSettings, SettingsError
-from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR, ReplayReport, replay_spools
+from tracelearn.collector.spool import SPOOL_DIR, ReplayReport, pending_segments, replay_spools
 from tracelearn.pipelines.span_summary import SpanStats, read_prepared_spans, spans_stats
 from tracelearn.pipelines.spans_input import spans_location
 from tracelearn.pipelines.stats import span_analysis
@@ -294,6 +294,5 @@ def replay_command(data: Path | None) -> None:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"replaying the spool under {root} failed: {exc}") from exc
-    spool = root / SPOOL_DIR
-    left = len(list(spool.glob(f"*{SEGMENT_SUFFIX}"))) if spool.is_dir() else 0
+    left = len(pending_segments(root / SPOOL_DIR))
     render_replay(report, left, Console())

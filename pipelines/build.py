@@ -55,7 +55,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR
+from tracelearn.collector.spool import SPOOL_DIR, pending_segments
 from tracelearn.pipelines.advantages import grpo_advantages, zero_signal_counts
 from tracelearn.pipelines.buckets import (
     BUCKET_BYTES,
@@ -344,7 +344,7 @@ def _bucketed_spans(
 def spool_note(spans: str | Path) -> str | None:
     """A line about spans still in the write-ahead spool under ``spans`` (local data only), or ``None``."""
     spool = Path(spans_location(spans)) / SPOOL_DIR
-    segments = [path for path in spool.glob(f"*{SEGMENT_SUFFIX}") if path.is_file()] if spool.is_dir() else []
+    segments = pending_segments(spool)
     if not segments:
         return None
     size = sum(path.stat().st_size for path in segments) / 1024

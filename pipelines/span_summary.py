@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from tracelearn.collector.spool import SEGMENT_SUFFIX, SPOOL_DIR
+from tracelearn.collector.spool import SPOOL_DIR, pending_segments
 from tracelearn.pipelines.prepared import prepare_spans
 from tracelearn.pipelines.rollout_rewards import reward_spans
 from tracelearn.pipelines.rollouts import build_rollouts
@@ -129,8 +129,7 @@ def _reward_stats(spans: pl.LazyFrame) -> list[RewardStats]:
 
 def _spool(spans_root: Path) -> tuple[int, int]:
     """Segments and bytes in the write-ahead spool under ``spans_root`` (a local directory; else none)."""
-    directory = spans_root / SPOOL_DIR
-    segments = [p for p in directory.glob(f"*{SEGMENT_SUFFIX}") if p.is_file()] if directory.is_dir() else []
+    segments = pending_segments(spans_root / SPOOL_DIR)
     return len(segments), sum(p.stat().st_size for p in segments)
 
 

@@ -124,12 +124,14 @@ def test_a_first_build_without_a_reward_yields_transitions_and_says_how_to_add_o
     spool = data / "spans" / "_spool"
     spool.mkdir()
     (spool / "spool-20261121T120000-host-1-w-000001.arrows").write_bytes(b"\0" * 2048)
+    # The collector sidecar's write-ahead request log counts too.
+    (spool / "requests-20261121T120000-host-2-w-000001.otlp").write_bytes(b"\0" * 2048)
     result = CliRunner().invoke(main, ["transitions", "build", "--spans", str(data), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert summary_value(result.output, "transitions") == 1 and summary_value(result.output, "rollouts built") == 1
     notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
     assert "reward.function" in notes[0] and "pipeline.yaml" in notes[0], result.output
-    assert "1 spool segment(s)" in result.output and "tracelearn spans replay" in result.output
+    assert "2 spool segment(s)" in result.output and "tracelearn spans replay" in result.output
 
 
 def test_stats_on_a_build_without_transitions_says_so_plainly(tmp_path: Path) -> None:
