@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import partition_directory, write_parquet_atomically
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SPANS, STRING_MAP
+from tracelearn.storage.atomic_files import partition_directory
+from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 __all__ = ["EPOCH", "ROLLOUTS_PER_TASK", "DatasetSpec", "write_spans_dataset"]
 

@@ -3,7 +3,7 @@
 Owns the work of ``tracelearn spans compact`` on one ``date=D/service=S`` directory: choosing the
 inputs (``compaction_plan``), writing the merged files, the lock and journal files of a compaction
 and finishing or rolling back a compaction a crash interrupted (``compaction_safety``). May import
-tracelearn.schemas, the collector's atomic_files, spool and compaction_* modules, and pyarrow;
+tracelearn.schemas, tracelearn.storage, the collector's spool and compaction_* modules, and pyarrow;
 never polars, torch or airflow.
 
 Inputs. Only finished files: names ``part-*.parquet`` directly in the partition directory (never a
@@ -69,12 +69,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tracelearn.collector.atomic_files import (
-    AtomicParquetWriter,
-    fsync_directory,
-    local_host,
-    path_segment_safe,
-)
 from tracelearn.collector.compaction_plan import (
     PLANNED_BYTES_KEY,
     InputFile,
@@ -107,6 +101,8 @@ from tracelearn.collector.compaction_safety import (
 from tracelearn.collector.spool import SPAN_KEY, SegmentName, unique_rows
 from tracelearn.schemas.migrations import migrate
 from tracelearn.schemas.tables import SPANS
+from tracelearn.storage.atomic_files import fsync_directory, local_host, path_segment_safe
+from tracelearn.storage.atomic_parquet import AtomicParquetWriter
 
 __all__ = [
     "LOCK_NAME",

@@ -8,7 +8,7 @@ journal whose output exists has its remaining inputs deleted (roll forward), one
 not has its temp file deleted (roll back). ``superseded_inputs`` tells a reader which listed files
 an output already holds. See ``compaction`` for the whole protocol.
 
-May import: tracelearn.collector.atomic_files, the standard library.
+May import: tracelearn.storage, the standard library.
 """
 
 import contextlib
@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracelearn.collector.atomic_files import TEMP_PREFIX, TEMP_SUFFIX, fsync_directory, local_host, process_gone
+from tracelearn.storage.atomic_files import TEMP_PREFIX, TEMP_SUFFIX, fsync_directory, local_host, process_gone
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"

@@ -20,11 +20,11 @@ Nothing acknowledged is lost on the way:
 - the damaged rest of a segment (a record failing its checksum with data after it) is quarantined
   as bytes.
 
-Only a disk that refuses writes (``atomic_files.is_disk_error``) stops a conversion: ``OSError`` is
+Only a disk that refuses writes (``tracelearn.storage.atomic_files.is_disk_error``) stops a conversion: ``OSError`` is
 raised, the segment stays, and the caller retries it.
 
-May import: tracelearn.collector (otlp_decode, request_log, span_rows, spool, quarantine, dedup,
-atomic_files), tracelearn.schemas, pyarrow.
+May import: tracelearn.collector (otlp_decode, request_log, span_rows, spool, quarantine, dedup),
+tracelearn.storage, tracelearn.schemas, pyarrow.
 """
 
 import logging
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import Partition, partition_directory
 from tracelearn.collector.dedup import KeyIndex
 from tracelearn.collector.otlp_decode import PROTOBUF_CONTENT_TYPE, protobuf_layout, request_records
 from tracelearn.collector.otlp_spans import DEFAULT_LIMITS, DecodedSpans, DecodeLimits, OtlpDecodeError
@@ -45,6 +44,7 @@ from tracelearn.collector.request_log import LogReader, LogRecord
 from tracelearn.collector.span_rows import SpanColumns, SpanRecord
 from tracelearn.collector.spool import ReplayReport, SegmentName, write_or_quarantine
 from tracelearn.schemas.tables import TableSpec
+from tracelearn.storage.atomic_files import Partition, partition_directory
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ BUILD_SPANS = 1024
 # pages for the rows, their combined copy, the Parquet buffers), 16 MiB ones 7-10 us, user time alike.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 # Between a segment's stem and a conversion batch's number in a file name (never in a stem: see
-# ``spool.SegmentName`` and ``atomic_files.path_segment_safe``).
+# ``spool.SegmentName`` and ``storage.atomic_files.path_segment_safe``).
 BATCH_SEPARATOR = "+"
 
 

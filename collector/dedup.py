@@ -12,7 +12,7 @@ recognized across a SIGTERM and across a ``kill -9``, as long as the first deliv
 last ``capacity // 2`` spans committed. The files rotate like the window (two generations of
 ``capacity // 2`` keys, 24 bytes each: 12 MB for the default 500,000).
 
-May import: tracelearn.collector.atomic_files, the standard library.
+May import: tracelearn.storage, the standard library.
 """
 
 import contextlib
@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tracelearn.collector.atomic_files import fsync_directory
+from tracelearn.storage.atomic_files import fsync_directory
 
 logger = logging.getLogger(__name__)
 

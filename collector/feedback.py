@@ -20,8 +20,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import partition_directory, write_parquet_atomically
 from tracelearn.schemas.tables import FEEDBACK
+from tracelearn.storage.atomic_files import partition_directory
+from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 __all__ = ["FeedbackError", "FeedbackItem", "append_feedback", "check_dates", "feedback_item"]
 

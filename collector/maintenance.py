@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tracelearn.collector.atomic_files import is_disk_error
 from tracelearn.collector.backpressure import PROBE_SECONDS, WriteHealth, probe_disk
 from tracelearn.collector.conversion import convert_log_segment, logged_keys
 from tracelearn.collector.dedup import KEY_BYTES, KeyIndex, RecentSpanKeys
@@ -38,6 +37,7 @@ from tracelearn.collector.otlp_spans import DecodeLimits
 from tracelearn.collector.request_log import log_segment_name
 from tracelearn.collector.spool import ReplayReport, SegmentFormatError, quarantine_segment, replay_spools
 from tracelearn.schemas.tables import SPANS
+from tracelearn.storage.atomic_files import is_disk_error
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ most: for protobuf one span's parse at a time plus a key per span; for OTLP/JSON
 document, estimated from its count of objects, lists and commas (orjson's Python objects can take
 ~25x the text for a body of empty objects).
 
-May import: tracelearn.collector.otlp_decode, otlp_spans, otlp_wire, span_rows, atomic_files.
+May import: tracelearn.collector.otlp_decode, otlp_json, otlp_spans, otlp_wire, span_rows.
 """
 
 from array import array

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import Partition, partition_directory
 from tracelearn.collector.quarantine import Quarantine, entry_name
 from tracelearn.collector.spool import SPOOL_DIR, SegmentName, write_or_quarantine
 from tracelearn.collector.spool_append import Spool
 from tracelearn.schemas.tables import TableSpec
+from tracelearn.storage.atomic_files import Partition, partition_directory
 
 
 class WriteError(OSError):

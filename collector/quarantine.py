@@ -16,7 +16,7 @@ here. Names are fixed by the source (segment and partition or record), so a repl
 writes the same names and never sets anything aside twice. Writing an entry can itself fail
 (``OSError``): the caller then keeps the source and retries, as for a full disk.
 
-May import: tracelearn.collector.atomic_files, pyarrow, orjson.
+May import: tracelearn.storage, pyarrow, orjson.
 """
 
 import contextlib
@@ -31,7 +31,8 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import fsync_directory, write_parquet_atomically
+from tracelearn.storage.atomic_files import fsync_directory
+from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 QUARANTINE_DIR = "_quarantine"
 REASON_SUFFIX = ".reason.json"

@@ -20,7 +20,7 @@ group commit is one ``write`` and one ``fsync``. A record cut off at the end of 
 that was never acknowledged (a kill, a power cut) and is ignored; a record that fails its checksum
 with more records after it is damage, reported so that the rest can be quarantined.
 
-May import: tracelearn.collector.spool and atomic_files, the standard library.
+May import: tracelearn.collector.spool, tracelearn.storage, the standard library.
 """
 
 import contextlib
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tracelearn.collector.atomic_files import fsync_directory, local_host
 from tracelearn.collector.otlp_decode import JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE
 from tracelearn.collector.otlp_wire import Body
 from tracelearn.collector.spool import (
@@ -44,6 +43,7 @@ from tracelearn.collector.spool import (
     SegmentName,
     new_writer_id,
 )
+from tracelearn.storage.atomic_files import fsync_directory, local_host
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import pyarrow as pa
 from opentelemetry.sdk.trace import ReadableSpan
 
 from tracelearn.collector import normalize as nz
-from tracelearn.collector.atomic_files import Partition, path_segment_safe
 from tracelearn.schemas import messages as mc
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.tables import SPANS, STRING_MAP
+from tracelearn.storage.atomic_files import Partition, path_segment_safe
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tracelearn.collector.atomic_files import (
+from tracelearn.collector.quarantine import QUARANTINE_DIR, Quarantine, entry_name
+from tracelearn.schemas.migrations import SchemaVersionError, migrate
+from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TableSpec
+from tracelearn.storage.atomic_files import (
     Partition,
     is_disk_error,
     local_host,
@@ -46,11 +49,8 @@ from tracelearn.collector.atomic_files import (
     path_segment_safe,
     process_gone,
     remove_abandoned_temp_files,
-    write_parquet_atomically,
 )
-from tracelearn.collector.quarantine import QUARANTINE_DIR, Quarantine, entry_name
-from tracelearn.schemas.migrations import SchemaVersionError, migrate
-from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, TableSpec
+from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 if TYPE_CHECKING:
     from tracelearn.collector.dedup import KeyIndex

@@ -5,7 +5,7 @@ flush, a group commit); a roll seals the segment (``seal``) and, once its rows a
 files (``mark_written``), the segment is deleted. See ``spool`` for the layout and the replay of
 segments whose writer exited.
 
-May import: tracelearn.collector (spool, atomic_files), pyarrow.
+May import: tracelearn.collector.spool, tracelearn.storage, pyarrow.
 """
 
 import contextlib
@@ -20,8 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import Partition, fsync_directory, local_host
 from tracelearn.collector.spool import PARTITION_KEY, SegmentName, new_writer_id
+from tracelearn.storage.atomic_files import Partition, fsync_directory, local_host
 
 logger = logging.getLogger(__name__)
 

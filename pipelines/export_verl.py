@@ -45,7 +45,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import write_parquet_atomically
 from tracelearn.pipelines.export_messages import (
     ARGUMENTS_AS_TEXT,
     CHAT_MESSAGE,
@@ -58,6 +57,7 @@ from tracelearn.pipelines.export_messages import (
 )
 from tracelearn.pipelines.stats import transitions_directory
 from tracelearn.schemas.dataset import DatasetError, read_table
+from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 __all__ = [
     "CHAT_MESSAGE",

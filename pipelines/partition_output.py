@@ -11,7 +11,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import AtomicParquetWriter, partition_directory
+from tracelearn.storage.atomic_files import partition_directory
+from tracelearn.storage.atomic_parquet import AtomicParquetWriter
 
 __all__ = ["COMPRESSION", "OUTPUT_DATE", "DatePartitionFiles", "late_span_rollouts"]
 

@@ -49,6 +49,7 @@ from tracelearn.registry.artifacts import (
 )
 from tracelearn.registry.backend import Registry, registry_cache_dir, utc_now
 from tracelearn.registry.contents import SourceContents, verify_stored
+from tracelearn.storage.atomic_files import fsync_directory
 
 # Publishers racing for one version number retry with a fresh number; the bound only stops a livelock.
 _MAX_CLAIM_ATTEMPTS = 64
@@ -95,7 +96,7 @@ class _LocalStore:
         with _write_errors(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             self._write_temporary(target, data).replace(target)
-            _fsync_directory(target.parent)
+            fsync_directory(target.parent)
 
     def upload(self, source: Path, path: str) -> None:
         target = self.root / path
@@ -396,14 +397,6 @@ class FilesystemRegistry(Registry):
 
 def _encode(document: Mapping[str, object]) -> bytes:
     return json.dumps(document, indent=1, sort_keys=True).encode()
-
-
-def _fsync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 @contextlib.contextmanager

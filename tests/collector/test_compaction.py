@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from support.spans_factory import SpansFactory
 
 from tracelearn.cli.main import main
-from tracelearn.collector.atomic_files import local_host
 from tracelearn.collector.compaction import (
     LOCK_NAME,
     CompactionConflictError,
@@ -32,6 +31,7 @@ from tracelearn.collector.spool import SPOOL_DIR, SegmentName, replay_spools
 from tracelearn.schemas.dataset import dataset_files, read_table, read_table_file
 from tracelearn.schemas.migrations import MIGRATIONS
 from tracelearn.schemas.tables import FEEDBACK, SCHEMA_VERSION_KEY, SPANS, TABLE_NAME_KEY
+from tracelearn.storage.atomic_files import local_host
 
 DATE = "2026-11-21"  # the factory's reference day
 SERVICE = "calc-agent"

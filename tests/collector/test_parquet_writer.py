@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from tracelearn.collector.atomic_files import Partition
 from tracelearn.collector.parquet_writer import PartitionedParquetWriter
 from tracelearn.collector.span_rows import SpanColumns, SpanRecord
 from tracelearn.collector.spool import SPOOL_DIR, read_segment
 from tracelearn.schemas.dataset import dataset_files, read_table
 from tracelearn.schemas.tables import SPANS
+from tracelearn.storage.atomic_files import Partition
 
 DAY = 1_790_000_000 * 10**9
 

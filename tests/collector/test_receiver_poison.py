@@ -29,11 +29,11 @@ from support.otlp_sidecar import (
     wait_for,
 )
 
-from tracelearn.collector.atomic_files import local_host, path_segment_safe
 from tracelearn.collector.quarantine import QUARANTINE_DIR, REASON_SUFFIX
 from tracelearn.collector.request_log import LoggedRequest, RequestLog, log_file_name
 from tracelearn.collector.spool import SPOOL_DIR, SegmentName
 from tracelearn.schemas.dataset import dataset_files
+from tracelearn.storage.atomic_files import local_host, path_segment_safe
 
 TRACES = "/v1/traces"
 JSON = {"Content-Type": "application/json"}

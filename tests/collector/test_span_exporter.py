@@ -16,12 +16,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from support.capture import capture_settings, installed_capture
 
-from tracelearn.collector.atomic_files import TEMP_SUFFIX, path_segment_safe
 from tracelearn.collector.span_exporter import ParquetSpanExporter
 from tracelearn.collector.spool import SPOOL_DIR, read_segment
 from tracelearn.instrumentation.span_processors import DurableBatchSpanProcessor
 from tracelearn.schemas.dataset import dataset_files, read_table
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, SPANS
+from tracelearn.storage.atomic_files import TEMP_SUFFIX, path_segment_safe
 
 
 def span_rows(data: Path) -> list[dict[str, object]]:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tracelearn.collector.atomic_files import Partition, local_host, path_segment_safe
 from tracelearn.collector.parquet_writer import PartitionedParquetWriter
 from tracelearn.collector.span_rows import SpanColumns, SpanRecord
 from tracelearn.collector.spool import (
@@ -23,6 +22,7 @@ from tracelearn.collector.spool import (
 from tracelearn.collector.spool_append import Spool
 from tracelearn.schemas.dataset import dataset_files, read_table
 from tracelearn.schemas.tables import SCHEMA_VERSION_KEY, SPANS
+from tracelearn.storage.atomic_files import Partition, local_host, path_segment_safe
 
 DAY_1 = 1_790_000_000 * 10**9  # 2026-09-21 (UTC)
 DAY_2 = DAY_1 + 86_400 * 10**9

@@ -18,16 +18,11 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from tracelearn.collector.atomic_files import (
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    path_segment_safe,
-    remove_abandoned_temp_files,
-)
 from tracelearn.collector.settings import CaptureSettings
 from tracelearn.collector.span_exporter import ParquetSpanExporter
 from tracelearn.collector.spool import SPOOL_DIR
 from tracelearn.schemas.dataset import dataset_files, read_table
+from tracelearn.storage.atomic_files import TEMP_PREFIX, TEMP_SUFFIX, path_segment_safe, remove_abandoned_temp_files
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -53,12 +53,12 @@ from rich.console import Console
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tracelearn.collector.atomic_files import write_parquet_atomically
 from tracelearn.pipelines.config import config_hash
 from tracelearn.registry import REGISTRY_ENV, Registry
 from tracelearn.registry.prompts import PROMPTS_ENV, pinned_references
 from tracelearn.serving.gateway import PROMPT_VERSION_HEADER, PromptRule, create_gateway_app
 from tracelearn.serving.http_server import BackgroundServer
+from tracelearn.storage.atomic_parquet import write_parquet_atomically
 from tracelearn.training.apo.candidates import prompt_hash
 from tracelearn.training.evaluate import (
     ROLLOUT_SCHEMA,
