@@ -11,9 +11,10 @@ so an agent that uses it stays light:
     system = tracelearn.prompt("calc-system")  # the registry's production version, refreshed on promotion
 
 Subpackages (one per top-level folder of the repository): ``schemas`` (tables and attribute
-names), ``processes`` (child processes), ``instrumentation`` (OpenTelemetry distro, rollout context, emit API, token-id capture),
-``collector`` (Parquet span writer and exporter), ``pipelines``, ``training``, ``serving``,
-``registry`` and ``cli``. Data flows one way: schemas -> capture -> pipelines -> training -> registry.
+names), ``storage`` (atomic files), ``processes`` (child processes), ``instrumentation`` (OpenTelemetry
+distro, rollout context, emit API, token-id capture), ``collector`` (Parquet span writer and exporter),
+``pipelines``, ``training``, ``models`` (finding and loading a model), ``serving``, ``registry`` and
+``cli``. Data flows one way: schemas -> capture -> pipelines -> training -> registry / serving.
 """
 
 from tracelearn.instrumentation.emit import emit_annotation, emit_message, emit_reward

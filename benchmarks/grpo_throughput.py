@@ -54,7 +54,7 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tracelearn.serving.model_store import select_device
+from tracelearn.models import select_device
 from tracelearn.training.config import GrpoConfig, RuntimeConfig, TrainConfig
 from tracelearn.training.grpo import fill_logprobs, grpo_step
 from tracelearn.training.policy import Policy, load_policy

@@ -31,12 +31,12 @@ from pathlib import Path
 
 from openai import AsyncOpenAI
 
+from tracelearn.models import FETCH_COMMAND, default_model_path, load_model, registry_model_version, resolve_model
 from tracelearn.registry import Registry, open_registry
+from tracelearn.serving.alias_follower import AliasFollower
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
-from tracelearn.serving.model_store import FETCH_COMMAND, default_model_path, load_model, resolve_model
 from tracelearn.serving.openai_api import create_app
-from tracelearn.serving.registry_models import AliasFollower, registry_model_version
 
 NAME = "bench-policy"
 QUESTIONS = ["What is 12 plus 30?", "Name three primary colors.", "Why is the sky blue?", "What do bees make?"]

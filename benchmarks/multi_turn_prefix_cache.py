@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from openai import AsyncOpenAI
 
+from tracelearn.models import FETCH_COMMAND, LoadedModel, default_model_path, load_model, resolve_model
 from tracelearn.serving.chat_format import ChatPromptBuilder
 from tracelearn.serving.engine import DEFAULT_PREFIX_CACHE_BYTES, EngineStats, GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
-from tracelearn.serving.model_store import FETCH_COMMAND, LoadedModel, default_model_path, load_model, resolve_model
 from tracelearn.serving.openai_api import create_app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,15 +33,9 @@ from pathlib import Path
 
 from openai import AsyncOpenAI
 
+from tracelearn.models import FETCH_COMMAND, LoadedModel, default_model_path, load_model, resolve_model
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
-from tracelearn.serving.model_store import (
-    FETCH_COMMAND,
-    LoadedModel,
-    default_model_path,
-    load_model,
-    resolve_model,
-)
 from tracelearn.serving.openai_api import create_app
 
 QUESTIONS = [

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "feedback": "tracelearn.cli.feedback:feedback",
     "gateway": "tracelearn.cli.gateway:gateway",
     "loop": "tracelearn.cli.loop:loop",
+    "models": "tracelearn.cli.models:models",
     "registry": "tracelearn.cli.registry:registry",
     "serve": "tracelearn.cli.serve:serve",
     "spans": "tracelearn.cli.spans:spans",

@@ -2,7 +2,7 @@
 
 ``--model registry:NAME@ALIAS`` serves the registry version the alias names and follows the alias:
 when it moves, the new version is loaded in the background and swapped in without failing requests
-(``tracelearn.serving.registry_models``). ``--engine vllm`` launches vLLM's OpenAI server instead
+(``tracelearn.serving.alias_follower``). ``--engine vllm`` launches vLLM's OpenAI server instead
 (``tracelearn.serving.vllm_server``): token ids and logprobs on, a LoRA version hot-loaded, a full
 version by restart.
 
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
+    from tracelearn.registry import Registry
     from tracelearn.serving.engine_slot import EngineSlot
 
 
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
 @click.option("--model", "model_name", default="smollm2", show_default=True,
               help="'smollm2' (the cached default), a Hugging Face model directory, a LoRA adapter directory, "
                    "a .gguf file, a hub id already in the local Hugging Face cache, or registry:NAME@ALIAS "
-                   "(followed: a moved alias is hot-swapped in; registry at $TRACELEARN_REGISTRY).")
+                   "(followed: a moved alias is hot-swapped in).")
+@click.option("--registry", "registry_location", default=None,
+              help="Registry of registry: models and of LoRA bases named by registry: references "
+                   "(default: $TRACELEARN_REGISTRY or ~/.cache/tracelearn/registry).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
 def serve(
     engine: str,
     model_name: str,
+    registry_location: str | None,
     host: str,
     port: int,
     max_batch_size: int,
@@ -68,22 +73,29 @@ def serve(
     max_body_mb: float,
 ) -> None:
     """Serve a model over the OpenAI chat-completions API (token ids and logprobs included)."""
+    from tracelearn.registry import RegistryError, open_registry
+
+    try:
+        registry = open_registry(registry_location) if registry_location else None
+    except RegistryError as error:
+        raise click.ClickException(str(error)) from error
     if engine == "vllm":
-        _serve_with_vllm(model_name, host, port, served_model_name, max_model_len, watch_interval)
+        _serve_with_vllm(model_name, registry, host, port, served_model_name, max_model_len, watch_interval)
         return
+    from tracelearn.models import REGISTRY_PREFIX
     from tracelearn.serving.http_server import BackgroundServer
-    from tracelearn.serving.model_store import REGISTRY_PREFIX
     from tracelearn.serving.openai_api import create_app
     from tracelearn.serving.protocol import ServingLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     if model_name.startswith(REGISTRY_PREFIX):
-        slot, aliases, stop_following = _follow_registry_model(model_name, device, max_model_len, max_batch_size,
-                                                               watch_interval, prefix_cache_mb << 20)
+        slot, aliases, stop_following = _follow_registry_model(model_name, registry, device, max_model_len,
+                                                               max_batch_size, watch_interval, prefix_cache_mb << 20)
         served = served_model_name or slot.following or model_name
     else:
-        slot, aliases = _load_model(model_name, device, max_model_len, max_batch_size, prefix_cache_mb << 20)
+        slot, aliases = _load_model(model_name, registry, device, max_model_len, max_batch_size,
+                                    prefix_cache_mb << 20)
         served, stop_following = served_model_name or slot.current.model_id, None
     click.echo(f"loaded {slot.current.model_version} in {time.perf_counter() - started:.1f} s "
                f"(context {slot.current.context_length} tokens)")
@@ -116,12 +128,11 @@ def serve(
 
 
 def _load_model(
-    model_name: str, device: str, max_model_len: int | None, max_batch_size: int, prefix_cache_bytes: int
+    model_name: str, registry: Registry | None, device: str, max_model_len: int | None, max_batch_size: int,
+    prefix_cache_bytes: int,
 ) -> tuple[EngineSlot, set[str]]:
     """A slot holding one engine for a model that is served as loaded, and the names it answers to."""
-    from tracelearn.serving.engine import GenerationEngine
-    from tracelearn.serving.engine_slot import EngineSlot
-    from tracelearn.serving.model_store import (
+    from tracelearn.models import (
         DEFAULT_MODEL_ALIASES,
         DEFAULT_MODEL_NAME,
         ModelLoadError,
@@ -130,10 +141,13 @@ def _load_model(
         load_model,
         resolve_model,
     )
+    from tracelearn.registry import RegistryError
+    from tracelearn.serving.engine import GenerationEngine
+    from tracelearn.serving.engine_slot import EngineSlot
 
     try:
-        source = resolve_model(model_name)
-    except ModelNotFoundError as error:
+        source = resolve_model(model_name, registry=registry)
+    except (ModelNotFoundError, RegistryError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"loading {source.model_id} from {source.directory} (device: {device}) ...")
     try:
@@ -148,21 +162,22 @@ def _load_model(
 
 
 def _follow_registry_model(
-    model_name: str, device: str, max_model_len: int | None, max_batch_size: int, watch_interval: float,
-    prefix_cache_bytes: int,
+    model_name: str, registry: Registry | None, device: str, max_model_len: int | None, max_batch_size: int,
+    watch_interval: float, prefix_cache_bytes: int,
 ) -> tuple[EngineSlot, set[str], Callable[[], None]]:
     """A slot serving what a registry alias names, kept current by a started ``AliasFollower``; the
     names it answers to; and the function that stops following.
     """
+    from tracelearn.models import ModelLoadError, ModelNotFoundError
     from tracelearn.registry import RegistryError
+    from tracelearn.serving.alias_follower import AliasFollower
     from tracelearn.serving.engine import GenerationEngine
-    from tracelearn.serving.model_store import ModelLoadError, ModelNotFoundError
-    from tracelearn.serving.registry_models import AliasFollower
 
     click.echo(f"loading {model_name} (device: {device}; the alias is checked every {watch_interval:g} s) ...")
     try:
         follower = AliasFollower(
             model_name,
+            registry=registry,
             interval_s=watch_interval,
             device=device,
             max_model_len=max_model_len,
@@ -177,7 +192,7 @@ def _follow_registry_model(
     return follower.slot, aliases, follower.stop
 
 
-def _serve_with_vllm(model_name: str, host: str, port: int, served_model_name: str | None,
+def _serve_with_vllm(model_name: str, registry: Registry | None, host: str, port: int, served_model_name: str | None,
                      max_model_len: int | None, watch_interval: float) -> None:
     from tracelearn.registry import RegistryError
     from tracelearn.serving.vllm_server import VllmNotInstalledError, serve_with_vllm
@@ -190,7 +205,7 @@ def _serve_with_vllm(model_name: str, host: str, port: int, served_model_name: s
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        code = serve_with_vllm(model_name, host, port, served_model_name=served_model_name,
+        code = serve_with_vllm(model_name, host, port, served_model_name=served_model_name, registry=registry,
                                max_model_len=max_model_len, poll_seconds=watch_interval, stop=stop)
     except (VllmNotInstalledError, RegistryError, FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from error

@@ -20,10 +20,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tracelearn.registry import REGISTRY_ENV, RegistryError
+from tracelearn.models import ModelLoadError, ModelNotFoundError
+from tracelearn.registry import REGISTRY_ENV, RegistryError, open_registry
 from tracelearn.schemas.dataset import DatasetError
 from tracelearn.schemas.migrations import SchemaVersionError
-from tracelearn.serving.model_store import ModelLoadError, ModelNotFoundError
 from tracelearn.training.config import (
     TrainConfig,
     TrainConfigError,
@@ -110,9 +110,7 @@ def render_result(result: TrainResult, console: Console) -> None:
                   f"--lineage {run.lineage_path}", style="dim")
 
 
-def _run(console: Console, registry: str | None, action: Callable[[], TrainResult]) -> None:
-    if registry:
-        os.environ[REGISTRY_ENV] = registry  # the model store resolves registry: references there
+def _run(console: Console, action: Callable[[], TrainResult]) -> None:
     try:
         result = action()
     except USER_ERRORS as error:
@@ -149,8 +147,11 @@ def grpo_command(transitions_path: Path, model: str, out: Path, config_path: Pat
         return
     from tracelearn.training.grpo import train_grpo
 
-    _run(console, registry, lambda: train_grpo(transitions_path, model, out, config, config_hash=config_hash,
-                                               overwrite=overwrite, progress=not no_progress))
+    if registry:
+        # train_grpo does not take the registry yet (training/grpo.py): the model store reads it from here.
+        os.environ[REGISTRY_ENV] = registry
+    _run(console, lambda: train_grpo(transitions_path, model, out, config, config_hash=config_hash,
+                                     overwrite=overwrite, progress=not no_progress))
 
 
 @train.command("sft")
@@ -171,5 +172,6 @@ def sft_command(transitions_path: Path, model: str, out: Path, config_path: Path
         raise click.ClickException(str(error)) from error
     from tracelearn.training.sft import train_sft
 
-    _run(console, registry, lambda: train_sft(transitions_path, model, out, config, config_hash=config_hash,
-                                              overwrite=overwrite, progress=not no_progress))
+    _run(console, lambda: train_sft(transitions_path, model, out, config, config_hash=config_hash,
+                                    overwrite=overwrite, progress=not no_progress,
+                                    registry=open_registry(registry) if registry else None))

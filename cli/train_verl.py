@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from tracelearn.models import REGISTRY_PREFIX, ModelNotFoundError, resolve_model
 from tracelearn.registry import RegistryError
-from tracelearn.serving.model_store import REGISTRY_PREFIX, ModelNotFoundError, resolve_model
 from tracelearn.training.config import TrainConfig
 from tracelearn.training.verl_backend import VerlCheckpointError, VerlJobError, latest_verl_checkpoint, prepare_verl_job
 from tracelearn.training.verl_environment import VerlNotAvailableError, find_verl_python

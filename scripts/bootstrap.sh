@@ -32,8 +32,8 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" || ! -x "$VENV/bin/python" ]
     "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -c "$LOCK" -e "$ROOT[dev]"
     # mypy resolves `tracelearn.*` through this link: the repository root is the `tracelearn` package.
     mkdir -p "$ROOT/.typecheck" && ln -sfn .. "$ROOT/.typecheck/tracelearn"
-    "$VENV/bin/python" -m tracelearn.serving.model_store fetch
-    "$VENV/bin/python" -m tracelearn.serving.model_store convert
+    "$VENV/bin/tracelearn" models fetch
+    "$VENV/bin/tracelearn" models convert
     echo "$WANT" > "$STAMP"
     echo "bootstrap: $VENV ready" >&2
 fi

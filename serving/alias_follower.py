@@ -1,113 +1,33 @@
-"""Serving models from the artifact registry, and following a registry alias while serving.
+"""Following a registry alias while serving: ``AliasFollower``.
 
-Owns two things:
+It serves the version an alias names through an ``EngineSlot`` and polls the alias; when it moves,
+the new version is resolved (``tracelearn.models.registry_model_source``, checksums verified), loaded
+and warmed up on a background thread and then swapped in atomically (requests in flight finish on
+the old engine, which drains and closes). A version that fails to resolve, verify, load or generate
+is never swapped in: the previous one keeps serving and the reason is logged and shown on
+``/health`` (``last_swap_error``). It is retried only when the alias moves again (re-promoting the
+same version counts as a move).
 
-- ``resolve_registry_model``: what ``model_store.resolve_model`` does for ``registry:NAME@ALIAS`` and
-  ``registry:NAME@N`` (``registry:NAME`` means ``NAME@production``). The version's files come from
-  ``Registry.local_path`` (checksums verified, so a corrupted file raises ``CorruptArtifactError``
-  instead of loading different weights). The source is named after the registry version: model id
-  ``calc-policy@7``, model version ``calc-policy@7+<first 12 hex of the manifest digest>``. A LoRA
-  version is loaded onto its base (the lineage's ``base_model``, else the adapter config's), which is
-  itself resolved by ``resolve_model``: ``smollm2``, a directory, or another ``registry:`` reference.
-- ``AliasFollower``: serves the version an alias names through an ``EngineSlot`` and polls the alias;
-  when it moves, the new version is loaded and warmed up on a background thread and then swapped in
-  atomically (requests in flight finish on the old engine, which drains and closes). A version that
-  fails to resolve, verify, load or generate is never swapped in: the previous one keeps serving and
-  the reason is logged and shown on ``/health`` (``last_swap_error``). It is retried only when the
-  alias moves again (re-promoting the same version counts as a move).
-
-The registry location is ``$TRACELEARN_REGISTRY`` unless a ``Registry`` is passed.
+The registry is the one passed (``None``: ``open_registry()``, the default location).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
-from tracelearn.registry import (
-    DEFAULT_ALIAS,
-    LATEST_ALIAS,
-    ArtifactRef,
-    ArtifactVersion,
-    InvalidArtifactError,
-    Registry,
-    open_registry,
-)
+from tracelearn.models import LoadedModel, load_model, parse_registry_model, registry_model_source
+from tracelearn.registry import LATEST_ALIAS, ArtifactVersion, Registry, open_registry
 from tracelearn.serving.engine import GenerationEngine, StepOutput
 from tracelearn.serving.engine_slot import EngineSlot
-from tracelearn.serving.model_store import (
-    REGISTRY_PREFIX,
-    LoadedModel,
-    ModelNotFoundError,
-    ModelSource,
-    adapter_base,
-    load_model,
-    resolve_model,
-)
 from tracelearn.serving.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WATCH_INTERVAL_S = 2.0
-# A chain of LoRA bases longer than this is a cycle (an adapter whose base resolves to itself).
-_MAX_BASE_DEPTH = 8
-_resolving = threading.local()
-
-
-def parse_registry_model(reference: str) -> ArtifactRef:
-    """``registry:NAME@ALIAS`` / ``registry:NAME@N`` / ``registry:NAME`` (alias ``production``)."""
-    if not reference.startswith(REGISTRY_PREFIX):
-        raise ModelNotFoundError(f"{reference!r} is not a registry reference ({REGISTRY_PREFIX}NAME@ALIAS)")
-    return ArtifactRef.parse(reference.removeprefix(REGISTRY_PREFIX), default_alias=DEFAULT_ALIAS)
-
-
-def registry_model_version(version: ArtifactVersion) -> str:
-    """The ``model_version`` a server reports for a registry version: ``calc-policy@7+3f2a9c1b0d4e``."""
-    return f"{version.ref}+{version.digest[:12]}"
-
-
-def resolve_registry_model(
-    reference: str, registry: Registry | None = None, cache_dir: Path | None = None
-) -> ModelSource:
-    """The files of the registry version ``reference`` names (checksums verified)."""
-    chosen = registry or open_registry()
-    return registry_model_source(chosen, chosen.resolve(parse_registry_model(reference)), cache_dir)
-
-
-def registry_model_source(registry: Registry, version: ArtifactVersion, cache_dir: Path | None = None) -> ModelSource:
-    """A ``ModelSource`` for one registry checkpoint version; raises ``CorruptArtifactError`` when a
-    stored file no longer matches its checksum, ``InvalidArtifactError`` for a prompt.
-    """
-    if version.kind != "checkpoint":
-        raise InvalidArtifactError(f"{version.ref} in {registry.location} is a {version.kind}, not a model checkpoint")
-    directory = registry.local_path(version, verify=True)
-    model_version = registry_model_version(version)
-    if version.format == "gguf":
-        ggufs = sorted(entry.path for entry in version.files if entry.path.endswith(".gguf"))
-        return ModelSource(directory, ggufs[0], version.ref, model_version)
-    if version.format == "lora":
-        base_name = version.lineage.base_model or adapter_base(directory)
-        with _resolving_base(version.ref):
-            base = resolve_model(base_name, cache_dir)
-        return ModelSource(directory, None, version.ref, model_version, base=base)
-    return ModelSource(directory, None, version.ref, model_version)
-
-
-@contextmanager
-def _resolving_base(ref: str) -> Iterator[None]:
-    chain: list[str] = getattr(_resolving, "chain", [])
-    if ref in chain or len(chain) >= _MAX_BASE_DEPTH:
-        raise ModelNotFoundError(f"LoRA base models form a cycle or a chain too long: {' -> '.join([*chain, ref])}")
-    _resolving.chain = [*chain, ref]
-    try:
-        yield
-    finally:
-        _resolving.chain = chain
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from typing import Literal
 
 import torch
 
+from tracelearn.models import LoadedModel
 from tracelearn.serving.batching import PaddedCache, left_pad
-from tracelearn.serving.model_store import LoadedModel
 from tracelearn.serving.prefix_cache import PrefixCache
-from tracelearn.serving.sampling import SamplingParams, TokenChoice, choose_token, make_generator, score_token
+from tracelearn.serving.sampling import SamplingParams, TokenChoice, make_generator, sample_token
 from tracelearn.serving.text_output import ResponseText
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,6 @@ class BatchDecoder:
         """Sample one token for every row, report it, drop finished rows, run the next forward pass."""
         started = time.perf_counter()
         logits = batch.next_logits.float().cpu()
-        logprobs = torch.log_softmax(logits, dim=-1)
         self._record_step(len(batch.rows))
         keep: list[int] = []
         for index, row in enumerate(batch.rows):
@@ -236,8 +235,7 @@ class BatchDecoder:
                 continue
             params = row.request.params
             try:
-                token_id = choose_token(logits[index], params, row.generator)
-                finish = self._emit(row, score_token(logprobs[index], token_id, params.top_logprobs))
+                finish = self._emit(row, sample_token(logits[index], params, row.generator))
             except Exception as error:  # this row's own failure ends this row only
                 self.fail(row.request, error)
                 continue

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from tracelearn.models import LoadedModel
 from tracelearn.serving.decoding import (
     Batch,
     BatchDecoder,
@@ -45,7 +46,6 @@ from tracelearn.serving.decoding import (
     StepOutput,
     merge,
 )
-from tracelearn.serving.model_store import LoadedModel
 from tracelearn.serving.sampling import SamplingParams
 
 __all__ = [

@@ -7,7 +7,7 @@ the slot once its last lease is released (it drains; nothing in flight is cut of
 every engine it retires: retiring closes it. It also keeps the swap history an operator sees on
 ``/health``: how many swaps, when, and why the latest attempt failed, if it did.
 
-Generic over where engines come from; ``tracelearn.serving.registry_models`` swaps in new registry
+Generic over where engines come from; ``tracelearn.serving.alias_follower`` swaps in new registry
 versions through it.
 """
 

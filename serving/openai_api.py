@@ -15,7 +15,7 @@ client disconnects is cancelled at the engine's next step, streaming or not.
 
 The app answers from an ``EngineSlot``: each request holds a lease on the engine that was current
 when it arrived and is answered (and labelled) by that engine to its last byte, so the engine can be
-swapped under a running server (``tracelearn.serving.registry_models``) without failing a request.
+swapped under a running server (``tracelearn.serving.alias_follower``) without failing a request.
 """
 
 from __future__ import annotations

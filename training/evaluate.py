@@ -585,7 +585,7 @@ def pinned_model(model: str, registry: str | None) -> tuple[str, str | None]:
         if version.kind != "checkpoint":
             raise UnknownModelError(f"{model} names {version.ref}, a {version.kind}, not a model checkpoint")
         return f"{REGISTRY_PREFIX}{version.ref}", version.ref
-    from tracelearn.serving.model_store import ModelNotFoundError, resolve_model
+    from tracelearn.models import ModelNotFoundError, resolve_model
 
     try:
         resolve_model(model)

@@ -163,7 +163,7 @@ def prepare_loop(spec: LoopSpec, workdir: Path, console: Console) -> Registry:
                           encoding="utf-8")
     registry = open_registry(workdir / "registry")
     if spec.name not in registry.names() or "production" not in registry.aliases(spec.name):
-        from tracelearn.serving.model_store import ModelNotFoundError, resolve_model
+        from tracelearn.models import ModelNotFoundError, resolve_model
 
         try:
             source = resolve_model(spec.model)
@@ -211,7 +211,7 @@ def serve_production(spec: LoopSpec, registry: Registry, workdir: Path, console:
 def wait_for_version(base_url: str, version: ArtifactVersion, timeout_s: float = SWAP_TIMEOUT_S) -> float | None:
     """Wait until the live server answers with ``version`` (it follows the alias); returns the seconds, or
     None for a server that does not say which version answers (vLLM, another OpenAI-compatible server)."""
-    from tracelearn.serving.registry_models import registry_model_version
+    from tracelearn.models import registry_model_version
 
     wanted = registry_model_version(version)
     started = time.monotonic()

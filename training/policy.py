@@ -2,7 +2,7 @@
 
 Models are named the way ``tracelearn serve`` names them (``smollm2``, a Hugging Face directory, a
 ``.gguf`` file, a LoRA adapter directory, ``registry:NAME@ALIAS``) and resolved by
-``tracelearn.serving.model_store``, so a checkpoint trained here is served by the same rules.
+``tracelearn.models``, so a checkpoint trained here is served by the same rules.
 Master weights are float32; ``precision`` bf16 runs the forward and backward passes under autocast.
 
 LoRA: a fresh adapter (peft) on the loaded model, or, when the model named is itself a LoRA
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from tracelearn.serving.model_store import (
+from tracelearn.models import (
     ADAPTER_CONFIG,
     REGISTRY_PREFIX,
     ModelSource,
@@ -37,6 +37,7 @@ from tracelearn.serving.model_store import (
     resolve_model,
     select_device,
 )
+from tracelearn.registry import Registry
 from tracelearn.training.config import LoraConfig, RuntimeConfig
 from tracelearn.training.losses import token_logprobs
 from tracelearn.training.sequences import TokenSequence
@@ -260,15 +261,18 @@ def _float32_master_weights(model: Any) -> Any:
     return model
 
 
-def load_policy(reference: str, lora: LoraConfig | None, runtime: RuntimeConfig) -> Policy:
-    """Load ``reference`` for training (see the module docstring for the LoRA rules).
+def load_policy(
+    reference: str, lora: LoraConfig | None, runtime: RuntimeConfig, *, registry: Registry | None = None
+) -> Policy:
+    """Load ``reference`` for training (see the module docstring for the LoRA rules); ``registry`` resolves
+    ``registry:`` references (``None``: the default registry).
 
     Raises ``ModelNotFoundError`` / ``ModelLoadError`` from the model store for names and weights that
     do not resolve or load, and ``ValueError`` for LoRA target modules the model does not have.
     """
     torch.manual_seed(runtime.seed)
     device = select_device(runtime.device)
-    source = resolve_model(reference)
+    source = resolve_model(reference, registry=registry)
     started_from = pinned_reference(reference, source)
     if source.base is not None and lora is not None:
         from peft import PeftModel

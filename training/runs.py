@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tracelearn.registry import Lineage
+from tracelearn.registry import Lineage, Registry
 from tracelearn.training.config import TrainConfig, check_ranges, config_as_dict, train_config_hash
 from tracelearn.training.data import TrainingData, load_training_data
 from tracelearn.training.policy import Policy, load_policy, save_checkpoint
@@ -67,8 +67,9 @@ class TrainedSteps:
 
 
 def start_run(trainer: str, transitions: str | Path, model: str, out: str | Path, config: TrainConfig, *,
-              config_hash: str | None, overwrite: bool) -> RunStart:
-    """Validate, claim ``out`` (refusing a finished run unless ``overwrite``), read the data, load the policy."""
+              config_hash: str | None, overwrite: bool, registry: Registry | None = None) -> RunStart:
+    """Validate, claim ``out`` (refusing a finished run unless ``overwrite``), read the data, load the policy
+    (``registry`` resolves a ``registry:`` model; ``None``: the default registry)."""
     check_ranges(config)
     started = time.monotonic()
     run = RunDirectory.create(Path(out), overwrite=overwrite)
@@ -77,7 +78,7 @@ def start_run(trainer: str, transitions: str | Path, model: str, out: str | Path
                       "transitions": str(data.root), "pipeline_config_hash": data.config_hash,
                       "partitions": list(data.partitions), "train_config": config_as_dict(config),
                       "train_config_hash": train_config_hash(config)})
-    policy = load_policy(model, config.lora, config.runtime)
+    policy = load_policy(model, config.lora, config.runtime, registry=registry)
     return RunStart(trainer, model, config, run, data, policy, started)
 
 

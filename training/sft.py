@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from tracelearn.registry import Registry
 from tracelearn.training.config import TrainConfig
 from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.run_dir import RunDirectory
@@ -117,13 +118,16 @@ def train_sft(
     config_hash: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    registry: Registry | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on the transitions at or above ``config.sft.min_reward``; write the run into ``out``.
+    ``registry`` resolves a ``registry:`` model (``None``: the default registry).
 
     Raises :class:`NoTrainingDataError` when no transition passes the threshold.
     """
     sft = config.sft
-    start = start_run("sft", transitions, model, out, config, config_hash=config_hash, overwrite=overwrite)
+    start = start_run("sft", transitions, model, out, config, config_hash=config_hash, overwrite=overwrite,
+                      registry=registry)
     policy, run = start.policy, start.run
     sequences, counts = sequences_from_transitions(start.data.frame, policy.tokenizer, require_advantage=False,
                                                    max_sequence_tokens=config.runtime.max_sequence_tokens)

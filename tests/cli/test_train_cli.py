@@ -1,6 +1,7 @@
 """``tracelearn train grpo|sft`` from the command line: a run directory, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from support.transitions_factory import Sample, write_transitions
 from transformers import AutoTokenizer
 
 from tracelearn.cli.main import main
+from tracelearn.registry import open_registry
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,22 @@ def test_missing_data_model_and_verl_are_one_line_errors(tiny: Path, data: Path,
                                     "--device", "cuda", "--config", str(small_batches)])
     assert prepared.exit_code == 0, prepared.output
     assert (tmp_path / "d" / "verl" / "launch.sh").exists() and "prepared only" in prepared.output
+
+
+def test_sft_loads_a_registry_model_from_the_registry_flag(tiny: Path, data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--registry reaches the model load itself: the environment names another (empty) registry and stays as it was."""
+    registry = open_registry(tmp_path / "registry")
+    published = registry.publish("checkpoint", "tiny-policy", tiny).version
+    registry.promote("tiny-policy", published.version, "production")
+    monkeypatch.setenv("TRACELEARN_REGISTRY", str(tmp_path / "elsewhere"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "sft", "--transitions", str(data), "--model",
+                                       "registry:tiny-policy@production", "--registry", str(tmp_path / "registry"),
+                                       "--out", str(out), "--epochs", "1", "--precision", "fp32", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "lineage.json").read_text())["parent"] == "tiny-policy@1"
+    assert os.environ["TRACELEARN_REGISTRY"] == str(tmp_path / "elsewhere")
 
 
 def test_the_command_line_starts_without_torch() -> None:

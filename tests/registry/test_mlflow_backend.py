@@ -33,7 +33,7 @@ from tracelearn.registry import (
     open_registry,
 )
 from tracelearn.registry.mlflow_backend import MlflowRegistry
-from tracelearn.serving.registry_models import AliasFollower
+from tracelearn.serving.alias_follower import AliasFollower
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from support.tiny_model import build_tiny_model
 
+from tracelearn.models import LoadedModel, load_model, resolve_model
 from tracelearn.serving.engine import GenerationEngine
-from tracelearn.serving.model_store import LoadedModel, load_model, resolve_model
 
 
 @pytest.fixture(scope="session")

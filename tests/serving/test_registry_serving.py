@@ -25,13 +25,13 @@ import torch
 from openai import OpenAI
 from support.tiny_model import build_tiny_model
 
+from tracelearn.models import load_model, registry_model_version, resolve_model
 from tracelearn.registry import ArtifactVersion, Registry, open_registry
+from tracelearn.serving.alias_follower import AliasFollower
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer, free_port
-from tracelearn.serving.model_store import load_model, resolve_model
 from tracelearn.serving.openai_api import create_app
 from tracelearn.serving.protocol import MODEL_VERSION_HEADER
-from tracelearn.serving.registry_models import AliasFollower, registry_model_version
 
 NAME = "calc-policy"
 SERVED = "calc-policy"

@@ -11,14 +11,26 @@ from click.testing import CliRunner
 from openai import OpenAI
 
 from tracelearn.cli.serve import serve
+from tracelearn.models import FETCH_COMMAND
+from tracelearn.registry import open_registry
 from tracelearn.serving.http_server import free_port
-from tracelearn.serving.model_store import FETCH_COMMAND
 
 
 def test_missing_default_model_fails_with_the_setup_command(tmp_path: Path) -> None:
     result = CliRunner().invoke(serve, ["--model", "smollm2"], env={"TRACELEARN_MODEL_CACHE": str(tmp_path)})
     assert result.exit_code == 1
     assert FETCH_COMMAND in result.output
+
+
+@pytest.mark.timeout(120)  # were --registry ignored, the model would load from the environment's registry and serve
+def test_a_registry_model_is_looked_up_in_the_registry_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
+    registry = open_registry(tmp_path / "with-model")
+    registry.publish("checkpoint", "tiny", tiny_model_dir)
+    registry.promote("tiny", 1, "production")
+    result = CliRunner().invoke(serve, ["--model", "registry:tiny@production", "--registry", str(tmp_path / "empty")],
+                                env={"TRACELEARN_REGISTRY": str(tmp_path / "with-model")})
+    assert result.exit_code == 1
+    assert "tiny" in result.output and str(tmp_path / "empty") in result.output
 
 
 def test_the_vllm_engine_without_vllm_installed_says_how_to_get_it(tiny_model_dir: Path) -> None:

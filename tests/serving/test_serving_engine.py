@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from tracelearn.models import LoadedModel, load_model, resolve_model
 from tracelearn.serving.batching import PaddedCache, left_pad
 from tracelearn.serving.engine import ContextLengthError, GenerationEngine, GenerationResult
-from tracelearn.serving.model_store import LoadedModel, load_model, resolve_model
 from tracelearn.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0)

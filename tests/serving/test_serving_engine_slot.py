@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from tracelearn.models import LoadedModel
 from tracelearn.serving.engine import EngineClosedError, GenerationEngine
 from tracelearn.serving.engine_slot import EngineSlot
-from tracelearn.serving.model_store import LoadedModel
 from tracelearn.serving.sampling import SamplingParams
 
 PROMPT = [5, 6, 7, 8]

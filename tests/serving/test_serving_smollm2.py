@@ -6,15 +6,9 @@ from collections.abc import Iterator
 import pytest
 from openai import OpenAI
 
+from tracelearn.models import DEFAULT_MODEL_NAME, FETCH_COMMAND, default_model_path, load_model, resolve_model
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
-from tracelearn.serving.model_store import (
-    DEFAULT_MODEL_NAME,
-    FETCH_COMMAND,
-    default_model_path,
-    load_model,
-    resolve_model,
-)
 from tracelearn.serving.openai_api import create_app
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import pytest
 from openai import OpenAI
 from support.tiny_model import Lesson, build_tiny_model
 
+from tracelearn.models import load_model, resolve_model
 from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
-from tracelearn.serving.model_store import load_model, resolve_model
 from tracelearn.serving.openai_api import create_app
 
 WEATHER: dict[str, Any] = {"type": "function", "function": {

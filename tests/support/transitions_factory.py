@@ -19,10 +19,10 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tracelearn.models import resolve_model
 from tracelearn.pipelines.build import output_file_name
 from tracelearn.schemas.migrations import conform
 from tracelearn.schemas.tables import TRANSITIONS
-from tracelearn.serving.model_store import resolve_model
 from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 CONFIG_HASH = hashlib.sha256(b"trainer-tests").hexdigest()

@@ -10,8 +10,8 @@ from support.tiny_model import build_tiny_model
 from support.transitions_factory import CONFIG_HASH, Sample, reply_logprob, write_transitions
 from transformers import AutoTokenizer
 
+from tracelearn.models import resolve_model
 from tracelearn.registry import open_registry
-from tracelearn.serving.model_store import resolve_model
 from tracelearn.training.config import parse_train_config
 from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.grpo import train_grpo
