@@ -1,5 +1,9 @@
 """The ``logprobs`` of a chat response in OpenAI's shape: each token's text, exact bytes and logprob,
 and its most likely alternatives.
+
+The values are those of the distribution each token was drawn from (``tracelearn.serving.sampling``,
+vLLM's ``processed_logprobs``); a token outside the top-p nucleus has probability 0, and its logprob
+is written as ``LOGPROB_FLOOR`` (-9999.0, vLLM's floor), because JSON has no ``-Infinity``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from functools import lru_cache
 from typing import Any
 
 from tracelearn.serving.sampling import TokenChoice
+
+LOGPROB_FLOOR = -9999.0
 
 
 class TokenTexts:
@@ -52,7 +58,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 def logprobs_body(tokens: Sequence[TokenChoice], texts: TokenTexts) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text, raw = texts.entry(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+        # max() keeps NaN; a NaN logprob cannot come from the sampler (it refuses such parameters)
+        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(raw)}
 
     return {
         "content": [

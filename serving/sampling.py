@@ -1,10 +1,16 @@
 """Choosing the next token of one sequence and scoring it: the per-request sampling parameters, greedy
 and temperature / nucleus (top-p) sampling, and the logprobs reported back to the client.
 
-Logprobs are the log-softmax of the model's raw logits, before temperature and top-p: the policy's
-own probability of the token, which is what a trainer recomputes and compares against (GRPO's
-importance ratio), and what vLLM V1 reports by default (``logprobs_mode="raw_logprobs"``). The
-sampling distribution itself is the processed one (logits / temperature, then top-p).
+Logprobs are those of the distribution the token was drawn from: the log-softmax of the logits
+divided by the temperature, restricted to the top-p nucleus and renormalized over it (a token outside
+it has probability 0; the API floors its logprob at -9999.0, as vLLM does). That is vLLM's
+``--logprobs-mode processed_logprobs`` (``tracelearn serve --engine vllm`` passes it), and the
+behaviour policy's probability, which an importance ratio needs: a trainer that recomputes
+``log_softmax(logits / temperature)`` with the recorded temperature gets the same value at the first
+step, and with top-p the ratio also carries the nucleus renormalization. Greedy decoding (a
+temperature below ``GREEDY_BELOW_TEMPERATURE``) reports the unscaled ``log_softmax(logits)``, as vLLM
+does. At temperature 1 without top-p, this is the model's raw distribution (vLLM's default
+``raw_logprobs``).
 
 Sampling runs on CPU with one ``torch.Generator`` per request, so a seeded request draws the same
 tokens whatever else shares its batch and whichever device computed the logits.
@@ -26,6 +32,8 @@ import torch
 GREEDY_BELOW_TEMPERATURE = 1e-5
 # ``torch.Generator.manual_seed`` takes any integer in [-2**63, 2**64); seeds are reduced into it.
 SEED_MODULUS = 2**64
+# What the logprobs report, in vLLM's words (``--logprobs-mode``).
+LOGPROBS_MODE = "processed_logprobs"
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenChoice:
-    """A sampled token, its logprob under the raw model distribution, and the ``k`` most likely tokens."""
+    """A sampled token, its logprob under the distribution it was drawn from, and the ``k`` most likely tokens."""
 
     token_id: int
     logprob: float
@@ -97,18 +105,30 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum()
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token from one row of raw logits (``[vocab]``, float32, CPU)."""
+def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Log-probabilities of the distribution a token is drawn from, for one row of raw logits (``[vocab]``):
+    ``log_softmax(logits / temperature)`` over the top-p nucleus, renormalized, ``-inf`` outside it;
+    ``log_softmax(logits)`` when greedy."""
     if params.greedy:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1:
-        probs = nucleus_filter(probs, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+    if params.top_p >= 1:
+        return logprobs
+    kept = nucleus_filter(logprobs.exp(), params.top_p) > 0
+    nucleus_mass = torch.logsumexp(logprobs[kept], dim=0)
+    return torch.where(kept, logprobs - nucleus_mass, torch.full_like(logprobs, float("-inf")))
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> TokenChoice:
+    """Pick the next token from one row of raw logits (``[vocab]``, float32, CPU) and score it under the
+    distribution it was drawn from (``sampling_logprobs``)."""
+    logprobs = sampling_logprobs(logits, params)
+    drawn = logits.argmax() if params.greedy else torch.multinomial(logprobs.exp(), 1, generator=generator)
+    return score_token(logprobs, int(drawn), params.top_logprobs)
 
 
 def score_token(logprobs: torch.Tensor, token_id: int, top_k: int) -> TokenChoice:
-    """The chosen token's logprob and the ``top_k`` best alternatives, from one row of raw log-softmax."""
+    """The chosen token's logprob and the ``top_k`` best alternatives, from one row of log-probabilities."""
     top: tuple[tuple[int, float], ...] = ()
     if top_k > 0:
         values, indices = logprobs.topk(top_k)

@@ -3,15 +3,22 @@
 import pytest
 import torch
 
+from tracelearn.serving.logprobs import LOGPROB_FLOOR, logprobs_body
 from tracelearn.serving.sampling import (
     GREEDY_BELOW_TEMPERATURE,
     SamplingParams,
-    choose_token,
+    TokenChoice,
     make_generator,
     nucleus_filter,
+    sample_token,
+    sampling_logprobs,
     score_token,
     seed_for,
 )
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    return sample_token(logits, params, generator).token_id
 
 
 def test_nucleus_filter_keeps_the_smallest_set_reaching_top_p() -> None:
@@ -34,7 +41,45 @@ def test_greedy_takes_the_argmax_and_seeds_reproduce_samples() -> None:
     assert {choose_token(logits, nucleus, make_generator(s)) for s in range(30)} == {1}
 
 
-def test_score_token_reports_the_raw_logprob_and_top_alternatives() -> None:
+def test_logprobs_are_the_sampled_distributions_temperature_and_nucleus_applied() -> None:
+    logits = torch.tensor([0.1, 2.0, -1.0, 1.9])
+    raw = torch.log_softmax(logits, dim=-1)
+    # temperature 1, no nucleus: the model's own distribution (vLLM's raw and processed logprobs agree)
+    assert torch.allclose(sampling_logprobs(logits, SamplingParams(max_tokens=1)), raw)
+    # temperature 0.7: what a trainer recomputes as log_softmax(logits / 0.7) with the recorded temperature
+    warm = SamplingParams(max_tokens=1, temperature=0.7, seed=3)
+    expected = torch.log_softmax(logits / 0.7, dim=-1)
+    assert torch.allclose(sampling_logprobs(logits, warm), expected)
+    for seed in range(20):
+        choice = sample_token(logits, warm, make_generator(seed))
+        assert choice.logprob == pytest.approx(float(expected[choice.token_id]))
+    # top-p 0.9 at temperature 0.7: tokens 1 and 3 hold the nucleus, renormalized; the others cannot be drawn
+    nucleus = SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9, top_logprobs=4)
+    kept = torch.tensor([1, 3])
+    renormalized = expected[kept] - torch.logsumexp(expected[kept], dim=0)
+    reported = sampling_logprobs(logits, nucleus)
+    assert torch.allclose(reported[kept], renormalized)
+    assert reported[0] == reported[2] == float("-inf")
+    assert float(torch.logsumexp(reported, dim=0)) == pytest.approx(0.0, abs=1e-6)  # a distribution
+    for seed in range(20):
+        choice = sample_token(logits, nucleus, make_generator(seed))
+        assert choice.token_id in (1, 3) and choice.logprob == pytest.approx(float(reported[choice.token_id]))
+    # greedy reports the unscaled distribution, as vLLM does
+    assert torch.allclose(sampling_logprobs(logits, SamplingParams(max_tokens=1, temperature=0)), raw)
+
+
+def test_the_api_floors_a_zero_probability_at_vllms_minus_9999() -> None:
+    class Texts:
+        def entry(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+            return str(token_id), (48 + token_id,)
+
+    choice = TokenChoice(1, -0.5, ((1, -0.5), (0, float("-inf"))))
+    [entry] = logprobs_body([choice], Texts())["content"]  # type: ignore[arg-type]
+    assert entry["logprob"] == -0.5
+    assert [alternative["logprob"] for alternative in entry["top_logprobs"]] == [-0.5, LOGPROB_FLOOR]
+
+
+def test_score_token_reports_the_given_logprob_and_top_alternatives() -> None:
     logprobs = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0]), dim=-1)
     choice = score_token(logprobs, 0, top_k=2)
     assert choice.token_id == 0
