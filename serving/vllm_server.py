@@ -1,17 +1,29 @@
 """Running vLLM's OpenAI-compatible server for a model directory or a registry version, and following an alias.
 
-Owns: the command and environment of ``python -m vllm.entrypoints.openai.api_server`` (``vllm_command``)
-with token ids and logprobs usable (``--max-logprobs``; token ids need nothing at launch: vLLM returns
-them for requests carrying ``"return_token_ids": true``, which the gateway and the token-id
+Owns: the command and environment of ``vllm serve`` (``vllm_command``; run as ``python -m
+vllm.entrypoints.cli.main serve``, the deprecated ``vllm.entrypoints.openai.api_server`` module is not
+used) with token ids and logprobs usable (``--max-logprobs``; token ids need nothing at launch: vLLM
+returns them for requests carrying ``"return_token_ids": true``, which the gateway and the token-id
 instrumentation add), LoRA adapters served by name on their base model (``--enable-lora
---max-lora-rank R --lora-modules NAME=PATH`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), the
-server process (``VllmProcess``), and moving to a new version (``VllmFollower``): a LoRA version on
-the same base is hot-loaded (``POST /v1/unload_lora_adapter`` of the old, ``POST
-/v1/load_lora_adapter`` of the new, under the same served name, so agents keep their model name; the
-name answers 404 for the moment between the two calls), anything else restarts the server.
+--max-lora-rank R --lora-modules {json}`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), the server
+process (``VllmProcess``), and moving to a new version (``VllmFollower``): a LoRA version on the same
+base that fits the server's rank is hot-loaded in place (``POST /v1/load_lora_adapter`` with
+``load_inplace``: the served name keeps answering throughout, with the old weights until the new
+ones are in), anything else restarts the server.
 
-Importable without vllm (only the launch checks for it). ``serve_with_vllm`` is the entry point of
-``tracelearn serve --engine vllm``.
+What the recorded logprobs mean is decided here, explicitly: ``--logprobs-mode processed_logprobs``
+(the default ``VllmSettings.logprobs_mode``) reports the distribution each token was sampled from
+(penalties, temperature, top-k/top-p applied), as the embedded server does
+(``tracelearn.serving.sampling``); vLLM's own default, ``raw_logprobs``, is the model's distribution
+before them. ``--generation-config vllm`` (the default ``generation_config``) keeps vLLM from applying
+the model's ``generation_config.json`` (e.g. temperature 0.7, top-p 0.8) to requests that do not set
+them, so what an agent sends, and its spans record, is what was sampled with; ``auto`` restores vLLM's
+default.
+
+vLLM pins its own torch and transformers (``VLLM_PIN``: torch 2.14, transformers < 5.23, which
+tracelearn's ``serve`` extra cannot share), so it runs from its own environment:
+``$TRACELEARN_VLLM_PYTHON``, else this Python when vllm imports here. Importable without vllm.
+``serve_with_vllm`` is the entry point of ``tracelearn serve --engine vllm``.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import httpx
 
@@ -35,11 +47,25 @@ from tracelearn.processes import ChildProcess, ChildProcessError, start_child
 if TYPE_CHECKING:
     from tracelearn.registry import ArtifactVersion, Registry
 
-VLLM_MISSING: Final = "vllm is not installed: pip install tracelearn[gpu] on a CUDA machine"
-VLLM_MODULE: Final = "vllm.entrypoints.openai.api_server"
+# The release the launch command is written for and checked against (tests/contracts/), installable from
+# PyPI: vLLM 0.34.0 pins flashinfer-python==0.7.3, which PyPI does not have.
+VLLM_PIN: Final = "0.33.0"
+VLLM_PYTHON_ENV: Final = "TRACELEARN_VLLM_PYTHON"
+VLLM_INSTALL: Final = f"python3.12 -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm=={VLLM_PIN}"
+VLLM_MISSING: Final = (
+    f"vllm is not installed here and {VLLM_PYTHON_ENV} is not set: vLLM pins its own torch and transformers, so it "
+    f"lives in an environment of its own; on a CUDA machine run `{VLLM_INSTALL}` and set "
+    f"{VLLM_PYTHON_ENV}=~/vllm-env/bin/python"
+)
+VLLM_MODULE: Final = "vllm.entrypoints.cli.main"  # the `vllm` command: `python -m vllm.entrypoints.cli.main serve`
 RUNTIME_LORA_ENV: Final = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 DEFAULT_MAX_LOGPROBS: Final = 20
 ADAPTER_CONFIG: Final = "adapter_config.json"
+# vLLM's allowed --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks); its parser refuses any other.
+VLLM_LORA_RANKS: Final = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The rank a server is started with when the adapter does not say its own.
+DEFAULT_LORA_RANK: Final = 64
+LogprobsMode = Literal["processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits"]
 
 _log = logging.getLogger(__name__)
 
@@ -55,10 +81,15 @@ class VllmServerError(RuntimeError):
     """The vLLM server did not come up, exited, or refused an adapter change."""
 
 
-def require_vllm() -> None:
-    """Raise ``VllmNotInstalledError`` unless vllm is importable (checked without importing it: CUDA init is slow)."""
+def vllm_python() -> str:
+    """The Python that runs vLLM: ``$TRACELEARN_VLLM_PYTHON``, else this one when vllm is importable here
+    (checked without importing it: CUDA init is slow); ``VllmNotInstalledError`` otherwise."""
+    configured = os.environ.get(VLLM_PYTHON_ENV)
+    if configured:
+        return configured
     if importlib.util.find_spec("vllm") is None:
         raise VllmNotInstalledError()
+    return sys.executable
 
 
 # --- What to serve ----------------------------------------------------------------------------------
@@ -134,12 +165,14 @@ class VllmSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
-    max_lora_rank: int | None = None  # default: the adapter's own rank (r), else 64
-    max_loras: int = 2  # the old and the new adapter can be resident together during a move
+    logprobs_mode: LogprobsMode = "processed_logprobs"  # the sampled distribution's (module docstring)
+    generation_config: str = "vllm"  # "vllm": no model defaults on requests; "auto" or a folder: vLLM's
+    max_lora_rank: int | None = None  # default: the adapter's own rank (r) rounded up to VLLM_LORA_RANKS, else 64
+    max_loras: int = 2  # adapters resident on the GPU at once
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = None
     extra_args: tuple[str, ...] = ()
-    executable: tuple[str, ...] = (sys.executable, "-m", VLLM_MODULE)
+    executable: tuple[str, ...] = (sys.executable, "-m", VLLM_MODULE, "serve")
     ready_timeout_s: float = 900.0  # large models take minutes to load and compile
 
     @property
@@ -147,14 +180,32 @@ class VllmSettings:
         return f"http://{self.host}:{self.port}/v1"
 
 
-def _lora_rank(model: ServedModel, settings: VllmSettings) -> int:
-    if settings.max_lora_rank is not None:
-        return settings.max_lora_rank
-    # vLLM accepts only some ranks (8, 16, 32, 64, ...): round the adapter's up to a power of two >= 8.
-    rank = 8
-    while rank < (model.lora_rank or 64):
-        rank *= 2
-    return rank
+def max_lora_rank(rank: int) -> int:
+    """The smallest of vLLM's allowed ``--max-lora-rank`` values that holds an adapter of rank ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise VllmServerError(
+        f"a LoRA adapter of rank {rank} cannot be served by vLLM, whose largest --max-lora-rank is "
+        f"{VLLM_LORA_RANKS[-1]}: train it with lora.r <= {VLLM_LORA_RANKS[-1]}"
+    )
+
+
+def served_lora_rank(model: ServedModel, settings: VllmSettings) -> int:
+    """``--max-lora-rank`` for ``model``: the setting, else the adapter's rank rounded up to an allowed value
+    (said in the log when it differs), else ``DEFAULT_LORA_RANK``."""
+    wanted = settings.max_lora_rank
+    if wanted is not None:
+        if wanted not in VLLM_LORA_RANKS:
+            raise VllmServerError(f"max_lora_rank={wanted} is not one of vLLM's allowed ranks {VLLM_LORA_RANKS}")
+        if model.lora_rank is not None and model.lora_rank > wanted:
+            raise VllmServerError(f"max_lora_rank={wanted} is below the adapter's rank {model.lora_rank}")
+        return wanted
+    rank = model.lora_rank or DEFAULT_LORA_RANK
+    served = max_lora_rank(rank)
+    if served != rank:
+        _log.info("LoRA rank %d is served with --max-lora-rank %d, the next of vLLM's allowed ranks", rank, served)
+    return served
 
 
 def vllm_command(model: ServedModel, settings: VllmSettings) -> tuple[list[str], dict[str, str]]:
@@ -162,19 +213,23 @@ def vllm_command(model: ServedModel, settings: VllmSettings) -> tuple[list[str],
     base_name = f"{model.served_name}-base" if model.is_lora else model.served_name
     command = [
         *settings.executable,
-        "--model", model.base_model,
+        model.base_model,  # `vllm serve MODEL`
         "--served-model-name", base_name,
         "--host", settings.host,
         "--port", str(settings.port),
         "--max-logprobs", str(settings.max_logprobs),
+        "--logprobs-mode", settings.logprobs_mode,
+        "--generation-config", settings.generation_config,
     ]
     env: dict[str, str] = {}
     if model.is_lora:
+        # The JSON form: vLLM reads NAME=PATH only when the text has no comma, and a path may have one.
+        module = {"name": model.served_name, "path": str(model.adapter), "base_model_name": base_name}
         command += [
             "--enable-lora",
-            "--max-lora-rank", str(_lora_rank(model, settings)),
+            "--max-lora-rank", str(served_lora_rank(model, settings)),
             "--max-loras", str(settings.max_loras),
-            "--lora-modules", f"{model.served_name}={model.adapter}",
+            "--lora-modules", json.dumps(module),
         ]
         # Runtime loading is what makes a LoRA move a hot-load instead of a restart.
         env[RUNTIME_LORA_ENV] = "True"
@@ -196,9 +251,11 @@ class VllmProcess:
         self.model = model
         self.settings = settings
         self.process: ChildProcess | None = None
+        self.lora_rank: int | None = None  # the --max-lora-rank of the running server (LoRA only)
 
     def start(self) -> VllmProcess:
         command, extra_env = vllm_command(self.model, self.settings)
+        self.lora_rank = served_lora_rank(self.model, self.settings) if self.model.is_lora else None
         _log.info("starting vLLM: %s", " ".join(command))
         try:
             # vLLM's log goes on to this process's output, as it would if vLLM ran in the terminal.
@@ -256,15 +313,20 @@ class LoraAdapters:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
 
-    def _post(self, path: str, body: Mapping[str, str]) -> None:
+    def _post(self, path: str, body: Mapping[str, str | bool]) -> None:
         response = httpx.post(f"{self.base_url}/{path}", json=dict(body), timeout=self.timeout_s)
         if response.status_code >= 400:
             raise VllmServerError(
                 f"vLLM refused {path} {dict(body)}: HTTP {response.status_code} {response.text[:500]}"
             )
 
-    def load(self, name: str, path: Path) -> None:
-        self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+    def load(self, name: str, path: Path, *, in_place: bool = False) -> None:
+        """Load ``path`` as ``name``; ``in_place`` replaces the weights of an adapter already served by that
+        name, which keeps answering meanwhile (vLLM's ``load_inplace``)."""
+        body: dict[str, str | bool] = {"lora_name": name, "lora_path": str(path)}
+        if in_place:
+            body["load_inplace"] = True
+        self._post("load_lora_adapter", body)
 
     def unload(self, name: str) -> None:
         self._post("unload_lora_adapter", {"lora_name": name})
@@ -277,8 +339,9 @@ class LoraAdapters:
 class VllmFollower:
     """Polls a registry reference (``name@production``) and moves the server to the version it names.
 
-    A LoRA version onto a LoRA version of the same base is hot-loaded; any other move restarts the
-    process. A failed move is logged and retried at the next poll; the server keeps what it had.
+    A LoRA version onto a LoRA version of the same base, within the server's ``--max-lora-rank``, is
+    hot-loaded in place (no moment without the served name); any other move restarts the process. A
+    failed move is logged and retried at the next poll; the server keeps what it had.
     """
 
     registry: Registry
@@ -301,11 +364,12 @@ class VllmFollower:
         if current.version_ref == version.ref:
             return False
         target = served_model_from_version(self.registry, version, served_name=current.served_name)
-        if current.is_lora and target.is_lora and current.base_model == target.base_model and self.adapters:
+        same_base = current.is_lora and target.is_lora and current.base_model == target.base_model
+        fits = (target.lora_rank or DEFAULT_LORA_RANK) <= (self.server.lora_rank or 0)
+        if same_base and fits and self.adapters:
             assert target.adapter is not None
-            _log.info("hot-loading %s as %s (was %s)", version.ref, target.served_name, current.version_ref)
-            self.adapters.unload(current.served_name)
-            self.adapters.load(target.served_name, target.adapter)
+            _log.info("hot-loading %s as %s in place (was %s)", version.ref, target.served_name, current.version_ref)
+            self.adapters.load(target.served_name, target.adapter, in_place=True)
             self.server.model = target
         else:
             _log.info("restarting vLLM for %s (was %s)", version.ref, current.version_ref)
@@ -363,16 +427,15 @@ def serve_with_vllm(
     """Serve ``model_ref`` with vLLM until it exits or ``stop`` is set; returns vLLM's exit code.
 
     ``model_ref`` is a local model/adapter directory or a registry reference; an alias reference is
-    followed (``follow``) every ``poll_seconds``. ``executable`` replaces ``python -m
-    vllm.entrypoints.openai.api_server`` (then vllm need not be installed here).
+    followed (``follow``) every ``poll_seconds``. ``executable`` replaces ``PYTHON -m
+    vllm.entrypoints.cli.main serve`` (PYTHON: ``vllm_python()``; with ``executable`` vllm need not be
+    installed anywhere).
     """
     if executable is None:
-        require_vllm()
+        executable = (vllm_python(), "-m", VLLM_MODULE, "serve")
     model, movable = resolve_served_model(model_ref, registry, served_model_name)
     settings = VllmSettings(host=host, port=port, max_logprobs=max_logprobs, max_lora_rank=max_lora_rank,
-                            max_model_len=max_model_len, extra_args=tuple(extra_args))
-    if executable is not None:
-        settings = replace(settings, executable=tuple(executable))
+                            max_model_len=max_model_len, extra_args=tuple(extra_args), executable=tuple(executable))
     server = VllmProcess(model, settings).start()
     stop = stop or threading.Event()
     follower_thread = None

@@ -175,13 +175,14 @@ def replay_output_fields(row: Mapping[str, Any], *, with_logprobs: bool) -> Repl
 
 
 try:
-    from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
+    from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 except ImportError:
     # Outside verl's environment (tracelearn's own, the tests): only the pure function above exists.
     pass
 else:
-
-    @register(AGENT_LOOP_NAME)
+    # Not decorated with verl's ``register``: the job's agent_loop.yaml registers it under AGENT_LOOP_NAME
+    # with ``replay_logprobs``, and ``register`` would replace that entry (without the argument) as soon
+    # as verl imported this module for the first row, so every later row would drop its logprobs.
     class ReplayAgentLoop(AgentLoopBase):  # type: ignore[misc]  # verl is untyped
         """Returns the stored transition of the row it is given; never calls the inference server."""
 

@@ -22,14 +22,19 @@ from tracelearn.serving import vllm_server
 from tracelearn.serving.http_server import BackgroundServer, free_port
 from tracelearn.serving.vllm_server import (
     RUNTIME_LORA_ENV,
+    VLLM_LORA_RANKS,
     VLLM_MISSING,
     VLLM_MODULE,
+    VLLM_PIN,
+    VLLM_PYTHON_ENV,
     LoraAdapters,
     ServedModel,
     VllmFollower,
     VllmNotInstalledError,
     VllmProcess,
+    VllmServerError,
     VllmSettings,
+    max_lora_rank,
     resolve_served_model,
     serve_with_vllm,
     vllm_command,
@@ -63,15 +68,24 @@ def test_command_for_a_full_checkpoint(tmp_path: Path) -> None:
     command, env = vllm_command(model, VllmSettings(host="0.0.0.0", port=8123, max_model_len=4096))
     assert not movable
     assert command == [
-        sys.executable, "-m", VLLM_MODULE,
-        "--model", str(model_dir.resolve()),
+        sys.executable, "-m", VLLM_MODULE, "serve",  # `vllm serve`, not the deprecated api_server module
+        str(model_dir.resolve()),
         "--served-model-name", "policy",
         "--host", "0.0.0.0",
         "--port", "8123",
         "--max-logprobs", "20",
+        # logprobs of the distribution sampled from; requests sampled with what they say, not the model's defaults
+        "--logprobs-mode", "processed_logprobs",
+        "--generation-config", "vllm",
         "--max-model-len", "4096",
     ]
     assert env == {}
+    raw, _ = vllm_command(model, VllmSettings(logprobs_mode="raw_logprobs", generation_config="auto"))
+    assert raw[raw.index("--logprobs-mode") + 1] == "raw_logprobs"
+    assert raw[raw.index("--generation-config") + 1] == "auto"
+
+
+BASE_NAME = "calc-policy-base"
 
 
 def test_command_for_a_lora_version_from_the_registry(tmp_path: Path, registry: Registry) -> None:
@@ -85,16 +99,18 @@ def test_command_for_a_lora_version_from_the_registry(tmp_path: Path, registry: 
     local = registry.local_path(published)
     assert movable and model.version_ref == "calc-policy@1"
     assert command == [
-        sys.executable, "-m", VLLM_MODULE,
-        "--model", "Qwen/Qwen2.5-0.5B-Instruct",
+        sys.executable, "-m", VLLM_MODULE, "serve",
+        "Qwen/Qwen2.5-0.5B-Instruct",
         "--served-model-name", "calc-policy-base",
         "--host", "127.0.0.1",
         "--port", "8001",
         "--max-logprobs", "20",
+        "--logprobs-mode", "processed_logprobs",
+        "--generation-config", "vllm",
         "--enable-lora",
         "--max-lora-rank", "16",  # rank 12 rounded up to a rank vLLM accepts
         "--max-loras", "2",
-        "--lora-modules", f"calc-policy={local}",
+        "--lora-modules", json.dumps({"name": "calc-policy", "path": str(local), "base_model_name": BASE_NAME}),
     ]
     assert env == {RUNTIME_LORA_ENV: "True"}
     assert not resolve_served_model("calc-policy@1", registry)[1]  # a pinned version does not move
@@ -134,6 +150,7 @@ def test_a_lora_move_is_hot_loaded(tmp_path: Path, registry: Registry, recording
     model, _ = resolve_served_model("calc-policy@production", registry)
     settings = VllmSettings(port=recording_vllm.server.port)
     process = VllmProcess(model, settings)  # not started: the recording server plays the running vLLM
+    process.lora_rank = 16  # what start() would have passed as --max-lora-rank
     follower = VllmFollower(registry, "calc-policy@production", process,
                             adapters=LoraAdapters(recording_vllm.server.base_url))
 
@@ -141,9 +158,10 @@ def test_a_lora_move_is_hot_loaded(tmp_path: Path, registry: Registry, recording
     registry.promote("calc-policy", second.version, "production")
     assert follower.check()
 
+    # one in-place load: the served name never disappears (no unload, no 404 between two calls)
     assert recording_vllm.requests == [
-        ("unload_lora_adapter", {"lora_name": "calc-policy"}),
-        ("load_lora_adapter", {"lora_name": "calc-policy", "lora_path": str(registry.local_path(second))}),
+        ("load_lora_adapter",
+         {"lora_name": "calc-policy", "lora_path": str(registry.local_path(second)), "load_inplace": True}),
     ]
     assert process.model.version_ref == second.ref and follower.moves == [second.ref]
     assert process.process is None  # no restart
@@ -186,7 +204,7 @@ def test_a_full_weight_move_restarts_the_server(tmp_path: Path, registry: Regist
         assert process.process is not None and process.process.returncode is None
     finally:
         process.stop()
-    models = [args[args.index("--model") + 1] for args in map(json.loads, launches.read_text().splitlines())]
+    models = [args[0] for args in map(json.loads, launches.read_text().splitlines())]  # `vllm serve MODEL`
     assert models == [str(registry.local_path(first)), str(registry.local_path(second))]
     assert process.model.served_name == "calc-full"
 
@@ -214,10 +232,60 @@ def test_serve_with_vllm_runs_until_stopped(tmp_path: Path) -> None:
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
     monkeypatch.setattr(vllm_server.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(VllmNotInstalledError, match=r"pip install tracelearn\[gpu\] on a CUDA machine"):
+    with pytest.raises(VllmNotInstalledError, match=rf"pip install vllm=={VLLM_PIN}`.* set TRACELEARN_VLLM_PYTHON="):
         serve_with_vllm(str(tmp_path))
     assert str(VllmNotInstalledError()) == VLLM_MISSING
+
+
+def test_vllm_runs_from_its_own_environment_when_one_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(VLLM_PYTHON_ENV, "/envs/vllm/bin/python")
+    monkeypatch.setattr(vllm_server.importlib.util, "find_spec", lambda name: None)
+    assert vllm_server.vllm_python() == "/envs/vllm/bin/python"
+
+
+@pytest.mark.parametrize(("rank", "served"), [(1, 1), (8, 8), (12, 16), (48, 64), (300, 320), (512, 512)])
+def test_lora_ranks_round_up_to_one_vllm_accepts(rank: int, served: int) -> None:
+    assert max_lora_rank(rank) == served and served in VLLM_LORA_RANKS
+
+
+def test_lora_ranks_vllm_cannot_serve_are_refused_naming_the_limit(tmp_path: Path) -> None:
+    largest = r"rank 1024 cannot be served by vLLM, whose largest --max-lora-rank is 512"
+    with pytest.raises(VllmServerError, match=largest):
+        max_lora_rank(1024)
+    adapter = ServedModel("base", "policy", adapter=tmp_path, lora_rank=32)
+    with pytest.raises(VllmServerError, match="max_lora_rank=48 is not one of vLLM's allowed ranks"):
+        vllm_command(adapter, VllmSettings(max_lora_rank=48))
+    with pytest.raises(VllmServerError, match="max_lora_rank=16 is below the adapter's rank 32"):
+        vllm_command(adapter, VllmSettings(max_lora_rank=16))
+
+
+def test_an_adapter_path_with_a_comma_stays_one_path(tmp_path: Path) -> None:
+    odd = write_adapter(tmp_path / "run 1,final", base="base-model", rank=8)
+    model, _ = resolve_served_model(str(odd))
+    command, _ = vllm_command(model, VllmSettings())
+    module = json.loads(command[command.index("--lora-modules") + 1])
+    assert module == {"name": "run 1,final", "path": str(odd.resolve()), "base_model_name": "run 1,final-base"}
+
+
+def test_a_lora_move_beyond_the_servers_rank_restarts_instead_of_failing_to_load(
+    tmp_path: Path, registry: Registry, recording_vllm: RecordingVllm
+) -> None:
+    base = "Qwen/Qwen2.5-0.5B-Instruct"
+    first = registry.publish("checkpoint", "calc-policy", write_adapter(tmp_path / "a1", base, rank=8)).version
+    wide = registry.publish("checkpoint", "calc-policy", write_adapter(tmp_path / "a2", base, rank=32)).version
+    registry.promote("calc-policy", first.version, "production")
+    model, _ = resolve_served_model("calc-policy@production", registry)
+    process = VllmProcess(model, VllmSettings(port=recording_vllm.server.port))
+    process.lora_rank = 8
+    restarted: list[ServedModel] = []
+    process.restart = restarted.append  # type: ignore[method-assign]  # record instead of launching vLLM
+    follower = VllmFollower(registry, "calc-policy@production", process,
+                            adapters=LoraAdapters(recording_vllm.server.base_url))
+    registry.promote("calc-policy", wide.version, "production")
+    assert follower.check()
+    assert recording_vllm.requests == [] and [m.lora_rank for m in restarted] == [32]
 
 
 def test_served_model_knows_lora() -> None:
