@@ -84,7 +84,7 @@ def run_variant(name: str, context: LoopContext, spans: Path, console: Console) 
     started = time.monotonic()
     train = train_grpo if trainer == "grpo" else train_sft
     result = train(folder / "data", "registry:calc-policy@1", folder / "run", load_train_config(context.spec.train),
-                   config_hash=built.config_hash, overwrite=True)
+                   config_hash=built.config_hash, overwrite=True, registry=context.registry)
     seconds = time.monotonic() - started
     lineage = Lineage.from_dict(json.loads(result.run.lineage_path.read_text(encoding="utf-8")))
     version = context.registry.publish("checkpoint", context.spec.name, result.checkpoint, lineage=lineage,

@@ -11,7 +11,6 @@ ready for ``tracelearn registry publish checkpoint NAME RUN/checkpoint --lineage
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,11 +146,9 @@ def grpo_command(transitions_path: Path, model: str, out: Path, config_path: Pat
         return
     from tracelearn.training.grpo import train_grpo
 
-    if registry:
-        # train_grpo does not take the registry yet (training/grpo.py): the model store reads it from here.
-        os.environ[REGISTRY_ENV] = registry
     _run(console, lambda: train_grpo(transitions_path, model, out, config, config_hash=config_hash,
-                                     overwrite=overwrite, progress=not no_progress))
+                                     overwrite=overwrite, progress=not no_progress,
+                                     registry=open_registry(registry) if registry else None))
 
 
 @train.command("sft")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tracelearn.registry import Registry
 from tracelearn.training.config import TrainConfig
 from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.losses import aggregate_loss, k3_kl, policy_gradient_loss
@@ -156,13 +157,17 @@ def train_grpo(
     config_hash: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    registry: Registry | None = None,
 ) -> TrainResult:
     """Train ``model`` with GRPO on the transitions under ``transitions``; write the run into ``out``.
+
+    ``registry`` resolves a ``registry:`` model (``None``: the default registry).
 
     Raises :class:`NoTrainingDataError` when no sequence carries a learning signal (every group's
     rewards were equal, or no transition has usable token ids), before any step is taken.
     """
-    start = start_run("grpo", transitions, model, out, config, config_hash=config_hash, overwrite=overwrite)
+    start = start_run("grpo", transitions, model, out, config, config_hash=config_hash, overwrite=overwrite,
+                      registry=registry)
     policy, run = start.policy, start.run
     sequences, counts = sequences_from_transitions(start.data.frame, policy.tokenizer,
                                                    max_sequence_tokens=config.runtime.max_sequence_tokens)

@@ -383,10 +383,10 @@ def train(context: LoopContext, state: RoundState) -> dict[str, Any]:
         return {"trained": False}
     trainer = train_grpo if spec.trainer == "grpo" else train_sft
     model = f"registry:{state.steps['collect']['production']}"
-    os.environ[REGISTRY_ENV] = str(context.registry.location)
     try:
         result = trainer(state.data, model, state.path / "run", load_train_config(spec.train),
-                         config_hash=built["config_hash"], overwrite=True, progress=context.progress)
+                         config_hash=built["config_hash"], overwrite=True, progress=context.progress,
+                         registry=context.registry)
     except NoTrainingDataError as error:
         state.outcome, state.reason = "no_signal", f"no learning signal: {error}; nothing was trained"
         _measure_production(context, state)

@@ -127,7 +127,7 @@ def plot_loop(rows: list[RoundRow], path: Path) -> Path:
     rates.set_ylim(0, 1)
     rates.set_xlabel("round")
     rates.set_title("held-out, per round (95% CI)")
-    rates.legend(fontsize=8, loc="upper left")
+    rates.legend(fontsize=8, loc="lower right")
     rates.grid(alpha=0.3)
     turns.plot([row.number for row in evaluated], [row.production_eval["mean_llm_calls"] for row in evaluated],  # type: ignore[index]
                marker="o", color="tab:purple")
