@@ -26,8 +26,9 @@ from tracelearn.collector.http_bodies import DEFAULT_BODY_TIMEOUT_SECONDS
 from tracelearn.collector.otlp_validate import DEFAULT_MAX_PARTITIONS
 from tracelearn.collector.receiver import DEFAULT_MAX_BODY_BYTES, DEFAULT_QUEUE_BYTES, ReceiverConfig
 from tracelearn.collector.security import TlsFiles, read_token_file
-from tracelearn.collector.settings import CaptureSettings, SettingsError
+from tracelearn.collector.settings import CaptureSettings
 from tracelearn.collector.sidecar import DRAIN_SECONDS, Sidecar, SidecarOptions, SidecarStartError
+from tracelearn.settings import SettingError
 
 __all__ = ["DRAIN_SECONDS", "collector", "parse_address", "serve", "status"]
 
@@ -106,7 +107,7 @@ def serve(
     try:
         settings = CaptureSettings.from_env()
         token = read_token_file(token_file) if token_file is not None else None
-    except (SettingsError, ValueError, OSError) as error:
+    except (SettingError, ValueError, OSError) as error:
         raise click.ClickException(str(error)) from error
     config = ReceiverConfig.from_settings(
         settings,

@@ -12,7 +12,6 @@ import click
 
 from tracelearn.models.default_model import (
     CACHE_ENV,
-    DEFAULT_CACHE_DIR,
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_REQUIREMENT,
     ModelFetchError,
@@ -22,8 +21,9 @@ from tracelearn.models.default_model import (
     fetch_default_model,
 )
 from tracelearn.models.source import ModelLoadError, ModelNotFoundError
+from tracelearn.settings.variables import MODEL_CACHE
 
-_CACHE_DIR_HELP = f"Model cache directory (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})."
+_CACHE_DIR_HELP = f"Model cache directory (default: ${CACHE_ENV} or {MODEL_CACHE.default})."
 
 
 @click.group()

@@ -21,7 +21,7 @@ from tracelearn.collector.compaction import (
     compact,
     spans_table_root,
 )
-from tracelearn.collector.settings import CaptureSettings, SettingsError
+from tracelearn.collector.settings import CaptureSettings
 from tracelearn.collector.spool import SPOOL_DIR, ReplayReport, pending_segments, replay_spools
 from tracelearn.pipelines.span_summary import SpanStats, read_prepared_spans, spans_stats
 from tracelearn.pipelines.spans_input import spans_location
@@ -29,6 +29,8 @@ from tracelearn.pipelines.stats import span_analysis
 from tracelearn.schemas.dataset import DatasetError
 from tracelearn.schemas.migrations import SchemaVersionError
 from tracelearn.schemas.tables import SPANS
+from tracelearn.settings import SettingError
+from tracelearn.settings.variables import DATA_ROOT
 
 if TYPE_CHECKING:
     from tracelearn.pipelines.stats import SpanAnalysis
@@ -110,7 +112,7 @@ def render_analysis(analysis: SpanAnalysis, console: Console) -> None:
 
 
 @spans.command("stats")
-@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar="TRACELEARN_DATA")
+@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar=DATA_ROOT.name)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG report here.")
 def stats_command(data: Path | None, as_json: bool, plot_path: Path | None) -> None:
@@ -197,7 +199,7 @@ def render_compaction(report: CompactionReport, root: Path, console: Console) ->
 
 
 @spans.command("compact")
-@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar="TRACELEARN_DATA")
+@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar=DATA_ROOT.name)
 @click.option("--date", required=True, help="The date=YYYY-MM-DD partition to compact.")
 @click.option("--service", default=None, help="Only this service's partition (default: every service of the date).")
 @click.option(
@@ -227,7 +229,7 @@ def compact_command(
         raise click.UsageError("give the data directory, or set TRACELEARN_DATA")
     try:
         compression = CaptureSettings.from_env().compression
-    except SettingsError as exc:
+    except SettingError as exc:
         raise click.ClickException(str(exc)) from exc
     console = Console()
     columns = (TextColumn("compacting"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
@@ -274,7 +276,7 @@ def render_replay(report: ReplayReport, left: int, console: Console) -> None:
 
 
 @spans.command("replay")
-@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar="TRACELEARN_DATA")
+@click.argument("data", type=click.Path(path_type=Path), default=None, required=False, envvar=DATA_ROOT.name)
 def replay_command(data: Path | None) -> None:
     """Turn the spool of processes that died under DATA (default $TRACELEARN_DATA) into Parquet.
 
@@ -290,7 +292,7 @@ def replay_command(data: Path | None) -> None:
     try:
         compression = CaptureSettings.from_env().compression
         report = replay_spools(root, SPANS, compression)
-    except SettingsError as exc:
+    except SettingError as exc:
         raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"replaying the spool under {root} failed: {exc}") from exc

@@ -62,11 +62,13 @@ class TracelearnConfigurator(_OTelSDKConfigurator):
         if "tracelearn" in os.environ.get(OTEL_TRACES_EXPORTER, ""):
             # Validate our settings up front: one clear line instead of a traceback from deep inside
             # the SDK. The agent then runs without capture rather than not at all.
-            from tracelearn.collector.settings import CaptureSettings, SettingsError
+            from tracelearn.settings import SettingError
+            from tracelearn.settings.variables import CAPTURE
 
             try:
-                CaptureSettings.from_env()
-            except SettingsError as exc:
+                for setting in CAPTURE:
+                    setting.value()
+            except SettingError as exc:
                 logger.error("tracelearn: capture is off for this process: %s", exc)
                 return
         kwargs.setdefault("span_processors", [RolloutContextSpanProcessor()])

@@ -22,6 +22,8 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from tracelearn.schemas import semconv as sc
+from tracelearn.settings import Setting, SettingError
+from tracelearn.settings.variables import QUEUE_BLOCK_MS, QUEUE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,15 @@ class RolloutContextSpanProcessor(SpanProcessor):
         return True
 
 
+def _setting_or_default(setting: Setting[int]) -> int:
+    """A capture setting's value; a bad one is logged and the default used (capture never stops the agent)."""
+    try:
+        return setting.value()
+    except SettingError as error:
+        logger.warning("tracelearn: %s; using %s", error, setting.default)
+        return setting.default_value()
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
@@ -132,11 +143,11 @@ class DurableBatchSpanProcessor(SpanProcessor):
     ) -> None:
         self.exporter = span_exporter
         self.max_queue_size = max_queue_size or max(
-            _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048), _env_int("TRACELEARN_QUEUE_SIZE", 65536)
+            _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048), _setting_or_default(QUEUE_SIZE)
         )
         self.schedule_delay = (schedule_delay_millis or _env_int("OTEL_BSP_SCHEDULE_DELAY", 1000)) / 1000
         self.max_export_batch_size = max_export_batch_size or _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 2048)
-        self.block_seconds = (block_millis or _env_int("TRACELEARN_QUEUE_BLOCK_MS", 200)) / 1000
+        self.block_seconds = (block_millis or _setting_or_default(QUEUE_BLOCK_MS)) / 1000
         self.dropped = 0
         self._queue: collections.deque[ReadableSpan] = collections.deque()
         self._condition = threading.Condition()

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,9 +61,10 @@ from tracelearn.instrumentation.missing_instrumentation import advise_llm_instru
 from tracelearn.instrumentation.token_id_responses import ResponseReader, guarded, report_once, tap_types
 from tracelearn.instrumentation.token_id_responses import TokenIdsCapture as TokenIdsCapture  # the gateway's too
 from tracelearn.schemas import semconv as sc
+from tracelearn.settings import SettingError
+from tracelearn.settings.variables import TOKEN_IDS
 
-ENV_MODE: Final = "TRACELEARN_TOKEN_IDS"
-MODES: Final = ("on", "off", "auto")
+ENV_MODE: Final = TOKEN_IDS.name
 DEFAULT_MODE: Final = "auto"
 
 # The fields we add to a chat-completions body; a caller's own value for any of them wins.
@@ -88,14 +88,13 @@ _log = logging.getLogger(__name__)
 
 
 def token_ids_mode(value: str | None) -> str:
-    """``on`` / ``off`` / ``auto`` from a setting; unset or unknown values fall back to ``auto``."""
-    if value is None or not value.strip():
+    """``on`` / ``off`` / ``auto`` from a setting (``None``: ``$TRACELEARN_TOKEN_IDS``); unset or unknown
+    values fall back to ``auto``."""
+    try:
+        return TOKEN_IDS.value(None if value is None else {ENV_MODE: value})
+    except SettingError as error:
+        _log.warning("%s; using %r", error, DEFAULT_MODE)
         return DEFAULT_MODE
-    mode = value.strip().lower()
-    if mode not in MODES:
-        _log.warning("%s=%r is not one of %s; using %r", ENV_MODE, value, "/".join(MODES), DEFAULT_MODE)
-        return DEFAULT_MODE
-    return mode
 
 
 def is_private_host(host: str) -> bool:
@@ -387,7 +386,7 @@ class TokenIdsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ()  # nothing is imported: the HTTP clients are hooked if and when the agent imports them
 
     def _instrument(self, **kwargs: Any) -> None:
-        _hooks.mode = token_ids_mode(kwargs.get("mode") or os.environ.get(ENV_MODE))
+        _hooks.mode = token_ids_mode(kwargs.get("mode"))
         _hooks.tracer = trace.get_tracer(__name__, tracer_provider=kwargs.get("tracer_provider"))
         _hooks.active = True
         for name in HTTP_CLIENT_MODULES:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from tracelearn.models.loading import plain_dequantized_model
 from tracelearn.models.source import ModelLoadError, ModelNotFoundError
+from tracelearn.settings.variables import MODEL_CACHE
 
-CACHE_ENV = "TRACELEARN_MODEL_CACHE"
-DEFAULT_CACHE_DIR = Path("~/.cache/tracelearn/models")
+CACHE_ENV = MODEL_CACHE.name
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Case-insensitive names that mean the default model.
@@ -49,8 +49,7 @@ class ModelFetchError(RuntimeError):
 
 def model_cache_dir() -> Path:
     """The model cache directory: ``$TRACELEARN_MODEL_CACHE`` or ``~/.cache/tracelearn/models``."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else DEFAULT_CACHE_DIR.expanduser()
+    return MODEL_CACHE.value()
 
 
 def is_default_model_name(name: str) -> bool:

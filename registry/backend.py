@@ -41,30 +41,20 @@ from tracelearn.registry.artifacts import (
     check_name,
 )
 from tracelearn.registry.contents import SourceContents, describe_source
+from tracelearn.settings.variables import REGISTRY, REGISTRY_CACHE
 
-REGISTRY_ENV = "TRACELEARN_REGISTRY"
-DEFAULT_REGISTRY_DIR = Path("~/.cache/tracelearn/registry")
-REGISTRY_CACHE_ENV = "TRACELEARN_REGISTRY_CACHE"
-DEFAULT_REGISTRY_CACHE_DIR = Path("~/.cache/tracelearn/registry-cache")
-
-# The registry's settings, as the README's settings table lists them (a test keeps the two equal).
-ENV_VARS: dict[str, tuple[str, str]] = {
-    REGISTRY_ENV: ("~/.cache/tracelearn/registry",
-                   "Registry location: a directory, a pyarrow URI (`s3://...`) or `mlflow+http://host:port`."),
-    REGISTRY_CACHE_ENV: (str(DEFAULT_REGISTRY_CACHE_DIR),
-                         "Where versions from a remote registry are downloaded (by digest) before loading."),
-    "TRACELEARN_PROMPTS": ("unset", "Pin prompts for one run: `name=name@7,other=other@candidate`."),
-}
+REGISTRY_ENV = REGISTRY.name
+REGISTRY_CACHE_ENV = REGISTRY_CACHE.name
 
 
 def registry_cache_dir() -> Path:
     """Where remote backends download versions, by digest: ``$TRACELEARN_REGISTRY_CACHE`` or the default."""
-    return Path(os.environ.get(REGISTRY_CACHE_ENV) or DEFAULT_REGISTRY_CACHE_DIR).expanduser()
+    return REGISTRY_CACHE.value()
 
 
 def default_registry_location() -> str:
     """``$TRACELEARN_REGISTRY``, else ``~/.cache/tracelearn/registry``."""
-    return os.environ.get(REGISTRY_ENV) or str(DEFAULT_REGISTRY_DIR.expanduser())
+    return REGISTRY.value()
 
 
 def utc_now() -> str:

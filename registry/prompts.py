@@ -14,15 +14,15 @@ the registry blinked) and the failure is logged once.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 
 from tracelearn.registry.artifacts import DEFAULT_ALIAS, ArtifactRef, InvalidReferenceError, RegistryError
 from tracelearn.registry.backend import Registry, default_registry_location, open_registry
+from tracelearn.settings.variables import PROMPTS
 
-PROMPTS_ENV = "TRACELEARN_PROMPTS"
+PROMPTS_ENV = PROMPTS.name
 DEFAULT_REFRESH_SECONDS = 5.0
 
 _logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ _lock = threading.Lock()
 
 def pinned_references(value: str | None = None) -> dict[str, str]:
     """Parse ``TRACELEARN_PROMPTS`` (``name=ref,name=ref``) into name -> reference."""
-    raw = os.environ.get(PROMPTS_ENV, "") if value is None else value
+    raw = (PROMPTS.text() or "") if value is None else value
     pins: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         name, separator, reference = item.partition("=")

@@ -13,5 +13,5 @@ if [[ "${1:-}" == "--fast" ]]; then
     shift
 fi
 echo "== ruff" && $PY/ruff check .
-echo "== mypy" && MYPYPATH=.typecheck $PY/mypy -m tracelearn $(for d in schemas storage processes models instrumentation collector pipelines training serving registry cli; do echo -p tracelearn.$d; done)
+echo "== mypy" && MYPYPATH=.typecheck $PY/mypy -m tracelearn $(for d in schemas storage settings processes models instrumentation collector pipelines training serving registry cli; do echo -p tracelearn.$d; done)
 echo "== pytest" && $PY/python -m pytest "${MARKERS[@]}" "$@"

@@ -25,29 +25,17 @@ Run once without a scheduler:
 """
 
 import logging
-import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from tracelearn.settings.variables import BUILD_TASK_TIMEOUT, DATA_ROOT, PIPELINE_CONFIG
+
 log = logging.getLogger(__name__)
 
-
-def _task_timeout(variable: str, default_minutes: float) -> timedelta:
-    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
-    text = os.environ.get(variable) or str(default_minutes)
-    try:
-        minutes = float(text)
-    except ValueError:
-        minutes = 0.0
-    if not 0 < minutes < float("inf"):
-        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
-    return timedelta(minutes=minutes)
-
-
-TASK_TIMEOUT = _task_timeout("TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES", 120)
+TASK_TIMEOUT = timedelta(minutes=BUILD_TASK_TIMEOUT.value())
 
 SPANS = Asset(name="tracelearn_spans", uri="tracelearn://spans")
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
@@ -64,10 +52,10 @@ RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
     default_args={**RETRIES, "execution_timeout": TASK_TIMEOUT},
     tags=["tracelearn"],
     params={
-        "data": Param(os.environ.get("TRACELEARN_DATA", "./data"), type="string", description="dataset root"),
+        "data": Param(DATA_ROOT.text(), type="string", description="dataset root"),
         "output": Param("", type="string", description="output root (empty: the data root)"),
         "config": Param(
-            os.environ.get("TRACELEARN_PIPELINE_CONFIG", ""),
+            PIPELINE_CONFIG.text() or "",
             type="string",
             description="pipeline.yaml (empty: built-in defaults)",
         ),

@@ -23,7 +23,6 @@ that fails or times out is redone by the next run of the round, which resumes at
 """
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,22 +30,11 @@ from typing import Any
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from tracelearn.settings.variables import LOOP_CONFIG, LOOP_ROUNDS, LOOP_TASK_TIMEOUT, LOOP_WORKDIR
+
 log = logging.getLogger(__name__)
 
-
-def _task_timeout(variable: str, default_minutes: float) -> timedelta:
-    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
-    text = os.environ.get(variable) or str(default_minutes)
-    try:
-        minutes = float(text)
-    except ValueError:
-        minutes = 0.0
-    if not 0 < minutes < float("inf"):
-        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
-    return timedelta(minutes=minutes)
-
-
-TASK_TIMEOUT = _task_timeout("TRACELEARN_LOOP_TASK_TIMEOUT_MINUTES", 1440)
+TASK_TIMEOUT = timedelta(minutes=LOOP_TASK_TIMEOUT.value())
 
 LOOP_ROUND = Asset(name="tracelearn_loop_round", uri="tracelearn://loop/rounds")
 STEPS = ("collect", "build", "train", "publish", "evaluate", "gate")
@@ -74,9 +62,9 @@ def _context(params: dict[str, Any]) -> Any:
     default_args={"execution_timeout": TASK_TIMEOUT},
     tags=["tracelearn"],
     params={
-        "config": Param(os.environ.get("TRACELEARN_LOOP_CONFIG", ""), type="string"),
-        "workdir": Param(os.environ.get("TRACELEARN_LOOP_WORKDIR", "./runs/loop"), type="string"),
-        "rounds": Param(int(os.environ.get("TRACELEARN_LOOP_ROUNDS", "3")), type="integer", minimum=1),
+        "config": Param(LOOP_CONFIG.text() or "", type="string"),
+        "workdir": Param(LOOP_WORKDIR.text(), type="string"),
+        "rounds": Param(LOOP_ROUNDS.value(), type="integer", minimum=1),
         "base_url": Param("", type="string"),
     },
     doc_md=__doc__,

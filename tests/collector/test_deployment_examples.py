@@ -13,13 +13,15 @@ import pytest
 import yaml
 
 from tracelearn.cli.collector import DRAIN_SECONDS, parse_address, serve
-from tracelearn.collector.settings import ENV_VARS
+from tracelearn.settings.variables import CAPTURE
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "collector"
 UNIT = EXAMPLES / "tracelearn-collector.service"
 POD = EXAMPLES / "kubernetes-pod.yaml"
 OTELCOL = EXAMPLES / "otelcol-forward.yaml"
+
+CAPTURE_NAMES = {setting.name for setting in CAPTURE}
 
 
 def serve_options(command: list[str]) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def test_the_systemd_unit_starts_a_valid_command_and_stops_it_gracefully() -> No
     assert entries["KillSignal"] == ["SIGTERM"]
     assert int(entries["TimeoutStopSec"][0]) > DRAIN_SECONDS, "time to drain and roll before SIGKILL"
     for assignment in entries["Environment"]:
-        assert assignment.split("=", 1)[0] in ENV_VARS, assignment
+        assert assignment.split("=", 1)[0] in CAPTURE_NAMES, assignment
     assert entries["WantedBy"] == ["multi-user.target"]
 
 
@@ -106,7 +108,7 @@ def test_the_kubernetes_pod_runs_the_collector_as_a_sidecar_the_agent_exports_to
     assert host == "127.0.0.1"
     assert {mount["mountPath"] for mount in collector["volumeMounts"]} == {str(options["data_root"])}
     for variable in collector["env"]:
-        assert variable["name"] in ENV_VARS, variable
+        assert variable["name"] in CAPTURE_NAMES, variable
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         code = collector[probe]["exec"]["command"][-1]
         assert f"http://127.0.0.1:{port}/" in code, probe

@@ -58,5 +58,5 @@ def test_a_bad_timeout_is_an_import_error_naming_the_variable(tmp_path: Path) ->
     errors = parsed["errors"]
     assert isinstance(errors, dict) and len(errors) == 1
     (message,) = errors.values()
-    assert "$TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES='two hours': a task time limit is a number of minutes > 0" in message
+    assert "TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES='two hours' is not a number of minutes > 0" in message
     assert "tracelearn_build_transitions" not in parsed["timeouts"]
