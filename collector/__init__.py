@@ -13,6 +13,6 @@ their layout, the checks before acknowledging, decoding into rows), ``group_comm
 and ``conversion`` (request logs into Parquet, off the request path), ``quarantine`` (what cannot
 land, with its reason), ``metrics`` (``/metrics``, ``/status``).
 
-May import: tracelearn.schemas, tracelearn.storage, pyarrow, opentelemetry (grpc in ``otlp_grpc`` only).
-Must never import polars, torch or airflow.
+May import: tracelearn.schemas, tracelearn.storage, tracelearn.settings, pyarrow, opentelemetry (grpc in
+``otlp_grpc`` only). Must never import the instrumentation, pipelines, polars, torch or airflow.
 """

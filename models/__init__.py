@@ -10,7 +10,8 @@
 
 The registry is an argument (``resolve_model(name, registry)``), never a global this package sets.
 
-May import: tracelearn.registry, torch, transformers, peft, huggingface_hub, the standard library.
+May import: tracelearn.registry, tracelearn.settings, torch, transformers, peft, huggingface_hub, the standard
+library.
 Must never import serving, training, pipelines, the collector, the CLI or click.
 """
 

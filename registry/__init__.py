@@ -4,8 +4,9 @@ Backends: a local directory or any pyarrow filesystem URI (``filesystem``, the d
 tracking server (``mlflow_backend``), behind one interface (``backend.Registry``); ``open_registry``
 picks one from a location. ``prompts.prompt`` is what agents call to read a prompt by alias.
 
-May import: tracelearn.storage (the directory fsync), the standard library, pyarrow filesystems (and
-mlflow for its backend). Used by training, serving and models; must never import any of them.
+May import: tracelearn.storage (the directory fsync), tracelearn.settings, the standard library, pyarrow
+filesystems (and mlflow for its backend). Used by training, serving and models; must never import any
+of them.
 """
 
 from tracelearn.registry.artifacts import (

@@ -6,7 +6,8 @@ registry alias and swap versions under load (``alias_follower``). ``vllm_server`
 GPU machines and moves it to new registry versions. ``gateway`` is a proxy in front of any upstream
 that records each call as a span with token ids and can substitute registry prompts.
 
-May import: torch, transformers, peft, fastapi, uvicorn, httpx, tracelearn.schemas, tracelearn.processes,
-tracelearn.instrumentation (the gateway reuses the token-id capture), tracelearn.models (finding and
-loading a model, shared with training), tracelearn.registry. Must never import training or pipelines.
+May import: torch, transformers, peft, fastapi, uvicorn, httpx, tracelearn.schemas, tracelearn.storage,
+tracelearn.settings, tracelearn.processes, tracelearn.instrumentation (the gateway reuses the token-id
+capture), tracelearn.models (finding and loading a model, shared with training), tracelearn.registry.
+Must never import training or pipelines.
 """

@@ -14,9 +14,9 @@ reads the stored prompt/response token ids, logprobs, advantages and loss masks 
 - ``evaluate`` / ``gate``: score a model version by running an agent on held-out tasks; publish a
   candidate and promote it only when it beats production.
 
-May import: tracelearn.schemas, tracelearn.storage, tracelearn.processes, tracelearn.instrumentation and
-tracelearn.collector (APO's optimizer spans), tracelearn.pipelines, tracelearn.registry, tracelearn.models
-(model resolution and loading, shared with the server), torch, transformers, peft. Must never import
-tracelearn.serving or airflow; evaluation starts ``tracelearn serve`` and APO ``tracelearn gateway`` as
-processes.
+May import: tracelearn.schemas, tracelearn.storage, tracelearn.settings, tracelearn.processes,
+tracelearn.instrumentation and tracelearn.collector (APO's optimizer spans), tracelearn.pipelines,
+tracelearn.registry, tracelearn.models (model resolution and loading, shared with the server), torch,
+transformers, peft. Must never import tracelearn.serving or airflow; evaluation starts ``tracelearn
+serve`` and APO ``tracelearn gateway`` as processes.
 """
