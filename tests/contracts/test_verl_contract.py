@@ -1,6 +1,6 @@
 """Contract tests against the pinned verl release, on CPU: tracelearn's verl job files through verl's own code.
 
-verl (``VERL_PIN``) is installed in an environment of its own (``verl_env.py``, cached under
+verl (``VERL_PIN``) is installed in an environment of its own (``contract_envs.py``, cached under
 ``build/framework-envs/``); ``verl_probe.py`` runs there and reports what verl made of:
 
 - the Hydra overrides of real jobs (default, LoRA + Dr. GRPO + KL, rows without logprobs, several
@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from contracts import verl_env
+from contracts import contract_envs
 from integration.frameworks import envs
 from support.spans_factory import SpansFactory, at
 from support.tiny_model import build_tokenizer
@@ -102,7 +102,7 @@ def override_sets(job: VerlJob) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def verl_python() -> Path:
     try:
-        return verl_env.create()
+        return contract_envs.create("verl")
     except envs.EnvSetupError as error:
         pytest.fail(f"the verl environment: {error}", pytrace=False)
 
@@ -165,7 +165,7 @@ def test_the_tested_verl_is_the_pinned_release_and_its_defaults_are_why_keys_are
     probe: dict[str, Any],
 ) -> None:
     config = facts(probe, "config")
-    assert config["verl_version"] == VERL_PIN == verl_env.VERL_PIN
+    assert config["verl_version"] == VERL_PIN == contract_envs.PINS["verl"]
     # verl 0.9 defaults: the V1 trainer and rollout logprobs on, hence written explicitly by every job
     assert config["defaults"] == {
         "trainer.use_v1": True,

@@ -1,4 +1,4 @@
-"""Run by the verl environment's Python (``verl_env.py``), never by tracelearn's: puts tracelearn's
+"""Run by the verl environment's Python (``contract_envs.py``), never by tracelearn's: puts tracelearn's
 job files through verl's own code and prints what verl made of them, as JSON.
 
     python verl_probe.py REQUEST.json    # prints {"check": {...facts...} | {"error": "..."}, ...}
