@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import httpx
 
 from tracelearn.processes import ChildProcess, ChildProcessError, start_child
+from tracelearn.settings.variables import VLLM_PYTHON
 
 if TYPE_CHECKING:
     from tracelearn.registry import ArtifactVersion, Registry
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 # The release the launch command is written for and checked against (tests/contracts/), installable from
 # PyPI: vLLM 0.34.0 pins flashinfer-python==0.7.3, which PyPI does not have.
 VLLM_PIN: Final = "0.33.0"
-VLLM_PYTHON_ENV: Final = "TRACELEARN_VLLM_PYTHON"
+VLLM_PYTHON_ENV: Final = VLLM_PYTHON.name
 VLLM_INSTALL: Final = f"python3.12 -m venv ~/vllm-env && ~/vllm-env/bin/pip install vllm=={VLLM_PIN}"
 VLLM_MISSING: Final = (
     f"vllm is not installed here and {VLLM_PYTHON_ENV} is not set: vLLM pins its own torch and transformers, so it "
@@ -84,9 +85,9 @@ class VllmServerError(RuntimeError):
 def vllm_python() -> str:
     """The Python that runs vLLM: ``$TRACELEARN_VLLM_PYTHON``, else this one when vllm is importable here
     (checked without importing it: CUDA init is slow); ``VllmNotInstalledError`` otherwise."""
-    configured = os.environ.get(VLLM_PYTHON_ENV)
-    if configured:
-        return configured
+    configured = VLLM_PYTHON.optional()
+    if configured is not None:
+        return str(configured)
     if importlib.util.find_spec("vllm") is None:
         raise VllmNotInstalledError()
     return sys.executable

@@ -79,10 +79,9 @@ from tracelearn.training.verl_checkpoints import (
     latest_verl_checkpoint,
     merge_command,
 )
-from tracelearn.training.verl_environment import ENV_VARS, VERL_PIN, VERL_PYTHON_ENV, verl_version_check
+from tracelearn.training.verl_environment import VERL_PIN, VERL_PYTHON_ENV, verl_version_check
 
 __all__ = [
-    "ENV_VARS",
     "VERL_ENTRY_POINT",
     "ReplayData",
     "VerlCheckpointError",

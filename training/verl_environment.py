@@ -8,19 +8,19 @@ the 0.9 line, whose trainer (V1, TransferQueue), config keys and checkpoint layo
 and the replay loop are written for. Outside it, the launch stops before anything runs, naming the
 range and the command that makes a matching environment.
 
-May import: the standard library only (the CLI, the DAG and the launch script use it).
+May import: the standard library and ``tracelearn.settings`` (the CLI and the DAG use it).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from tracelearn.settings.variables import VERL_PYTHON
+
 __all__ = [
-    "ENV_VARS",
     "INSTALL_COMMAND",
     "VERL_PIN",
     "VERL_PYTHON_ENV",
@@ -34,11 +34,7 @@ __all__ = [
 VERL_PIN = "0.9.1"
 # Lowest accepted release (inclusive) and first refused one: the 0.9 line.
 VERL_VERSIONS = ("0.9.0", "0.10")
-VERL_PYTHON_ENV = "TRACELEARN_VERL_PYTHON"
-# The training settings, as the README's settings table lists them (a test keeps the two equal).
-ENV_VARS: dict[str, tuple[str, str]] = {
-    VERL_PYTHON_ENV: ("unset", "Python of verl's own environment (`train grpo --backend verl`, the DAG's verl step)."),
-}
+VERL_PYTHON_ENV = VERL_PYTHON.name
 INSTALL_COMMAND = f"python3.12 -m venv ~/verl-env && ~/verl-env/bin/pip install 'verl[vllm]=={VERL_PIN}'"
 # Importing verl pulls in torch; on a cold file cache that takes a while.
 CHECK_TIMEOUT_S = 300.0
@@ -95,7 +91,8 @@ def find_verl_python(explicit: str | None) -> str:
     how to create the environment.
     """
     source = "--verl-python" if explicit else f"${VERL_PYTHON_ENV}"
-    candidate = explicit or os.environ.get(VERL_PYTHON_ENV)
+    configured = VERL_PYTHON.optional()
+    candidate = explicit or (str(configured) if configured is not None else None)
     if not candidate:
         raise VerlNotAvailableError(
             f"no Python for verl: pass --verl-python or set {VERL_PYTHON_ENV}. {HOW_TO_INSTALL}"
