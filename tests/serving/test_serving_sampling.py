@@ -1,8 +1,12 @@
 """Token choice: nucleus filtering, greedy, seeds, and the logprobs reported."""
 
+import asyncio
+
 import pytest
 import torch
 
+from tracelearn.models import LoadedModel
+from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.logprobs import LOGPROB_FLOOR, logprobs_body
 from tracelearn.serving.sampling import (
     GREEDY_BELOW_TEMPERATURE,
@@ -116,3 +120,22 @@ def test_seeds_wrap_into_the_generators_64_bits() -> None:
         SamplingParams(max_tokens=1, seed=2**64)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(max_tokens=1, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_the_engine_reports_what_a_trainer_recomputes_at_the_recorded_temperature(
+    engine: GenerationEngine, tiny_model: LoadedModel, top_p: float
+) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.7, top_p=top_p, seed=11)
+    prompt = tiny_model.tokenizer.encode("the cat reads the question.")
+    result = asyncio.run(engine.generate(prompt, params))
+    with torch.no_grad():
+        logits = tiny_model.model(torch.tensor([prompt + result.token_ids])).logits[0].float()
+    # position p's logits predict token p + 1: the rows that predicted each generated token
+    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(result.token_ids)]
+    steps = list(zip(rows, result.token_ids, strict=True))
+    recomputed = [float(torch.log_softmax(row / 0.7, dim=-1)[token]) for row, token in steps]
+    expected = [float(sampling_logprobs(row, params)[token]) for row, token in steps]
+    assert result.logprobs == pytest.approx(expected, abs=1e-4)
+    if top_p == 1.0:  # the GRPO ratio at the first step is exp(recomputed - recorded) = 1
+        assert result.logprobs == pytest.approx(recomputed, abs=1e-4)
