@@ -50,6 +50,9 @@ def ensure_span_export() -> Callable[[], None]:
               help="How often a substituted prompt's alias is checked for a move.")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds to wait for the upstream's answer.")
+@click.option("--no-spans", is_flag=True,
+              help="Record no spans (the agent's own instrumentation records each call; a second span per call "
+                   "would be a rollout of its own). Substitution and /health's counts work as before.")
 def gateway(
     upstream: str,
     host: str,
@@ -59,6 +62,7 @@ def gateway(
     registry_location: str | None,
     prompt_poll_seconds: float,
     timeout_s: float,
+    no_spans: bool,
 ) -> None:
     """Proxy an agent's OpenAI calls to UPSTREAM and record each as an LLM span with token ids."""
     from tracelearn.serving.gateway import GatewayConfigError, PromptRule, create_gateway_app, normalize_upstream
@@ -72,9 +76,13 @@ def gateway(
             from tracelearn.registry import open_registry
 
             registry = open_registry(registry_location)
-        flush_spans = ensure_span_export()
+        from opentelemetry.trace import NoOpTracerProvider, TracerProvider
+
+        tracer_provider: TracerProvider | None = NoOpTracerProvider() if no_spans else None
+        flush_spans: Callable[[], None] = (lambda: None) if no_spans else ensure_span_export()
         app = create_gateway_app(upstream, token_ids=token_ids, prompt_rules=rules, registry=registry,
-                                 prompt_poll_seconds=prompt_poll_seconds, timeout_s=timeout_s)
+                                 prompt_poll_seconds=prompt_poll_seconds, tracer_provider=tracer_provider,
+                                 timeout_s=timeout_s)
     except GatewayConfigError as error:
         raise click.ClickException(str(error)) from error
     proxy = app.state.gateway

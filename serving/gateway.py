@@ -433,6 +433,9 @@ class Gateway:
         self.prompt_sources = list(prompt_sources)
         self.tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self.rejected_fields: set[str] = set()  # learned: the upstream refuses these fields
+        # Chat completion requests, and those whose system message became a registry prompt (``/health``).
+        self.chat_calls = 0
+        self.substituted = 0
         self.timeout = httpx.Timeout(timeout_s, connect=10.0)
         self._client: httpx.AsyncClient | None = None
         parts = urlsplit(self.upstream)
@@ -506,6 +509,7 @@ class Gateway:
     # -- chat completions ------------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
+        self.chat_calls += 1
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -569,6 +573,7 @@ class Gateway:
         if not substitute_system_prompt(body, prompt.text):
             return None
         span.set_attributes({sc.PROMPT_REF: prompt.version.ref, sc.PROMPT_REQUESTED: source.rule.reference})
+        self.substituted += 1
         return prompt.version.ref
 
     async def _send_chat(
@@ -806,7 +811,8 @@ def create_gateway_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         prompts = {s.rule.reference: s.current.version.ref for s in gateway.prompt_sources}
-        return {"status": "ok", "upstream": gateway.upstream, "prompts": prompts}
+        return {"status": "ok", "upstream": gateway.upstream, "prompts": prompts, "chat_calls": gateway.chat_calls,
+                "substituted": gateway.substituted}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:

@@ -361,9 +361,12 @@ def test_prompt_substitution_follows_the_alias(
         while server_prompt(server) != second.ref and time.monotonic() < deadline:
             time.sleep(0.02)
         client.chat.completions.create(model="calc-policy", messages=HELLO)  # type: ignore[arg-type]
+        health = httpx.get(f"{server.base_url.removesuffix('/v1')}/health", timeout=5).json()
     finally:
         server.stop()
         server_gateway(server).close()
+    assert (health["chat_calls"], health["substituted"]) == (4, 2)
+    assert health["prompts"] == {"calc-system@production": second.ref}
     systems = [body["messages"][0]["content"] for body in scripted.chat_requests()]
     assert systems == ["You are a calculator.", "You are terse.", "hello", "Answer with the number only."]
     refs = [attrs(span).get(sc.PROMPT_REF) for span in spans.get_finished_spans()]

@@ -20,9 +20,10 @@ above 0 is published as ``candidate`` with its lineage and gated like a checkpoi
 Docs: docs/apo.md.
 
 May import: tracelearn.training.evaluate and .gate, tracelearn.pipelines, tracelearn.registry,
-tracelearn.collector and tracelearn.instrumentation (the optimizer's spans), tracelearn.serving.gateway
-and .http_server (the in-process gateway that puts a candidate in front of the agent), openai, polars,
-rich. Must never import torch or airflow: the policy is a server, started as a process when needed.
+tracelearn.storage, tracelearn.collector and tracelearn.instrumentation (the optimizer's spans),
+tracelearn.processes (the gateway that puts a candidate in front of the agent, ``tracelearn gateway`` as
+a process), openai, polars, rich. Must never import tracelearn.serving, torch or airflow: the policy and
+the gateway are servers, started as processes when needed.
 """
 
 from tracelearn.training.apo.candidates import Candidate, Rejection, Score, TokenUsage, choose_winner

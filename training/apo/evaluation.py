@@ -6,9 +6,9 @@ For each candidate, :class:`PromptEvaluator`
    addressed, so a prompt seen before is the same version);
 2. puts that version in front of the agent, one of two ways (``injection``):
 
-   - ``gateway`` (the default; the agent needs no change): an in-process gateway
-     (``tracelearn.serving.gateway``) in front of the policy server, its prompt rule pinned to the
-     version, replaces the leading system message of every chat call the agent makes;
+   - ``gateway`` (the default; the agent needs no change): ``tracelearn gateway`` started as a process
+     in front of the policy server (its log in ``<candidate workdir>/gateway.log``), its prompt rule
+     pinned to the version, replaces the leading system message of every chat call the agent makes;
    - ``registry``: the agent reads its prompt with ``tracelearn.prompt(NAME)`` and fills its template
      variables itself; ``TRACELEARN_REGISTRY`` (APO's registry) and ``TRACELEARN_PROMPTS``
      (``NAME=NAME@N``) make that call resolve to the candidate, and the agent calls the policy directly.
@@ -26,11 +26,12 @@ tasks it lacks. An agent that fails or hangs (``AgentError``) or leaves no spans
 does not stop the run: its rollouts are recorded as failures (status ``agent_failed``), the error is
 kept, and nothing is cached, so a later evaluation tries again.
 
-The gateway's own spans are not recorded (a no-op tracer provider): the agent's instrumentation
-already captures each call, and a second span per call would be a rollout of its own.
+The gateway records no spans of its own (``--no-spans``): the agent's instrumentation already
+captures each call, and a second span per call would be a rollout of its own. Its ``/health`` counts
+the chat calls and the substitutions, read before it stops.
 
-May import: tracelearn.training.evaluate, tracelearn.serving.gateway and tracelearn.serving.http_server
-(the in-process gateway), tracelearn.registry, polars.
+May import: tracelearn.training.evaluate, tracelearn.processes (the gateway process), tracelearn.registry,
+tracelearn.pipelines (the config hash), tracelearn.storage, polars.
 """
 
 from __future__ import annotations
@@ -41,23 +42,21 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-from opentelemetry import trace
 from rich.console import Console
-from starlette.requests import Request
-from starlette.responses import Response
 
 from tracelearn.pipelines.config import config_hash
+from tracelearn.processes import ChildProcessError, console_script, free_port, start_child
 from tracelearn.registry import REGISTRY_ENV, Registry
 from tracelearn.registry.prompts import PROMPTS_ENV, pinned_references
-from tracelearn.serving.gateway import PROMPT_VERSION_HEADER, PromptRule, create_gateway_app
-from tracelearn.serving.http_server import BackgroundServer
 from tracelearn.storage.atomic_parquet import write_parquet_atomically
 from tracelearn.training.apo.candidates import prompt_hash
 from tracelearn.training.evaluate import (
@@ -66,6 +65,7 @@ from tracelearn.training.evaluate import (
     CaptureError,
     EvalResult,
     EvalSpec,
+    EvaluationError,
     ServedModel,
     eval_pipeline_config,
     evaluate_model,
@@ -77,6 +77,7 @@ __all__ = [
     "INJECTIONS",
     "CandidateEvaluation",
     "GatewayCounts",
+    "GatewayError",
     "PromptEvaluator",
     "PromptNotSubstitutedError",
     "RolloutCache",
@@ -85,6 +86,7 @@ __all__ = [
 ]
 
 AGENT_FAILED = "agent_failed"  # the status of rollouts of an agent run that failed or hung
+GATEWAY_READY_TIMEOUT_S = 120.0
 INJECTIONS = ("gateway", "registry")  # how a candidate reaches the agent (see the module docstring)
 _KEYS = ["task_id", "task_digest", "sample"]
 CACHE_SCHEMA = pl.Schema([("task_digest", pl.String), *ROLLOUT_SCHEMA.items()])
@@ -92,6 +94,10 @@ CACHE_SCHEMA = pl.Schema([("task_digest", pl.String), *ROLLOUT_SCHEMA.items()])
 
 class PromptNotSubstitutedError(RuntimeError):
     """The agent's chat calls carried no leading system message, so no candidate prompt could reach it."""
+
+
+class GatewayError(EvaluationError):
+    """The prompt gateway process did not start, or did not answer; the message names its log."""
 
 
 @dataclass
@@ -117,28 +123,46 @@ class CandidateEvaluation:
     gateway: GatewayCounts
 
 
-@contextmanager
-def prompt_gateway(upstream: str, registry: Registry, reference: str) -> Iterator[tuple[str, GatewayCounts]]:
-    """A gateway in front of ``upstream`` substituting the prompt ``reference``: its base URL and counts."""
-    app = create_gateway_app(upstream, token_ids="off", prompt_rules=[PromptRule(reference=reference)],
-                             registry=registry, tracer_provider=trace.NoOpTracerProvider())
-    counts = GatewayCounts()
-
-    @app.middleware("http")
-    async def count_substitutions(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        if request.url.path.endswith("/chat/completions"):
-            counts.chat_calls += 1
-            counts.substituted += int(PROMPT_VERSION_HEADER in response.headers)
-        return response
-
-    server = BackgroundServer(app)
+def _gateway_health(base_url: str) -> dict[str, Any] | None:
+    """The gateway's ``/health`` answer, or ``None`` while it does not answer."""
     try:
-        server.start()
-        yield server.base_url, counts
-    finally:
-        server.stop()
-        app.state.gateway.close()
+        with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=5) as response:
+            health = json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+        return None
+    return health if isinstance(health, dict) else None
+
+
+@contextmanager
+def prompt_gateway(upstream: str, registry: Registry, reference: str,
+                   log: Path) -> Iterator[tuple[str, GatewayCounts]]:
+    """``tracelearn gateway`` in front of ``upstream`` substituting the prompt ``reference`` (output in ``log``):
+    its base URL and its counts, which are filled in when the block ends, before the gateway stops.
+
+    Raises :class:`GatewayError` when the gateway exits or does not answer within
+    ``GATEWAY_READY_TIMEOUT_S``.
+    """
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    command = [console_script("tracelearn"), "gateway", "--upstream", upstream, "--port", str(port),
+               "--token-ids", "off", "--no-spans", "--prompt-substitution", reference,
+               "--registry", registry.location]
+    counts = GatewayCounts()
+    try:
+        gateway = start_child(command, name="the prompt gateway", log=log)
+    except ChildProcessError as error:
+        raise GatewayError(str(error)) from None
+    with gateway:
+        try:
+            gateway.wait_until(lambda: _gateway_health(base_url), GATEWAY_READY_TIMEOUT_S, "it answered /health")
+        except ChildProcessError as error:
+            raise GatewayError(str(error)) from None
+        try:
+            yield base_url, counts
+        finally:
+            health = _gateway_health(base_url) or {}
+            counts.chat_calls = int(health.get("chat_calls", 0))
+            counts.substituted = int(health.get("substituted", 0))
 
 
 @contextmanager
@@ -273,7 +297,7 @@ class PromptEvaluator:
         spec = dataclasses.replace(self.spec, tasks=requested, limit=None)
         error = None
         environment = {REGISTRY_ENV: self.registry.location, PROMPTS_ENV: _pins(self.prompt_name, version.ref)}
-        with agent_environment(environment), self._endpoint(version.ref) as (base_url, counts):
+        with agent_environment(environment), self._endpoint(version.ref, workdir) as (base_url, counts):
             try:
                 rows = evaluate_model(self.policy.name, spec, workdir, base_url=base_url, console=self.console).rollouts
             except (AgentError, CaptureError) as failure:
@@ -295,12 +319,12 @@ class PromptEvaluator:
                                    len(missing) * self.spec.samples, version.ref, error, counts or GatewayCounts())
 
     @contextmanager
-    def _endpoint(self, reference: str) -> Iterator[tuple[str, GatewayCounts | None]]:
+    def _endpoint(self, reference: str, workdir: Path) -> Iterator[tuple[str, GatewayCounts | None]]:
         """Where the agent's calls go: the substituting gateway and its counts, or the policy itself."""
         if self.injection == "registry":
             yield self.policy.base_url, None
             return
-        with prompt_gateway(self.policy.base_url, self.registry, reference) as endpoint:
+        with prompt_gateway(self.policy.base_url, self.registry, reference, workdir / "gateway.log") as endpoint:
             yield endpoint
 
     def _failed_rows(self, tasks: Sequence[tuple[str, str, str]]) -> pl.DataFrame:

@@ -4,7 +4,7 @@ APO's optimizer calls are traced like any agent's, into ``<out>/optimizer-spans`
 ``tracelearn spans stats <out>/optimizer-spans``): one root span ``apo.propose`` per proposed edit,
 with one LLM span per call under it (``chat <model>``, the GenAI attributes the collector reads:
 operation, models, usage tokens, input and output messages). The provider is private, not the
-global one, so an in-process gateway or another library's spans never land in this dataset and
+global one, so another library's spans never land in this dataset and
 this dataset never receives theirs.
 
 May import: opentelemetry-sdk, tracelearn.collector (the Parquet exporter), tracelearn.instrumentation
