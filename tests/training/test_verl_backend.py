@@ -414,6 +414,9 @@ def test_settings_verl_cannot_honor_are_refused_together() -> None:
     message = str(error.value)
     for setting in ("grpo.warmup_steps=10", "lora.dropout=0.05", "runtime.precision=fp32", "runtime.device=cpu"):
         assert setting in message
+    too_wide = r"lora\.r=1024: verl's rollout serves LoRA with vLLM, whose largest rank is 512"
+    with pytest.raises(VerlJobError, match=too_wide):
+        overrides(TrainConfig(grpo=GrpoConfig(mini_batch_size=4), lora=LoraConfig(r=1024, alpha=16)))
 
 
 def test_paths_hydra_would_misread_are_quoted_or_refused() -> None:
