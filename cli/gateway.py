@@ -65,7 +65,9 @@ def gateway(
     no_spans: bool,
 ) -> None:
     """Proxy an agent's OpenAI calls to UPSTREAM and record each as an LLM span with token ids."""
-    from tracelearn.serving.gateway import GatewayConfigError, PromptRule, create_gateway_app, normalize_upstream
+    from tracelearn.serving.gateway import create_gateway_app
+    from tracelearn.serving.gateway_prompts import GatewayConfigError, PromptRule
+    from tracelearn.serving.gateway_upstream import normalize_upstream
     from tracelearn.serving.http_server import BackgroundServer
 
     try:

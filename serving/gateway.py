@@ -36,15 +36,18 @@ from the first event, which the gateway reads before answering).
 
 Use both this gateway and an in-process LLM instrumentation on the same calls only with trace
 propagation: the gateway's span is then nested under the agent's and the pipeline counts the call once.
+
+This module is the proxy (``Gateway``) and its app; the rest lives beside it, one concern each:
+``gateway_upstream`` (the upstream's URL, headers both ways, its failures), ``gateway_prompts``
+(prompt substitution), ``gateway_spans`` (what a call's span records) and ``gateway_responses``
+(stripping what the client did not ask for, server-sent events).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -59,361 +62,39 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from tracelearn.instrumentation.token_ids import (
     LOGPROBS,
     RETURN_TOKEN_IDS,
-    TokenIdsCapture,
     should_request_token_ids,
     token_ids_mode,
 )
 from tracelearn.schemas import semconv as sc
-from tracelearn.schemas.messages import compact_json, openai_message_to_parts, openai_messages_to_parts
+from tracelearn.serving.gateway_prompts import GatewayConfigError, PromptRule, PromptSource, substitute_system_prompt
+from tracelearn.serving.gateway_responses import ClientAsked, sse_events
+from tracelearn.serving.gateway_spans import (
+    HTTP_STATUS,
+    ResponseRecord,
+    end_failed,
+    end_with_error,
+    end_with_upstream_error,
+    input_messages_json,
+)
+from tracelearn.serving.gateway_upstream import (
+    REJECTION_STATUSES,
+    UpstreamError,
+    error_body,
+    forwarded_headers,
+    normalize_upstream,
+    rejected_fields,
+    response_headers,
+)
 from tracelearn.serving.protocol import MODEL_VERSION_HEADER
 
 if TYPE_CHECKING:
-    from tracelearn.registry import ArtifactVersion, Registry
+    from tracelearn.registry import Registry
 
 PROMPT_VERSION_HEADER: Final = "x-tracelearn-prompt-version"
 
-# OpenTelemetry's general HTTP / error attribute names, set on the gateway's spans.
-HTTP_STATUS: Final = "http.response.status_code"
-ERROR_TYPE: Final = "error.type"
-
 TOKEN_ID_FIELDS: Final = (RETURN_TOKEN_IDS, LOGPROBS)
-_REJECTION_STATUSES: Final = frozenset({400, 422})
-# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy recomputes; never forwarded either way.
-_HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-_SYSTEM_ROLES: Final = frozenset({"system", "developer"})
 
 _log = logging.getLogger(__name__)
-
-
-class GatewayConfigError(ValueError):
-    """A gateway setting that cannot work (bad upstream URL, bad prompt rule, missing prompt)."""
-
-
-# --- Prompt substitution ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PromptRule:
-    """Replace the system message of requests for ``model`` (``None``: every model) by ``reference``."""
-
-    reference: str
-    model: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> PromptRule:
-        """``REF`` or ``MODEL=REF`` (``calc-system@production``, ``calc-policy=calc-system@production``)."""
-        model, separator, reference = text.strip().rpartition("=")
-        if not reference or (separator and not model):
-            raise GatewayConfigError(
-                f"prompt substitution {text!r}: write REF or MODEL=REF, e.g. calc-system@production"
-            )
-        return cls(reference=reference, model=model or None)
-
-    def matches(self, model: Any) -> bool:
-        return self.model is None or self.model == model
-
-
-@dataclass(frozen=True)
-class SubstitutedPrompt:
-    version: ArtifactVersion
-    text: str
-
-
-class PromptSource:
-    """One registry prompt reference, cached; ``refresh`` re-reads the text only when the alias moved.
-
-    ``start`` polls every ``poll_seconds`` on a daemon thread; a failed poll is logged (once per
-    kind of failure) and the last good prompt stays in use.
-    """
-
-    def __init__(self, registry: Registry, rule: PromptRule, poll_seconds: float = 5.0) -> None:
-        self.registry = registry
-        self.rule = rule
-        self.poll_seconds = poll_seconds
-        self._current: SubstitutedPrompt | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failures: set[str] = set()
-
-    @property
-    def current(self) -> SubstitutedPrompt:
-        if self._current is None:
-            self.refresh()
-        assert self._current is not None
-        return self._current
-
-    def refresh(self) -> bool:
-        """Resolve the reference now; returns whether the substituted version changed."""
-        version = self.registry.resolve(self.rule.reference)
-        held = self._current
-        if held is not None and held.version.name == version.name and held.version.version == version.version:
-            return False
-        version, text = self.registry.read_prompt(version.ref)
-        self._current = SubstitutedPrompt(version, text)
-        if held is not None:
-            _log.info("gateway: %s now substitutes %s (was %s)", self.rule.reference, version.ref, held.version.ref)
-        return True
-
-    def start(self) -> PromptSource:
-        self.refresh()  # fail at startup, with the registry's message, not on the first request
-        self._thread = threading.Thread(target=self._poll, name="tracelearn-gateway-prompt", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.refresh()
-            except Exception as error:
-                kind = type(error).__name__
-                level = logging.DEBUG if kind in self._failures else logging.WARNING
-                self._failures.add(kind)
-                _log.log(level, "gateway: cannot refresh prompt %s (%s); keeping %s", self.rule.reference, error,
-                         self._current.version.ref if self._current else "none")
-
-
-def substitute_system_prompt(body: dict[str, Any], text: str) -> bool:
-    """Replace the content of ``body``'s leading system/developer message by ``text``; whether it did."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return False
-    first = messages[0]
-    if not isinstance(first, dict) or first.get("role") not in _SYSTEM_ROLES:
-        return False
-    messages[0] = {**first, "content": text}
-    return True
-
-
-# --- Span attributes --------------------------------------------------------------------------------
-
-
-def input_messages_json(messages: Any) -> str:
-    """OpenAI chat messages as GenAI ``gen_ai.input.messages`` JSON (role + parts)."""
-    return compact_json(openai_messages_to_parts(messages))
-
-
-@dataclass
-class _ChoiceOutput:
-    content: str = ""
-    has_content: bool = False
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    finish_reason: str | None = None
-
-    def add_message(self, message: Mapping[str, Any]) -> None:
-        if isinstance(message.get("content"), str):
-            self.content += message["content"]
-            self.has_content = True
-        for index, call in enumerate(message.get("tool_calls") or ()):
-            if isinstance(call, dict):
-                self.tool_calls[index] = call
-
-    def add_delta(self, delta: Mapping[str, Any]) -> None:
-        if isinstance(delta.get("content"), str):
-            self.content += delta["content"]
-            self.has_content = self.has_content or bool(delta["content"])
-        for piece in delta.get("tool_calls") or ():
-            if not isinstance(piece, dict):
-                continue
-            empty = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-            call = self.tool_calls.setdefault(int(piece.get("index", len(self.tool_calls))), empty)
-            if piece.get("id"):
-                call["id"] = piece["id"]
-            function = piece.get("function") or {}
-            if function.get("name"):
-                call["function"]["name"] += function["name"]
-            if function.get("arguments"):
-                call["function"]["arguments"] += function["arguments"]
-
-    def message(self) -> dict[str, Any]:
-        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        out = openai_message_to_parts(
-            {"role": "assistant", "content": self.content if self.has_content else None, "tool_calls": calls}
-        )
-        if self.finish_reason is not None:
-            out["finish_reason"] = self.finish_reason
-        return out
-
-
-@dataclass
-class _ResponseRecord:
-    """What the span learns from a response (or the events of a stream)."""
-
-    asked_token_ids: bool
-    capture: TokenIdsCapture = field(default_factory=TokenIdsCapture)
-    choices: dict[int, _ChoiceOutput] = field(default_factory=dict)
-    model: str | None = None
-    fingerprint: str | None = None
-    usage: Mapping[str, Any] | None = None
-    error: str | None = None
-
-    def _top(self, body: Mapping[str, Any]) -> None:
-        if self.model is None and isinstance(body.get("model"), str):
-            self.model = body["model"]
-        if self.fingerprint is None and isinstance(body.get("system_fingerprint"), str):
-            self.fingerprint = body["system_fingerprint"]
-        if isinstance(body.get("usage"), dict):
-            self.usage = body["usage"]
-        if isinstance(body.get("error"), dict):
-            self.error = str(body["error"].get("message") or body["error"])
-
-    def add_response(self, body: Mapping[str, Any]) -> None:
-        self._top(body)
-        self.capture.add_response(body)
-        for choice in body.get("choices") or ():
-            if isinstance(choice, dict):
-                output = self.choices.setdefault(int(choice.get("index") or 0), _ChoiceOutput())
-                output.add_message(choice.get("message") or {})
-                output.finish_reason = choice.get("finish_reason")
-
-    def add_chunk(self, chunk: Mapping[str, Any]) -> None:
-        self._top(chunk)
-        self.capture.add_chunk(chunk)
-        for choice in chunk.get("choices") or ():
-            if isinstance(choice, dict):
-                output = self.choices.setdefault(int(choice.get("index") or 0), _ChoiceOutput())
-                output.add_delta(choice.get("delta") or {})
-                if choice.get("finish_reason") is not None:
-                    output.finish_reason = choice["finish_reason"]
-
-    def attributes(self, status_when_not_asked: str) -> dict[str, Any]:
-        attributes: dict[str, Any] = {}
-        if self.model is not None:
-            attributes[sc.GEN_AI_RESPONSE_MODEL] = self.model
-        if self.choices:
-            outputs = [self.choices[i] for i in sorted(self.choices)]
-            attributes[sc.GEN_AI_OUTPUT_MESSAGES] = compact_json([o.message() for o in outputs])
-            reasons = [o.finish_reason for o in outputs if o.finish_reason is not None]
-            if reasons:
-                attributes[sc.GEN_AI_RESPONSE_FINISH_REASONS] = reasons
-        if self.usage is not None:
-            for key, name in (("prompt_tokens", sc.GEN_AI_USAGE_INPUT_TOKENS),
-                              ("completion_tokens", sc.GEN_AI_USAGE_OUTPUT_TOKENS)):
-                if isinstance(self.usage.get(key), int):
-                    attributes[name] = self.usage[key]
-        if self.asked_token_ids:
-            attributes.update(self.capture.attributes())
-        else:
-            if self.capture.response_id is not None:
-                attributes[sc.GEN_AI_RESPONSE_ID] = self.capture.response_id
-            attributes[sc.TOKEN_IDS_STATUS] = status_when_not_asked
-        return attributes
-
-    def model_version(self, header: str | None, requested_model: Any) -> str:
-        for candidate in (header, self.fingerprint, self.model, requested_model):
-            if isinstance(candidate, str) and candidate:
-                return candidate
-        return "unknown"
-
-
-# --- Stripping what the client did not ask for ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ClientAsked:
-    token_ids: bool
-    logprobs: bool
-
-    @classmethod
-    def of(cls, body: Mapping[str, Any]) -> _ClientAsked:
-        return cls(token_ids=bool(body.get(RETURN_TOKEN_IDS)), logprobs=bool(body.get(LOGPROBS)))
-
-    def strip(self, body: dict[str, Any], streamed: bool) -> bool:
-        """Remove from a response (or a chunk) what the client did not ask for; False: drop the chunk.
-
-        A chunk that carried only what was stripped (a delta's token ids or logprobs) is dropped, as
-        the upstream would not have sent it to this client.
-        """
-        if not self.token_ids:
-            body.pop("prompt_token_ids", None)
-        choices = body.get("choices")
-        if not isinstance(choices, list):
-            return True
-        carried_only_extras = bool(choices)
-        for choice in choices:
-            if not isinstance(choice, dict):
-                carried_only_extras = False
-                continue
-            if not self.token_ids:
-                choice.pop("token_ids", None)
-            if not self.logprobs and "logprobs" in choice:
-                choice["logprobs"] = None
-            kept = choice.get("delta") or choice.get("finish_reason") is not None or choice.get("logprobs")
-            if not streamed or kept or choice.get("token_ids") is not None:
-                carried_only_extras = False
-        visible = {key for key in body if key not in ("id", "object", "created", "model", "choices",
-                                                         "system_fingerprint", "usage")}
-        if body.get("usage") is not None or visible:
-            carried_only_extras = False
-        return not (streamed and carried_only_extras)
-
-
-# --- The upstream -----------------------------------------------------------------------------------
-
-
-def normalize_upstream(url: str) -> str:
-    """The upstream's OpenAI base URL: ``http://host:8000`` becomes ``http://host:8000/v1``."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise GatewayConfigError(f"upstream {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000/v1")
-    base = url.strip().rstrip("/")
-    return base if parts.path.strip("/") else base + "/v1"
-
-
-def _error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
-
-
-def _forwarded_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    return {name: value for name, value in headers if name.lower() not in _HOP_BY_HOP}
-
-
-def _response_headers(headers: httpx.Headers, decoded: bool) -> dict[str, str]:
-    """Upstream response headers for the client; ``decoded``: the body was decompressed by httpx."""
-    kept = {}
-    for name, value in headers.multi_items():
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or (decoded and lower == "content-encoding"):
-            continue
-        kept[name] = value
-    return kept
-
-
-def _rejected_fields(status: int, text: str, injected: Sequence[str]) -> list[str]:
-    """The fields we added that an error response refuses (empty: the error is the client's own)."""
-    if status not in _REJECTION_STATUSES:
-        return []
-    return [name for name in injected if name in text]
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or timed out (answered as 502 / 504)."""
-
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(_error_body(self.message, "upstream_error", self.code), status_code=self.status)
 
 
 class Gateway:
@@ -488,7 +169,7 @@ class Gateway:
     async def forward(self, request: Request, path: str) -> Response:
         """Any other ``/v1/*`` request, passed through unchanged (bytes streamed both ways)."""
         upstream_request = self.client.build_request(
-            request.method, self.url(path, request.url.query), headers=_forwarded_headers(request.headers.items()),
+            request.method, self.url(path, request.url.query), headers=forwarded_headers(request.headers.items()),
             content=await request.body(),
         )
         try:
@@ -504,7 +185,7 @@ class Gateway:
                 await response.aclose()
 
         return StreamingResponse(body(), status_code=response.status_code,
-                                 headers=_response_headers(response.headers, decoded=False))
+                                 headers=response_headers(response.headers, decoded=False))
 
     # -- chat completions ------------------------------------------------------------------------------
 
@@ -523,8 +204,8 @@ class Gateway:
                                       attributes=self._request_attributes(body, parent))
         try:
             substituted = self._substitute(body, span)
-            asked = _ClientAsked.of(body)
-            headers = _forwarded_headers(request.headers.items())
+            asked = ClientAsked.of(body)
+            headers = forwarded_headers(request.headers.items())
             headers.pop("traceparent", None)
             headers.pop("tracestate", None)
             headers["accept-encoding"] = "identity"
@@ -535,17 +216,17 @@ class Gateway:
                 return await self._stream(body, headers, asked, span, extra_headers)
             return await self._complete(body, headers, asked, span, extra_headers)
         except BaseException as error:
-            _end_with_error(span, error)
+            end_with_error(span, error)
             raise
 
     async def forward_body(self, request: Request, raw: bytes) -> Response:
         try:
             response = await self.client.request(request.method, self.url("chat/completions", request.url.query),
-                                                 headers=_forwarded_headers(request.headers.items()), content=raw)
+                                                 headers=forwarded_headers(request.headers.items()), content=raw)
         except httpx.TransportError as error:
             return self.unreachable(error).response()
         return Response(response.content, status_code=response.status_code,
-                        headers=_response_headers(response.headers, decoded=True))
+                        headers=response_headers(response.headers, decoded=True))
 
     def _request_attributes(self, body: Mapping[str, Any], parent: otel_context.Context) -> dict[str, Any]:
         attributes: dict[str, Any] = {
@@ -594,10 +275,10 @@ class Gateway:
                     response = await self.client.send(request, stream=stream)
             except httpx.TransportError as error:
                 raise self.unreachable(error) from error
-            if not added or response.status_code not in _REJECTION_STATUSES:
+            if not added or response.status_code not in REJECTION_STATUSES:
                 return response, bool(sent.get(RETURN_TOKEN_IDS))
             text = (await response.aread()).decode("utf-8", errors="replace")
-            refused = _rejected_fields(response.status_code, text, added)
+            refused = rejected_fields(response.status_code, text, added)
             if not refused:
                 return response, bool(sent.get(RETURN_TOKEN_IDS))
             await response.aclose()
@@ -611,25 +292,25 @@ class Gateway:
         return sc.TOKEN_IDS_REJECTED if rejected else sc.TOKEN_IDS_NOT_REQUESTED
 
     async def _complete(
-        self, body: dict[str, Any], headers: dict[str, str], asked: _ClientAsked, span: trace.Span,
+        self, body: dict[str, Any], headers: dict[str, str], asked: ClientAsked, span: trace.Span,
         extra_headers: dict[str, str],
     ) -> Response:
         try:
             response, asked_ids = await self._send_chat(body, headers, stream=False)
         except UpstreamError as error:
-            _end_with_upstream_error(span, error)
+            end_with_upstream_error(span, error)
             return error.response()
         content = response.content
         span.set_attribute(HTTP_STATUS, response.status_code)
-        out_headers = _response_headers(response.headers, decoded=True)
+        out_headers = response_headers(response.headers, decoded=True)
         try:
             payload = json.loads(content)
         except ValueError:
             payload = None
         if response.status_code >= 400 or not isinstance(payload, dict):
-            _end_failed(span, response.status_code, content)
+            end_failed(span, response.status_code, content)
             return Response(content, status_code=response.status_code, headers=out_headers)
-        record = _ResponseRecord(asked_token_ids=asked_ids)
+        record = ResponseRecord(asked_token_ids=asked_ids)
         record.add_response(payload)
         version = record.model_version(response.headers.get(MODEL_VERSION_HEADER), body.get("model"))
         span.set_attributes(record.attributes(self._status_when_not_asked()))
@@ -641,30 +322,30 @@ class Gateway:
         return JSONResponse(payload, status_code=response.status_code, headers=out_headers)
 
     async def _stream(
-        self, body: dict[str, Any], headers: dict[str, str], asked: _ClientAsked, span: trace.Span,
+        self, body: dict[str, Any], headers: dict[str, str], asked: ClientAsked, span: trace.Span,
         extra_headers: dict[str, str],
     ) -> Response:
         try:
             response, asked_ids = await self._send_chat(body, headers, stream=True)
         except UpstreamError as error:
-            _end_with_upstream_error(span, error)
+            end_with_upstream_error(span, error)
             return error.response()
         span.set_attribute(HTTP_STATUS, response.status_code)
-        out_headers = _response_headers(response.headers, decoded=True)
+        out_headers = response_headers(response.headers, decoded=True)
         if response.status_code >= 400:
             content = await response.aread()
             await response.aclose()
-            _end_failed(span, response.status_code, content)
+            end_failed(span, response.status_code, content)
             return Response(content, status_code=response.status_code, headers=out_headers)
-        record = _ResponseRecord(asked_token_ids=asked_ids)
-        events = _sse_events(response)
+        record = ResponseRecord(asked_token_ids=asked_ids)
+        events = sse_events(response)
         # The first event is read before answering so the model version header can come from it.
         try:
             first = await anext(events, None)
         except httpx.TransportError as error:
             await response.aclose()
             upstream_error = self.unreachable(error)
-            _end_with_upstream_error(span, upstream_error)
+            end_with_upstream_error(span, upstream_error)
             return upstream_error.response()
         if first is not None and first.payload is not None:
             record.add_chunk(first.payload)
@@ -686,7 +367,7 @@ class Gateway:
                 completed = True
             except httpx.TransportError as error:
                 record.error = f"the upstream stream broke: {type(error).__name__}: {error}"
-                message = _error_body(f"{record.error}; the response is incomplete", "upstream_error",
+                message = error_body(f"{record.error}; the response is incomplete", "upstream_error",
                                       "upstream_broken")
                 yield f"data: {json.dumps(message)}\n\n".encode()
             finally:
@@ -703,72 +384,6 @@ class Gateway:
         out_headers.pop("content-type", None)
         return StreamingResponse(relay(), status_code=response.status_code, media_type="text/event-stream",
                                  headers=out_headers)
-
-
-@dataclass
-class _SSEEvent:
-    lines: list[str]
-    payload: dict[str, Any] | None  # the JSON of a single ``data:`` line, when it is one
-
-    def render(self, asked: _ClientAsked) -> str | None:
-        """The event as the client should see it (``None``: nothing left to send)."""
-        if self.payload is None:
-            return "\n".join(self.lines) + "\n\n"
-        if not asked.strip(self.payload, streamed=True):
-            return None
-        others = [line for line in self.lines if not line.startswith("data:")]
-        return "".join(f"{line}\n" for line in others) + f"data: {json.dumps(self.payload, ensure_ascii=False)}\n\n"
-
-
-async def _sse_events(response: httpx.Response) -> AsyncIterator[_SSEEvent]:
-    """Server-sent events of a response, one at a time as they arrive (a blank line ends an event)."""
-    lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line:
-            lines.append(line)
-            continue
-        if lines:
-            yield _parse_event(lines)
-            lines = []
-    if lines:
-        yield _parse_event(lines)
-
-
-def _parse_event(lines: list[str]) -> _SSEEvent:
-    data = [line for line in lines if line.startswith("data:")]
-    if len(data) != 1:
-        return _SSEEvent(lines, None)
-    text = data[0][len("data:"):].strip()
-    if text == "[DONE]":
-        return _SSEEvent(lines, None)
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        return _SSEEvent(lines, None)
-    return _SSEEvent(lines, payload if isinstance(payload, dict) else None)
-
-
-def _end_with_error(span: trace.Span, error: BaseException) -> None:
-    if span.is_recording():
-        span.set_attribute(ERROR_TYPE, type(error).__name__)
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        span.end()
-
-
-def _end_with_upstream_error(span: trace.Span, error: UpstreamError) -> None:
-    span.set_attributes({ERROR_TYPE: error.code, HTTP_STATUS: error.status})
-    span.set_status(Status(StatusCode.ERROR, error.message))
-    span.end()
-
-
-def _end_failed(span: trace.Span, status: int, content: bytes) -> None:
-    try:
-        message = str(json.loads(content)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = content[:500].decode("utf-8", errors="replace")
-    span.set_attributes({ERROR_TYPE: str(status), sc.TOKEN_IDS_STATUS: sc.TOKEN_IDS_MISSING})
-    span.set_status(Status(StatusCode.ERROR, f"upstream answered HTTP {status}: {message}"))
-    span.end()
 
 
 # --- The app ----------------------------------------------------------------------------------------

@@ -37,11 +37,8 @@ from support.scripted_llm_server import (
 from tracelearn.cli.gateway import gateway as gateway_command
 from tracelearn.schemas import semconv as sc
 from tracelearn.serving.engine import GenerationEngine
-from tracelearn.serving.gateway import (
-    PROMPT_VERSION_HEADER,
-    PromptRule,
-    create_gateway_app,
-)
+from tracelearn.serving.gateway import PROMPT_VERSION_HEADER, create_gateway_app
+from tracelearn.serving.gateway_prompts import PromptRule
 from tracelearn.serving.http_server import BackgroundServer, free_port
 from tracelearn.serving.openai_api import create_app
 from tracelearn.serving.protocol import MODEL_VERSION_HEADER
