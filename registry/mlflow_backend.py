@@ -6,9 +6,9 @@ What lives where on the server (``MlflowRegistry(tracking_uri)``, or ``open_regi
 - a **checkpoint** version is a registered-model version whose source is the ``files/`` artifact folder
   of a run in the experiment ``tracelearn-registry`` (one run per published version);
 - our version numbers are MLflow's version numbers; kind, format, digest, created time, manifest
-  (files with SHA-256), lineage and metadata are version tags (``tracelearn.*``; the long JSON ones split
-  into 4,000-character chunks, ``KEY.chunks`` = count and ``KEY.0``, ``KEY.1``..., to stay under
-  MLflow's tag value limits on every database);
+  (files with SHA-256), lineage and metadata are version tags (``tracelearn.*``, written and read back
+  by ``mlflow_tags``: the long JSON ones split into 4,000-character chunks, to stay under MLflow's tag
+  value limits on every database);
 - the **alias audit log** is the params of one run per artifact (``alias-log/NAME`` in the same
   experiment, pointed to by the registered-model tag ``tracelearn.alias_log_run``): one param per move,
   key ``alias/ALIAS/SEQUENCE``, value the move as JSON. MLflow params are write-once (changing a
@@ -47,12 +47,9 @@ from tracelearn.registry.artifacts import (
     PROMPT_FILE,
     AliasConflictError,
     AliasMove,
-    ArtifactFormat,
     ArtifactKind,
     ArtifactNotFoundError,
     ArtifactVersion,
-    CorruptArtifactError,
-    FileEntry,
     InvalidArtifactError,
     Lineage,
     Published,
@@ -60,30 +57,25 @@ from tracelearn.registry.artifacts import (
     check_name,
     manifest_digest,
 )
-from tracelearn.registry.backend import REGISTRY_CACHE_ENV, Registry, registry_cache_dir, utc_now
+from tracelearn.registry.backend import REGISTRY_CACHE_ENV, Registry, registry_cache_dir
 from tracelearn.registry.contents import SourceContents, verify_stored
+from tracelearn.registry.mlflow_tags import (
+    PROMPT_MARKER_TAG,
+    TAG_ALIAS_LOG_FOR,
+    TAG_ALIAS_LOG_RUN,
+    TAG_DIGEST,
+    TAG_KIND,
+    artifact_kind,
+    move_key,
+    version_from_tags,
+    version_tags,
+)
 
 EXPERIMENT_NAME = "tracelearn-registry"
 FILES_FOLDER = "files"  # a checkpoint run's artifact folder holding the version's files
 
-TAG_KIND = "tracelearn.kind"
-TAG_FORMAT = "tracelearn.format"
-TAG_DIGEST = "tracelearn.digest"
-TAG_CREATED = "tracelearn.created_at"
-TAG_MANIFEST = "tracelearn.manifest"
-TAG_LINEAGE = "tracelearn.lineage"
-TAG_METADATA = "tracelearn.metadata"
-TAG_ALIAS_LOG_RUN = "tracelearn.alias_log_run"
-TAG_ALIAS_LOG_FOR = "tracelearn.alias_log_for"
-PROMPT_MARKER_TAG = "mlflow.prompt.is_prompt"  # how MLflow (open source) tells prompts from models
-
-# Registered-model tags are VARCHAR(5000) on MySQL/PostgreSQL, and a prompt's version tags are copied
-# onto the prompt itself, so every long tag value is split well below that.
-TAG_CHUNK_CHARS = 4000
 PARAM_VALUE_LIMIT = 6000  # MLflow's MAX_PARAM_VAL_LENGTH: one alias move must fit in one param
 HEALTH_TIMEOUT_SECONDS = 5.0
-_KINDS: dict[str, ArtifactKind] = {"prompt": "prompt", "checkpoint": "checkpoint"}
-_FORMATS: dict[str, ArtifactFormat] = {"text": "text", "hf": "hf", "lora": "lora", "gguf": "gguf"}
 
 
 def _mlflow_client_class() -> Any:
@@ -187,10 +179,7 @@ class MlflowRegistry(Registry):
             existing = self._version_with_digest(name, kind, digest)
             if existing is not None:
                 return Published(existing, created=False)
-        tags = {TAG_KIND: kind, TAG_FORMAT: contents.format, TAG_DIGEST: digest, TAG_CREATED: utc_now()}
-        tags.update(_chunked(TAG_MANIFEST, json.dumps([[f.path, f.size, f.sha256] for f in contents.files])))
-        tags.update(_chunked(TAG_LINEAGE, json.dumps(lineage.to_dict(), sort_keys=True)))
-        tags.update(_chunked(TAG_METADATA, json.dumps(dict(metadata), sort_keys=True)))
+        tags = version_tags(kind, contents.format, digest, contents.files, lineage, metadata)
         message = metadata.get("message") or f"published by tracelearn (digest {digest[:12]})"
         if kind == "prompt":
             text = contents.sources[PROMPT_FILE].read_bytes().decode("utf-8")
@@ -207,7 +196,7 @@ class MlflowRegistry(Registry):
     def _append_alias_move(self, move: AliasMove) -> AliasMove:
         kind, run_id = self._alias_log_run(move.name, create=True)
         assert run_id is not None
-        key = _move_key(move.alias, move.sequence)
+        key = move_key(move.alias, move.sequence)
         # The writer token makes two otherwise identical moves different values: MLflow accepts
         # re-logging an identical param value, and then both writers would believe they won.
         token = uuid.uuid4().hex
@@ -277,7 +266,7 @@ class MlflowRegistry(Registry):
                         f"({_listing(self.names())}); publish it first"
                     ) from None
                 tags = dict(prompt.tags)
-        kind = _KINDS.get(tags.get(TAG_KIND, ""))
+        kind = artifact_kind(tags)
         if kind is None:
             raise ArtifactNotFoundError(
                 f"{name} exists in MLflow at {self.tracking_uri} but was not published by tracelearn "
@@ -303,27 +292,8 @@ class MlflowRegistry(Registry):
         return matching[0] if matching else None
 
     def _to_version(self, name: str, kind: ArtifactKind, model_version: Any) -> ArtifactVersion | None:
-        tags: dict[str, str] = dict(model_version.tags)
-        if TAG_DIGEST not in tags:
-            return None
-        ref = f"{name}@{model_version.version}"
-        try:
-            manifest = json.loads(_joined(tags, TAG_MANIFEST))
-            files = tuple(FileEntry(path, int(size), sha) for path, size, sha in manifest)
-            lineage = Lineage.from_dict(json.loads(_joined(tags, TAG_LINEAGE)), source=f"{ref} lineage tag")
-            metadata = {str(k): str(v) for k, v in json.loads(_joined(tags, TAG_METADATA)).items()}
-        except (KeyError, ValueError, TypeError) as error:
-            raise CorruptArtifactError(f"{ref} in MLflow at {self.tracking_uri} has unreadable tracelearn tags "
-                                       f"({error}); they were edited by hand: republish the artifact") from error
-        if manifest_digest(files) != tags[TAG_DIGEST]:
-            raise CorruptArtifactError(f"{ref} in MLflow at {self.tracking_uri}: its manifest tags do not match its "
-                                       f"digest {tags[TAG_DIGEST][:16]}...; they were edited: republish the artifact")
-        return ArtifactVersion(
-            name=name, version=int(model_version.version), kind=kind,
-            format=_FORMATS.get(tags.get(TAG_FORMAT, ""), "text" if kind == "prompt" else "hf"),
-            digest=tags[TAG_DIGEST], files=files, created_at=tags.get(TAG_CREATED, ""),
-            lineage=lineage, metadata=metadata,
-        )
+        return version_from_tags(name, kind, int(model_version.version), dict(model_version.tags),
+                                 f"MLflow at {self.tracking_uri}")
 
     def _checkpoint_run_id(self, version: ArtifactVersion) -> str:
         with self._translated(f"reading {version.ref}"):
@@ -467,20 +437,3 @@ def _listing(names: list[str], limit: int = 20) -> str:
         return "it holds no artifacts yet"
     shown = ", ".join(names[:limit])
     return f"it holds {shown}" + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _move_key(alias: str, sequence: int) -> str:
-    return f"alias/{alias}/{sequence:09d}"
-
-
-def _chunked(key: str, value: str) -> dict[str, str]:
-    if len(value) <= TAG_CHUNK_CHARS:
-        return {key: value}
-    parts = [value[start:start + TAG_CHUNK_CHARS] for start in range(0, len(value), TAG_CHUNK_CHARS)]
-    return {f"{key}.chunks": str(len(parts)), **{f"{key}.{index}": part for index, part in enumerate(parts)}}
-
-
-def _joined(tags: Mapping[str, str], key: str) -> str:
-    if key in tags:
-        return tags[key]
-    return "".join(tags[f"{key}.{index}"] for index in range(int(tags[f"{key}.chunks"])))
