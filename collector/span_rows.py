@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 from opentelemetry.sdk.trace import ReadableSpan
 
+from tracelearn.collector import attribute_values as av
 from tracelearn.collector import normalize as nz
 from tracelearn.schemas import messages as mc
 from tracelearn.schemas import semconv as sc
@@ -156,7 +157,7 @@ class SpanColumns:
         # Flat key and value lists (one Arrow MapArray per batch) instead of a list of pairs per span:
         # no tuple per attribute, and Arrow copies two string lists instead of parsing nested ones.
         limit = self.max_attribute_bytes
-        attribute_text = nz.attribute_text
+        attribute_text = av.attribute_text
         for key, value in attributes.items():
             if key in skip:
                 continue
@@ -244,7 +245,7 @@ class SpanColumns:
         operation = get(sc.GEN_AI_OPERATION_NAME)
         reward = reward_name = reward_is_primary = None
         if kind == sc.TYPE_REWARD:
-            reward = nz.as_float(get(sc.REWARD_VALUE))
+            reward = av.as_float(get(sc.REWARD_VALUE))
             reward_name = _str_or_none(get(sc.REWARD_NAME)) or "reward"
             primary = get(sc.REWARD_PRIMARY)
             reward_is_primary = primary if isinstance(primary, bool) else primary in ("true", "1")
@@ -295,9 +296,9 @@ class SpanColumns:
                 llm.top_p,
                 llm.top_k,
                 llm.messages_problem,
-                nz.int_list(get(sc.PROMPT_TOKEN_IDS)),
-                nz.int_list(get(sc.RESPONSE_TOKEN_IDS)),
-                nz.float_list(get(sc.RESPONSE_LOGPROBS)),
+                av.int_list(get(sc.PROMPT_TOKEN_IDS)),
+                av.int_list(get(sc.RESPONSE_TOKEN_IDS)),
+                av.float_list(get(sc.RESPONSE_LOGPROBS)),
                 str(status) if status is not None else (sc.TOKEN_IDS_NOT_CAPTURED if is_llm else None),
                 nz.tool_name_of(record.name, attrs) if kind == sc.TYPE_TOOL else None,
                 reward,
@@ -318,7 +319,7 @@ class SpanColumns:
         return {partition: _to_batch(buffer, resources) for partition, buffer in buffers.items()}
 
 
-_str_or_none = nz.str_or_none
+_str_or_none = av.str_or_none
 
 
 def _checked_array(values: list[Any], type_: pa.DataType) -> pa.Array:

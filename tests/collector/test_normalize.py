@@ -4,6 +4,7 @@ import json
 import random
 from typing import Any
 
+from tracelearn.collector import attribute_values as av
 from tracelearn.collector import normalize as nz
 from tracelearn.schemas import semconv as sc
 
@@ -182,16 +183,16 @@ def test_agent_name_precedence() -> None:
 
 
 def test_attribute_values_become_text() -> None:
-    assert nz.attribute_text("x") == "x"
-    assert nz.attribute_text(3) == "3"
-    assert nz.attribute_text(True) == "true"
-    assert nz.attribute_text((1, 2)) == "[1,2]"
-    assert nz.attribute_text(float("nan")) == "nan"
-    assert nz.int_list((1, 2, 3)) == [1, 2, 3]
-    assert nz.int_list("[4, 5]") == [4, 5]
-    assert nz.int_list((1.5,)) is None
-    assert nz.int_list([1, 2**31]) is None  # does not fit the int32 column: dropped, never fails the batch
-    assert nz.float_list((-0.5, -1)) == [-0.5, -1.0]
+    assert av.attribute_text("x") == "x"
+    assert av.attribute_text(3) == "3"
+    assert av.attribute_text(True) == "true"
+    assert av.attribute_text((1, 2)) == "[1,2]"
+    assert av.attribute_text(float("nan")) == "nan"
+    assert av.int_list((1, 2, 3)) == [1, 2, 3]
+    assert av.int_list("[4, 5]") == [4, 5]
+    assert av.int_list((1.5,)) is None
+    assert av.int_list([1, 2**31]) is None  # does not fit the int32 column: dropped, never fails the batch
+    assert av.float_list((-0.5, -1)) == [-0.5, -1.0]
 
 
 def test_no_attribute_value_makes_normalization_raise() -> None:
