@@ -29,8 +29,8 @@ Tokens/s counts the batch's real (unpadded) prompt + response tokens per second 
 it also prints model FLOPs utilization (6 x parameters x tokens / step time / ``--peak-tflops``) and the
 peak memory a step allocates above what was allocated when it started.
 
-    .venv/bin/python benchmarks/grpo_throughput.py [--model-size tiny|small|0.5b] [--groups 4] [--samples 8]
-        [--rounds 5] [--precision auto|fp32|bf16] [--device auto|cpu|cuda] [--micro-batch-tokens 4096]
+    PYTHONPATH=tests .venv/bin/python benchmarks/grpo_throughput.py [--model-size tiny|small|0.5b] [--groups 4]
+        [--samples 8] [--rounds 5] [--precision auto|fp32|bf16] [--device auto|cpu|cuda] [--micro-batch-tokens 4096]
         [--trl-micro-batch ROWS] [--peak-tflops 989] [--quick]
 """
 
@@ -61,6 +61,9 @@ from tracelearn.training.policy import Policy, load_policy
 from tracelearn.training.sequences import TokenSequence, micro_batches
 
 TRL_VERSION = "1.16.0"
+# Every model size takes the test suite's tokenizer, and "tiny" its model: tests/ must be on the path.
+TINY_MODEL_HINT = ("the models are built with the test suite's tokenizer (tests/support/tiny_model.py): put tests/ "
+                   "on the path, PYTHONPATH=tests .venv/bin/python benchmarks/grpo_throughput.py")
 SYSTEM_TOKENS = 200  # system prompt + tool declarations, shared by every sequence
 QUESTION_TOKENS = (10, 14)  # per group
 RESPONSE_TOKENS = (10, 64)  # per sample
@@ -78,8 +81,10 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 
 def build_model(size: str, directory: Path, device: torch.device) -> Path:
     """A random-weight model directory (weights + the tiny model's tokenizer) for ``load_policy``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from support.tiny_model import build_tiny_model, build_tokenizer
+    try:
+        from support.tiny_model import build_tiny_model, build_tokenizer
+    except ModuleNotFoundError:
+        sys.exit(TINY_MODEL_HINT)
 
     if size == "tiny":
         return build_tiny_model(directory)

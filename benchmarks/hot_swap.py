@@ -15,7 +15,9 @@ Prints: the time from the promotion to the swap (poll wait + verify + load + war
 answer from version 2, requests answered by each version, failed requests, and p50/p99 latency before
 and after the promotion.
 
-    .venv/bin/python benchmarks/hot_swap.py [--model tiny|smollm2] [--clients 8] [--watch-interval 2]
+    PYTHONPATH=tests .venv/bin/python benchmarks/hot_swap.py [--model tiny|smollm2] [--clients 8] [--watch-interval 2]
+
+``--model tiny`` builds the test suite's tiny model, so it needs ``tests/`` on the path (``PYTHONPATH=tests``).
 """
 
 import argparse
@@ -39,6 +41,8 @@ from tracelearn.serving.http_server import BackgroundServer
 from tracelearn.serving.openai_api import create_app
 
 NAME = "bench-policy"
+TINY_MODEL_HINT = ("the tiny random model is the test suite's (tests/support/tiny_model.py): put tests/ on the "
+                   "path, PYTHONPATH=tests .venv/bin/python benchmarks/hot_swap.py, or give --model smollm2")
 QUESTIONS = ["What is 12 plus 30?", "Name three primary colors.", "Why is the sky blue?", "What do bees make?"]
 
 
@@ -53,8 +57,10 @@ class Answer:
 def publish_versions(registry: Registry, model: str, scratch: Path) -> None:
     """Versions 1 and 2 of ``bench-policy``; production names version 1."""
     if model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from support.tiny_model import build_tiny_model
+        try:
+            from support.tiny_model import build_tiny_model
+        except ModuleNotFoundError:
+            sys.exit(TINY_MODEL_HINT)
 
         for seed in (1, 2):
             registry.publish("checkpoint", NAME, build_tiny_model(scratch / f"tiny-{seed}", seed=seed))

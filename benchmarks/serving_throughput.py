@@ -18,7 +18,7 @@ the batch sizes the engine actually ran, and the ratio of each concurrent phase'
 sequential one. The model is the tiny random test model by default (fast); ``--model smollm2`` serves
 SmolLM2-135M-Instruct from the model cache, a path serves that model.
 
-    .venv/bin/python benchmarks/serving_throughput.py [--model tiny|smollm2|PATH] [--requests 64]
+    PYTHONPATH=tests .venv/bin/python benchmarks/serving_throughput.py [--model tiny|smollm2|PATH] [--requests 64]
         [--concurrency 8 32] [--max-tokens 32] [--rounds 3] [--max-batch-size 32]
 """
 
@@ -38,6 +38,9 @@ from tracelearn.serving.engine import GenerationEngine
 from tracelearn.serving.http_server import BackgroundServer
 from tracelearn.serving.openai_api import create_app
 
+TINY_MODEL_HINT = ("the tiny random model is the test suite's (tests/support/tiny_model.py): put tests/ on the "
+                   "path, PYTHONPATH=tests .venv/bin/python benchmarks/serving_throughput.py, or give --model "
+                   "smollm2 or a model directory")
 QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -56,8 +59,10 @@ QUESTIONS = [
 
 def load(model: str, scratch: Path) -> LoadedModel:
     if model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from support.tiny_model import build_tiny_model
+        try:
+            from support.tiny_model import build_tiny_model
+        except ModuleNotFoundError:
+            sys.exit(TINY_MODEL_HINT)
 
         print("using the tiny random test model")
         return load_model(resolve_model(str(build_tiny_model(scratch / "tiny"))), device="cpu")
