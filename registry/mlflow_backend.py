@@ -57,7 +57,7 @@ from tracelearn.registry.artifacts import (
     check_name,
     manifest_digest,
 )
-from tracelearn.registry.backend import REGISTRY_CACHE_ENV, Registry, registry_cache_dir
+from tracelearn.registry.backend import REGISTRY_CACHE_ENV, Registry, registry_cache_dir, utc_now
 from tracelearn.registry.contents import SourceContents, verify_stored
 from tracelearn.registry.mlflow_tags import (
     PROMPT_MARKER_TAG,
@@ -179,7 +179,7 @@ class MlflowRegistry(Registry):
             existing = self._version_with_digest(name, kind, digest)
             if existing is not None:
                 return Published(existing, created=False)
-        tags = version_tags(kind, contents.format, digest, contents.files, lineage, metadata)
+        tags = version_tags(kind, contents.format, digest, utc_now(), contents.files, lineage, metadata)
         message = metadata.get("message") or f"published by tracelearn (digest {digest[:12]})"
         if kind == "prompt":
             text = contents.sources[PROMPT_FILE].read_bytes().decode("utf-8")

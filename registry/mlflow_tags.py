@@ -22,7 +22,6 @@ from tracelearn.registry.artifacts import (
     Lineage,
     manifest_digest,
 )
-from tracelearn.registry.backend import utc_now
 
 TAG_KIND = "tracelearn.kind"
 TAG_FORMAT = "tracelearn.format"
@@ -45,10 +44,10 @@ def artifact_kind(tags: Mapping[str, str]) -> ArtifactKind | None:
     return _KINDS.get(tags.get(TAG_KIND, ""))
 
 
-def version_tags(kind: ArtifactKind, format_: str, digest: str, files: Sequence[FileEntry], lineage: Lineage,
-                 metadata: Mapping[str, str]) -> dict[str, str]:
-    """The tags of a new version (created now)."""
-    tags = {TAG_KIND: kind, TAG_FORMAT: format_, TAG_DIGEST: digest, TAG_CREATED: utc_now()}
+def version_tags(kind: ArtifactKind, format_: str, digest: str, created_at: str, files: Sequence[FileEntry],
+                 lineage: Lineage, metadata: Mapping[str, str]) -> dict[str, str]:
+    """The tags of a new version."""
+    tags = {TAG_KIND: kind, TAG_FORMAT: format_, TAG_DIGEST: digest, TAG_CREATED: created_at}
     tags.update(chunked(TAG_MANIFEST, json.dumps([[f.path, f.size, f.sha256] for f in files])))
     tags.update(chunked(TAG_LINEAGE, json.dumps(lineage.to_dict(), sort_keys=True)))
     tags.update(chunked(TAG_METADATA, json.dumps(dict(metadata), sort_keys=True)))
