@@ -11,10 +11,10 @@ import pytest
 from support.scripted_llm_server import Reply, ScriptedError, ScriptedLLMServer, prompt_ids, tokenize
 
 from tracelearn.pipelines.spans_input import scan_spans
+from tracelearn.processes import free_port
 from tracelearn.training.apo.failures import Failure
 from tracelearn.training.apo.optimizer import OptimizerError, OptimizerModel, resolve_optimizer_model
 from tracelearn.training.apo.optimizer_spans import OptimizerSpans
-from tracelearn.processes import free_port
 
 PROMPT = "Answer {question}. Reply with the number only."
 FAILURES = (Failure("r1", "t1", 0.0, ({"role": "system", "content": "old"}, {"role": "user", "content": "2+2?"}),
