@@ -41,3 +41,6 @@ fi
 # The framework matrix's environments (tests/integration/frameworks/envs.py): each made once from its
 # pinned lock with uv and cached under build/framework-envs/; a fraction of a second when all are ready.
 "$VENV/bin/python" "$ROOT/tests/integration/frameworks/envs.py" create
+# The GPU path's contract tests run against the pinned verl and vLLM releases, each in an environment of
+# its own made the same way (tests/contracts/contract_envs.py): their Python code, no CUDA.
+"$VENV/bin/python" "$ROOT/tests/contracts/contract_envs.py" create
