@@ -251,10 +251,11 @@ def rollout_rows(spans: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("input_tokens").filter(is_llm).sum().cast(pl.Int64),
         pl.col("output_tokens").filter(is_llm).sum().cast(pl.Int64),
         complete.fill_null(False).alias(COMPLETE),
-        (pl.col("span_type").is_in(_RUN_SPAN_TYPES) | is_error).any().alias("__ran"),
+        (pl.col("span_type").is_in(_RUN_SPAN_TYPES) | is_error | pl.col("task_id").is_not_null()).any().alias("__ran"),
     )
     # A trace where the agent ran nothing (a framework's setup span such as LangGraph's create_agent,
-    # a token-id span whose call was recorded in another trace) is no rollout.
+    # a token-id span whose call was recorded in another trace) is no rollout; one that names its task
+    # is, even when the agent gave up before calling anything: that is the task's failure.
     counts = counts.filter(pl.col("__ran") | (pl.col("identity") != TRACE))
     return (
         counts.join(rollout_task_ids(spans), on="rollout_id", how="left")
@@ -278,8 +279,8 @@ def build_rollouts(spans: pl.LazyFrame) -> pl.LazyFrame:
     the first one's message, by end time), else ``incomplete`` if the rollout has orphan spans and
     no root span, else ``ok``. ``identity``: the rule that made the rollout (a rollout mixing
     rules takes the first of explicit, sequence, conversation, trace). A trace holding no LLM call,
-    tool call, reward or error is no rollout (a framework's setup span, a token-id span cut off
-    from its call's trace).
+    tool call, reward, error or task id is no rollout (a framework's setup span, a token-id span cut
+    off from its call's trace).
     """
     return rollout_rows(spans).select(ROLLOUT_COLUMNS)
 
