@@ -142,7 +142,7 @@ def grpo_command(transitions_path: Path, model: str, out: Path, config_path: Pat
         from tracelearn.cli.train_verl import run_verl
 
         run_verl(console, transitions_path, model, out, config, config_hash=config_hash, verl_python=verl_python,
-                 gpus=gpus, nodes=nodes, prepare_only=prepare_only)
+                 gpus=gpus, nodes=nodes, prepare_only=prepare_only, registry=registry)
         return
     from tracelearn.training.grpo import train_grpo
 

@@ -12,36 +12,26 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from tracelearn.models import REGISTRY_PREFIX, ModelNotFoundError, resolve_model
-from tracelearn.registry import RegistryError
+from tracelearn.models import ModelNotFoundError
+from tracelearn.registry import RegistryError, open_registry
 from tracelearn.training.config import TrainConfig
-from tracelearn.training.verl_backend import VerlCheckpointError, VerlJobError, latest_verl_checkpoint, prepare_verl_job
+from tracelearn.training.verl_backend import (
+    VerlCheckpointError,
+    VerlJobError,
+    latest_verl_checkpoint,
+    prepare_verl_job,
+    verl_model_path,
+)
 from tracelearn.training.verl_environment import VerlNotAvailableError, find_verl_python
 from tracelearn.training.verl_runtime import run_verl_job, verl_command
 
 
-def verl_model_path(model: str) -> str:
-    """A local Hugging Face directory (or hub id) verl can load for ``model``."""
-    if not model.startswith(REGISTRY_PREFIX) and not Path(model).expanduser().exists():
-        return model  # a hub id: verl's workers read it from their own Hugging Face cache
-    source = resolve_model(model)
-    if source.gguf_file is not None:
-        raise click.ClickException(
-            f"{model} is a GGUF file; verl loads Hugging Face safetensors directories. Train one torch step "
-            "(tracelearn train ... --backend torch) or convert the model, and pass that directory"
-        )
-    if source.base is not None:
-        raise click.ClickException(
-            f"{model} is a LoRA adapter; give verl its base model and set lora in train.yaml instead"
-        )
-    return str(source.directory)
-
-
 def run_verl(console: Console, transitions: Path, model: str, out: Path, config: TrainConfig, *,
-             config_hash: str | None, verl_python: str | None, gpus: int, nodes: int, prepare_only: bool) -> None:
+             config_hash: str | None, verl_python: str | None, gpus: int, nodes: int, prepare_only: bool,
+             registry: str | None = None) -> None:
     """Write the job under ``out/verl/`` and, unless ``prepare_only``, run it; a failed job is a ClickException."""
     try:
-        model_path = verl_model_path(model)
+        model_path = verl_model_path(model, open_registry(registry) if registry else None)
         python = None if prepare_only else find_verl_python(verl_python)
         with console.status("exporting the transitions for verl..."):
             job = prepare_verl_job(transitions, out, model_path, config, n_gpus_per_node=gpus, nnodes=nodes,

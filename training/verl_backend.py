@@ -60,6 +60,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from tracelearn.models import REGISTRY_PREFIX, resolve_model
 from tracelearn.pipelines.export_verl import (
     TRAIN,
     VALIDATION,
@@ -69,6 +70,7 @@ from tracelearn.pipelines.export_verl import (
     to_verl_replay,
     write_verl_export,
 )
+from tracelearn.registry import Registry
 from tracelearn.training import verl_replay_loop
 from tracelearn.training.config import TrainConfig, train_config_hash
 from tracelearn.training.verl_checkpoints import (
@@ -111,6 +113,25 @@ _EMPTY_TOKENS = "empty_token_ids"
 _TOO_LONG = "longer_than_max_sequence_tokens"
 # Below this an advantage is a zero (a group whose rollouts all scored the same), as in training.grpo.
 ZERO_ADVANTAGE = 1e-12
+
+
+def verl_model_path(model: str, registry: Registry | None = None) -> str:
+    """A local Hugging Face directory (or hub id) verl can load for ``model``; ``registry`` resolves a
+    ``registry:`` reference (to its checksum-verified local files).
+
+    Raises :class:`VerlJobError` for what verl cannot load as it is: GGUF weights, a LoRA adapter version.
+    """
+    if not model.startswith(REGISTRY_PREFIX) and not Path(model).expanduser().exists():
+        return model  # a hub id: verl's workers read it from their own Hugging Face cache
+    source = resolve_model(model, registry=registry)
+    if source.gguf_file is not None:
+        raise VerlJobError(
+            f"{model} is a GGUF file; verl loads Hugging Face safetensors directories. Train one torch step "
+            "(tracelearn train ... --backend torch) or convert the model, and pass that directory"
+        )
+    if source.base is not None:
+        raise VerlJobError(f"{model} is a LoRA adapter; give verl its base model and set lora in train.yaml instead")
+    return str(source.directory)
 
 
 @dataclass(frozen=True)

@@ -142,29 +142,28 @@ def tracelearn_train() -> None:
     @task(inlets=[TRANSITIONS])
     def train_torch(validated: dict[str, Any]) -> dict[str, str]:
         """GRPO or SFT in this worker; returns the checkpoint and its lineage file."""
+        from tracelearn.registry import open_registry
         from tracelearn.training.grpo import train_grpo
         from tracelearn.training.sft import train_sft
 
         params = get_current_context()["params"]
-        if params["registry"]:
-            os.environ["TRACELEARN_REGISTRY"] = params["registry"]
         trainer = train_grpo if params["trainer"] == "grpo" else train_sft
         result = trainer(params["transitions"], validated["model"], validated["run"], _train_config(params),
-                         config_hash=validated["config_hash"], progress=False)
+                         config_hash=validated["config_hash"], progress=False,
+                         registry=open_registry(params["registry"] or None))
         log.info("trained %s steps: %s", result.summary["steps"], json.dumps(result.summary["final"]))
         return {"checkpoint": str(result.checkpoint), "lineage": str(result.run.lineage_path)}
 
     @task(inlets=[TRANSITIONS])
     def prepare_verl(validated: dict[str, Any]) -> str:
         """Write the verl job (data, overrides, launch.sh) under the run directory; returns its directory."""
-        from tracelearn.cli.train_verl import verl_model_path
-        from tracelearn.training.verl_backend import prepare_verl_job
+        from tracelearn.registry import open_registry
+        from tracelearn.training.verl_backend import prepare_verl_job, verl_model_path
 
         params = get_current_context()["params"]
-        if params["registry"]:
-            os.environ["TRACELEARN_REGISTRY"] = params["registry"]
-        job = prepare_verl_job(Path(params["transitions"]), Path(validated["run"]), verl_model_path(validated["model"]),
-                               _train_config(params), config_hash=validated["config_hash"])
+        model_path = verl_model_path(validated["model"], open_registry(params["registry"] or None))
+        job = prepare_verl_job(Path(params["transitions"]), Path(validated["run"]), model_path, _train_config(params),
+                               config_hash=validated["config_hash"])
         return str(job.paths.directory)
 
     @task.external_python(python=VERL_PYTHON, expect_airflow=False)
