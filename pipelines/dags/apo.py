@@ -48,22 +48,11 @@ from typing import Any
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from tracelearn.settings.variables import APO_OPTIMIZER_URL, APO_TASK_TIMEOUT, DATA_ROOT, REGISTRY, RUNS
+
 log = logging.getLogger(__name__)
 
-
-def _task_timeout(variable: str, default_minutes: float) -> timedelta:
-    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
-    text = os.environ.get(variable) or str(default_minutes)
-    try:
-        minutes = float(text)
-    except ValueError:
-        minutes = 0.0
-    if not 0 < minutes < float("inf"):
-        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
-    return timedelta(minutes=minutes)
-
-
-TASK_TIMEOUT = _task_timeout("TRACELEARN_APO_TASK_TIMEOUT_MINUTES", 720)
+TASK_TIMEOUT = timedelta(minutes=APO_TASK_TIMEOUT.value())
 
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 PROMPTS = Asset(name="tracelearn_prompts", uri="tracelearn://registry/prompts")
@@ -109,10 +98,10 @@ def _config(params: dict[str, Any], run_id: str) -> Any:
     tags=["tracelearn"],
     params={
         "prompt": Param("calc-system@production", type="string"),
-        "transitions": Param(os.environ.get("TRACELEARN_DATA", "./data"), type="string"),
+        "transitions": Param(DATA_ROOT.text(), type="string"),
         "config_hash": Param("", type="string"),
-        "registry": Param(os.environ.get("TRACELEARN_REGISTRY", ""), type="string"),
-        "runs": Param(os.environ.get("TRACELEARN_RUNS", "./runs"), type="string"),
+        "registry": Param(REGISTRY.text() if REGISTRY.is_set() else "", type="string"),
+        "runs": Param(RUNS.text(), type="string"),
         "agent": Param("", type="string", description="agent command (empty: the bundled calc agent)"),
         "tasks": Param(str(CALC / "tasks_val.jsonl"), type="string"),
         "limit": Param(0, type="integer", minimum=0),
@@ -124,8 +113,7 @@ def _config(params: dict[str, Any], run_id: str) -> Any:
         "policy_url": Param(os.environ.get("OPENAI_BASE_URL", ""), type="string"),
         "policy": Param("", type="string", description="a model served for the run instead of policy_url"),
         "inject": Param("gateway", enum=["gateway", "registry"]),
-        "optimizer_url": Param(os.environ.get("TRACELEARN_APO_OPTIMIZER_URL", "http://127.0.0.1:8000/v1"),
-                               type="string"),
+        "optimizer_url": Param(APO_OPTIMIZER_URL.text(), type="string"),
         "optimizer_name": Param("", type="string"),
         "optimizer_max_tokens": Param(512, type="integer", minimum=1),
         "rounds": Param(3, type="integer", minimum=1),

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -49,26 +50,18 @@ from typing import Any
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from tracelearn.settings.variables import DATA_ROOT, REGISTRY, RUNS, TRAIN_TASK_TIMEOUT
+from tracelearn.settings.variables import VERL_PYTHON as VERL_PYTHON_SETTING
+
 log = logging.getLogger(__name__)
 
-
-def _task_timeout(variable: str, default_minutes: float) -> timedelta:
-    """Every task's ``execution_timeout``: ``$variable`` minutes when the file is parsed, else the default."""
-    text = os.environ.get(variable) or str(default_minutes)
-    try:
-        minutes = float(text)
-    except ValueError:
-        minutes = 0.0
-    if not 0 < minutes < float("inf"):
-        raise ValueError(f"${variable}={text!r}: a task time limit is a number of minutes > 0")
-    return timedelta(minutes=minutes)
-
-
-TASK_TIMEOUT = _task_timeout("TRACELEARN_TRAIN_TASK_TIMEOUT_MINUTES", 1440)
+TASK_TIMEOUT = timedelta(minutes=TRAIN_TASK_TIMEOUT.value())
 
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 CHECKPOINTS = Asset(name="tracelearn_checkpoints", uri="tracelearn://registry/checkpoints")
-VERL_PYTHON = os.environ.get("TRACELEARN_VERL_PYTHON", "/opt/verl/bin/python")
+# The external-Python task needs an interpreter when the file is parsed; without the setting it is this
+# one, where launch.sh's verl version check then fails the task saying how to make verl's environment.
+VERL_PYTHON = VERL_PYTHON_SETTING.text() or sys.executable
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -93,12 +86,12 @@ def _train_config(params: dict[str, Any]) -> Any:
     default_args={"execution_timeout": TASK_TIMEOUT},
     tags=["tracelearn"],
     params={
-        "transitions": Param(os.environ.get("TRACELEARN_DATA", "./data"), type="string"),
+        "transitions": Param(DATA_ROOT.text(), type="string"),
         "config_hash": Param("", type="string"),
         "model": Param("", type="string", description="empty: registry:<name>@production"),
         "name": Param("calc-policy", type="string"),
-        "registry": Param(os.environ.get("TRACELEARN_REGISTRY", ""), type="string"),
-        "runs": Param(os.environ.get("TRACELEARN_RUNS", "./runs"), type="string"),
+        "registry": Param(REGISTRY.text() if REGISTRY.is_set() else "", type="string"),
+        "runs": Param(RUNS.text(), type="string"),
         "trainer": Param("grpo", enum=["grpo", "sft"]),
         "backend": Param("torch", enum=["torch", "verl"]),
         "train_config": Param("", type="string"),
@@ -169,7 +162,6 @@ def tracelearn_train() -> None:
     @task.external_python(python=VERL_PYTHON, expect_airflow=False)
     def run_verl(job_directory: str) -> int:
         """In verl's environment: run the job's launch.sh with that environment's python."""
-        import os
         import subprocess
         import sys
 
