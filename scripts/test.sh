@@ -14,4 +14,5 @@ if [[ "${1:-}" == "--fast" ]]; then
 fi
 echo "== ruff" && $PY/ruff check .
 echo "== mypy" && MYPYPATH=.typecheck $PY/mypy -m tracelearn $(for d in schemas storage settings processes models instrumentation collector pipelines training serving registry cli; do echo -p tracelearn.$d; done)
+echo "== mypy (DAG files)" && MYPYPATH=.typecheck $PY/mypy pipelines/dags/*.py
 echo "== pytest" && $PY/python -m pytest "${MARKERS[@]}" "$@"

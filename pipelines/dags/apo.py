@@ -163,7 +163,9 @@ def tracelearn_apo() -> None:
         return {"run": str(result.files.out), "winner": (summary["winner"] or {}).get("candidate"),
                 "published": summary["published"], "promoted": bool(decision and decision.promote)}
 
-    optimize(validate())
+    # Wiring: validate()'s XComArg is resolved to its value when optimize runs.
+    validated: Any = validate()
+    optimize(validated)
 
 
 tracelearn_apo()

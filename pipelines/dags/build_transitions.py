@@ -135,8 +135,10 @@ def tracelearn_build_transitions() -> None:
             for path in built["transitions_files"] + built["rollouts_files"]:
                 log.info("  wrote %s", path)
 
+    # Wiring: the XComArgs are resolved to values when the tasks run (one build per date, mapped).
     validated = validate_config()
-    report(build.partial(validated=validated).expand(date=dates_to_build()))
+    builds: Any = build.partial(validated=validated).expand(date=dates_to_build())
+    report(builds)
 
 
 tracelearn_build_transitions()

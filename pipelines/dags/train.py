@@ -249,14 +249,17 @@ def tracelearn_train() -> None:
         log.info("%s: %s", "promoted" if applied.promote else "not promoted", applied.reason)
         return {"promoted": applied.promote, "reason": applied.reason}
 
-    validated = validate()
+    # Wiring: each call returns the task's XComArg, which Airflow resolves to its value when the task runs.
+    validated: Any = validate()
     chosen = backend()
-    torch_run = train_torch(validated)
-    job = prepare_verl(validated)
-    verl_run = verl_checkpoint(job, validated, run_verl(job))
+    torch_run: Any = train_torch(validated)
+    job: Any = prepare_verl(validated)
+    verl_status: Any = run_verl(job)
+    verl_run: Any = verl_checkpoint(job, validated, verl_status)
     validated >> chosen >> [torch_run, job]
-    version = publish_candidate(torch_run, verl_run)
-    gate(version, evaluate(version, validated))
+    version: Any = publish_candidate(torch_run, verl_run)
+    decision: Any = evaluate(version, validated)
+    gate(version, decision)
 
 
 tracelearn_train()
