@@ -1,4 +1,4 @@
-"""tracelearn and Agent Lightning side by side, in one command: the numbers the README's comparison quotes.
+"""tracelearn and Agent Lightning side by side, in one command: the numbers docs/agent-lightning.md quotes.
 
 Agent Lightning 0.3.0 runs from its own package in its own venv (``benchmarks/.venv-agl``, made by
 ``benchmarks/setup_agentlightning.sh``); nothing of it is re-implemented here. Parts (``--parts``):

@@ -2,7 +2,7 @@
 
 ``variables`` declares each (name, type, default, meaning, the part that reads it) and lists them in
 ``SETTINGS``; ``setting`` holds ``Setting`` (``value()``, ``optional()``, ``text()``) and
-``SettingError``; ``docs`` generates the README's settings table from ``SETTINGS``.
+``SettingError``; ``docs`` generates the table of docs/settings.md from ``SETTINGS``.
 
 At the bottom of the dependency graph beside ``schemas`` and ``storage``: every part may read a setting.
 May import: the standard library only. Must never import any other tracelearn package.

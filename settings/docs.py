@@ -1,9 +1,9 @@
-"""The README's settings table, generated from ``SETTINGS``.
+"""The settings table of ``docs/settings.md``, generated from ``SETTINGS``.
 
-    python -m tracelearn.settings.docs            # print the table
-    python -m tracelearn.settings.docs README.md  # replace the table in the file's "## Settings" section
+    python -m tracelearn.settings.docs                  # print the table
+    python -m tracelearn.settings.docs docs/settings.md # replace the table under the file's "# Settings" title
 
-A test compares the README's table with ``settings_table()``.
+A test compares the page's table with ``settings_table()``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tracelearn.settings.variables import SETTINGS
 
-SECTION = "## Settings"
+SECTION = "# Settings"
 HEADER = "| variable | type | default | meaning | read by |"
 
 
@@ -27,8 +27,8 @@ def settings_table() -> str:
 
 
 def table_in(text: str) -> tuple[int, int]:
-    """Where the table of the ``## Settings`` section starts and ends in ``text`` (character offsets)."""
-    section = text.index(f"\n{SECTION}\n")
+    """Where the first table under the ``# Settings`` title starts and ends in ``text`` (character offsets)."""
+    section = text.index(f"{SECTION}\n")
     start = text.index("\n|", section) + 1
     end = start
     while end < len(text) and text.startswith("|", end):

@@ -1,6 +1,6 @@
 """Every ``TRACELEARN_*`` environment variable, declared once: name, type, default, meaning, reader.
 
-``SETTINGS`` lists them in the order of the README's settings table, which ``tracelearn.settings.docs``
+``SETTINGS`` lists them in the order of the settings table in docs/settings.md, which ``tracelearn.settings.docs``
 generates from it. Code reads a variable through its declaration (``ROLL_SECONDS.value()``), never
 with ``os.environ`` directly; a test walks the tree for ``TRACELEARN_`` names and finds each here.
 """
