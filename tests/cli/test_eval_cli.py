@@ -67,7 +67,9 @@ def one_line_error(arguments: list[str]) -> str:
     return lines[0]
 
 
-def test_errors_are_one_line(scripted_llm_server: ScriptedLLMServer, tmp_path: Path) -> None:
+def test_errors_are_one_line(scripted_llm_server: ScriptedLLMServer, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default output folder, runs/eval-<time>, stays out of the checkout
     url = scripted_llm_server.base_url
     assert "missing.jsonl: cannot read the tasks file" in one_line_error(
         ["--model", "scripted-model", "--base-url", url, "--tasks", str(tmp_path / "missing.jsonl")])
