@@ -18,6 +18,8 @@ OpenInference, then Traceloop's pre-0.55 flattened form, then message events. Wh
 * ``finish_reason``: ``gen_ai.response.finish_reasons``, ``llm.finish_reason``,
   ``gen_ai.completion.0.finish_reason``, in OpenAI's words (``tool_call`` becomes ``tool_calls``).
 * sampling: ``gen_ai.request.temperature`` / ``top_p`` / ``top_k``; ``llm.invocation_parameters``.
+* ``model_version``: ``tracelearn.model.version`` (the gateway), else the response's system fingerprint
+  (``gen_ai.openai.response.system_fingerprint``, ``openai.response.system_fingerprint``).
 * ``agent_name``: ``gen_ai.agent.name``, Traceloop's agent entity, OpenInference's ``agent.name`` and
   ``graph.node.id``, LangGraph nodes, inherited names; ``tool_name``: ``gen_ai.tool.name``, ``tool.name``.
 
@@ -190,6 +192,7 @@ class LLMColumns(NamedTuple):
     temperature: float | None
     top_p: float | None
     top_k: int | None
+    model_version: str | None
     messages_problem: str | None
 
 
@@ -290,6 +293,20 @@ def _invocation_parameters(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
+# What the gateway records when neither the server's header nor a fingerprint said which weights answered.
+_UNKNOWN_VERSION = "unknown"
+
+
+def model_version_of(attributes: Mapping[str, Any]) -> str | None:
+    """Which weights answered the call: ``tracelearn.model.version``, else the first system fingerprint
+    (``sc.OPENAI_SYSTEM_FINGERPRINTS``); ``None`` when neither says (the gateway's ``unknown`` included)."""
+    for key in (sc.MODEL_VERSION, *sc.OPENAI_SYSTEM_FINGERPRINTS):
+        value = attributes.get(key)
+        if isinstance(value, str) and value and value != _UNKNOWN_VERSION:
+            return value
+    return None
+
+
 def finish_reason_of(value: Any) -> str | None:
     """The first finish reason, in OpenAI's words (``tool_call`` of the GenAI conventions is ``tool_calls``);
     the list may come as JSON text (attributes re-read from the spans table, which stores them so)."""
@@ -357,5 +374,6 @@ def llm_columns(attributes: Mapping[str, Any], events: SpanEvents = ()) -> LLMCo
         as_float(temperature),
         as_float(top_p),
         as_int(top_k),
+        model_version_of(attributes),
         problem,
     )

@@ -29,7 +29,7 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 TYPED_ONLY_ATTRIBUTES = frozenset({sc.PROMPT_TOKEN_IDS, sc.RESPONSE_TOKEN_IDS, sc.RESPONSE_LOGPROBS})
 
 # The promoted LLM columns of a span that names no model (most framework, tool and reward spans).
-NOT_LLM = nz.LLMColumns(None, None, None, None, None, None, None, None, None, None, None, None)
+NOT_LLM = nz.LLMColumns(None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 SpanEvent = tuple[str, int, Mapping[str, Any]]
 SpanLink = tuple[int, int, Mapping[str, Any]]
@@ -238,6 +238,7 @@ class SpanColumns:
                 None,
                 None,
                 None,
+                nz.model_version_of(attrs),  # a token-id span names the version its response carried
                 None,
             )
         else:
@@ -295,6 +296,7 @@ class SpanColumns:
                 llm.temperature,
                 llm.top_p,
                 llm.top_k,
+                llm.model_version,
                 llm.messages_problem,
                 av.int_list(get(sc.PROMPT_TOKEN_IDS)),
                 av.int_list(get(sc.RESPONSE_TOKEN_IDS)),

@@ -1,7 +1,8 @@
 """Reading token ids and logprobs out of chat-completion responses, whole or as they stream past.
 
 ``TokenIdsCapture`` accumulates what a response (or a stream's chunks) carried for choice 0, in vLLM's
-shape: top-level ``prompt_token_ids``, ``choices[i].token_ids``, ``choices[i].logprobs.content``.
+shape: top-level ``prompt_token_ids``, ``choices[i].token_ids``, ``choices[i].logprobs.content``, and
+the top-level ``system_fingerprint`` (which weights answered).
 ``ResponseReader`` feeds it from an HTTP body: one JSON chat completion, or a ``text/event-stream``
 read event by event. ``tap_types`` makes the byte-stream wrappers that show a streamed response's
 bytes to a reader on their way to the consumer, unchanged. Used by ``token_ids`` (the HTTP hook) and
@@ -95,6 +96,9 @@ class TokenIdsCapture:
     response_token_ids: list[int] | None = None
     response_logprobs: list[float] | None = None
     choice_count: int = 0
+    # Which weights answered (``tracelearn serve`` puts its model version there): what lets the trainer
+    # tell on-policy data from data an older version generated.
+    system_fingerprint: str | None = None
 
     def add_response(self, response: Any) -> None:
         """Read a complete (non-streamed) chat completion."""
@@ -135,6 +139,10 @@ class TokenIdsCapture:
                 self.response_id = response_id
         if self.prompt_token_ids is None:
             self.prompt_token_ids = _int_list(_field(obj, "prompt_token_ids"))
+        if self.system_fingerprint is None:
+            fingerprint = _field(obj, "system_fingerprint")
+            if isinstance(fingerprint, str) and fingerprint:
+                self.system_fingerprint = fingerprint
 
     def status(self) -> str:
         complete = self.prompt_token_ids is not None and self.response_token_ids is not None
@@ -153,6 +161,8 @@ class TokenIdsCapture:
             attributes[sc.RESPONSE_LOGPROBS] = self.response_logprobs
         if self.choice_count > 1:
             attributes[sc.RESPONSE_CHOICE_COUNT] = self.choice_count
+        if self.system_fingerprint is not None:
+            attributes[sc.OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = self.system_fingerprint
         return attributes
 
 
@@ -234,7 +244,8 @@ class ResponseReader:
     def _fail(self, where: str, error: Exception) -> None:
         report_once(where, error)
         self.failed = True
-        self.capture = TokenIdsCapture(response_id=self.capture.response_id)
+        self.capture = TokenIdsCapture(response_id=self.capture.response_id,
+                                       system_fingerprint=self.capture.system_fingerprint)
 
 
 class _SyncTap:

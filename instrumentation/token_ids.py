@@ -5,7 +5,8 @@ completion sent over ``httpx`` (the ``openai`` SDK, and what is built on it or o
 LiteLLM, Pydantic AI...), it asks the server for the token ids it generated (``return_token_ids: true``,
 vLLM's extension) and their logprobs (``logprobs: true``), reads them back from the HTTP response
 (top-level ``prompt_token_ids``, ``choices[0].token_ids``, ``choices[0].logprobs.content``; for a
-stream, accumulated over its ``data:`` events) and records them with ``tracelearn.llm.token_ids_status``
+stream, accumulated over its ``data:`` events) and records them, with the response's ``system_fingerprint``
+(``openai.response.system_fingerprint``: which weights answered) and ``tracelearn.llm.token_ids_status``,
 on the span current while the request is sent, when that is an LLM instrumentation's span (Traceloop's
 ``openai.chat``, the official ``chat {model}``, OpenInference's ``openinference.span.kind=LLM``, Pydantic
 AI's chat span). Without one it writes a ``tracelearn.token_ids`` child span carrying

@@ -25,6 +25,7 @@ __all__ = [
     "CALL_COLUMNS",
     "NESTING_DEPTH",
     "TOKEN_COLUMNS",
+    "TOKEN_SPAN_COLUMNS",
     "attach_token_ids",
     "inherit_agent_names",
     "merge_nested_llm_spans",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 TOKEN_COLUMNS = ("prompt_token_ids", "response_token_ids", "response_logprobs", "token_ids_status")
+# What a token-id span lends its call besides the token columns: the version its response named (the
+# hook reads the response's system_fingerprint; an LLM span's own value wins).
+TOKEN_SPAN_COLUMNS = (*TOKEN_COLUMNS, "model_version")
 # What the call said, taken from whichever span of a nest has it (token columns travel as one group).
 CALL_COLUMNS = (
     "operation_name",
@@ -43,6 +47,10 @@ CALL_COLUMNS = (
     "output_messages",
     "input_tokens",
     "output_tokens",
+    "request_temperature",
+    "request_top_p",
+    "request_top_k",
+    "model_version",
 )
 # How many ancestors of an LLM span are walked to find an enclosing LLM span (through agent, chain
 # or HTTP spans in between). Deeper nesting is not detected: the spans then count as two calls.
@@ -63,11 +71,12 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     id, or else a ``token_ids`` span that started a trace of its own with the call's response id.
 
     Reads ``span_type``, ``trace_id``, ``parent_span_id``, ``service_name``, ``response_id``,
-    ``start_time``, ``end_time``, ``span_id`` and the token columns (``prompt_token_ids``,
-    ``response_token_ids``, ``response_logprobs``, ``token_ids_status``); adds nothing. When a retried
-    request left several token rows for one key, the earliest-starting one is used. An LLM row's own ids
-    win; its ``token_ids_status`` is replaced by the token row's (the LLM row says ``not_captured`` when
-    only the sibling token span saw the call). Row order is kept.
+    ``start_time``, ``end_time``, ``span_id``, the token columns (``prompt_token_ids``,
+    ``response_token_ids``, ``response_logprobs``, ``token_ids_status``) and ``model_version``; adds
+    nothing. When a retried request left several token rows for one key, the earliest-starting one is
+    used. An LLM row's own ids (and version) win; its ``token_ids_status`` is replaced by the token
+    row's (the LLM row says ``not_captured`` when only the sibling token span saw the call). Row order
+    is kept.
 
     A token span lands in a trace of its own when the LLM span around its call was not the current
     OpenTelemetry span (OpenInference's LangChain instrumentation keeps its own context); it is joined
@@ -75,7 +84,7 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     the LLM span's time, so a server that repeats response ids never lends one call another's tokens.
     """
     is_tokens = (pl.col("span_type") == sc.TYPE_TOKEN_IDS) & pl.col("response_id").is_not_null()
-    token_values = [pl.col(c).alias(_TOKEN_PREFIX + c) for c in TOKEN_COLUMNS]
+    token_values = [pl.col(c).alias(_TOKEN_PREFIX + c) for c in TOKEN_SPAN_COLUMNS]
     same_trace = (
         spans.filter(is_tokens)
         .sort(["trace_id", "response_id", "start_time", "span_id"])
@@ -86,7 +95,7 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
         spans.filter(is_tokens & pl.col("parent_span_id").is_null())
         .group_by("service_name", "response_id")
         .agg(
-            *(pl.col(c).first() for c in TOKEN_COLUMNS),
+            *(pl.col(c).first() for c in TOKEN_SPAN_COLUMNS),
             pl.col("start_time").first().alias("__token_start"),
             pl.col("end_time").first().alias("__token_end"),
             pl.len().alias("__token_spans"),
@@ -100,7 +109,7 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
     from_detached = is_llm & pl.col(_TOKEN_PREFIX + "response_token_ids").is_null() & within
     joined = (
         joined.join(
-            detached.rename({_TOKEN_PREFIX + c: _DETACHED_PREFIX + c for c in TOKEN_COLUMNS}),
+            detached.rename({_TOKEN_PREFIX + c: _DETACHED_PREFIX + c for c in TOKEN_SPAN_COLUMNS}),
             on=["service_name", "response_id"],
             how="left",
             maintain_order="left",
@@ -110,18 +119,18 @@ def attach_token_ids(spans: pl.LazyFrame) -> pl.LazyFrame:
             .then(pl.col(_DETACHED_PREFIX + c))
             .otherwise(pl.col(_TOKEN_PREFIX + c))
             .alias(_TOKEN_PREFIX + c)
-            for c in TOKEN_COLUMNS
+            for c in TOKEN_SPAN_COLUMNS
         )
-        .drop("__token_start", "__token_end", *(_DETACHED_PREFIX + c for c in TOKEN_COLUMNS))
+        .drop("__token_start", "__token_end", *(_DETACHED_PREFIX + c for c in TOKEN_SPAN_COLUMNS))
     )
     filled = []
-    for column in TOKEN_COLUMNS:
+    for column in TOKEN_SPAN_COLUMNS:
         other = pl.col(_TOKEN_PREFIX + column)
         take_other = is_llm & other.is_not_null()
         if column != "token_ids_status":
             take_other = take_other & pl.col(column).is_null()
         filled.append(pl.when(take_other.fill_null(False)).then(other).otherwise(pl.col(column)).alias(column))
-    return joined.with_columns(filled).drop([_TOKEN_PREFIX + c for c in TOKEN_COLUMNS])
+    return joined.with_columns(filled).drop([_TOKEN_PREFIX + c for c in TOKEN_SPAN_COLUMNS])
 
 
 def nested_llm_spans(spans: pl.LazyFrame, depth: int = NESTING_DEPTH) -> pl.LazyFrame:

@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 DEFAULT_GROUP_BY: tuple[str, ...] = ("task_id",)
+# The transitions table as polars reads it (every file, whichever version, scans to these columns).
+TRANSITIONS_FRAME_SCHEMA = pl.DataFrame(TRANSITIONS.schema.empty_table()).schema
 _PROMPT_TOKENS = "prompt_tokens"
 _RESPONSE_TOKENS = "response_tokens"
 
@@ -120,11 +122,18 @@ def scan_transitions(root: str | Path, config_hash: str | None = None) -> tuple[
     if not files:
         raise DatasetError(f"{path}: no transitions Parquet files (expected date=YYYY-MM-DD/part-<hash>.parquet)")
     _check_versions(files)
+    # Files of an older version lack the nullable columns added since (``require_current_version``
+    # allowed only those): the scan inserts them as nulls.
     if path.is_file():
-        scan = pl.scan_parquet(files)
+        scan = pl.scan_parquet(files, schema=TRANSITIONS_FRAME_SCHEMA, missing_columns="insert")
     else:
         scan = pl.scan_parquet(
-            files, hive_partitioning=True, hive_schema={"date": pl.String}, try_parse_hive_dates=False
+            files,
+            schema=TRANSITIONS_FRAME_SCHEMA,
+            missing_columns="insert",
+            hive_partitioning=True,
+            hive_schema={"date": pl.String},
+            try_parse_hive_dates=False,
         )
     hashes = scan.select(pl.col("pipeline_config_hash").drop_nulls().unique().sort()).collect()
     chosen = choose_config_hash(hashes["pipeline_config_hash"].to_list(), config_hash)

@@ -30,6 +30,8 @@ TRANSITION_COLUMNS = tuple(TRANSITIONS.schema.names)
 TOKEN_IDS_SERVER = "server"
 # Per-call pieces of a merged sequence and the column they are concatenated into.
 _PIECES = {"__ids": "response_token_ids", "__logprobs": "response_logprobs", "__mask": "loss_mask"}
+# How a call was sampled: a merged sequence holds calls that agree on all of them.
+SAMPLING_COLUMNS = ("temperature", "top_p", "top_k", "model_version")
 
 
 def select_llm_calls(
@@ -80,7 +82,9 @@ def extract_transitions(
 
     ``spans`` are prepared or raw (see :func:`select_llm_calls`). Reads the spans columns used by
     :func:`select_llm_calls` plus ``request_model``, ``response_model``, ``input_messages``,
-    ``output_messages`` and the token columns; reads the rollouts
+    ``output_messages``, the token columns, the sampling parameters (``request_temperature``,
+    ``request_top_p``, ``request_top_k``, as ``temperature``, ``top_p``, ``top_k``) and
+    ``model_version``; reads the rollouts
     columns ``rollout_id``, ``attempt_id``, ``task_id``, ``group_id``, ``rewards``, ``final_reward``.
     Only rollouts present in ``rollouts`` yield transitions (so the watermark and missing-reward
     policies of the rollout build carry over). ``step_index`` numbers the calls of a rollout from 0 by
@@ -104,6 +108,9 @@ def extract_transitions(
             .then(pl.lit(TOKEN_IDS_SERVER))
             .otherwise(pl.lit(None, pl.String))
             .alias("token_ids_source"),
+            pl.col("request_temperature").alias("temperature"),
+            pl.col("request_top_p").alias("top_p"),
+            pl.col("request_top_k").alias("top_k"),
             pl.lit(None, pl.Float64).alias("credited_reward"),
             pl.lit(None, pl.Float64).alias("advantage"),
             pl.lit(None, pl.List(pl.Int8)).alias("loss_mask"),
@@ -119,7 +126,10 @@ def merge_trajectories(transitions: pl.LazyFrame) -> pl.LazyFrame:
 
     Within ``(rollout_id, agent_name)`` in ``step_index`` order, call k+1 continues call k when both
     have prompt and response token ids and ``prompt_k + response_k`` is an exact prefix of
-    ``prompt_{k+1}``. A run of such calls becomes one row: ``prompt_token_ids`` of the first call;
+    ``prompt_{k+1}``, and both were sampled alike: the same ``temperature``, ``top_p``, ``top_k`` and
+    ``model_version`` (nulls equal), since the trainer computes a row's logprobs with one temperature
+    and weighs it by one version (a call sampled otherwise starts a row of its own). A run of such
+    calls becomes one row: ``prompt_token_ids`` of the first call;
     ``response_token_ids`` = response_k, then the tokens in between (the observation: tool results,
     the next user turn, chat-template tokens), then response_{k+1}, and so on; ``loss_mask`` is 1 on
     generated tokens and 0 on the in-between ones; ``response_logprobs`` are aligned with 0.0 on the
@@ -137,8 +147,12 @@ def merge_trajectories(transitions: pl.LazyFrame) -> pl.LazyFrame:
     previous = pl.when(has_ids).then(sequence).otherwise(pl.lit(None)).shift(1).over(group, order_by="step_index")
     ones = pl.lit(1, pl.Int8).repeat_by(pl.col("response_token_ids").list.len())
     observation_length = pl.col("prompt_token_ids").list.len() - pl.col("__previous").list.len()
+    sampled_alike = pl.all_horizontal(
+        pl.col(c).eq_missing(pl.col(c).shift(1).over(group, order_by="step_index")) for c in SAMPLING_COLUMNS
+    )
     continues = (
         has_ids
+        & sampled_alike
         & (pl.col("prompt_token_ids").list.len() >= pl.col("__previous").list.len())
         & (pl.col("prompt_token_ids").list.head(pl.col("__previous").list.len()) == pl.col("__previous"))
     ).fill_null(False)

@@ -113,3 +113,18 @@ def spans_v1_to_v2(table: pa.Table) -> pa.Table:
     """Version 2 adds the sampling parameters (request_temperature, request_top_p, request_top_k) and
     messages_problem; files written before know none of them, so they are null (``conform`` adds them)."""
     return table
+
+
+@register_migration("spans", 2, only_adds=("model_version",))
+def spans_v2_to_v3(table: pa.Table) -> pa.Table:
+    """Version 3 adds ``model_version`` (which weights answered an LLM call); files written before did not
+    keep it, so it is null (``conform`` adds it)."""
+    return table
+
+
+@register_migration("transitions", 1, only_adds=("temperature", "top_p", "top_k", "model_version"))
+def transitions_v1_to_v2(table: pa.Table) -> pa.Table:
+    """Version 2 adds the sampling parameters (``temperature``, ``top_p``, ``top_k``) and ``model_version`` of
+    each call; files written before know none of them, so they are null: the trainer treats such rows as
+    sampled at temperature 1 by the version it starts from, and counts them as unknown."""
+    return table

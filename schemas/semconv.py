@@ -95,6 +95,15 @@ GEN_AI_COMPLETION_PREFIX: Final = "gen_ai.completion."
 GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
 GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
 GEN_AI_REQUEST_TOP_K: Final = "gen_ai.request.top_k"
+# Which weights answered: OpenAI's system_fingerprint, as Traceloop 0.62 and the official instrumentation's
+# older releases record it, as its newer releases do, and as the openai semconv_ai package spells it.
+OPENAI_SYSTEM_FINGERPRINTS: Final = (
+    "gen_ai.openai.response.system_fingerprint",
+    "openai.response.system_fingerprint",
+    "gen_ai.openai.system_fingerprint",
+)
+# What the token-id hook records from the response body (the current conventions' name).
+OPENAI_RESPONSE_SYSTEM_FINGERPRINT: Final = "openai.response.system_fingerprint"
 # Message events of conventions 1.26-1.36 (names in tracelearn.schemas.messages) as span events, or, in
 # older Pydantic AI (event mode "attributes"), as one span attribute holding a JSON list of them.
 GEN_AI_EVENTS_ATTRIBUTE: Final = "events"

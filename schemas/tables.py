@@ -57,7 +57,7 @@ SPAN_LINK = pa.struct(
 
 SPANS = TableSpec(
     name="spans",
-    version=2,
+    version=3,
     partition_columns=("date", "service"),
     description=(
         "One row per OpenTelemetry span. Written by the in-process exporter and the collector sidecar, "
@@ -141,6 +141,14 @@ SPANS = TableSpec(
             ),
             _field("request_top_p", pa.float64(), "Nucleus sampling top_p requested."),
             _field("request_top_k", pa.int64(), "Top-k sampling requested."),
+            _field(
+                "model_version",
+                pa.string(),
+                "Which weights answered the call: tracelearn.model.version (the gateway, the token-id hook), else "
+                "the response's system_fingerprint (Traceloop: gen_ai.openai.response.system_fingerprint, the "
+                "official GenAI instrumentation: openai.response.system_fingerprint); tracelearn serve reports its "
+                "model version there (calc-policy@4+b1c5bf429df1). Null when unknown.",
+            ),
             _field(
                 "messages_problem",
                 pa.string(),
@@ -230,7 +238,7 @@ ROLLOUTS = TableSpec(
 
 TRANSITIONS = TableSpec(
     name="transitions",
-    version=1,
+    version=2,
     description="One row per LLM call chosen for training, with credited reward and advantage.",
     schema=pa.schema(
         [
@@ -247,6 +255,20 @@ TRANSITIONS = TableSpec(
             _field("response_token_ids", TOKEN_IDS, "Response token ids."),
             _field("response_logprobs", LOGPROBS, "Logprobs of the response tokens at capture time."),
             _field("token_ids_source", pa.string(), "server (as generated) or retokenized."),
+            _field(
+                "temperature",
+                pa.float64(),
+                "Sampling temperature the call was made with (the span's request_temperature); null when "
+                "unknown. The trainer divides the logits by it, as the server did before sampling.",
+            ),
+            _field("top_p", pa.float64(), "Nucleus sampling top_p of the call; null when unknown (or not set)."),
+            _field("top_k", pa.int64(), "Top-k of the call; null when unknown (or not set)."),
+            _field(
+                "model_version",
+                pa.string(),
+                "Version of the weights that generated the response (the span's model_version); null when "
+                "unknown. The trainer weighs or drops transitions of another version than the one it starts from.",
+            ),
             _field("rewards", pa.map_(pa.string(), pa.float64()), "Raw named rewards of the rollout."),
             _field("reward", pa.float64(), "Primary raw reward."),
             _field("credited_reward", pa.float64(), "Reward credited to this step."),

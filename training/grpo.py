@@ -15,6 +15,12 @@ bottom::
 Logprobs missing from the data (a server that returned none, retokenized rows) are computed with
 the starting weights before the first step and counted (``logprobs_recomputed``); with ``kl_beta``
 > 0 the reference logprobs (the starting weights) are computed in the same pass.
+
+Every logprob is computed on the logits divided by the temperature the transition was sampled at,
+so on-policy data starts at a ratio of 1. Transitions of another model version than the starting
+one are weighed by truncated importance weights, dropped or kept (``off_policy``), truncated
+sampling kept or dropped (``sampling``): ``tracelearn.training.behaviour``; the counts are in the
+run's summary (``sampling``, ``off_policy``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tracelearn.registry import Registry
+from tracelearn.training.behaviour import select_behaviour, weigh_off_policy
 from tracelearn.training.config import TrainConfig
 from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.losses import aggregate_loss, k3_kl, policy_gradient_loss
@@ -94,7 +101,8 @@ def grpo_step(policy: Policy, step: Sequence[TokenSequence], config: TrainConfig
         assert tensors.old_logprobs is not None, "old logprobs are filled before training"
         logprobs = policy.logprobs(tensors)
         terms = policy_gradient_loss(logprobs, tensors.old_logprobs, tensors.advantages, clip_low=grpo.clip_low,
-                                     clip_high=grpo.clip_high, kl_beta=grpo.kl_beta, ref_logprobs=tensors.ref_logprobs)
+                                     clip_high=grpo.clip_high, kl_beta=grpo.kl_beta, ref_logprobs=tensors.ref_logprobs,
+                                     weights=tensors.importance_weights)
         loss = aggregate_loss(terms.loss, tensors.mask, grpo.loss_aggregation, step_tokens=step_tokens,
                               step_sequences=len(step), dr_grpo_normalizer=dr_grpo_normalizer)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -177,11 +185,19 @@ def train_grpo(
             f"{start.data.root}: no transition carries a learning signal ({counts.to_dict()}); GRPO needs groups "
             "whose rollouts scored differently: run more samples per task (e.g. the agent's --samples 8)"
         )
+    sequences, behaviour = select_behaviour(sequences, counts, config, policy.model_version)
+    if not sequences:
+        raise NoTrainingDataError(
+            f"{start.data.root}: every transition was left out by the sampling / off_policy settings "
+            f"({counts.to_dict()}); set off_policy.mode: importance or sampling.truncated: keep in train.yaml"
+        )
     if config.grpo.recompute_logprobs == "always":
         for sequence in sequences:
             sequence.old_logprobs = None
+    weighed = sum(s.behaviour_logprobs is not None for s in sequences)
     recomputed = fill_logprobs(policy, sequences, config.runtime.micro_batch_tokens, old=True,
-                               reference=config.grpo.kl_beta > 0, progress=progress)
+                               reference=config.grpo.kl_beta > 0, progress=progress) - weighed
+    weigh_off_policy(sequences, behaviour)
     dr_grpo_normalizer = config.grpo.dr_grpo_normalizer or max(len(s.response_ids) for s in sequences)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.grpo.learning_rate,
                                   weight_decay=config.grpo.weight_decay)
@@ -213,5 +229,5 @@ def train_grpo(
         metrics={"train_loss_final": final["loss"], "train_clip_fraction_final": final["clip_fraction"],
                  "train_kl_to_behaviour_final": final["kl_to_behaviour"]},
         plot_title=f"GRPO on {start.data.root.name} ({len(sequences)} sequences)",
-        summary_extra={"logprobs_recomputed": recomputed},
+        summary_extra={"logprobs_recomputed": recomputed, **behaviour.to_dict()},
     ))

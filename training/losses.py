@@ -5,11 +5,13 @@ per micro-batch. Shapes: ``[sequences, response tokens]``, with ``mask`` 1 where
 (response tokens the pipeline's loss mask keeps) and 0 on padding and masked tokens.
 
 For one response token t of a sequence with advantage A, log-probability ``logp`` under the policy
-being trained, ``old`` under the policy that generated it (recorded at capture) and ``ref`` under the
-reference policy::
+being trained, ``old`` under the policy that generated it (recorded at capture; for data of another
+model version weighed by importance, under the starting weights), ``ref`` under the reference policy,
+and ``w`` the truncated importance weight of off-policy data (1 otherwise; detached)::
 
+    w_t   = min(exp(start_t - recorded_t), cap)                  (off-policy rows only, see importance_weights)
     r_t   = exp(logp_t - old_t)
-    pg_t  = -min(r_t * A, clip(r_t, 1 - clip_low, 1 + clip_high) * A)
+    pg_t  = -w_t * min(r_t * A, clip(r_t, 1 - clip_low, 1 + clip_high) * A)
     kl_t  = exp(ref_t - logp_t) - (ref_t - logp_t) - 1          (k3: unbiased, always >= 0)
     loss_t = pg_t + beta * kl_t
 
@@ -23,22 +25,37 @@ same gradient as one big batch (``step_tokens`` and ``step_sequences`` count the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PolicyLoss", "aggregate_loss", "k3_kl", "policy_gradient_loss", "token_logprobs"]
+__all__ = ["PolicyLoss", "aggregate_loss", "importance_weights", "k3_kl", "policy_gradient_loss", "token_logprobs"]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[target]`` per position, computed in float32 whatever the logits' dtype.
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   temperatures: torch.Tensor | None = None) -> torch.Tensor:
+    """``log softmax(logits / T)[target]`` per position, computed in float32 whatever the logits' dtype.
 
-    ``logits``: ``[..., vocab]``; ``targets``: ``[...]`` token ids. Uses ``logsumexp`` rather than a full
-    ``log_softmax`` so only one ``[..., vocab]`` float32 tensor is alive at a time.
+    ``logits``: ``[rows, positions, vocab]``; ``targets``: ``[rows, positions]`` token ids;
+    ``temperatures``: ``[rows]``, the temperature each row was sampled at (None: 1 everywhere), as the
+    server divided the logits before sampling. Uses ``logsumexp`` rather than a full ``log_softmax`` so
+    only one ``[..., vocab]`` float32 tensor is alive at a time.
     """
     logits = logits.float()
+    if temperatures is not None:
+        logits = logits / temperatures.to(logits.dtype).view(-1, *([1] * (logits.dim() - 1)))
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def importance_weights(start_logprobs: torch.Tensor, recorded_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(start - recorded), cap)`` per token (TIS).
+
+    ``start``: logprobs under the weights training starts from; ``recorded``: under the version that
+    generated the data. The exponent is capped before ``exp`` so a recorded floor (-9999) gives ``cap``, not inf.
+    """
+    return torch.exp(torch.clamp(start_logprobs - recorded_logprobs, max=math.log(cap)))
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -67,11 +84,13 @@ def policy_gradient_loss(
     clip_high: float,
     kl_beta: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> PolicyLoss:
     """The clipped surrogate per token (module docstring's ``loss_t``).
 
     ``advantages`` is ``[sequences]`` (one per sequence, broadcast over its tokens) or
-    ``[sequences, tokens]``. With ``kl_beta > 0``, ``ref_logprobs`` is required.
+    ``[sequences, tokens]``. With ``kl_beta > 0``, ``ref_logprobs`` is required. ``weights``
+    (``[sequences, tokens]``, None: 1) are the importance weights of off-policy data, taken as constants.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -80,6 +99,8 @@ def policy_gradient_loss(
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped_term = clipped_ratio * advantages
     policy_gradient = -torch.minimum(unclipped, clipped_term)
+    if weights is not None:
+        policy_gradient = policy_gradient * weights.detach()
     clipped = (clipped_term < unclipped).to(logprobs.dtype)
     kl = None
     loss = policy_gradient

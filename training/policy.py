@@ -37,6 +37,7 @@ from tracelearn.models import (
     resolve_model,
     select_device,
 )
+from tracelearn.models.loading import weights_digest
 from tracelearn.registry import Registry
 from tracelearn.training.config import LoraConfig, RuntimeConfig
 from tracelearn.training.losses import token_logprobs
@@ -152,7 +153,7 @@ class Policy:
             hidden = decoded.last_hidden_state
             index = batch.logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             logits = base.get_output_embeddings()(hidden.gather(1, index))
-        return token_logprobs(logits, batch.targets) * batch.mask_any
+        return token_logprobs(logits, batch.targets, batch.temperatures) * batch.mask_any
 
 
 def shared_prefix_length(sequences: Sequence[TokenSequence]) -> int:
@@ -175,7 +176,9 @@ class MicroBatch:
     and ``position_ids`` continue from ``P``. ``logit_positions[i, j]`` is the position in
     ``input_ids`` whose logits predict response token j of row i (``prompt_len - 1 - P + j``);
     ``mask`` is the loss mask (0 on padding), ``mask_any`` 1 on every real response token (logprobs
-    are kept there even where the loss mask is 0).
+    are kept there even where the loss mask is 0). ``temperatures`` divide each row's logits (the
+    temperature it was sampled at); ``importance_weights`` are off-policy rows' truncated importance
+    weights (1 on other rows).
     """
 
     sequences: list[TokenSequence]
@@ -190,6 +193,8 @@ class MicroBatch:
     ref_logprobs: torch.Tensor | None
     prefix_ids: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    temperatures: torch.Tensor | None = None  # [rows], None when every row was sampled at 1
+    importance_weights: torch.Tensor | None = None  # [rows, longest response], None when no row has them
 
     @classmethod
     def of(cls, sequences: Sequence[TokenSequence], pad_id: int, device: torch.device,
@@ -223,6 +228,15 @@ class MicroBatch:
                 old[row, :response] = torch.tensor(sequence.old_logprobs)
             if ref is not None and sequence.ref_logprobs is not None:
                 ref[row, :response] = torch.tensor(sequence.ref_logprobs)
+        temperature_values = [s.sampling_temperature for s in sequences]
+        temperatures = (None if all(t == 1.0 for t in temperature_values)
+                        else torch.tensor(temperature_values, dtype=torch.float32))
+        weights = None
+        if any(s.importance_weights is not None for s in sequences):
+            weights = torch.ones((rows, longest_response))
+            for row, sequence in enumerate(sequences):
+                if sequence.importance_weights is not None:
+                    weights[row, : len(sequence.importance_weights)] = torch.tensor(sequence.importance_weights)
         advantages = torch.tensor([s.advantage for s in sequences], dtype=torch.float32)
         prefix = torch.tensor([sequences[0].prompt_ids[:shared]]) if shared else None
         position_ids = (shared + torch.arange(longest)).expand(rows, -1) if shared else None
@@ -232,7 +246,8 @@ class MicroBatch:
 
         return cls(list(sequences), on_device(input_ids), on_device(attention), on_device(positions),
                    on_device(targets), on_device(mask), on_device(mask_any), on_device(advantages),
-                   on_device(old), on_device(ref), on_device(prefix), on_device(position_ids))
+                   on_device(old), on_device(ref), on_device(prefix), on_device(position_ids),
+                   on_device(temperatures), on_device(weights))
 
     @property
     def computed_tokens(self) -> int:
@@ -279,7 +294,9 @@ def load_policy(
 
         base = load_model(source.base, device=str(device))
         model = PeftModel.from_pretrained(_float32_master_weights(base.model), source.directory, is_trainable=True)
-        tokenizer, version = base.tokenizer, source.version or source.model_id
+        # The version the server reports for this adapter (load_model's rule): comparable with the data's.
+        version = source.version or f"{source.model_id}@{weights_digest(source.weight_files)[:12]}"
+        tokenizer = base.tokenizer
         base_reference = adapter_base(source.directory)
     else:
         loaded = load_model(source, device=str(device))

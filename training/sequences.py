@@ -2,7 +2,8 @@
 
 A :class:`TokenSequence` is one transition as the policy saw it: the prompt token ids and the response
 token ids exactly as the server recorded them (token fidelity), the response logprobs at capture
-time, the per-token loss mask, the advantage and the reward. Transitions without server token ids
+time, the per-token loss mask, the advantage and the reward, and how it was sampled (temperature,
+top-p, top-k, the model version that generated it). Transitions without server token ids
 are retokenized with the training tokenizer's chat template (the prompt messages, then the response
 text and the end-of-turn token) and counted in :class:`SequenceCounts`, never silently: a
 retokenized prompt may differ from what the model saw (the transitions table holds no tool
@@ -46,6 +47,10 @@ _COLUMNS = (
     "loss_mask",
     "advantage",
     "reward",
+    "temperature",
+    "top_p",
+    "top_k",
+    "model_version",
 )
 
 
@@ -64,6 +69,25 @@ class TokenSequence:
     task_id: str | None
     span_id: str | None
     ref_logprobs: list[float] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    model_version: str | None = None
+    # Off-policy rows weighed by importance: the logprobs the generating version recorded (``old_logprobs``
+    # then holds the starting weights') and the per-token truncated importance weights computed from both.
+    behaviour_logprobs: list[float] | None = None
+    importance_weights: list[float] | None = None
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature the logits are divided by: the recorded one; 1 when unknown, or 0 (greedy: servers
+        report greedy calls' logprobs unscaled, as vLLM does)."""
+        return self.temperature if self.temperature is not None and self.temperature > 0 else 1.0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the call was sampled from a truncated distribution (``top_p`` < 1 or ``top_k`` > 0)."""
+        return (self.top_p is not None and self.top_p < 1.0) or (self.top_k is not None and self.top_k > 0)
 
     @property
     def length(self) -> int:
@@ -199,6 +223,10 @@ def sequences_from_transitions(
                 rollout_id=row["rollout_id"],
                 task_id=row["task_id"],
                 span_id=row["span_id"],
+                temperature=row["temperature"],
+                top_p=row["top_p"],
+                top_k=row["top_k"],
+                model_version=row["model_version"],
             )
         )
     counts.kept = len(sequences)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from tracelearn.registry import Registry
+from tracelearn.training.behaviour import version_counts
 from tracelearn.training.config import TrainConfig
 from tracelearn.training.data import NoTrainingDataError
 from tracelearn.training.run_dir import RunDirectory
@@ -179,4 +180,6 @@ def train_sft(
                  "train_loss_mean": output.training_loss},
         plot_title=f"SFT on {start.data.root.name} ({len(chosen)} sequences, reward >= {sft.min_reward})",
         lineage_extra={"min_reward": sft.min_reward},
+        # SFT uses no logprobs (sampling parameters and versions do not change its loss): counted only.
+        summary_extra={"model_versions": version_counts(chosen), "start_version": policy.model_version},
     ))

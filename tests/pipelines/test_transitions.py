@@ -59,6 +59,7 @@ def call(
     end: float | None = None,
     status: str = "UNSET",
     user: str = "2+2?",
+    extra: dict[str, Any] | None = None,
 ) -> int:
     """An LLM call span as an instrumented agent records it, optionally with server token ids."""
     attributes: dict[str, Any] = {
@@ -69,6 +70,7 @@ def call(
         f"{sc.GEN_AI_COMPLETION_PREFIX}0.role": "assistant",
         f"{sc.GEN_AI_COMPLETION_PREFIX}0.content": f"answer at {start}",
         **token_attributes(prompt_ids, response_ids, logprobs),
+        **(extra or {}),
     }
     if agent is not None:
         attributes[sc.AGENT_NAME] = agent
@@ -269,3 +271,38 @@ def test_a_call_without_an_agent_name_takes_its_nearest_named_ancestors(factory:
     call(factory, 2, None, 2, agent=None, response_id="r-2")  # no ancestor: stays unnamed
     rows = transitions_of(factory).sort("trace_id").to_dicts()
     assert [row["agent_name"] for row in rows] == ["calculator_agent", None]
+
+
+def test_sampling_parameters_and_the_model_version_reach_the_transition(factory: SpansFactory) -> None:
+    root = episode(factory)
+    sampled = {sc.GEN_AI_REQUEST_TEMPERATURE: 0.7, sc.GEN_AI_REQUEST_TOP_P: 0.9, sc.GEN_AI_REQUEST_TOP_K: 20}
+    call(factory, 1, root, 1, response_id="r-1", extra={**sampled, sc.MODEL_VERSION: "calc@3+aaaaaaaaaaaa"})
+    # The version from the token-id span (the response's system_fingerprint), joined by response id.
+    call(factory, 1, root, 3, response_id="r-2", extra={sc.GEN_AI_REQUEST_TEMPERATURE: 1.0})
+    factory.span(1, sc.SPAN_TOKEN_IDS, 3.1, attributes={
+        sc.SPAN_TYPE: sc.TYPE_TOKEN_IDS, sc.GEN_AI_RESPONSE_ID: "r-2",
+        sc.OPENAI_RESPONSE_SYSTEM_FINGERPRINT: "calc@4+bbbbbbbbbbbb", **token_attributes([1], [2], [-0.5])})
+    # The gateway's "unknown" is no version.
+    call(factory, 1, root, 5, response_id="r-3", extra={sc.MODEL_VERSION: "unknown"})
+    rows = transitions_of(factory).to_dicts()
+    assert [(r["temperature"], r["top_p"], r["top_k"], r["model_version"]) for r in rows] == [
+        (0.7, 0.9, 20, "calc@3+aaaaaaaaaaaa"),
+        (1.0, None, None, "calc@4+bbbbbbbbbbbb"),
+        (None, None, None, None),
+    ]
+
+
+def test_trajectory_merge_keeps_calls_sampled_otherwise_apart(factory: SpansFactory) -> None:
+    root = episode(factory)
+    warm = {sc.GEN_AI_REQUEST_TEMPERATURE: 0.7, sc.MODEL_VERSION: "calc@3+aaaaaaaaaaaa"}
+    call(factory, 1, root, 1, response_id="a", prompt_ids=[1, 2], response_ids=[3], logprobs=[-0.1], extra=warm)
+    call(factory, 1, root, 3, response_id="b", prompt_ids=[1, 2, 3, 9], response_ids=[5], logprobs=[-0.3],
+         extra=warm)
+    # Extends the previous call's ids, but was sampled at another temperature: a row of its own.
+    call(factory, 1, root, 5, response_id="c", prompt_ids=[1, 2, 3, 9, 5, 9], response_ids=[6], logprobs=[-0.4],
+         extra={**warm, sc.GEN_AI_REQUEST_TEMPERATURE: 1.0})
+    merged = merge_trajectories(pl.LazyFrame(transitions_of(factory))).collect().to_dicts()
+    assert [(r["step_index"], r["response_token_ids"], r["temperature"]) for r in merged] == [
+        (0, [3, 9, 5], 0.7),
+        (2, [6], 1.0),
+    ]
