@@ -21,7 +21,8 @@ contract tests in ``tests/contracts/`` load these files with verl's own classes)
   objects as chat templates expect them (verl's own examples do the same), unless the export's
   arguments do not fit one Arrow type: then they stay JSON text (``VerlExport.notes`` says so).
 - **verl-replay** (:func:`to_verl_replay`): the RL row of every transition plus one struct column,
-  ``tracelearn_replay{prompt_ids, response_ids, response_mask, response_logprobs, advantage}``: the
+  ``tracelearn_replay{prompt_ids, response_ids, response_mask, response_logprobs, advantage,
+  temperature}``: the
   stored tokens the replay agent loop returns instead of sampling. One column under a name verl never
   uses, because verl hands every dataset column to the agent loop and (trainer V1) merges them into
   its own sample: a column named ``response_mask`` would replace verl's tensor mask. Rows without
@@ -121,6 +122,9 @@ REPLAY_TOKENS = pa.struct(
         pa.field("response_mask", pa.list_(pa.int8())),
         pa.field("response_logprobs", pa.list_(pa.float32())),
         pa.field("advantage", pa.float64()),
+        # The temperature the call was sampled at (null: unknown): verl divides the logits by one
+        # temperature per job, which the verl backend takes from these (refusing a mix).
+        pa.field("temperature", pa.float64()),
     ]
 )
 REPLAY_SCHEMA = pa.schema([*_RL_FIELDS, pa.field(REPLAY_COLUMN, REPLAY_TOKENS)])
@@ -317,9 +321,10 @@ def to_verl_replay(
     """One row per transition with stored tokens: the RL columns plus ``tracelearn_replay`` (REPLAY_SCHEMA).
 
     Reads the TRANSITIONS columns; ``tracelearn_replay`` holds the server's ``prompt_ids`` and
-    ``response_ids``, ``response_mask`` (the ``loss_mask``, all ones when null), ``response_logprobs``
-    and ``advantage``; the transition's reward stays in ``extra_info.reward``. Transitions without prompt or
-    response token ids are dropped and counted as ``without_token_ids``.
+    ``response_ids``, ``response_mask`` (the ``loss_mask``, all ones when null), ``response_logprobs``,
+    ``advantage`` and ``temperature`` (what it was sampled at); the transition's reward stays in
+    ``extra_info.reward``. Transitions without prompt or response token ids are dropped and counted as
+    ``without_token_ids``.
     """
     export = VerlExport(splits={}, schema=REPLAY_SCHEMA)
     has_tokens = pl.col("prompt_token_ids").is_not_null() & pl.col("response_token_ids").is_not_null()
@@ -335,6 +340,7 @@ def to_verl_replay(
             pl.coalesce("loss_mask", all_ones).alias("response_mask"),
             pl.col("response_logprobs"),
             pl.col("advantage"),
+            pl.col("temperature"),
         ).alias(REPLAY_COLUMN),
     )
     return _into_splits(rows.with_columns(pl.col("extra_info").struct.field("split")), export)

@@ -32,8 +32,10 @@ difference is stated: its mini-batches keep one order across epochs (the torch t
 each epoch); the rows past the last whole mini-batch are not trained (verl's dataloader drops
 them); transitions without the server's token ids cannot be replayed (the torch trainer
 retokenizes them); one training row without logprobs makes verl recompute ``pi_old`` for all
-(see :func:`uses_stored_logprobs`); and verl computes logprobs at one temperature for the whole job
-(1.0), not at each transition's recorded one. Settings verl cannot express are refused
+(see :func:`uses_stored_logprobs`); verl computes logprobs at one temperature for the whole job, which
+the job takes from the training rows (refusing rows sampled at several, :func:`replay_temperature`),
+and neither weighs transitions of another model version nor drops truncated sampling (the torch
+trainer's ``off_policy`` and ``sampling`` settings). Settings verl cannot express are refused
 (:class:`VerlJobError`), not dropped: ``grpo.warmup_steps`` (verl steps its scheduler once per PPO
 step), ``lora.dropout`` (verl builds its adapter without dropout), ``runtime.precision: fp32`` (verl
 trains in bf16 with fp32 master weights, our ``auto``/``bf16``), a non-CUDA ``runtime.device``.
@@ -189,10 +191,29 @@ def _check_lengths(rows: pl.DataFrame) -> None:
         )
 
 
+def replay_temperature(train: pl.DataFrame) -> float:
+    """The one temperature the training rows were sampled at (unknown, or 0 for greedy, counts as 1, as in
+    the torch trainer); raises :class:`VerlJobError` with the count of each when they differ, since verl
+    divides every row's logits by one temperature."""
+    effective = replay_field("temperature").fill_null(1.0)
+    effective = pl.when(effective > 0).then(effective).otherwise(1.0)
+    counts = train.group_by(effective.alias("temperature")).len().sort("temperature")
+    if counts.height > 1:
+        listed = ", ".join(f"{row['len']} at {row['temperature']:g}" for row in counts.iter_rows(named=True))
+        raise VerlJobError(
+            f"the training transitions were sampled at {counts.height} temperatures ({listed}; unknown counts as "
+            "1); verl computes logprobs at one temperature per job: export and train each temperature apart "
+            "(filter the transitions by their temperature column), or use the torch trainer, which reads each "
+            "transition's own"
+        )
+    return float(counts["temperature"][0]) if counts.height else 1.0
+
+
 def _replay_data(splits: Mapping[str, pl.DataFrame]) -> ReplayData:
     both = pl.concat([splits[TRAIN], splits[VALIDATION]])
     train = splits[TRAIN]
     return ReplayData(
+        temperature=replay_temperature(train),
         train_rows=train.height,
         val_rows=splits[VALIDATION].height,
         max_prompt_tokens=int(both.select(replay_field("prompt_ids").list.len().max()).item() or 0),

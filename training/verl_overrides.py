@@ -83,6 +83,9 @@ class ReplayData:
     max_prompt_tokens: int
     max_response_tokens: int
     train_rows_without_logprobs: int
+    # The one temperature the training rows were sampled at (unknown counts as 1): verl divides the logits
+    # by it when it computes logprobs, as the server did before sampling.
+    temperature: float = 1.0
 
     @property
     def all_train_rows_have_logprobs(self) -> bool:
@@ -267,7 +270,7 @@ def verl_overrides(
         f"{rollout}.name=vllm",
         f"{rollout}.tensor_model_parallel_size=1",
         f"{rollout}.n=1",
-        f"{rollout}.temperature=1.0",  # training logprobs at temperature 1, as the stored ones
+        f"{rollout}.temperature={_number(data.temperature)}",  # training logprobs at the data's temperature
         # The replay loop returns logprobs exactly when every row has them (verl stacks all or none).
         f"{rollout}.calculate_log_probs={_flag(data.all_train_rows_have_logprobs)}",
     ]

@@ -61,10 +61,10 @@ from another model, the whole first epoch is off-policy by that gap. verl's PPO 
   epoch (``on_policy`` in ``dp_actor.update_policy``): the ratio is 1 and nothing is clipped.
 
 verl computes training logprobs with the logits divided by ``actor_rollout_ref.rollout.temperature``,
-one temperature for the whole job, which the job pins to 1.0: stored logprobs are taken to be the
-model's own distribution at temperature 1. Data sampled at another temperature (or with top-p/top-k
-truncation) is off-policy by that difference here; the torch trainer is the one that reads each
-transition's recorded sampling parameters.
+one temperature for the whole job, which the job sets to the one temperature its rows were sampled at
+(``verl_backend.replay_temperature`` refuses a mix). Data sampled with top-p/top-k truncation, or by
+another model version, is off-policy by that difference here; the torch trainer is the one that weighs
+or drops it (its ``sampling`` and ``off_policy`` settings).
 """
 
 from __future__ import annotations

@@ -67,8 +67,10 @@ def stored_tokens(task: int, rollout: int) -> tuple[list[int], list[int], list[f
     return prompt, response, [-0.125 * (step + 1) for step in range(rollout + 1)]
 
 
-def write_spans(data: Path, with_token_ids: bool = True) -> None:
-    """Each rollout: a ``solve`` call with the server's token ids, a ``note`` call without, a reward."""
+def write_spans(data: Path, with_token_ids: bool = True, temperature: Any = None) -> None:
+    """Each rollout: a ``solve`` call with the server's token ids, a ``note`` call without, a reward.
+
+    ``temperature(task_index, rollout)``: the temperature the solve call was sampled at (None: not recorded)."""
     factory = SpansFactory(data / "spans")
     trace = 0
     for task_index, (task, rewards) in enumerate(REWARDS.items()):
@@ -83,6 +85,8 @@ def write_spans(data: Path, with_token_ids: bool = True) -> None:
                 attributes[sc.PROMPT_TOKEN_IDS], attributes[sc.RESPONSE_TOKEN_IDS] = prompt, response
                 attributes[sc.RESPONSE_LOGPROBS] = logprobs
                 attributes[sc.TOKEN_IDS_STATUS] = sc.TOKEN_IDS_FROM_SERVER
+                if temperature is not None and temperature(task_index, rollout) is not None:
+                    attributes[sc.GEN_AI_REQUEST_TEMPERATURE] = temperature(task_index, rollout)
             factory.llm(trace, root, 3, user=f"{task}: note", task_id=task, agent="noter")
             factory.reward(trace, root, 99, value, task_id=task)
     factory.write()
@@ -780,3 +784,21 @@ def test_the_copied_loop_needs_neither_tracelearn_nor_verl(job: VerlJob) -> None
         "imported": [],
         "class": False,  # without verl there is nothing to subclass
     }
+
+
+def test_the_job_computes_logprobs_at_the_temperature_its_rows_were_sampled_at(tmp_path: Path) -> None:
+    write_spans(tmp_path / "data", temperature=lambda task, rollout: 0.7)
+    build_transitions(tmp_path / "data", tmp_path / "out", now=NOW)
+    job = prepare_verl_job(tmp_path / "out", tmp_path / "run", MODEL, CONFIG)
+    assert job.data.temperature == 0.7
+    assert "actor_rollout_ref.rollout.temperature=0.7" in job.overrides
+    stored = pq.read_table(job.paths.train_parquet)[REPLAY_COLUMN].to_pylist()
+    assert {row["temperature"] for row in stored} == {0.7}
+
+
+def test_rows_sampled_at_several_temperatures_are_refused_with_their_counts(tmp_path: Path) -> None:
+    # Unknown temperatures count as 1: 1.0 and None are one temperature; 0.7 is another.
+    write_spans(tmp_path / "data", temperature=lambda task, rollout: {0: 0.7, 1: 1.0}.get(rollout))
+    build_transitions(tmp_path / "data", tmp_path / "out", now=NOW)
+    with pytest.raises(VerlJobError, match=r"2 temperatures \(3 at 0.7, 9 at 1; unknown counts as 1\)"):
+        prepare_verl_job(tmp_path / "out", tmp_path / "run", MODEL, CONFIG)
