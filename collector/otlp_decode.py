@@ -96,10 +96,16 @@ _PB_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_valu
 
 
 def _pb_attributes(kvs: Any) -> dict[str, Any]:
-    # The per-attribute hot loop: scalars (nearly all values) are read without a function call.
+    # The per-attribute hot loop: scalars (nearly all values) are read without a function call, and
+    # a non-empty string (most of them) without asking which field is set: a oneof's unset string
+    # reads as "", so a non-empty one is the value (decoding an LLM span: 31.9 -> 29.5 us here).
     out: dict[str, Any] = {}
     for kv in kvs:
         value = kv.value
+        text = value.string_value
+        if text:
+            out[kv.key] = text
+            continue
         which = value.WhichOneof("value")
         out[kv.key] = getattr(value, which) if which in _PB_SCALARS else _pb_value(value)
     return out
