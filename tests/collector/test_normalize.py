@@ -249,3 +249,15 @@ def test_no_attribute_value_makes_normalization_raise() -> None:
         nz.agent_name_of(attributes, "x.run")
         nz.operation_name_of(kind, attributes)
         nz.llm_columns(attributes, events)
+
+
+def test_model_version_prefers_ours_then_each_conventions_system_fingerprint() -> None:
+    call = {sc.GEN_AI_OPERATION_NAME: "chat", sc.GEN_AI_REQUEST_MODEL: "m"}
+    assert nz.llm_columns(call).model_version is None
+    for key in sc.OPENAI_SYSTEM_FINGERPRINTS:  # Traceloop's, the official instrumentation's, semconv_ai's
+        assert nz.llm_columns({**call, key: "fp_1"}).model_version == "fp_1"
+    both = {**call, sc.MODEL_VERSION: "calc-policy@4+b1c5bf429df1", "openai.response.system_fingerprint": "fp_1"}
+    assert nz.llm_columns(both).model_version == "calc-policy@4+b1c5bf429df1"
+    # The gateway writes "unknown" when neither the server's header nor a fingerprint said: no version.
+    assert nz.llm_columns({**call, sc.MODEL_VERSION: "unknown", "gen_ai.openai.system_fingerprint": "fp_2"}) \
+        .model_version == "fp_2"
