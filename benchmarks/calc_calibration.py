@@ -33,7 +33,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tracelearn.processes import console_script, free_port, start_child
-from tracelearn.training.evaluate import model_cards, wilson_interval
+from tracelearn.training.eval_results import wilson_interval
+from tracelearn.training.eval_serving import model_cards
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "examples" / "calc" / "agent.py"

@@ -47,7 +47,7 @@ from tracelearn.pipelines.build import build_transitions
 from tracelearn.pipelines.config import parse_config
 from tracelearn.registry import Lineage
 from tracelearn.training.config import parse_train_config
-from tracelearn.training.evaluate import compare
+from tracelearn.training.eval_results import compare
 from tracelearn.training.loop import LoopContext, prepare_loop, run_step
 from tracelearn.training.loop_evals import behaviour
 from tracelearn.training.loop_spec import LoopSpec, TaskSet, load_loop_spec, parse_loop_spec
@@ -83,7 +83,7 @@ def merged(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 def pipeline_for(base: Path, changes: dict[str, Any]) -> Any:
     return parse_config(merged(yaml.safe_load(base.read_text(encoding="utf-8")), changes),
-                        f"{base} + {json.dumps(changes)}")
+                        f"{base} + {json.dumps(changes)}", base.parent)
 
 
 def run_variant(name: str, context: LoopContext, spans: Path, console: Console) -> dict[str, Any]:

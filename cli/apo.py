@@ -23,10 +23,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from tracelearn.training.evaluate import DEFAULT_AGENT, DEFAULT_PIPELINE, EXAMPLE_DIR
-
-DEFAULT_VAL_TASKS = EXAMPLE_DIR / "tasks_val.jsonl"
-
 
 @click.group()
 def apo() -> None:
@@ -45,16 +41,16 @@ def apo() -> None:
               help="A rollout whose reward is below this is a failure (default: --threshold).")
 @click.option("--failures", "failures_per_critique", type=click.IntRange(min=1), default=4, show_default=True,
               help="Failed rollouts the optimizer sees per critique (a seeded sample).")
-@click.option("--agent", "agent_text", default=None,
-              help="Agent command (default: the calc agent); as for tracelearn eval.")
-@click.option("--tasks", "tasks_path", type=click.Path(path_type=Path), default=DEFAULT_VAL_TASKS,
-              show_default=True, help="Validation tasks (JSONL), the same for every candidate.")
+@click.option("--agent", "agent_text", required=True,
+              help="Agent command, e.g. 'python examples/calc/agent.py'; as for tracelearn eval.")
+@click.option("--tasks", "tasks_path", type=click.Path(path_type=Path), required=True,
+              help="Validation tasks (JSONL), the same for every candidate (e.g. examples/calc/tasks_val.jsonl).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N tasks.")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True, help="Runs per task.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Passed to the agent (same draws for every candidate); also seeds failure sampling.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_PIPELINE,
-              show_default=True, help="pipeline.yaml whose reward function scores every rollout.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="pipeline.yaml whose reward function scores every rollout (e.g. examples/calc/pipeline.yaml).")
 @click.option("--threshold", type=float, default=1.0, show_default=True,
               help="A rollout succeeds when its reward is at least this.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
@@ -98,7 +94,7 @@ def apo() -> None:
 @click.option("--restart", is_flag=True, help="Start the run in --out over (its cache is kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json on stdout (progress on stderr).")
 def run_command(prompt_ref: str, registry_location: str | None, transitions_path: Path, config_hash: str | None,
-                failure_threshold: float | None, failures_per_critique: int, agent_text: str | None,
+                failure_threshold: float | None, failures_per_critique: int, agent_text: str,
                 tasks_path: Path, limit: int | None, samples: int, seed: int, config_path: Path, threshold: float,
                 concurrency: int, agent_timeout: float, policy_url: str | None, policy_name: str | None,
                 policy_model: str | None, injection: str, optimizer_url: str, optimizer_name: str | None,
@@ -121,13 +117,13 @@ def run_command(prompt_ref: str, registry_location: str | None, transitions_path
         TemplateError,
         run_apo,
     )
-    from tracelearn.training.evaluate import EvalSpec, EvaluationError
+    from tracelearn.training.eval_inputs import EvalSpec, EvaluationError
 
     user_errors = (RegistryError, TemplateError, DatasetError, EvaluationError, PipelineConfigError, OptimizerError,
                    ResumeConflictError, SeedEvaluationError, PromptNotSubstitutedError, ValueError)
     console = Console(stderr=as_json)
     try:
-        agent = shlex.split(agent_text) if agent_text is not None else list(DEFAULT_AGENT)
+        agent = shlex.split(agent_text)
     except ValueError as error:
         raise click.ClickException(f"--agent: cannot split {agent_text!r} into words ({error})") from None
     run_directory = out or Path("runs") / time.strftime("apo-%Y%m%d-%H%M%S")

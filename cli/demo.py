@@ -22,59 +22,22 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import yaml
 from rich.console import Console
 
 from tracelearn.cli.loop import run_rounds_in_airflow
 from tracelearn.cli.spans import render_stats
 from tracelearn.pipelines.span_summary import spans_stats
 from tracelearn.training.loop import LoopError, prepare_loop, run_loop, serve_production, wait_for_version
+from tracelearn.training.loop_demo import FULL, QUICK, ExampleNotFoundError, demo_spec
 from tracelearn.training.loop_report import loop_table, write_loop_report
-from tracelearn.training.loop_spec import LoopSpec, LoopSpecError, load_loop_spec
+from tracelearn.training.loop_spec import LoopSpecError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "calc"
-EXAMPLE_LOOP = EXAMPLE / "loop.yaml"
-EXAMPLE_TRAIN_CONFIG = EXAMPLE / "train.yaml"
-
-
-@dataclass(frozen=True)
-class DemoSize:
-    """How much each round runs: training tasks and samples, held-out tasks and samples, epochs, rounds."""
-
-    train_tasks: int
-    train_samples: int
-    eval_tasks: int | None
-    eval_samples: int
-    epochs: int | None  # None: the train config's
-    rounds: int
-
-
-FULL = DemoSize(train_tasks=24, train_samples=4, eval_tasks=32, eval_samples=2, epochs=None, rounds=2)
-QUICK = DemoSize(train_tasks=6, train_samples=4, eval_tasks=8, eval_samples=1, epochs=1, rounds=2)
-
-
-def demo_spec(size: DemoSize, model: str, workdir: Path) -> tuple[LoopSpec, Path]:
-    """``examples/calc/loop.yaml`` at the demo's size (its train config written to ``workdir``), and the
-    written loop config (so ``tracelearn loop`` can report on or continue the demo's folder)."""
-    train = yaml.safe_load(EXAMPLE_TRAIN_CONFIG.read_text(encoding="utf-8"))
-    if size.epochs is not None:
-        train["grpo"]["epochs"] = size.epochs
-    (workdir / "train.yaml").write_text(yaml.safe_dump(train, sort_keys=False), encoding="utf-8")
-    raw = yaml.safe_load(EXAMPLE_LOOP.read_text(encoding="utf-8"))
-    raw.update(model=model, pipeline=str(EXAMPLE / raw["pipeline"]), train=str(workdir / "train.yaml"),
-               capture="sidecar", agent=raw["agent"].replace("python agent.py", f"python {EXAMPLE / 'agent.py'}"),
-               collect={**raw["collect"], "tasks": str(EXAMPLE / raw["collect"]["tasks"]), "limit": size.train_tasks,
-                        "samples": size.train_samples},
-               evaluate={**raw["evaluate"], "tasks": str(EXAMPLE / raw["evaluate"]["tasks"]),
-                         "limit": size.eval_tasks, "samples": size.eval_samples})
-    path = workdir / "loop.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    return load_loop_spec(path), path
+# In a clone (the repository root is the package), the example sits beside the code; an installed
+# package has no examples/, and the demo says so instead of guessing.
+CLONE_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "calc"
 
 
 @click.command()
@@ -84,17 +47,27 @@ def demo_spec(size: DemoSize, model: str, workdir: Path) -> tuple[LoopSpec, Path
 @click.option("--airflow", "use_airflow", is_flag=True, help="Run each round as the tracelearn_loop DAG (dag.test()).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where the run's data goes (default: runs/demo-<time>).")
-def demo(quick: bool, model: str, rounds: int | None, use_airflow: bool, workdir: Path | None) -> None:
+@click.option("--example-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The calc example's directory (default: examples/calc of the clone tracelearn runs from).")
+def demo(quick: bool, model: str, rounds: int | None, use_airflow: bool, workdir: Path | None,
+         example_dir: Path | None) -> None:
     """On-policy GRPO rounds on the tool task: capture, transitions, train, gate, hot swap, round after round."""
     console = Console(width=None if sys.stdout.isatty() else 160)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tracelearn loop: spinning OpenMP threads on a shared CPU
     started = time.monotonic()
+    example = (example_dir or CLONE_EXAMPLE).resolve()
+    if example_dir is None and not example.is_dir():
+        raise click.ClickException("tracelearn demo runs the calc example of a clone of the repository "
+                                   f"(examples/calc/), and there is none at {example}: this tracelearn is installed, "
+                                   "not cloned. Run it from a clone (scripts/demo.sh), or pass --example-dir DIR")
     size = QUICK if quick else FULL
     rounds = rounds or size.rounds
     workdir = (workdir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        spec, config = demo_spec(size, model, workdir)
+        spec, config = demo_spec(size, model, workdir, example)
+    except ExampleNotFoundError as error:
+        raise click.ClickException(str(error)) from None
     except LoopSpecError as error:
         raise click.ClickException(f"invalid example config: {error}") from error
 

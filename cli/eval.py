@@ -18,18 +18,9 @@ import click
 from rich.console import Console
 
 from tracelearn.pipelines.config import PipelineConfigError
-from tracelearn.training.evaluate import (
-    DEFAULT_AGENT,
-    DEFAULT_PIPELINE,
-    DEFAULT_TASKS,
-    EvalResult,
-    EvalSpec,
-    EvaluationError,
-    compare,
-    evaluate_model,
-    results_table,
-    write_evaluations,
-)
+from tracelearn.training.eval_inputs import EvalSpec, EvaluationError
+from tracelearn.training.eval_results import EvalResult, compare, results_table, write_evaluations
+from tracelearn.training.evaluate import evaluate_model
 
 
 def _folder_name(position: int, model: str) -> str:
@@ -43,16 +34,18 @@ def _folder_name(position: int, model: str) -> str:
 @click.option("--model", required=True,
               help="Model to evaluate: a model directory, a .gguf file, 'smollm2', or registry:NAME@ALIAS "
                    "(pinned to the version it names); with --base-url, a model name that server lists.")
-@click.option("--tasks", "tasks_path", type=click.Path(path_type=Path), default=DEFAULT_TASKS, show_default=True,
-              help="JSONL tasks, one object with a unique id per line.")
+@click.option("--tasks", "tasks_path", type=click.Path(path_type=Path), required=True,
+              help="JSONL tasks, one object with a unique id per line (the calc example's held-out tasks: "
+                   "examples/calc/tasks_heldout.jsonl in a clone).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N tasks.")
 @click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Runs per task.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Passed to the agent (same seeds per version).")
-@click.option("--agent", "agent_text", default=None,
-              help="Agent command (default: the calc agent). Gets --tasks/--samples/--seed appended unless it "
-                   "holds {tasks}/{samples}/{seed}; {concurrency} is replaced; 'python' is this environment's.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=DEFAULT_PIPELINE,
-              show_default=True, help="pipeline.yaml whose reward function scores every rollout.")
+@click.option("--agent", "agent_text", required=True,
+              help="Agent command, e.g. 'python examples/calc/agent.py'. Gets --tasks/--samples/--seed appended "
+                   "unless it holds {tasks}/{samples}/{seed}; {concurrency} is replaced; 'python' is this "
+                   "environment's.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="pipeline.yaml whose reward function scores every rollout (e.g. examples/calc/pipeline.yaml).")
 @click.option("--threshold", type=float, default=1.0, show_default=True,
               help="A rollout succeeds when its reward is at least this.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True,
@@ -66,14 +59,14 @@ def _folder_name(position: int, model: str) -> str:
               help="Registry for registry: models (default: $TRACELEARN_REGISTRY).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default: runs/eval-<time>).")
 @click.option("--json", "as_json", is_flag=True, help="Print eval.json's document on stdout (progress on stderr).")
-def eval_command(model: str, tasks_path: Path, limit: int | None, samples: int, seed: int, agent_text: str | None,
+def eval_command(model: str, tasks_path: Path, limit: int | None, samples: int, seed: int, agent_text: str,
                  config_path: Path, threshold: float, concurrency: int, agent_timeout: float, base_url: str | None,
                  compare_with: str | None, compare_base_url: str | None, registry_location: str | None,
                  out: Path | None, as_json: bool) -> None:
     """Evaluate MODEL: run the agent on held-out tasks, score every rollout, report the success rate."""
     console = Console(stderr=as_json)
     try:
-        agent = shlex.split(agent_text) if agent_text is not None else list(DEFAULT_AGENT)
+        agent = shlex.split(agent_text)
     except ValueError as error:
         raise click.ClickException(f"--agent: cannot split {agent_text!r} into words ({error})") from None
     if not agent:

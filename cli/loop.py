@@ -22,8 +22,6 @@ from tracelearn.training.loop import LoopError, prepare_loop, run_loop, serve_pr
 from tracelearn.training.loop_report import loop_table, write_loop_report
 from tracelearn.training.loop_spec import LoopSpec, LoopSpecError, load_loop_spec
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "calc" / "loop.yaml"
-
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
@@ -64,8 +62,9 @@ def run_rounds_in_airflow(spec: LoopSpec, config: Path, workdir: Path, rounds: i
 
 
 @click.command("loop")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=EXAMPLE_CONFIG,
-              show_default=True, help="loop.yaml: the agent, tasks, pipeline, trainer and gate.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+              help="loop.yaml: the agent, tasks, pipeline, trainer and gate (the calc example's: "
+                   "examples/calc/loop.yaml in a clone).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Rounds in all.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/loop"), show_default=True,
               help="Where every round keeps its data, run, evaluation and gate.json (resumed when it exists).")

@@ -3,7 +3,7 @@
 Example (every key is optional; an omitted key takes the default shown in the comment)::
 
     select: {agent: "writer|planner", llm_call: "chat"}   # all agents, all LLM calls
-    reward: {function: examples.calc.reward:score, name: correct}   # emitted rewards only
+    reward: {function: reward.py:score, name: correct}   # emitted rewards only
     stages: [drop_failed_rollouts, {my_pkg.stages:dedupe_by_prompt: {keep: last}}]   # none
     credit: {method: identical}              # identical | discounted(gamma) | last_step | process
     advantage: {method: grpo, group_by: task_id, normalize_std: true, level: rollout}
@@ -14,9 +14,10 @@ Example (every key is optional; an omitted key takes the default shown in the co
 
 ``reward``: several sources at once, every named reward of every source lands in the rollout's
 ``rewards`` (``tracelearn.pipelines.rewards`` says how each is computed and joined):
-``emitted`` (default true: ``emit_reward`` spans), ``function`` (a ``module:function`` applied to
-each rollout in the pipeline; a number it returns is stored under ``name``, default the function's
-name, a dict under its keys) and ``feedback`` (default false: the feedback table
+``emitted`` (default true: ``emit_reward`` spans), ``function`` (applied to each rollout in the
+pipeline: ``FILE.py:function``, a Python file relative to this config file's directory, or
+``package.module:function``, a module on the import path; a number it returns is stored under
+``name``, default the function's name, a dict under its keys) and ``feedback`` (default false: the feedback table
 ``<data root>/feedback/``). ``primary`` names the reward to train on (default: ``name`` when a
 function is given, else the first emitted, else the earliest feedback; required when feedback is the
 only source). ``missing`` says what happens to a rollout without a primary reward: ``drop``
@@ -126,7 +127,8 @@ def reward_sources(config: PipelineConfig, data_root: str | Path) -> RewardSourc
     if reward.function is not None:
         try:
             function = load_reward_function(
-                reward.function, reward.name or reward.function, config.timeouts.reward_function_seconds
+                reward.function, reward.name or reward.function, config.timeouts.reward_function_seconds,
+                file=reward.function_file,
             )
         except RewardFunctionError as exc:
             raise PipelineConfigError("<config>", "reward.function", str(exc)) from None
@@ -159,9 +161,11 @@ def config_hash(config: PipelineConfig) -> str:
 
     Keys are sorted and defaults are filled in by parsing, so key order and writing a default out
     or leaving it implicit do not change the hash; any changed value (a stage parameter included)
-    does. ``timeouts`` are left out: they bound how long a build may run, not what it computes.
+    does. ``timeouts`` are left out: they bound how long a build may run, not what it computes; so is
+    the reward file's resolved location (``reward.function`` as written is kept).
     """
     hashed = {key: value for key, value in config_as_dict(config).items() if key != "timeouts"}
+    del hashed["reward"]["function_file"]  # where the checkout is, not what the config computes
     hashed["stages"] = [{k: v for k, v in stage.items() if k != "timeout_s"} for stage in hashed["stages"]]
     canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

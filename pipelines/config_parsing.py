@@ -31,7 +31,7 @@ from tracelearn.pipelines.config_sections import (
     WatermarkConfig,
 )
 from tracelearn.pipelines.credit import CREDIT_METHODS
-from tracelearn.pipelines.rewards import RewardFunctionError, load_reward_function
+from tracelearn.pipelines.rewards import RewardFunctionError, load_reward_function, reward_function_file
 from tracelearn.pipelines.stages import StageError, StageSpec, resolve_stage
 
 
@@ -102,12 +102,12 @@ def _parse_select(check: _Checker, raw: Mapping[str, Any]) -> SelectConfig:
 _REWARD_KEYS: tuple[str, ...] = ("emitted", "function", "name", "feedback", "primary", "missing", "fill_value")
 
 
-def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
+def _parse_reward(check: _Checker, raw: Mapping[str, Any], base_dir: Path) -> RewardConfig:
     reward = raw.get("reward")
     if isinstance(reward, Mapping) and "source" in reward:
         raise check.fail(
             "reward.source",
-            "is replaced by one key per source: emitted: true|false, function: module:function, "
+            "is replaced by one key per source: emitted: true|false, function: FILE.py:function, "
             "feedback: true|false (several may be on at once)",
         )
     section = check.section(raw, "reward", _REWARD_KEYS)
@@ -115,12 +115,14 @@ def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
     feedback = check.boolean(section.get("feedback", False), "reward.feedback")
     function = section.get("function")
     name = section.get("name")
+    function_file = None
     if function is not None:
         check.name(function, "reward.function")
         default_name = function.rpartition(":")[2].split(".")[-1]
         name = check.name(name, "reward.name") if name is not None else default_name
+        function_file = reward_function_file(function, base_dir)
         try:
-            load_reward_function(function, name)
+            load_reward_function(function, name, file=function_file)
         except RewardFunctionError as exc:
             raise check.fail("reward.function", str(exc)) from None
     elif name is not None:
@@ -142,7 +144,7 @@ def _parse_reward(check: _Checker, raw: Mapping[str, Any]) -> RewardConfig:
         raise check.fail(
             "reward.fill_value", f"{fill_value!r} is only used with reward.missing 'fill', not {missing!r}"
         )
-    return RewardConfig(emitted, function, name, feedback, primary, missing, fill_value)
+    return RewardConfig(emitted, function, name, feedback, primary, missing, fill_value, function_file)
 
 
 def _parse_stages(check: _Checker, raw: Mapping[str, Any]) -> tuple[StageSpec, ...]:
@@ -262,10 +264,13 @@ _TOP_LEVEL: tuple[str, ...] = (
 )
 
 
-def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE) -> PipelineConfig:
+def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE,
+                 base_dir: str | Path | None = None) -> PipelineConfig:
     """Validate a config mapping (as read from YAML) into a :class:`PipelineConfig`.
 
-    ``source`` (the file name) prefixes every error. Raises :class:`PipelineConfigError` for an
+    ``source`` (the file name) prefixes every error; a reward function named by a file
+    (``FILE.py:function``) is read relative to ``base_dir`` (the config file's directory; default: the
+    current directory). Raises :class:`PipelineConfigError` for an
     unknown key at any level, a value of the wrong type or out of range, an invalid ``select.agent``
     regex, a stage that does not resolve or a reward function that cannot be imported.
     """
@@ -279,7 +284,7 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = DEFAULT_SOURCE) ->
     check.known_keys(raw, "", _TOP_LEVEL)
     return PipelineConfig(
         select=_parse_select(check, raw),
-        reward=_parse_reward(check, raw),
+        reward=_parse_reward(check, raw, Path(base_dir) if base_dir is not None else Path.cwd()),
         stages=_parse_stages(check, raw),
         credit=_parse_credit(check, raw),
         advantage=_parse_advantage(check, raw),
@@ -307,4 +312,4 @@ def load_config(path: str | Path | None) -> PipelineConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PipelineConfigError(source, "", f"is not valid YAML: {exc}") from None
-    return parse_config(raw, source)
+    return parse_config(raw, source, Path(path).parent)

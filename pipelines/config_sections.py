@@ -6,6 +6,7 @@ from a file; ``tracelearn.pipelines.config`` is where callers import them from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tracelearn.pipelines.rewards import DEFAULT_REWARD_TIMEOUT_S
 from tracelearn.pipelines.rollout_identity import JoinConfig
@@ -38,7 +39,8 @@ class SelectConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     """Where rewards come from (any of emitted spans, a function, feedback), which is primary, and what
-    to do with rollouts without one."""
+    to do with rollouts without one. ``function_file`` is the file a ``FILE.py:function`` names, resolved
+    against the config's directory (not part of the config hash: moving a checkout changes no output)."""
 
     emitted: bool = True
     function: str | None = None
@@ -47,6 +49,7 @@ class RewardConfig:
     primary: str | None = None
     missing: str = "keep"
     fill_value: float | None = None
+    function_file: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class _Worker:
             Path(address).unlink(missing_ok=True)
         accepted.setblocking(True)
         self.connection = Connection(accepted.detach())
-        self.connection.send({**setup, "sys_path": list(sys.path)})
+        self.connection.send({**setup, "import_path": list(sys.path)})  # see reward_worker, step 1
         status, message = self.receive(STARTUP_TIMEOUT_S) or ("failed", f"no answer in {STARTUP_TIMEOUT_S:.0f} s")
         if status != "ready":
             self.stop()

@@ -7,9 +7,11 @@ here, so the build's process does no per-rollout Python work and the two process
 
 Protocol over the Unix socket ``SOCKET`` (``multiprocessing.connection`` messages):
 
-1. parent -> worker (pickled) ``{"sys_path": [...], "function": "module:function", "name": "reward",
-   "parameters": [names], "takes_any_keyword": bool}``; worker -> parent ``("ready", "")`` or
-   ``("failed", message)`` (the function cannot be imported);
+1. parent -> worker (pickled) ``{"import_path": [...], "function": "module:function" or "FILE.py:function",
+   "file": the resolved FILE or None, "name": "reward", "parameters": [names], "takes_any_keyword": bool}``;
+   worker -> parent ``("ready", "")`` or ``("failed", message)`` (the function cannot be found).
+   ``import_path`` is the build process's ``sys.path``: the worker is started by file path (so its own
+   first entry would be this directory), and a function the build found must be found here alike;
 2. parent -> worker (bytes): an Arrow IPC stream of input rows, one call each, in order (columns
    ``rollout_id``, ``task_id``, ``input_messages``, ``output_messages``, ``metadata`` and maybe
    ``spans``, see ``tracelearn.pipelines.rewards``); worker -> parent, per row and in order (pickled):
@@ -19,12 +21,16 @@ Protocol over the Unix socket ``SOCKET`` (``multiprocessing.connection`` message
 3. the parent closes the socket: the worker exits.
 
 Results are checked here (:func:`named_rewards`), so only plain floats and strings travel back.
+:func:`find_function` is the one place a reward function is found, here and in the build's process
+(``tracelearn.pipelines.rewards`` checks its signature at config load).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import numbers
@@ -34,6 +40,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -145,10 +152,41 @@ def _short(text: str) -> str:
     return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
 
 
-def _import(path: str) -> Callable[..., Any]:
-    module_name, _, attribute = path.partition(":")
-    found: Any = importlib.import_module(module_name)
+def _load_file(file: str) -> Any:
+    """The Python file ``file`` run as a module of its own (registered under a name made from its path,
+    so dataclasses and pickling inside it work); raises what loading it raises."""
+    digest = hashlib.sha256(file.encode("utf-8")).hexdigest()[:12]
+    name = f"_tracelearn_reward_file_{digest}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{file} cannot be loaded as Python source")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def find_function(reference: str, file: str | None = None) -> Callable[..., Any]:
+    """The function ``reference`` names: ``FILE.py:function`` loaded from ``file`` (the path the parent
+    resolved), or ``package.module:function`` imported from the import path.
+
+    Raises ``FileNotFoundError`` (no such file), what importing or running the module raises (its own
+    errors included), ``AttributeError`` (no such attribute) or ``TypeError`` (not callable).
+    """
+    module_name, _, attribute = reference.rpartition(":")
+    if file is not None:
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"no file {file}")
+        found: Any = _load_file(file)
+    else:
+        found = importlib.import_module(module_name)
     for part in attribute.split("."):
+        if not hasattr(found, part):
+            raise AttributeError(f"{file or module_name} has no attribute {attribute!r}")
         found = getattr(found, part)
     if not callable(found):
         raise TypeError(f"{attribute!r} is a {type(found).__name__}, not a function")
@@ -171,14 +209,14 @@ def _call(
 def serve(connection: Connection) -> None:
     """Answer the parent until it closes the connection (see the module docstring)."""
     setup = connection.recv()
-    sys.path[:] = setup["sys_path"]
+    sys.path[:] = setup["import_path"]
     path, name = setup["function"], setup["name"]
     try:
-        function = _import(path)
+        function = find_function(path, setup["file"])
     except BaseException as error:  # reported to the parent, which names the function
         connection.send(("failed", _short(
-            f"a fresh Python process cannot import it ({type(error).__name__}: {error}); the function must "
-            "live in a module on the import path (PYTHONPATH, or the directory the build runs from)")))
+            f"a fresh Python process cannot load it ({type(error).__name__}: {error}); the function must live "
+            "in a file named by its path (FILE.py:function) or in a module on the import path")))
         return
     connection.send(("ready", ""))
     while True:

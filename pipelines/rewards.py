@@ -5,8 +5,12 @@ Each source yields long-format reward rows ``rollout_id, reward_name, reward, so
 the rollout's ``rewards`` map and picks the primary one. Every row depends only on its own rollout's
 spans and feedback, so a build may run over any subset of whole rollouts (one bucket at a time).
 
-Reward function (``reward.function: module:function``): called once per rollout with keyword
-arguments chosen by its parameter names:
+Reward function (``reward.function``): ``FILE.py:function``, a Python file named by its path (relative
+to the pipeline config's directory, or absolute) and loaded as a module of its own, or
+``package.module:function``, a module on the import path (installed, or on ``PYTHONPATH``). Nothing is
+added to the import path: a reward file imports installed packages, not its neighbours (make shared
+code a package and name it by module path). It is called once per rollout with keyword arguments
+chosen by its parameter names:
 
 - ``answer``: text content of the response of the rollout's last LLM call (by start time) that has one;
 - ``messages``: that call's prompt messages followed by its response messages (OpenAI-style dicts);
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +52,8 @@ import pyarrow as pa
 from polars.datatypes import DataTypeClass
 
 from tracelearn.pipelines.reward_calls import RewardWorkerError, call_reward_function
-from tracelearn.pipelines.reward_worker import BUILTIN_ARGUMENTS
+from tracelearn.pipelines.reward_worker import BUILTIN_ARGUMENTS, find_function
 from tracelearn.pipelines.spans_input import check_columns, distinct_spans
-from tracelearn.pipelines.stages import StageError, import_callable
 from tracelearn.schemas import semconv as sc
 from tracelearn.schemas.dataset import DatasetError, dataset_files, file_schema_version
 from tracelearn.schemas.migrations import SchemaVersionError
@@ -69,6 +73,7 @@ __all__ = [
     "feedback_reward_rows",
     "function_reward_rows",
     "load_reward_function",
+    "reward_function_file",
     "scan_feedback",
 ]
 
@@ -96,8 +101,10 @@ class RewardFunctionError(ValueError):
 
 @dataclass(frozen=True)
 class RewardFunction:
-    """A reward function checked at load: ``path`` (``module:function``), the reward ``name`` a plain
-    number is stored under, the callable, its keyword-passable parameters and the seconds one call may take."""
+    """A reward function checked at load: ``path`` as the config wrote it (``FILE.py:function`` or
+    ``module:function``), the ``file`` it names (resolved; ``None`` for a module), the reward ``name`` a
+    plain number is stored under, the callable, its keyword-passable parameters and the seconds one
+    call may take."""
 
     path: str
     name: str
@@ -105,22 +112,61 @@ class RewardFunction:
     parameters: tuple[inspect.Parameter, ...]
     takes_any_keyword: bool
     timeout_s: float = DEFAULT_REWARD_TIMEOUT_S
+    file: Path | None = None
 
     def needs(self, argument: str) -> bool:
         return any(p.name == argument for p in self.parameters)
 
 
-def load_reward_function(path: str, name: str, timeout_s: float = DEFAULT_REWARD_TIMEOUT_S) -> RewardFunction:
-    """Import ``module:function`` and check that the pipeline can call it by keyword; each call may
-    take ``timeout_s`` seconds.
+def reward_function_file(reference: str, base_dir: Path) -> Path | None:
+    """The file a ``FILE.py:function`` reference names, resolved against ``base_dir`` (the pipeline
+    config's directory); ``None`` for a ``module:function`` reference."""
+    location = reference.rpartition(":")[0]
+    return (base_dir / location).resolve() if location.endswith(".py") else None
 
-    Raises :class:`RewardFunctionError` naming the function when it cannot be imported, has no
-    readable signature, has positional-only parameters, or takes no keyword-passable parameter.
-    """
+
+def _found(path: str, file: Path | None) -> Callable[..., Any]:
+    """``reward_worker.find_function``, its failures as :class:`RewardFunctionError` saying what was tried."""
+    location, separator, attribute = path.rpartition(":")
+    if not separator or not location or not attribute:
+        raise RewardFunctionError(f"reward function {path!r}: malformed import path; write it as FILE.py:function "
+                                  "(a file relative to the config) or package.module:function (a module on the "
+                                  "import path)")
+    searched = ", ".join(entry or "<current directory>" for entry in sys.path) or "empty"
     try:
-        function = import_callable(path, "reward function")
-    except StageError as exc:
-        raise RewardFunctionError(str(exc)) from None
+        return find_function(path, None if file is None else str(file))
+    except FileNotFoundError:
+        raise RewardFunctionError(f"reward function {path!r}: no such file: {file} (a file is named relative "
+                                  "to the config's directory)") from None
+    except (AttributeError, TypeError) as exc:
+        raise RewardFunctionError(f"reward function {path!r}: {exc}") from None
+    except ModuleNotFoundError as exc:
+        if file is not None:  # the file imports a module that is not installed
+            raise RewardFunctionError(f"reward function {path!r}: loading the file {file} raised "
+                                      f"ModuleNotFoundError: {exc}") from exc
+        raise RewardFunctionError(f"reward function {path!r}: module {location!r} cannot be imported ({exc}); "
+                                  f"searched the import path: {searched}. A reward file next to the config is "
+                                  "named by its path instead, e.g. reward.py:score") from None
+    except (Exception, SystemExit) as exc:  # user code: its import may raise anything
+        loading = f"the file {file}" if file is not None else f"module {location!r}"
+        raise RewardFunctionError(
+            f"reward function {path!r}: loading {loading} raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_reward_function(path: str, name: str, timeout_s: float = DEFAULT_REWARD_TIMEOUT_S,
+                         file: Path | None = None) -> RewardFunction:
+    """Find ``path`` (``FILE.py:function`` loaded from ``file``, see :func:`reward_function_file`;
+    without ``file``, relative to the current directory; or ``module:function``) and check that the
+    pipeline can call it by keyword; each call may take ``timeout_s`` seconds.
+
+    Raises :class:`RewardFunctionError` naming the function and what was tried when it cannot be
+    found, has no readable signature, has positional-only parameters, or takes no keyword-passable
+    parameter.
+    """
+    if file is None:
+        file = reward_function_file(path, Path.cwd())
+    function = _found(path, file)
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -141,7 +187,7 @@ def load_reward_function(path: str, name: str, timeout_s: float = DEFAULT_REWARD
             f"reward function {path!r}: takes no named parameters; name the inputs it needs "
             f"({', '.join(BUILTIN_ARGUMENTS)} or metadata keys), e.g. def score(answer, gold)"
         )
-    return RewardFunction(path, name, function, parameters, takes_any_keyword, timeout_s)
+    return RewardFunction(path, name, function, parameters, takes_any_keyword, timeout_s, file)
 
 
 @dataclass
@@ -286,7 +332,8 @@ def function_reward_rows(
         if (lacking := _missing_input(function, row)) is not None:
             missing[index] = lacking
     called = inputs.filter(~pl.int_range(pl.len()).is_in(list(missing)))
-    setup = {"function": function.path, "name": function.name, "takes_any_keyword": function.takes_any_keyword,
+    setup = {"function": function.path, "file": None if function.file is None else str(function.file),
+             "name": function.name, "takes_any_keyword": function.takes_any_keyword,
              "parameters": [parameter.name for parameter in function.parameters]}
     outcomes = call_reward_function(setup, called.height, lambda start, stop: _ipc(called[start:stop]),
                                     function.timeout_s)

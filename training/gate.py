@@ -3,7 +3,8 @@
 Three steps, each usable alone:
 
 - :func:`publish_candidate` publishes a checkpoint directory as the next version of an artifact, with
-  its lineage, and moves the ``candidate`` alias to it (the reason in the alias's audit log).
+  its lineage, and moves the ``candidate`` alias to it (the reason in the alias's audit log);
+  :func:`publish_run` does so for a training run's checkpoint and ``lineage.json``.
 - :func:`decide` is pure: from the candidate's and production's evaluations (same tasks and seeds,
   ``tracelearn.training.evaluate``) it says whether to promote, and why, naming the numbers. The
   candidate must beat production's success rate by more than ``GateConfig.margin`` on the paired
@@ -15,7 +16,9 @@ Three steps, each usable alone:
   ``gate.json`` (:meth:`GateDecision.write`): a refused promotion is recorded there with its reason.
 
 :func:`gate_candidate` runs the whole gate for a published version: both evaluations, the decision,
-the alias move, and ``gate.json`` with ``eval.json`` in its working directory.
+the alias move, and ``gate.json`` with ``eval.json`` in its working directory. In two steps, as the
+train DAG runs it: :func:`evaluate_for_gate` (the evaluations and the decision, written by the caller)
+and :func:`apply_decision_file` (the decision carried out and recorded as ``gate.json``).
 """
 
 from __future__ import annotations
@@ -30,25 +33,22 @@ from typing import Any
 from rich.console import Console
 
 from tracelearn.registry import AliasMove, ArtifactNotFoundError, ArtifactVersion, Lineage, Registry, RegistryError
-from tracelearn.training.evaluate import (
-    REGISTRY_PREFIX,
-    Comparison,
-    EvalResult,
-    EvalSpec,
-    compare,
-    evaluate_model,
-    results_table,
-    write_evaluations,
-)
+from tracelearn.training.eval_inputs import EvalSpec
+from tracelearn.training.eval_results import Comparison, EvalResult, compare, results_table, write_evaluations
+from tracelearn.training.eval_serving import REGISTRY_PREFIX
+from tracelearn.training.evaluate import evaluate_model
 
 __all__ = [
     "GateConfig",
     "GateConflictError",
     "GateDecision",
+    "apply_decision_file",
     "apply_gate",
     "decide",
+    "evaluate_for_gate",
     "gate_candidate",
     "publish_candidate",
+    "publish_run",
 ]
 
 
@@ -160,6 +160,14 @@ def publish_candidate(registry: Registry, name: str, checkpoint_dir: Path, linea
     return version
 
 
+def publish_run(registry: Registry, name: str, checkpoint_dir: Path, lineage_file: Path, *,
+                reason: str | None = None) -> ArtifactVersion:
+    """:func:`publish_candidate` for a training run: its checkpoint with the lineage file the run wrote
+    (``lineage.json``; an invalid one raises ``InvalidArtifactError`` naming the key)."""
+    lineage = Lineage.from_dict(json.loads(lineage_file.read_text(encoding="utf-8")), source=str(lineage_file))
+    return publish_candidate(registry, name, checkpoint_dir, lineage, reason=reason)
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -264,14 +272,13 @@ def apply_gate(registry: Registry, name: str, candidate_version: int, decision: 
     return dataclasses.replace(decision, alias_move=move)
 
 
-def gate_candidate(registry: Registry, name: str, candidate_version: int, spec: EvalSpec, workdir: Path,
-                   config: GateConfig | None = None, *, console: Console | None = None) -> GateDecision:
+def evaluate_for_gate(registry: Registry, name: str, candidate_version: int, spec: EvalSpec, workdir: Path,
+                      config: GateConfig | None = None, *, console: Console | None = None) -> GateDecision:
     """Evaluate ``name@candidate_version`` and the current production version with ``spec`` (same tasks,
-    samples and seed), decide, apply, and write ``workdir/gate.json`` and ``workdir/eval.json``.
+    samples and seed), write ``workdir/eval.json`` and return the decision, not yet applied.
 
     Each evaluation serves its version with ``tracelearn serve`` (in ``workdir/candidate`` and
-    ``workdir/production``). Raises what :func:`~tracelearn.training.evaluate.evaluate_model` and
-    :func:`apply_gate` raise; a failed evaluation promotes nothing.
+    ``workdir/production``). Raises what :func:`~tracelearn.training.evaluate.evaluate_model` raises.
     """
     config = config or GateConfig()
     console = console or Console(stderr=True)
@@ -285,11 +292,30 @@ def gate_candidate(registry: Registry, name: str, candidate_version: int, spec: 
     if current is not None:
         production = evaluate_model(f"{REGISTRY_PREFIX}{current.ref}", spec, workdir / "production",
                                     registry=registry.location, console=console)
-    decision = apply_gate(registry, name, candidate_version, decide(candidate, production, config))
     results = [candidate] if production is None else [candidate, production]
     comparison = compare(candidate, production) if production is not None else None
     write_evaluations(workdir, results, comparison)
-    decision.write(workdir / "gate.json")
     console.print(results_table(results, comparison))
+    return decide(candidate, production, config)
+
+
+def apply_decision_file(registry: Registry, name: str, candidate_version: int, decision_path: Path) -> GateDecision:
+    """Carry out the decision written at ``decision_path`` (:meth:`GateDecision.write`) with :func:`apply_gate`
+    and record it as ``gate.json`` beside it, why included, promoted or not."""
+    decision = GateDecision.from_dict(json.loads(decision_path.read_text(encoding="utf-8")))
+    applied = apply_gate(registry, name, candidate_version, decision)
+    applied.write(decision_path.with_name("gate.json"))
+    return applied
+
+
+def gate_candidate(registry: Registry, name: str, candidate_version: int, spec: EvalSpec, workdir: Path,
+                   config: GateConfig | None = None, *, console: Console | None = None) -> GateDecision:
+    """The whole gate: :func:`evaluate_for_gate`, then :func:`apply_gate`; writes ``workdir/eval.json`` and
+    ``workdir/gate.json``. A failed evaluation promotes nothing.
+    """
+    console = console or Console(stderr=True)
+    decision = evaluate_for_gate(registry, name, candidate_version, spec, workdir, config, console=console)
+    decision = apply_gate(registry, name, candidate_version, decision)
+    decision.write(workdir / "gate.json")
     console.print(("promoted: " if decision.promote else "not promoted: ") + decision.reason)
     return decision

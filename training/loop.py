@@ -50,20 +50,19 @@ from tracelearn.processes import ChildProcess, ChildProcessError, console_script
 from tracelearn.registry import REGISTRY_ENV, ArtifactVersion, Lineage, Registry, RegistryError, open_registry
 from tracelearn.training.config import TrainConfigError, load_train_config
 from tracelearn.training.data import NoTrainingDataError
-from tracelearn.training.evaluate import (
+from tracelearn.training.eval_inputs import (
     EvalSpec,
     EvaluationError,
     agent_command,
-    compare,
     eval_pipeline_config,
-    model_cards,
     read_task_ids,
-    served_model,
-    write_evaluations,
 )
-from tracelearn.training.gate import GateConfig, GateConflictError, apply_gate, decide, publish_candidate
+from tracelearn.training.eval_results import compare, write_evaluations
+from tracelearn.training.eval_serving import model_cards, served_model
+from tracelearn.training.gate import GateConfig, GateConflictError, apply_gate, decide, publish_run
 from tracelearn.training.loop_evals import VersionEvaluations
 from tracelearn.training.loop_spec import LoopSpec
+from tracelearn.training.train_steps import train_policy
 
 __all__ = ["STEPS", "LoopContext", "LoopError", "RoundState", "prepare_loop", "run_loop", "run_step",
            "serve_production", "wait_for_version"]
@@ -146,7 +145,7 @@ def prepare_loop(spec: LoopSpec, workdir: Path, console: Console) -> Registry:
     """Check (or record) the workdir's settings and make sure production names a version: the starting
     model is published as version 1 of ``spec.name`` when the registry has none. Returns the registry."""
     try:  # before anything runs: a broken config should not cost a collection first
-        eval_pipeline_config(spec.pipeline)  # also puts the repository root on sys.path for its reward function
+        eval_pipeline_config(spec.pipeline)  # its reward function found as the config names it
         load_train_config(spec.train)
     except (PipelineConfigError, TrainConfigError) as error:
         raise LoopError(str(error)) from None
@@ -190,7 +189,7 @@ def _health(base_url: str) -> dict[str, Any]:
 def serve_production(spec: LoopSpec, registry: Registry, workdir: Path, console: Console) -> Iterator[str]:
     """``tracelearn serve`` following ``registry:NAME@production`` (hot swaps on promotion) for the block;
     yields its base URL."""
-    from tracelearn.training.evaluate import ModelServerError
+    from tracelearn.training.eval_inputs import ModelServerError
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -308,8 +307,8 @@ def collect(context: LoopContext, state: RoundState) -> dict[str, Any]:
     tasks_file = state.path / "tasks.jsonl"
     tasks_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     seed = spec.collect.seed + state.number - 1
-    agent_spec = EvalSpec(agent=spec.agent, tasks=tasks_file, samples=spec.collect.samples, seed=seed,
-                          concurrency=spec.concurrency)
+    agent_spec = EvalSpec(agent=spec.agent, tasks=tasks_file, pipeline_config=spec.pipeline,
+                          samples=spec.collect.samples, seed=seed, concurrency=spec.concurrency)
     command = agent_command(agent_spec, tasks_file)
     started = time.monotonic()
     with _production_server(context, production, state) as (base_url, name):
@@ -371,9 +370,6 @@ def _measure_production(context: LoopContext, state: RoundState) -> None:
 
 def train(context: LoopContext, state: RoundState) -> dict[str, Any]:
     """Step 3: train from the version that collected the data; a round without signal trains nothing."""
-    from tracelearn.training.grpo import train_grpo
-    from tracelearn.training.sft import train_sft
-
     built, spec = state.steps["build"], context.spec
     if spec.trainer == "grpo" and built["groups"] == built["zero_signal_groups"]:
         state.outcome = "no_signal"
@@ -381,12 +377,11 @@ def train(context: LoopContext, state: RoundState) -> dict[str, Any]:
                         f"(success {100 * built['success_rate']:.1f}%); nothing was trained, production stays")
         _measure_production(context, state)
         return {"trained": False}
-    trainer = train_grpo if spec.trainer == "grpo" else train_sft
     model = f"registry:{state.steps['collect']['production']}"
     try:
-        result = trainer(state.data, model, state.path / "run", load_train_config(spec.train),
-                         config_hash=built["config_hash"], overwrite=True, progress=context.progress,
-                         registry=context.registry)
+        result = train_policy(spec.trainer, state.data, model, state.path / "run", load_train_config(spec.train),
+                              config_hash=built["config_hash"], overwrite=True, progress=context.progress,
+                              registry=context.registry)
     except NoTrainingDataError as error:
         state.outcome, state.reason = "no_signal", f"no learning signal: {error}; nothing was trained"
         _measure_production(context, state)
@@ -399,9 +394,8 @@ def train(context: LoopContext, state: RoundState) -> dict[str, Any]:
 def publish(context: LoopContext, state: RoundState) -> dict[str, Any]:
     """Step 4: the checkpoint as the next registry version, ``candidate`` pointing at it."""
     trained = state.steps["train"]
-    lineage = Lineage.from_dict(json.loads(Path(trained["lineage"]).read_text(encoding="utf-8")))
-    version = publish_candidate(context.registry, context.spec.name, Path(trained["checkpoint"]), lineage,
-                                reason=f"loop round {state.number}")
+    version = publish_run(context.registry, context.spec.name, Path(trained["checkpoint"]), Path(trained["lineage"]),
+                          reason=f"loop round {state.number}")
     context.console.print(f"published {version.ref} as candidate")
     return {"candidate": version.ref, "version": version.version}
 

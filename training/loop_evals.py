@@ -24,7 +24,9 @@ import polars as pl
 from rich.console import Console
 
 from tracelearn.registry import Registry
-from tracelearn.training.evaluate import ROLLOUT_SCHEMA, EvalResult, EvalSpec, evaluate_model, wilson_interval
+from tracelearn.training.eval_inputs import EvalSpec
+from tracelearn.training.eval_results import ROLLOUT_SCHEMA, EvalResult, wilson_interval
+from tracelearn.training.evaluate import evaluate_model
 
 __all__ = ["Behaviour", "VersionEvaluations", "behaviour"]
 

@@ -331,7 +331,7 @@ def _report(task: Task, outcome: Outcome, error: str | None) -> None:
 
 def _task_attributes(task: Task) -> dict[str, str]:
     # The gold answer as rollout metadata lets the pipeline recompute the reward with another function
-    # (reward: {function: examples.calc.reward:score, name: correct}).
+    # (reward: {function: reward.py:score, name: correct} in pipeline.yaml).
     return {"tracelearn.task.id": task.id, "tracelearn.metadata.gold": task.answer,
             "tracelearn.metadata.sample": str(task.sample)}
 

@@ -225,7 +225,7 @@ def _report(task: Task, state: Review, error: str | None) -> None:
 
 def _task_attributes(task: Task) -> dict[str, str]:
     # The gold query as rollout metadata lets the pipeline recompute the reward
-    # (reward: {function: examples.sql.reward:score}).
+    # (reward: {function: reward.py:score} in pipeline.yaml).
     return {"tracelearn.task.id": task.id, "tracelearn.metadata.gold_sql": task.gold_sql,
             "tracelearn.metadata.sample": str(task.sample)}  # fmt: skip
 

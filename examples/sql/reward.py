@@ -234,7 +234,7 @@ def final_writer_reply(spans: Sequence[Mapping[str, Any]]) -> str:
 
 
 def score(spans: Sequence[Mapping[str, Any]], gold_sql: str) -> float:
-    """Pipeline reward (``reward.function: examples.sql.reward:score``): execution match of the SQL in
+    """Pipeline reward (``reward.function: reward.py:score``): execution match of the SQL in
     the writer's last reply against ``gold_sql``, the task's gold query (``tracelearn.metadata.gold_sql``).
 
     The final query is always the writer's last draft (the checker accepted it, or the rounds ran

@@ -21,7 +21,9 @@ Params (defaults from the environment when the file is parsed):
   config_hash: pipeline config hash prefix when the transitions hold several
   registry: registry location (``$TRACELEARN_REGISTRY``; empty: the default)
   runs: where run directories go (``./runs``); each run writes ``<runs>/<dag run id>/``
-  agent (empty: the calc agent), tasks, limit (0: all), samples, seed, pipeline, threshold, agent_timeout
+  agent, tasks, pipeline (required: the agent command, its validation tasks and the pipeline.yaml whose
+    reward scores them; the calc example's are under examples/calc/ in a clone), limit (0: all), samples,
+    seed, threshold, agent_timeout
   policy_url: the server the agent calls (empty: ``$OPENAI_BASE_URL`` or http://127.0.0.1:8000/v1);
     policy: or a model served for the run (``smollm2``); inject: gateway | registry
   optimizer_url, optimizer_name (empty: its only model), optimizer_max_tokens
@@ -56,8 +58,6 @@ TASK_TIMEOUT = timedelta(minutes=APO_TASK_TIMEOUT.value())
 
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 PROMPTS = Asset(name="tracelearn_prompts", uri="tracelearn://registry/prompts")
-REPO = Path(__file__).resolve().parents[2]
-CALC = REPO / "examples" / "calc"
 
 
 def _run_directory(params: dict[str, Any], run_id: str) -> Path:
@@ -68,10 +68,14 @@ def _run_directory(params: dict[str, Any], run_id: str) -> Path:
 def _config(params: dict[str, Any], run_id: str) -> Any:
     """The APO run the params describe (``tracelearn.training.apo.ApoConfig``)."""
     from tracelearn.training.apo import ApoConfig, SearchSettings
-    from tracelearn.training.evaluate import DEFAULT_AGENT, EvalSpec
+    from tracelearn.training.eval_inputs import EvalSpec
 
+    missing = [name for name in ("agent", "tasks", "pipeline") if not params[name]]
+    if missing:
+        raise ValueError(f"params {', '.join(missing)} are required (the agent command, its validation tasks and "
+                         "the pipeline.yaml whose reward scores them)")
     spec = EvalSpec(
-        agent=tuple(shlex.split(params["agent"])) if params["agent"] else DEFAULT_AGENT,
+        agent=tuple(shlex.split(params["agent"])),
         tasks=Path(params["tasks"]), limit=params["limit"] or None, samples=params["samples"], seed=params["seed"],
         pipeline_config=Path(params["pipeline"]), success_threshold=float(params["threshold"]),
         agent_timeout_s=float(params["agent_timeout"]), service_name="tracelearn-apo")
@@ -102,12 +106,12 @@ def _config(params: dict[str, Any], run_id: str) -> Any:
         "config_hash": Param("", type="string"),
         "registry": Param(REGISTRY.text() if REGISTRY.is_set() else "", type="string"),
         "runs": Param(RUNS.text(), type="string"),
-        "agent": Param("", type="string", description="agent command (empty: the bundled calc agent)"),
-        "tasks": Param(str(CALC / "tasks_val.jsonl"), type="string"),
+        "agent": Param("", type="string", description="the agent command (required)"),
+        "tasks": Param("", type="string", description="validation tasks, JSONL (required)"),
         "limit": Param(0, type="integer", minimum=0),
         "samples": Param(1, type="integer", minimum=1),
         "seed": Param(0, type="integer"),
-        "pipeline": Param(str(CALC / "pipeline.yaml"), type="string"),
+        "pipeline": Param("", type="string", description="pipeline.yaml whose reward scores them (required)"),
         "threshold": Param(1.0, type="number"),
         "agent_timeout": Param(3600.0, type="number", exclusiveMinimum=0),
         "policy_url": Param(os.environ.get("OPENAI_BASE_URL", ""), type="string"),
@@ -135,7 +139,7 @@ def tracelearn_apo() -> None:
         from tracelearn.registry import RegistryError
         from tracelearn.schemas.dataset import DatasetError
         from tracelearn.training.apo import NoFailuresError, OptimizerError, TemplateError, check_inputs
-        from tracelearn.training.evaluate import EvaluationError
+        from tracelearn.training.eval_inputs import EvaluationError
 
         context = get_current_context()
         try:

@@ -1,7 +1,7 @@
 """Transitions -> train -> publish candidate -> evaluate -> gate (Airflow 3 TaskFlow), scheduled by new transitions.
 
-Thin wiring only: every task calls ``tracelearn.training`` with paths and params; XCom carries paths,
-versions and numbers, never data.
+Thin wiring only: every task is one call of ``tracelearn.training`` (``train_steps``, ``gate``) with
+paths and params, plus logging; XCom carries paths, versions and numbers, never data.
 
     validate -> backend -> train_torch ----------------------------\\
                        \\-> prepare_verl -> run_verl -> verl_checkpoint -> publish_candidate -> evaluate -> gate
@@ -25,8 +25,9 @@ Params (defaults from the environment when the file is parsed):
   registry: registry location (``$TRACELEARN_REGISTRY``; empty: the default)
   runs: where run directories go (``./runs``); each run writes ``<runs>/<dag run id>/``
   trainer: grpo | sft;  backend: torch | verl;  train_config: train.yaml (empty: defaults);  lora: e.g. r=16
-  eval_tasks, eval_samples, eval_seed, eval_limit (0: all), eval_concurrency (agent requests in flight),
-  agent (empty: the calc agent), eval_pipeline
+  agent, eval_tasks, eval_pipeline (required: the agent command, its held-out tasks and the pipeline.yaml
+    whose reward scores them; the calc example's are under examples/calc/ in a clone),
+  eval_samples, eval_seed, eval_limit (0: all), eval_concurrency (agent requests in flight)
   margin: success-rate points (as a fraction) the candidate must gain to be promoted
 
 Every task stops after ``$TRACELEARN_TRAIN_TASK_TIMEOUT_MINUTES`` minutes (its ``execution_timeout``, read when
@@ -38,10 +39,10 @@ Run once without a scheduler:
     airflow dags test tracelearn_train
 """
 
-import json
 import logging
 import os
 import re
+import shlex
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -62,7 +63,6 @@ CHECKPOINTS = Asset(name="tracelearn_checkpoints", uri="tracelearn://registry/ch
 # The external-Python task needs an interpreter when the file is parsed; without the setting it is this
 # one, where launch.sh's verl version check then fails the task saying how to make verl's environment.
 VERL_PYTHON = VERL_PYTHON_SETTING.text() or sys.executable
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_directory(params: dict[str, Any], run_id: str) -> Path:
@@ -70,11 +70,30 @@ def _run_directory(params: dict[str, Any], run_id: str) -> Path:
     return Path(params["runs"]) / re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)
 
 
-def _train_config(params: dict[str, Any]) -> Any:
-    from tracelearn.training.config import load_train_config, parse_lora_flag, with_overrides
+def _registry(params: dict[str, Any]) -> Any:
+    from tracelearn.registry import open_registry
 
-    config = load_train_config(params["train_config"] or None)
-    return with_overrides(config, {"lora": parse_lora_flag(params["lora"])}) if params["lora"] else config
+    return open_registry(params["registry"] or None)
+
+
+def _train_config(params: dict[str, Any]) -> Any:
+    from tracelearn.training.train_steps import train_config_from
+
+    return train_config_from(params["train_config"] or None, params["lora"] or None)
+
+
+def _eval_spec(params: dict[str, Any]) -> Any:
+    """The held-out evaluation the params describe (``tracelearn.training.eval_inputs.EvalSpec``)."""
+    from tracelearn.training.eval_inputs import EvalSpec
+
+    missing = [name for name in ("agent", "eval_tasks", "eval_pipeline") if not params[name]]
+    if missing:
+        raise ValueError(f"params {', '.join(missing)} are required (the agent command, its held-out tasks and "
+                         "the pipeline.yaml whose reward scores them)")
+    return EvalSpec(agent=tuple(shlex.split(params["agent"])), tasks=Path(params["eval_tasks"]),
+                    pipeline_config=Path(params["eval_pipeline"]), samples=params["eval_samples"],
+                    seed=params["eval_seed"], limit=params["eval_limit"] or None,
+                    concurrency=params["eval_concurrency"])
 
 
 @dag(
@@ -96,13 +115,13 @@ def _train_config(params: dict[str, Any]) -> Any:
         "backend": Param("torch", enum=["torch", "verl"]),
         "train_config": Param("", type="string"),
         "lora": Param("", type="string"),
-        "eval_tasks": Param(str(REPO / "examples" / "calc" / "tasks_heldout.jsonl"), type="string"),
+        "agent": Param("", type="string", description="the agent command (required)"),
+        "eval_tasks": Param("", type="string", description="held-out tasks, JSONL (required)"),
+        "eval_pipeline": Param("", type="string", description="pipeline.yaml whose reward scores them (required)"),
         "eval_samples": Param(4, type="integer", minimum=1),
         "eval_seed": Param(0, type="integer"),
         "eval_limit": Param(0, type="integer", minimum=0),
         "eval_concurrency": Param(4, type="integer", minimum=1),
-        "agent": Param("", type="string", description="agent command (empty: the bundled calc agent)"),
-        "eval_pipeline": Param(str(REPO / "examples" / "calc" / "pipeline.yaml"), type="string"),
         "margin": Param(0.0, type="number", minimum=0, maximum=0.99),
     },
     doc_md=__doc__,
@@ -110,23 +129,25 @@ def _train_config(params: dict[str, Any]) -> Any:
 def tracelearn_train() -> None:
     @task
     def validate() -> dict[str, Any]:
-        """Check the train config, the transitions and the registry before any model loads."""
-        from tracelearn.registry import RegistryError, open_registry
+        """Check the train config, the transitions, the registry and the evaluation's spec before any model loads."""
+        from tracelearn.registry import RegistryError
         from tracelearn.schemas.dataset import DatasetError
-        from tracelearn.training.config import TrainConfigError, train_config_hash
-        from tracelearn.training.data import NoTrainingDataError, load_training_data
+        from tracelearn.training.config import TrainConfigError
+        from tracelearn.training.data import NoTrainingDataError
+        from tracelearn.training.train_steps import check_training_inputs
 
         context = get_current_context()
         params = context["params"]
         try:
-            config = _train_config(params)
-            data = load_training_data(params["transitions"], params["config_hash"] or None)
-            open_registry(params["registry"] or None).names()
-        except (TrainConfigError, DatasetError, NoTrainingDataError, RegistryError) as exc:
+            _eval_spec(params)
+            inputs = check_training_inputs(params["transitions"], params["config_hash"] or None,
+                                           _train_config(params), _registry(params))
+        except (TrainConfigError, DatasetError, NoTrainingDataError, RegistryError, ValueError) as exc:
             raise AirflowFailException(str(exc)) from exc
-        run = _run_directory(params, context["run_id"])
-        return {"run": str(run), "config_hash": data.config_hash, "train_config_hash": train_config_hash(config),
-                "model": params["model"] or f"registry:{params['name']}@production", "rows": data.frame.height}
+        log.info("%d transitions of pipeline config %s", inputs.rows, inputs.config_hash[:12])
+        return {"run": str(_run_directory(params, context["run_id"])), "config_hash": inputs.config_hash,
+                "train_config_hash": inputs.train_config_hash, "rows": inputs.rows,
+                "model": params["model"] or f"registry:{params['name']}@production"}
 
     @task.branch
     def backend() -> str:
@@ -135,29 +156,26 @@ def tracelearn_train() -> None:
     @task(inlets=[TRANSITIONS])
     def train_torch(validated: dict[str, Any]) -> dict[str, str]:
         """GRPO or SFT in this worker; returns the checkpoint and its lineage file."""
-        from tracelearn.registry import open_registry
-        from tracelearn.training.grpo import train_grpo
-        from tracelearn.training.sft import train_sft
+        from tracelearn.training.train_steps import train_policy
 
         params = get_current_context()["params"]
-        trainer = train_grpo if params["trainer"] == "grpo" else train_sft
-        result = trainer(params["transitions"], validated["model"], validated["run"], _train_config(params),
-                         config_hash=validated["config_hash"], progress=False,
-                         registry=open_registry(params["registry"] or None))
-        log.info("trained %s steps: %s", result.summary["steps"], json.dumps(result.summary["final"]))
+        result = train_policy(params["trainer"], params["transitions"], validated["model"], validated["run"],
+                              _train_config(params), config_hash=validated["config_hash"],
+                              registry=_registry(params), progress=False)
+        log.info("trained %s steps: %s", result.summary["steps"], result.summary["final"])
         return {"checkpoint": str(result.checkpoint), "lineage": str(result.run.lineage_path)}
 
     @task(inlets=[TRANSITIONS])
     def prepare_verl(validated: dict[str, Any]) -> str:
         """Write the verl job (data, overrides, launch.sh) under the run directory; returns its directory."""
-        from tracelearn.registry import open_registry
-        from tracelearn.training.verl_backend import prepare_verl_job, verl_model_path
+        from tracelearn.training.train_steps import prepare_verl_training
 
         params = get_current_context()["params"]
-        model_path = verl_model_path(validated["model"], open_registry(params["registry"] or None))
-        job = prepare_verl_job(Path(params["transitions"]), Path(validated["run"]), model_path, _train_config(params),
-                               config_hash=validated["config_hash"])
-        return str(job.paths.directory)
+        job = prepare_verl_training(params["transitions"], validated["run"], validated["model"],
+                                    _train_config(params), config_hash=validated["config_hash"],
+                                    registry=_registry(params))
+        log.info("verl job written to %s", job)
+        return str(job)
 
     @task.external_python(python=VERL_PYTHON, expect_airflow=False)
     def run_verl(job_directory: str) -> int:
@@ -171,81 +189,47 @@ def tracelearn_train() -> None:
     @task
     def verl_checkpoint(job_directory: str, validated: dict[str, Any], _status: int) -> dict[str, str]:
         """The verl job's last checkpoint and a lineage naming the data it trained on."""
-        from tracelearn.registry import Lineage
-        from tracelearn.training.data import load_training_data
-        from tracelearn.training.run_dir import code_revision, files_snapshot
-        from tracelearn.training.verl_backend import latest_verl_checkpoint
+        from tracelearn.training.train_steps import verl_training_result
 
         params = get_current_context()["params"]
-        checkpoint = latest_verl_checkpoint(Path(job_directory), lora=bool(params["lora"]))
-        data = load_training_data(params["transitions"], validated["config_hash"])
-        lineage = Lineage(
-            dataset=str(data.root), partitions=data.partitions, dataset_snapshot=files_snapshot(data.files),
-            pipeline_config_hash=data.config_hash, training_run_id=Path(validated["run"]).name,
-            base_model=validated["model"], parent=validated["model"].removeprefix("registry:"),
-            code_revision=code_revision(),
-            extra={"trainer": "grpo", "backend": "verl", "train_config_hash": validated["train_config_hash"]},
-        )
-        path = Path(validated["run"]) / "lineage.json"
-        path.write_text(json.dumps(lineage.to_dict(), indent=2), encoding="utf-8")
-        return {"checkpoint": str(checkpoint), "lineage": str(path)}
+        checkpoint, lineage = verl_training_result(
+            job_directory, validated["run"], params["transitions"], model=validated["model"],
+            config_hash=validated["config_hash"], train_config_hash=validated["train_config_hash"],
+            lora=bool(params["lora"]))
+        log.info("verl checkpoint %s", checkpoint)
+        return {"checkpoint": str(checkpoint), "lineage": str(lineage)}
 
     @task(trigger_rule="none_failed_min_one_success", outlets=[CHECKPOINTS])
     def publish_candidate(torch_run: dict[str, str] | None, verl_run: dict[str, str] | None) -> int:
         """Publish the trained checkpoint with its lineage and point ``candidate`` at it; returns the version."""
-        from tracelearn.registry import Lineage, open_registry
-        from tracelearn.training.gate import publish_candidate as publish
+        from tracelearn.training.gate import publish_run
 
         params = get_current_context()["params"]
         trained = torch_run or verl_run
         assert trained is not None, "one training branch ran"
-        lineage = Lineage.from_dict(json.loads(Path(trained["lineage"]).read_text(encoding="utf-8")))
-        version = publish(open_registry(params["registry"] or None), params["name"], Path(trained["checkpoint"]),
-                          lineage)
+        version = publish_run(_registry(params), params["name"], Path(trained["checkpoint"]), Path(trained["lineage"]))
         log.info("published %s as candidate", version.ref)
         return version.version
 
     @task
     def evaluate(version: int, validated: dict[str, Any]) -> str:
         """Evaluate the candidate and production on the same tasks and seeds; write and return the decision."""
-        from tracelearn.registry import ArtifactNotFoundError, open_registry
-        from tracelearn.training.evaluate import EvalSpec, compare, evaluate_model, write_evaluations
-        from tracelearn.training.gate import GateConfig, decide
+        from tracelearn.training.gate import GateConfig, evaluate_for_gate
 
         params = get_current_context()["params"]
-        registry = open_registry(params["registry"] or None)
-        spec_args: dict[str, Any] = {"tasks": Path(params["eval_tasks"]), "samples": params["eval_samples"],
-                                     "seed": params["eval_seed"], "limit": params["eval_limit"] or None,
-                                     "concurrency": params["eval_concurrency"],
-                                     "pipeline_config": Path(params["eval_pipeline"])}
-        if params["agent"]:
-            spec_args["agent"] = tuple(params["agent"].split())
-        spec = EvalSpec(**spec_args)
         workdir = Path(validated["run"]) / "gate"
-        name = params["name"]
-        candidate = evaluate_model(f"registry:{name}@{version}", spec, workdir / "candidate",
-                                   registry=registry.location)
-        try:
-            current = registry.resolve(f"{name}@production")
-        except ArtifactNotFoundError:
-            current = None
-        production = (evaluate_model(f"registry:{current.ref}", spec, workdir / "production",
-                                     registry=registry.location) if current is not None else None)
-        results = [candidate] if production is None else [candidate, production]
-        write_evaluations(workdir, results, compare(candidate, production) if production is not None else None)
-        decision = decide(candidate, production, GateConfig(margin=float(params["margin"])))
+        decision = evaluate_for_gate(_registry(params), params["name"], version, _eval_spec(params), workdir,
+                                     GateConfig(margin=float(params["margin"])))
+        log.info("decision: %s", decision.reason)
         return str(decision.write(workdir / "decision.json"))
 
     @task
     def gate(version: int, decision_path: str) -> dict[str, Any]:
-        """Promote the candidate to production if the decision says so; gate.json records why either way."""
-        from tracelearn.registry import open_registry
-        from tracelearn.training.gate import GateDecision, apply_gate
+        """Promote the candidate if the decision says so; gate.json records why either way."""
+        from tracelearn.training.gate import apply_decision_file
 
         params = get_current_context()["params"]
-        decision = GateDecision.from_dict(json.loads(Path(decision_path).read_text(encoding="utf-8")))
-        applied = apply_gate(open_registry(params["registry"] or None), params["name"], version, decision)
-        applied.write(Path(decision_path).with_name("gate.json"))
+        applied = apply_decision_file(_registry(params), params["name"], version, Path(decision_path))
         log.info("%s: %s", "promoted" if applied.promote else "not promoted", applied.reason)
         return {"promoted": applied.promote, "reason": applied.reason}
 

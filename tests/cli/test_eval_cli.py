@@ -9,11 +9,18 @@ from typing import Any
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from support.calc_example import CALC_AGENT, CALC_PIPELINE, HELD_OUT
 from support.scripted_llm_server import Reply, ScriptedLLMServer, default_script
 
 from tracelearn.cli.main import main
 
-HELD_OUT = Path(__file__).resolve().parents[2] / "examples" / "calc" / "tasks_heldout.jsonl"
+# What tracelearn eval needs besides --model: nothing defaults to the repository's example.
+CALC = {"--agent": " ".join(CALC_AGENT), "--config": str(CALC_PIPELINE), "--tasks": str(HELD_OUT)}
+
+
+def with_calc(arguments: list[str]) -> list[str]:
+    """``arguments`` and the calc example's --agent/--config/--tasks where they do not say otherwise."""
+    return [*arguments, *(word for flag, value in CALC.items() if flag not in arguments for word in (flag, value))]
 
 
 def wrong_answers(body: dict[str, Any]) -> Reply:
@@ -22,9 +29,9 @@ def wrong_answers(body: dict[str, Any]) -> Reply:
 
 
 def test_eval_json_prints_the_document_it_writes(scripted_llm_server: ScriptedLLMServer, tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["eval", "--model", "scripted-model", "--base-url", scripted_llm_server.base_url,
-                                       "--tasks", str(HELD_OUT), "--limit", "2", "--samples", "2", "--seed", "9",
-                                       "--out", str(tmp_path), "--json"])
+    result = CliRunner().invoke(main, ["eval", *with_calc(["--model", "scripted-model", "--base-url",
+                                                           scripted_llm_server.base_url, "--limit", "2", "--samples",
+                                                           "2", "--seed", "9", "--out", str(tmp_path), "--json"])])
 
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
@@ -40,10 +47,10 @@ def test_eval_json_prints_the_document_it_writes(scripted_llm_server: ScriptedLL
 @pytest.mark.slow
 def test_eval_compares_two_versions_on_the_same_tasks_and_seeds(tmp_path: Path) -> None:
     with ScriptedLLMServer(model="right") as right, ScriptedLLMServer(wrong_answers, model="wrong") as wrong:
-        result = CliRunner().invoke(main, ["eval", "--model", "right", "--base-url", right.base_url,
-                                           "--compare-with", "wrong", "--compare-base-url", wrong.base_url,
-                                           "--tasks", str(HELD_OUT), "--limit", "2", "--samples", "2",
-                                           "--out", str(tmp_path)], env={"COLUMNS": "160"})
+        result = CliRunner().invoke(main, ["eval", *with_calc(["--model", "right", "--base-url", right.base_url,
+                                                               "--compare-with", "wrong", "--compare-base-url",
+                                                               wrong.base_url, "--limit", "2", "--samples", "2",
+                                                               "--out", str(tmp_path)])], env={"COLUMNS": "160"})
         seeds = [{body["seed"] for body in server.chat_requests()} for server in (right, wrong)]
 
     assert result.exit_code == 0, result.output
@@ -60,7 +67,7 @@ def test_eval_compares_two_versions_on_the_same_tasks_and_seeds(tmp_path: Path) 
 
 
 def one_line_error(arguments: list[str]) -> str:
-    result = CliRunner().invoke(main, ["eval", *arguments])
+    result = CliRunner().invoke(main, ["eval", *with_calc(arguments)])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
@@ -93,9 +100,17 @@ def test_a_model_server_that_fails_to_start_is_a_one_line_error(tmp_path: Path) 
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
 
-    line = one_line_error(["--model", str(broken), "--tasks", str(HELD_OUT), "--limit", "1",
-                           "--out", str(tmp_path / "eval")])
+    line = one_line_error(["--model", str(broken), "--limit", "1", "--out", str(tmp_path / "eval")])
 
     # The server's last words, and where the rest is.
     assert "the model server exited with code 1 before it was ready: " in line
     assert line.endswith(f"(log: {tmp_path / 'eval' / '1-broken-model' / 'server.log'})")
+
+
+@pytest.mark.parametrize("flag", ["--agent", "--config", "--tasks"])
+def test_the_agent_its_config_and_its_tasks_are_named_explicitly(flag: str) -> None:
+    """Installed from a wheel there is no examples/ to default to: each is a required option."""
+    arguments = ["eval", "--model", "m", *(word for name, value in CALC.items() if name != flag
+                                           for word in (name, value))]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2 and f"Missing option '{flag}'" in result.output, result.output

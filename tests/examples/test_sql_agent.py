@@ -375,7 +375,6 @@ def test_under_opentelemetry_instrument_only_writer_calls_become_transitions(
     sample_of = {row["rollout_id"]: int(dict(row["attributes"])["tracelearn.metadata.sample"]) for row in task_rows}
     assert len(sample_of) == 8
 
-    monkeypatch.syspath_prepend(str(REPO))  # the config names examples.sql.reward:score
     now = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     built = build_transitions(tmp_path / "data", tmp_path / "out", load_config(SQL / "pipeline.yaml"), now=now)
     summary = built.summary

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from support.airflow_home import run_dag_test
+from support.calc_example import CALC_AGENT, CALC_PIPELINE, calc_spec
 from support.scripted_llm_server import ScriptedLLMServer
 
 from tracelearn.registry import open_registry
-from tracelearn.training.evaluate import EvalSpec, evaluate_model
+from tracelearn.training.evaluate import evaluate_model
 
 # The policy and optimizer scripts live beside the APO tests; import them the way pytest imports those
 # tests (their folder on sys.path), since "training" names the library's own folder at the repository root.
@@ -36,7 +37,8 @@ LOGICAL_DATE = "2026-11-21T12:00:00+00:00"
 
 def _conf(tmp_path: Path, transitions: Path, policy: ScriptedLLMServer, optimizer: ScriptedLLMServer) -> dict:
     return {"transitions": str(transitions), "registry": str(tmp_path / "registry"), "runs": str(tmp_path / "runs"),
-            "tasks": str(VAL_TASKS), "limit": 3, "policy_url": policy.base_url, "optimizer_url": optimizer.base_url,
+            "tasks": str(VAL_TASKS), "agent": " ".join(CALC_AGENT), "pipeline": str(CALC_PIPELINE), "limit": 3,
+            "policy_url": policy.base_url, "optimizer_url": optimizer.base_url,
             "rounds": 1, "beam": 1, "branch": 1}
 
 
@@ -47,7 +49,7 @@ def test_dag_optimizes_publishes_a_candidate_and_gates_it(tmp_path: Path) -> Non
     registry.promote("calc-system", seed.version, "production", reason="test: the agent's prompt")
     with ScriptedLLMServer(policy_script) as policy, \
             ScriptedLLMServer(OptimizerScript([prompt_block(EXACT_PROMPT)]), model="optimizer") as optimizer:
-        collected = evaluate_model(policy.model, EvalSpec(tasks=TRAIN_TASKS, limit=3, samples=1), tmp_path / "collect",
+        collected = evaluate_model(policy.model, calc_spec(tasks=TRAIN_TASKS, limit=3, samples=1), tmp_path / "collect",
                                    base_url=policy.base_url, console=quiet())
         result = run_dag_test(tmp_path / "airflow", DAG_ID, LOGICAL_DATE,
                               conf=_conf(tmp_path, collected.data_dir, policy, optimizer), timeout=600)
@@ -70,7 +72,7 @@ def test_dag_skips_when_the_transitions_hold_no_failure(tmp_path: Path) -> None:
     registry.publish_prompt("calc-system", SEED_PROMPT)
     registry.promote("calc-system", 1, "production")
     with ScriptedLLMServer() as right, ScriptedLLMServer(OptimizerScript([""]), model="optimizer") as optimizer:
-        collected = evaluate_model(right.model, EvalSpec(tasks=TRAIN_TASKS, limit=2, samples=1), tmp_path / "collect",
+        collected = evaluate_model(right.model, calc_spec(tasks=TRAIN_TASKS, limit=2, samples=1), tmp_path / "collect",
                                    base_url=right.base_url, console=quiet())
         result = run_dag_test(tmp_path / "airflow", DAG_ID, LOGICAL_DATE,
                               conf=_conf(tmp_path, collected.data_dir, right, optimizer), timeout=300)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from support.airflow_home import run_dag_test
+from support.calc_example import CALC_AGENT, CALC_PIPELINE, HELD_OUT
 from support.tiny_model import build_tiny_model
 from support.transitions_factory import Sample, write_transitions
 from transformers import AutoTokenizer
@@ -18,6 +19,8 @@ from transformers import AutoTokenizer
 from tracelearn.registry import open_registry
 
 DAG_ID = "tracelearn_train"
+# Nothing defaults to the repository's example: the evaluation's agent, tasks and config are params.
+CALC_EVALUATION = {"agent": " ".join(CALC_AGENT), "eval_tasks": str(HELD_OUT), "eval_pipeline": str(CALC_PIPELINE)}
 LOGICAL_DATE = "2026-11-21T12:00:00+00:00"
 
 
@@ -43,7 +46,7 @@ def test_dag_trains_publishes_a_candidate_evaluates_and_gates(tmp_path: Path) ->
         LOGICAL_DATE,
         conf={"transitions": str(tmp_path / "data"), "registry": str(tmp_path / "registry"),
               "runs": str(tmp_path / "runs"), "train_config": str(train_config), "eval_limit": 2,
-              "eval_samples": 1, "margin": 0.5},
+              "eval_samples": 1, "margin": 0.5, **CALC_EVALUATION},
         timeout=600,
     )
     assert result.returncode == 0, result.output[-6000:]
@@ -70,7 +73,19 @@ def test_a_bad_train_config_fails_before_training(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     result = run_dag_test(tmp_path / "airflow", DAG_ID, LOGICAL_DATE,
                           conf={"transitions": str(tmp_path / "data"), "train_config": str(train_config),
-                                "registry": str(tmp_path / "registry"), "runs": str(tmp_path / "runs")})
+                                "registry": str(tmp_path / "registry"), "runs": str(tmp_path / "runs"),
+                                **CALC_EVALUATION})
     assert result.returncode != 0 and result.state == "failed"
     assert "grpo.epochs" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_evaluation_s_agent_tasks_and_config_are_required(tmp_path: Path) -> None:
+    """An installed tracelearn has no examples/ to default to: the run fails at validate, saying which."""
+    (tmp_path / "data").mkdir()
+    result = run_dag_test(tmp_path / "airflow", DAG_ID, LOGICAL_DATE,
+                          conf={"transitions": str(tmp_path / "data"), "registry": str(tmp_path / "registry"),
+                                "runs": str(tmp_path / "runs"), "eval_tasks": str(HELD_OUT)})
+    assert result.returncode != 0 and result.state == "failed"
+    assert "params agent, eval_pipeline are required" in result.output

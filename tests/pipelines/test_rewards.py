@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime as dt
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,14 @@ import pytest
 from support.spans_factory import SpansFactory, at
 
 from tracelearn.collector.feedback import append_feedback, feedback_item
-from tracelearn.pipelines.config import parse_config, reward_sources, rollout_config
+from tracelearn.pipelines.config import (
+    PipelineConfigError,
+    config_hash,
+    load_config,
+    parse_config,
+    reward_sources,
+    rollout_config,
+)
 from tracelearn.pipelines.rewards import RewardFunctionError, function_reward_rows, load_reward_function
 from tracelearn.pipelines.rollouts import RolloutBuild, build_closed_rollouts, build_rollouts
 from tracelearn.pipelines.spans_input import scan_spans
@@ -206,3 +214,76 @@ def test_a_reward_function_sees_every_map_of_a_span_as_a_dict(tmp_path: Path, fa
     rows, report = function_reward_rows(spans, build_rollouts(spans),
                                         load_reward_function("hostile_user_code:maps_are_dicts", "maps"))
     assert report.first_failure is None and rows["reward"].to_list() == [2.0]  # the event's two attributes
+
+
+REWARD_FILE = '''
+from dataclasses import dataclass  # a dataclass in the file: it must be a registered module
+
+
+@dataclass
+class Verdict:
+    value: float
+
+
+def score(answer, gold):
+    return Verdict(1.0 if answer.strip() == gold else 0.0).value
+'''
+
+
+def test_a_reward_file_is_found_relative_to_its_config_from_any_directory(
+    tmp_path: Path, factory: SpansFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``FILE.py:function``: the file next to pipeline.yaml, whatever the build's working directory, and
+    not on the import path of either process (the reward worker loads it by path too)."""
+    task_run(factory, 1, gold="42")
+    task_run(factory, 2, gold="41")
+    factory.write()
+    project = tmp_path / "project"
+    (project / "rewards").mkdir(parents=True)
+    (project / "rewards" / "exact_file.py").write_text(REWARD_FILE, encoding="utf-8")
+    (project / "pipeline.yaml").write_text("reward: {function: rewards/exact_file.py:score, name: correct}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(project / "pipeline.yaml")
+    assert config.reward.function_file == (project / "rewards" / "exact_file.py").resolve()
+    result = build_closed_rollouts(scan_spans(tmp_path), LATER, rollout_config(config),
+                                   reward_sources(config, tmp_path))
+    assert {r: row["rewards"] for r, row in by_id(result).items()} == {
+        trace_hex(1): {"correct": 1.0}, trace_hex(2): {"correct": 0.0}}
+    assert not any(str(project) in entry for entry in sys.path)
+
+
+def test_a_config_and_its_reward_file_moved_elsewhere_hash_alike(tmp_path: Path) -> None:
+    for place in ("a", "b"):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "reward.py").write_text(REWARD_FILE, encoding="utf-8")
+        (tmp_path / place / "pipeline.yaml").write_text("reward: {function: reward.py:score}\n")
+    first, second = (load_config(tmp_path / place / "pipeline.yaml") for place in ("a", "b"))
+    assert first.reward.function_file != second.reward.function_file
+    assert config_hash(first) == config_hash(second)
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        ("missing.py:score", ["no such file: {dir}/missing.py", "relative to the config's directory"]),
+        ("reward.py:nope", ["reward.py has no attribute 'nope'"]),
+        ("no_such_package.reward:score", ["module 'no_such_package.reward' cannot be imported",
+                                          "searched the import path", "e.g. reward.py:score"]),
+        ("broken.py:score", ["loading the file {dir}/broken.py raised ZeroDivisionError"]),
+    ],
+)
+def test_a_reward_function_that_cannot_be_found_names_the_config_and_what_was_tried(
+    tmp_path: Path, function: str, expected: list[str]
+) -> None:
+    (tmp_path / "reward.py").write_text(REWARD_FILE, encoding="utf-8")
+    (tmp_path / "broken.py").write_text("1 / 0\n", encoding="utf-8")
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(f"reward: {{function: '{function}'}}\n")
+    with pytest.raises(PipelineConfigError) as raised:
+        load_config(config_file)
+    message = str(raised.value)
+    assert message.startswith(f"{config_file}: reward.function: ")
+    for part in expected:
+        assert part.format(dir=tmp_path.resolve()) in message, message

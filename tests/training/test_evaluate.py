@@ -17,25 +17,26 @@ from typing import Any
 import polars as pl
 import pytest
 from rich.console import Console
+from support.calc_example import HELD_OUT, calc_spec
 from support.scripted_llm_server import Reply, ScriptedLLMServer, default_script
 from support.tiny_model import build_tiny_model
 
-from tracelearn.training.evaluate import (
+from tracelearn.training.eval_inputs import (
     AgentError,
-    EvalResult,
-    EvalSpec,
     EvaluationError,
     TasksFileError,
     UnknownModelError,
-    compare,
-    evaluate_model,
-    paired_difference_interval,
     read_task_ids,
+)
+from tracelearn.training.eval_results import (
+    EvalResult,
+    compare,
+    paired_difference_interval,
     results_table,
     wilson_interval,
 )
+from tracelearn.training.evaluate import evaluate_model
 
-HELD_OUT = Path(__file__).resolve().parents[2] / "examples" / "calc" / "tasks_heldout.jsonl"
 Z = 1.96  # the hand computations below use 1.96, not the exact quantile the default uses
 
 
@@ -50,7 +51,7 @@ def made_result(label: str, successes: list[bool], *, seed: int = 0, tasks: int 
     frame = pl.DataFrame(rows, schema={"task_id": pl.String, "sample": pl.Int64, "rollout_id": pl.String,
                                        "status": pl.String, "reward": pl.Float64, "success": pl.Boolean})
     return EvalResult(model=f"registry:{label}", registry_version=label, served_model=label, model_version=None,
-                      base_url="http://127.0.0.1:1/v1", spec=EvalSpec(seed=seed, samples=2), agent_command=(),
+                      base_url="http://127.0.0.1:1/v1", spec=calc_spec(seed=seed, samples=2), agent_command=(),
                       tasks=tasks or len(successes) // 2, rollouts=frame, unmatched_rollouts=0,
                       pipeline_config_hash="0" * 64, data_dir=Path("data"), wall_time_s=1.0)
 
@@ -160,7 +161,7 @@ def wrong_answers(body: dict[str, Any]) -> Reply:
 def right_answers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EvalResult]:
     """The calc agent on 3 held-out tasks x 2 samples against the scripted model that always answers right."""
     with ScriptedLLMServer() as server:
-        spec = EvalSpec(tasks=HELD_OUT, limit=3, samples=2, seed=5)
+        spec = calc_spec(tasks=HELD_OUT, limit=3, samples=2, seed=5)
         yield evaluate_model(server.model, spec, tmp_path_factory.mktemp("right"), base_url=server.base_url,
                              console=quiet())
 
@@ -232,7 +233,7 @@ def test_any_agent_command_with_placeholders_and_its_failures_counted(
 ) -> None:
     agent = tmp_path / "any_agent.py"
     agent.write_text(AGENT_WITHOUT_SAMPLES)
-    spec = EvalSpec(agent=("python", str(agent), "--file", "{tasks}", "--runs", "{samples}"), tasks=HELD_OUT,
+    spec = calc_spec(agent=("python", str(agent), "--file", "{tasks}", "--runs", "{samples}"), tasks=HELD_OUT,
                     limit=3, samples=2, seed=11)
 
     result = evaluate_model("scripted-model", spec, tmp_path / "eval", base_url=scripted_llm_server.base_url,
@@ -258,7 +259,7 @@ def test_any_agent_command_with_placeholders_and_its_failures_counted(
 def test_a_failing_agent_is_reported_with_its_last_words(scripted_llm_server: ScriptedLLMServer,
                                                           tmp_path: Path) -> None:
     crash = ("python", "-c", "import sys; sys.exit('cannot parse ' + sys.argv[2])")
-    spec = EvalSpec(agent=crash, tasks=HELD_OUT, limit=1, samples=1)
+    spec = calc_spec(agent=crash, tasks=HELD_OUT, limit=1, samples=1)
     with pytest.raises(AgentError, match=r"exited with code 1: cannot parse .*tasks.jsonl \(log: .*agent.log\)"):
         evaluate_model("scripted-model", spec, tmp_path, base_url=scripted_llm_server.base_url, console=quiet())
 
@@ -268,7 +269,7 @@ def test_a_hung_agent_is_killed_after_its_timeout(scripted_llm_server: ScriptedL
     hang = ("python", "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
             "print('thinking', flush=True); time.sleep(600)")
     # Long enough for opentelemetry-instrument to load the instrumentations on a busy 2-core machine.
-    spec = EvalSpec(agent=hang, tasks=HELD_OUT, limit=1, samples=1, agent_timeout_s=8)
+    spec = calc_spec(agent=hang, tasks=HELD_OUT, limit=1, samples=1, agent_timeout_s=8)
     with pytest.raises(AgentError, match="ran past its timeout of 8 s and was killed; last line: thinking"):
         evaluate_model("scripted-model", spec, tmp_path / "eval", base_url=scripted_llm_server.base_url,
                        console=quiet())
@@ -277,13 +278,13 @@ def test_a_hung_agent_is_killed_after_its_timeout(scripted_llm_server: ScriptedL
 
 
 def test_inputs_are_checked_before_anything_runs(scripted_llm_server: ScriptedLLMServer, tmp_path: Path) -> None:
-    spec = EvalSpec(tasks=HELD_OUT, limit=1, samples=1)
+    spec = calc_spec(tasks=HELD_OUT, limit=1, samples=1)
     with pytest.raises(UnknownModelError, match=r"does not serve 'gpt-9' \(it serves: scripted-model\)"):
         evaluate_model("gpt-9", spec, tmp_path / "a", base_url=scripted_llm_server.base_url, console=quiet())
     with pytest.raises(UnknownModelError):
         evaluate_model(str(tmp_path / "no-such-model"), spec, tmp_path / "b", console=quiet())
     with pytest.raises(AgentError, match="agent command not found: 'no-such-agent-7'"):
-        evaluate_model("scripted-model", EvalSpec(agent=("no-such-agent-7",), tasks=HELD_OUT), tmp_path / "c",
+        evaluate_model("scripted-model", calc_spec(agent=("no-such-agent-7",), tasks=HELD_OUT), tmp_path / "c",
                        base_url=scripted_llm_server.base_url, console=quiet())
     spans = tmp_path / "d" / "data" / "spans" / "date=2026-01-01"
     spans.mkdir(parents=True)
@@ -299,7 +300,7 @@ def test_inputs_are_checked_before_anything_runs(scripted_llm_server: ScriptedLL
 @pytest.mark.slow
 def test_evaluate_model_serves_a_checkpoint_and_records_its_version(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "tiny-policy")
-    spec = EvalSpec(tasks=HELD_OUT, limit=2, samples=2)
+    spec = calc_spec(tasks=HELD_OUT, limit=2, samples=2)
 
     result = evaluate_model(str(model), spec, tmp_path / "eval", console=quiet())
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 from rich.console import Console
+from support.calc_example import HELD_OUT, calc_spec
 from support.checkpoints import write_hf_checkpoint
 from support.tiny_model import build_tiny_model
 
 from tracelearn.registry import Lineage
 from tracelearn.registry.filesystem import FilesystemRegistry
-from tracelearn.training.evaluate import EvalResult, EvalSpec
+from tracelearn.training.eval_results import EvalResult
 from tracelearn.training.gate import (
     GateConfig,
     GateConflictError,
@@ -24,7 +25,6 @@ from tracelearn.training.gate import (
     publish_candidate,
 )
 
-HELD_OUT = Path(__file__).resolve().parents[2] / "examples" / "calc" / "tasks_heldout.jsonl"
 NAME = "calc-policy"
 
 
@@ -39,7 +39,7 @@ def made_result(label: str, successes: list[bool], *, seed: int = 0) -> EvalResu
     )
     return EvalResult(model=f"registry:{label}", registry_version=label, served_model=label,
                       model_version=f"{label}+0123456789ab", base_url="http://127.0.0.1:1/v1",
-                      spec=EvalSpec(seed=seed, samples=1), agent_command=(), tasks=len(successes), rollouts=frame,
+                      spec=calc_spec(seed=seed, samples=1), agent_command=(), tasks=len(successes), rollouts=frame,
                       unmatched_rollouts=0, pipeline_config_hash="0" * 64, data_dir=Path("data"), wall_time_s=1.0)
 
 
@@ -168,7 +168,7 @@ def test_gate_candidate_evaluates_both_versions_on_the_same_tasks_and_applies_th
     registry.promote(NAME, production.version, "production", reason="initial policy")
     candidate = publish_candidate(registry, NAME, build_tiny_model(tmp_path / "c", seed=1),
                                   Lineage(training_run_id="run-44", parent=production.ref))
-    spec = EvalSpec(tasks=HELD_OUT, limit=2, samples=1, seed=3)
+    spec = calc_spec(tasks=HELD_OUT, limit=2, samples=1, seed=3)
 
     decision = gate_candidate(registry, NAME, candidate.version, spec, tmp_path / "gate",
                               console=Console(file=io.StringIO()))

@@ -19,7 +19,7 @@ above 0 is published as ``candidate`` with its lineage and gated like a checkpoi
 
 Docs: docs/apo.md.
 
-May import: tracelearn.training.evaluate and .gate, tracelearn.pipelines, tracelearn.registry,
+May import: tracelearn.training.evaluate (and its eval_* parts) and .gate, tracelearn.pipelines, tracelearn.registry,
 tracelearn.storage, tracelearn.collector and tracelearn.instrumentation (the optimizer's spans),
 tracelearn.processes (the gateway that puts a candidate in front of the agent, ``tracelearn gateway`` as
 a process), openai, polars, rich. Must never import tracelearn.serving, torch or airflow: the policy and

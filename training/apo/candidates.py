@@ -10,7 +10,7 @@ The rules here are pure functions of evaluations: :func:`paired_difference` comp
 with another prompt on their shared (task, sample) pairs, and :func:`choose_winner` picks the best
 candidate whose paired 95% interval against the seed lies above 0, or none.
 
-May import: tracelearn.training.evaluate (results and the paired comparison).
+May import: tracelearn.training.eval_results (results and the paired comparison).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tracelearn.training.apo.templates import TemplateError, VariableMismatchError, check_variables_kept
-from tracelearn.training.evaluate import Comparison, EvalResult, compare
+from tracelearn.training.eval_results import Comparison, EvalResult, compare
 
 __all__ = [
     "REJECTION_KINDS",

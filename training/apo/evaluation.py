@@ -30,8 +30,8 @@ The gateway records no spans of its own (``--no-spans``): the agent's instrument
 captures each call, and a second span per call would be a rollout of its own. Its ``/health`` counts
 the chat calls and the substitutions, read before it stops.
 
-May import: tracelearn.training.evaluate, tracelearn.processes (the gateway process), tracelearn.registry,
-tracelearn.pipelines (the config hash), tracelearn.storage, polars.
+May import: tracelearn.training.evaluate and its eval_* parts, tracelearn.processes (the gateway process),
+tracelearn.registry, tracelearn.pipelines (the config hash), tracelearn.storage, polars.
 """
 
 from __future__ import annotations
@@ -59,18 +59,17 @@ from tracelearn.registry import REGISTRY_ENV, Registry
 from tracelearn.registry.prompts import PROMPTS_ENV, pinned_references
 from tracelearn.storage.atomic_parquet import write_parquet_atomically
 from tracelearn.training.apo.candidates import prompt_hash
-from tracelearn.training.evaluate import (
-    ROLLOUT_SCHEMA,
+from tracelearn.training.eval_inputs import (
     AgentError,
     CaptureError,
-    EvalResult,
     EvalSpec,
     EvaluationError,
-    ServedModel,
     eval_pipeline_config,
-    evaluate_model,
     read_task_ids,
 )
+from tracelearn.training.eval_results import ROLLOUT_SCHEMA, EvalResult
+from tracelearn.training.eval_serving import ServedModel
+from tracelearn.training.evaluate import evaluate_model
 
 __all__ = [
     "AGENT_FAILED",

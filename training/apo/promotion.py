@@ -10,7 +10,8 @@ version that was compared. The rollouts it compares are those of the validation 
 chose the winner (an optimistic estimate: the best of many noisy scores is biased upwards), unless a
 held-out gate evaluator is given: then the winner and production are evaluated afresh on its tasks.
 
-May import: tracelearn.registry, tracelearn.training.gate, tracelearn.training.run_dir (lineage helpers).
+May import: tracelearn.registry, tracelearn.training.gate and .eval_results, tracelearn.training.run_dir
+(lineage helpers).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tracelearn.training.apo.candidates import Candidate
 from tracelearn.training.apo.evaluation import PromptEvaluator
 from tracelearn.training.apo.failures import FailurePool
 from tracelearn.training.apo.search import SearchOutcome
-from tracelearn.training.evaluate import EvalResult
+from tracelearn.training.eval_results import EvalResult
 from tracelearn.training.gate import GateConfig, GateConflictError, GateDecision, apply_gate, decide
 from tracelearn.training.run_dir import code_revision, files_snapshot
 

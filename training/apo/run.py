@@ -25,7 +25,7 @@ evaluation in the cache, so it goes straight to publishing (the same version aga
 Unless the gate promoted its winner: then ``--prompt NAME@production`` names another seed, and the
 run directory refuses it as another configuration.
 
-May import: tracelearn.training.apo, tracelearn.training.evaluate, tracelearn.registry, rich.
+May import: tracelearn.training.apo, tracelearn.training.evaluate and its eval_* parts, tracelearn.registry, rich.
 """
 
 from __future__ import annotations
@@ -53,27 +53,14 @@ from tracelearn.training.apo.promotion import GateOutcome, gate_published, publi
 from tracelearn.training.apo.run_files import RunFiles, write_json_atomically
 from tracelearn.training.apo.search import SearchOutcome, SearchSettings, beam_search
 from tracelearn.training.apo.templates import template_variables
-from tracelearn.training.evaluate import (
-    EXAMPLE_DIR,
-    EvalResult,
-    EvalSpec,
-    ServedModel,
-    UnknownModelError,
-    compare,
-    eval_pipeline_config,
-    model_cards,
-    pinned_model,
-    read_task_ids,
-    results_table,
-    served_model,
-    write_evaluations,
-)
+from tracelearn.training.eval_inputs import EvalSpec, UnknownModelError, eval_pipeline_config, read_task_ids
+from tracelearn.training.eval_results import EvalResult, compare, results_table, write_evaluations
+from tracelearn.training.eval_serving import ServedModel, model_cards, pinned_model, served_model
 from tracelearn.training.gate import GateConfig, GateDecision
 
-__all__ = ["DEFAULT_POLICY_URL", "DEFAULT_VAL_TASKS", "ApoConfig", "ApoInputs", "ApoResult", "InjectionError",
+__all__ = ["DEFAULT_POLICY_URL", "ApoConfig", "ApoInputs", "ApoResult", "InjectionError",
            "check_inputs", "run_apo"]
 
-DEFAULT_VAL_TASKS = EXAMPLE_DIR / "tasks_val.jsonl"
 DEFAULT_POLICY_URL = "http://127.0.0.1:8000/v1"  # where the calc agent's calls go when nothing says otherwise
 
 
@@ -99,7 +86,7 @@ class ApoConfig:
     transitions: Path
     optimizer_url: str
     out: Path
-    spec: EvalSpec = field(default_factory=lambda: EvalSpec(tasks=DEFAULT_VAL_TASKS, samples=1))
+    spec: EvalSpec
     search: SearchSettings = field(default_factory=SearchSettings)
     policy_url: str | None = None
     policy_name: str | None = None

@@ -22,7 +22,7 @@ continues after the last one; the results it needs of earlier candidates come fr
 The search sees its optimizer and its evaluator through two small interfaces (:class:`EditProposer`,
 :class:`CandidateEvaluator`), so it runs the same against the real ones and against test doubles.
 
-May import: tracelearn.training.apo, tracelearn.training.evaluate (results), rich.
+May import: tracelearn.training.apo, tracelearn.training.eval_results, rich.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from tracelearn.training.apo.failures import Failure, FailurePool, sample_failur
 from tracelearn.training.apo.optimizer import Proposal
 from tracelearn.training.apo.run_files import RunFiles, write_json_atomically
 from tracelearn.training.apo.templates import template_variables
-from tracelearn.training.evaluate import EvalResult
+from tracelearn.training.eval_results import EvalResult
 
 __all__ = [
     "CandidateEvaluator",

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from support.calc_example import calc_spec
 from support.scripted_llm_server import Reply, ScriptedLLMServer, arithmetic_expression, default_script
 
 from tracelearn.registry import Registry, open_registry
 from tracelearn.training.apo import ApoConfig, SearchSettings
-from tracelearn.training.evaluate import EvalSpec, evaluate_model
+from tracelearn.training.evaluate import evaluate_model
 
 REPO = Path(__file__).resolve().parents[3]
 TRAIN_TASKS = REPO / "examples" / "calc" / "tasks.jsonl"
@@ -111,7 +112,7 @@ def failing_transitions(policy: ScriptedLLMServer, tmp_path_factory: pytest.Temp
     """A real transitions dataset: the calc agent on 4 training tasks with the seed prompt, every rollout
     a failure (captured by opentelemetry-instrument, built and scored by the calc pipeline)."""
     workdir = tmp_path_factory.mktemp("collect")
-    result = evaluate_model(policy.model, EvalSpec(tasks=TRAIN_TASKS, limit=4, samples=1), workdir,
+    result = evaluate_model(policy.model, calc_spec(tasks=TRAIN_TASKS, limit=4, samples=1), workdir,
                             base_url=policy.base_url, console=quiet())
     assert result.successes == 0
     return result.data_dir
@@ -144,7 +145,7 @@ def optimizer() -> Iterator[Callable[[OptimizerScript], ScriptedLLMServer]]:
 def passing_transitions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real transitions dataset without a failure: the default scripted model answers every task right."""
     with ScriptedLLMServer() as right:
-        result = evaluate_model(right.model, EvalSpec(tasks=TRAIN_TASKS, limit=2, samples=1),
+        result = evaluate_model(right.model, calc_spec(tasks=TRAIN_TASKS, limit=2, samples=1),
                                 tmp_path_factory.mktemp("passing"), base_url=right.base_url, console=quiet())
     assert result.successes == 2
     return result.data_dir
@@ -165,6 +166,6 @@ def apo_config(tmp_path: Path, transitions: Path, optimizer_url: str, policy_url
                                    **(spec or {})}
     fields = {"prompt": "calc-system@production", "out": tmp_path / "apo", "registry": str(tmp_path / "registry"),
               **fields}
-    return ApoConfig(transitions=transitions, optimizer_url=optimizer_url, spec=EvalSpec(**spec_fields),
+    return ApoConfig(transitions=transitions, optimizer_url=optimizer_url, spec=calc_spec(**spec_fields),
                      search=SearchSettings(**{"rounds": 1, "beam": 1, "branch": 1, **(search or {})}),
                      policy_url=policy_url, **fields)

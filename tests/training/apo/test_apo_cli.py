@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from apo_fixtures import EXACT_PROMPT, VAL_TASKS, OptimizerScript, prompt_block
 from click.testing import CliRunner
+from support.calc_example import CALC_PIPELINE
 from support.scripted_llm_server import ScriptedLLMServer
 
 from tracelearn.cli.main import main
@@ -27,6 +28,7 @@ def arguments(tmp_path: Path, transitions: Path, optimizer_url: str, policy_url:
     """The issue's command, made small: 3 validation tasks, one sample, one edit per round."""
     return ["apo", "run", "--prompt", "calc-system@production", "--registry", str(tmp_path / "registry"),
             "--transitions", str(transitions / "transitions"), "--agent", "python examples/calc/agent.py",
+            "--config", str(CALC_PIPELINE),
             "--tasks", str(VAL_TASKS), "--limit", "3", "--policy-url", policy_url, "--optimizer-model", optimizer_url,
             "--rounds", "2", "--beam", "1", "--branch", "1", "--out", str(tmp_path / "apo"), *extra]
 

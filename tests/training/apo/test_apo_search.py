@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from apo_fixtures import EXACT_PROMPT, SEED_PROMPT, VAL_TASKS, OptimizerScript, apo_config, prompt_block, quiet
+from support.calc_example import calc_spec
 from support.scripted_llm_server import ScriptedLLMServer
 
 from tracelearn.registry import Registry, open_registry
 from tracelearn.training.apo import NoFailuresError, PromptEvaluator, SeedEvaluationError, run_apo
-from tracelearn.training.evaluate import EvalSpec, ServedModel
+from tracelearn.training.eval_serving import ServedModel
 
 StartOptimizer = Callable[[OptimizerScript], ScriptedLLMServer]
 
@@ -29,7 +30,7 @@ def test_a_repeated_evaluation_comes_from_the_cache_and_runs_no_agent(tmp_path: 
     registry = open_registry(tmp_path / "registry")
 
     def evaluator(limit: int, seed: int = 4) -> PromptEvaluator:
-        return PromptEvaluator("calc-system", EvalSpec(tasks=VAL_TASKS, limit=limit, samples=2, seed=seed), served,
+        return PromptEvaluator("calc-system", calc_spec(tasks=VAL_TASKS, limit=limit, samples=2, seed=seed), served,
                                registry, tmp_path / "evaluations", tmp_path / "cache", quiet())
 
     first = evaluator(3).evaluate("a", EXACT_PROMPT)
