@@ -56,6 +56,16 @@ if TYPE_CHECKING:
               help="Most tokens one request's n choices may generate together (n x max_tokens; 400 beyond).")
 @click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
+@click.option("--max-queued", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Most requests waiting for the model (parsed, not yet decoding; running ones are bounded by "
+                   "--max-batch-size): beyond it a request is answered 429 with Retry-After at once, before its "
+                   "prompt is tokenized. Embedded engine only.")
+@click.option("--max-queued-tokens", default=None, type=click.IntRange(min=1),
+              help="Most completion tokens the waiting requests may generate together (n x max_tokens each; 429 "
+                   "beyond). Default: no bound beyond --max-queued x --max-request-tokens. Embedded engine only.")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch's intra-op threads for generation (default: torch's own, one per core). On a shared "
+                   "machine, set it to keep the server off the cores other work needs. Embedded engine only.")
 def serve(
     engine: str,
     model_name: str,
@@ -71,8 +81,15 @@ def serve(
     default_max_tokens: int,
     max_request_tokens: int,
     max_body_mb: float,
+    max_queued: int,
+    max_queued_tokens: int | None,
+    threads: int | None,
 ) -> None:
-    """Serve a model over the OpenAI chat-completions API (token ids and logprobs included)."""
+    """Serve a model over the OpenAI chat-completions API (token ids and logprobs included).
+
+    Requests waiting for the model are bounded (--max-queued; 429 with Retry-After beyond), and
+    --threads bounds the cores torch uses; /health reports both (queued_requests, torch_threads).
+    """
     from tracelearn.registry import RegistryError, open_registry
 
     try:
@@ -80,14 +97,21 @@ def serve(
     except RegistryError as error:
         raise click.ClickException(str(error)) from error
     if engine == "vllm":
+        if threads is not None:
+            raise click.ClickException("--threads sets the embedded engine's torch threads; vLLM sizes its own")
         _serve_with_vllm(model_name, registry, host, port, served_model_name, max_model_len, watch_interval)
         return
+    import torch
+
     from tracelearn.models import REGISTRY_PREFIX
+    from tracelearn.serving.engine_queue import AdmissionQueue
     from tracelearn.serving.http_server import BackgroundServer
     from tracelearn.serving.openai_api import create_app
     from tracelearn.serving.protocol import ServingLimits
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads is not None:
+        torch.set_num_threads(threads)  # process-wide: the generation worker and every model load
     started = time.perf_counter()
     if model_name.startswith(REGISTRY_PREFIX):
         slot, aliases, stop_following = _follow_registry_model(model_name, registry, device, max_model_len,
@@ -98,10 +122,11 @@ def serve(
                                     prefix_cache_mb << 20)
         served, stop_following = served_model_name or slot.current.model_id, None
     click.echo(f"loaded {slot.current.model_version} in {time.perf_counter() - started:.1f} s "
-               f"(context {slot.current.context_length} tokens)")
+               f"(context {slot.current.context_length} tokens; torch intra-op threads: {torch.get_num_threads()})")
     limits = ServingLimits(max_body_bytes=int(max_body_mb * 2**20), default_max_tokens=default_max_tokens,
                            max_request_tokens=max_request_tokens)
-    server = BackgroundServer(create_app(slot, served, aliases, limits), host=host, port=port)
+    admission = AdmissionQueue(max_queued, max_queued_tokens)
+    server = BackgroundServer(create_app(slot, served, aliases, limits, admission), host=host, port=port)
     try:
         server.start()
     except RuntimeError as error:

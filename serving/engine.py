@@ -29,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +100,9 @@ class GenerationEngine:
         self.batch_window_s = batch_window_s
         self.stop_token_ids = _stop_token_ids(loaded)
         self._vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
-        self._incoming: queue.Queue[PendingRequest | None] = queue.Queue()
+        # Each request with the function told when it joins the batch (``submit``'s ``on_admitted``).
+        self._incoming: queue.Queue[tuple[PendingRequest, Callable[[], None] | None] | None] = queue.Queue()
+        self._torch_threads: int | None = None  # what torch gives the worker thread, once it runs
         self._closed = threading.Event()
         # Held while checking for shutdown and queueing, so no request slips in after the last drain.
         self._submit_lock = threading.Lock()
@@ -129,6 +131,12 @@ class GenerationEngine:
         """A snapshot of the worker's counters."""
         return self._decoder.stats()
 
+    @property
+    def torch_threads(self) -> int | None:
+        """torch's intra-op threads as the worker thread sees them (``torch.set_num_threads``;
+        ``tracelearn serve --threads``); None until the worker has started."""
+        return self._torch_threads
+
     def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """The token budget for a prompt of ``prompt_tokens``: ``max_tokens``, or all the context left
         when None. Raises ``ContextLengthError`` when it does not fit.
@@ -149,9 +157,12 @@ class GenerationEngine:
             )
         return max_tokens
 
-    def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams, listener: Listener) -> threading.Event:
+    def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams, listener: Listener,
+               on_admitted: Callable[[], None] | None = None) -> threading.Event:
         """Queue a request; ``listener`` gets each ``StepOutput`` (or the exception that ended it) on the
-        worker thread. Setting the returned event cancels the request at the next step.
+        worker thread. Setting the returned event cancels the request at the next step. ``on_admitted``
+        is called on the worker thread when the request leaves the queue for the batch (or is dropped
+        there, cancelled); the API's ``AdmissionQueue`` counts queued requests with it.
         """
         if not prompt_token_ids:
             raise ValueError("the prompt has no tokens")
@@ -162,13 +173,14 @@ class GenerationEngine:
         with self._submit_lock:
             if self._closed.is_set():
                 raise EngineClosedError("the generation engine is shut down")
-            self._incoming.put(request)
+            self._incoming.put((request, on_admitted))
         return request.cancelled
 
     async def stream(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, on_admitted: Callable[[], None] | None = None
     ) -> AsyncGenerator[StepOutput, None]:
-        """Generate, yielding each token as it is produced. Closing the iterator early cancels the request."""
+        """Generate, yielding each token as it is produced. Closing the iterator early cancels the request.
+        ``on_admitted``: as ``submit``'s."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
 
@@ -176,7 +188,7 @@ class GenerationEngine:
             with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening
                 loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        cancel = self.submit(prompt_token_ids, params, deliver)
+        cancel = self.submit(prompt_token_ids, params, deliver, on_admitted)
         try:
             while True:
                 item = await outputs.get()
@@ -188,9 +200,10 @@ class GenerationEngine:
         finally:
             cancel.set()
 
-    async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
-        """Generate to the end and return everything at once."""
-        steps = [step async for step in self.stream(prompt_token_ids, params)]
+    async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                       on_admitted: Callable[[], None] | None = None) -> GenerationResult:
+        """Generate to the end and return everything at once (``on_admitted``: as ``submit``'s)."""
+        steps = [step async for step in self.stream(prompt_token_ids, params, on_admitted)]
         finish_reason = steps[-1].finish_reason
         assert finish_reason is not None  # stream() ends on the step that carries it
         return GenerationResult(
@@ -214,6 +227,7 @@ class GenerationEngine:
 
     def _run(self) -> None:
         batch: Batch | None = None
+        self._torch_threads = torch.get_num_threads()
         with torch.inference_mode():
             while not self._closed.is_set():
                 capacity = self.max_batch_size - (len(batch.rows) if batch else 0)
@@ -243,17 +257,20 @@ class GenerationEngine:
         while len(arrivals) < capacity:
             try:
                 if wait and not arrivals:
-                    request = self._incoming.get()
+                    queued = self._incoming.get()
                 elif wait:
                     if deadline is None:
                         deadline = time.monotonic() + self.batch_window_s
-                    request = self._incoming.get(timeout=max(0.0, deadline - time.monotonic()))
+                    queued = self._incoming.get(timeout=max(0.0, deadline - time.monotonic()))
                 else:
-                    request = self._incoming.get_nowait()
+                    queued = self._incoming.get_nowait()
             except queue.Empty:
                 break
-            if request is None:  # close() woke us up
+            if queued is None:  # close() woke us up
                 break
+            request, on_admitted = queued
+            if on_admitted is not None:
+                _call_admitted(on_admitted)
             if not request.cancelled.is_set():
                 arrivals.append(request)
         return arrivals
@@ -264,11 +281,18 @@ class GenerationEngine:
             self._decoder.fail(row.request, error)
         while True:
             try:
-                request = self._incoming.get_nowait()
+                queued = self._incoming.get_nowait()
             except queue.Empty:
                 return
-            if request is not None:
-                self._decoder.fail(request, error)
+            if queued is not None:
+                self._decoder.fail(queued[0], error)
+
+
+def _call_admitted(on_admitted: Callable[[], None]) -> None:
+    try:
+        on_admitted()
+    except Exception:  # a caller's bookkeeping: it must not stop the worker that decodes everyone's rows
+        logger.exception("a request's on_admitted callback failed; the request is decoded anyway")
 
 
 def _stop_token_ids(loaded: LoadedModel) -> frozenset[int]:

@@ -6,12 +6,14 @@ top-level ``prompt_token_ids`` and ``choices[i].token_ids``; streamed, the first
 carries ``prompt_token_ids`` and every chunk the ``token_ids`` of its delta, so a recorder captures
 the exact tokens. Every response says which weights answered: ``system_fingerprint`` in the body
 and the ``x-tracelearn-model-version`` header. Every error, validation included, is an OpenAI error
-body (``{"error": {"message", "type", "param", "code"}}``) with status 400, 404, 413, 500 or 503.
+body (``{"error": {"message", "type", "param", "code"}}``) with status 400, 404, 413, 429, 500 or 503.
 
 One request cannot hold the server for others: its body is bounded (``ServingLimits``: 413 beyond),
 decoded, validated and tokenized on worker threads (the event loop, which answers ``/health`` and
 streams every response, never runs them), its completion budget is bounded, and a request whose
-client disconnects is cancelled at the engine's next step, streaming or not.
+client disconnects is cancelled at the engine's next step, streaming or not. Nor can many requests:
+those waiting for the engine are bounded (``tracelearn.serving.engine_queue``; 429 with
+``Retry-After`` beyond, before the prompt is tokenized), and ``/health`` reports the queue.
 
 The app answers from an ``EngineSlot``: each request holds a lease on the engine that was current
 when it arrived and is answered (and labelled) by that engine to its last byte, so the engine can be
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,7 @@ from tracelearn.serving.engine import (
     GenerationResult,
     StepOutput,
 )
+from tracelearn.serving.engine_queue import AdmissionQueue, QueuedRequest, QueueFullError, admit_chat_request
 from tracelearn.serving.engine_slot import EngineLease, EngineSlot
 from tracelearn.serving.logprobs import TokenTexts, logprobs_body
 from tracelearn.serving.protocol import (
@@ -56,9 +60,8 @@ from tracelearn.serving.protocol import (
     ChatCompletionRequest,
     ServingLimits,
     check_supported,
-    parse_chat_request,
 )
-from tracelearn.serving.request_io import read_body, unless_disconnected
+from tracelearn.serving.request_io import unless_disconnected
 from tracelearn.serving.sampling import SamplingParams, TokenChoice, seed_for
 
 
@@ -214,9 +217,13 @@ class ChatCompletions:
             "system_fingerprint": self.engine.model_version,
         }
 
-    async def complete(self, request: ChatCompletionRequest, plan: _Plan) -> dict[str, Any]:
-        """Generate every choice; cancelling this cancels them all."""
-        results = await asyncio.gather(*(self.engine.generate(plan.prompt_token_ids, p) for p in plan.params))
+    async def complete(self, request: ChatCompletionRequest, plan: _Plan,
+                       on_admitted: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Generate every choice; cancelling this cancels them all. ``on_admitted`` is called as each
+        choice joins the engine's batch."""
+        results = await asyncio.gather(
+            *(self.engine.generate(plan.prompt_token_ids, p, on_admitted) for p in plan.params)
+        )
         # Logprob entries of many long choices take a while to build: off the event loop too.
         return await asyncio.to_thread(self._response_body, request, plan, results)
 
@@ -254,8 +261,10 @@ class ChatCompletions:
             choice["token_ids"] = result.token_ids
         return choice
 
-    async def stream(self, request: ChatCompletionRequest, plan: _Plan) -> AsyncIterator[str]:
-        """Server-sent events: a role chunk per choice, a chunk per generated token, optional usage."""
+    async def stream(self, request: ChatCompletionRequest, plan: _Plan,
+                     on_admitted: Callable[[], None] | None = None) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk per choice, a chunk per generated token, optional usage
+        (``on_admitted``: as ``complete``'s)."""
         envelope = self._envelope("chat.completion.chunk", f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         usage_field = {"usage": None} if include_usage else {}
@@ -269,7 +278,7 @@ class ChatCompletions:
             yield event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], **first)
         tool_streams = [ToolCallStream(plan.tool_names) if plan.tool_names else None for _ in plan.params]
         completion_tokens = 0
-        steps = [self.engine.stream(plan.prompt_token_ids, params) for params in plan.params]
+        steps = [self.engine.stream(plan.prompt_token_ids, params, on_admitted) for params in plan.params]
         try:
             # aclosing: when the client disconnects, generation stops now, not when the GC gets to it.
             async with contextlib.aclosing(_merge_streams(steps)) as merged:
@@ -318,12 +327,14 @@ def _error_from(error: Exception) -> APIError:
     return APIError(f"generation failed: {type(error).__name__}: {error}", status_code=500, error_type="server_error")
 
 
-async def _released_after(body: AsyncIterator[str], lease: EngineLease) -> AsyncGenerator[str, None]:
-    """``body``, then the lease goes back (also when the client disconnects mid-stream)."""
+async def _released_after(body: AsyncIterator[str], lease: EngineLease,
+                          queued: QueuedRequest) -> AsyncGenerator[str, None]:
+    """``body``, then the lease and the queue place go back (also when the client disconnects mid-stream)."""
     try:
         async for chunk in body:
             yield chunk
     finally:
+        queued.leave()
         lease.release()
 
 
@@ -332,13 +343,16 @@ def create_app(
     served_model_name: str | None = None,
     aliases: Collection[str] = (),
     limits: ServingLimits | None = None,
+    admission: AdmissionQueue | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over ``engine`` (or over whichever engine an ``EngineSlot`` holds at
     each request). Requests may name the served model, the answering engine's ``model_id`` or any of
     ``aliases``; other names get 404 ``model_not_found``, as from vLLM. ``limits`` bound what one
-    request may cost (``ServingLimits()`` by default).
+    request may cost (``ServingLimits()`` by default), ``admission`` how many may wait for the engine
+    (``AdmissionQueue()``: 256 requests, by default).
     """
     limits = limits or ServingLimits()
+    admission = admission or AdmissionQueue()
     slot = engine if isinstance(engine, EngineSlot) else EngineSlot(engine)
     served = served_model_name or slot.current.model_id
     # One ChatCompletions per engine (its prompt builder and token texts belong to that tokenizer);
@@ -359,7 +373,10 @@ def create_app(
     app = FastAPI(title="tracelearn embedded model server")
 
     def error_response(error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status_code, headers=version_header())
+        headers = version_header()
+        if isinstance(error, QueueFullError):
+            headers["retry-after"] = str(error.retry_after_s)
+        return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
@@ -387,6 +404,8 @@ def create_app(
             "last_swap_error": status.last_swap_error,
             "last_swap_error_at": status.last_swap_error_at,
             "draining_engines": status.draining,
+            "queue": dataclasses.asdict(admission.depth()),
+            "torch_threads": slot.current.torch_threads,
         }
 
     @app.get("/v1/models")
@@ -406,23 +425,25 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http: Request) -> Response:
         # Decoding, validating and tokenizing run on worker threads: a 20 MB prompt takes seconds.
-        request = await asyncio.to_thread(parse_chat_request, await read_body(http, limits.max_body_bytes))
+        request, queued = await admit_chat_request(http, admission, limits)
         lease = slot.lease()
         streaming = False
         try:
             completions = completions_for(lease.engine)
             plan = await asyncio.to_thread(completions.plan, request)
+            queued.hold(len(plan.params), plan.params[0].max_tokens)  # the budget as planned: no more
             headers = version_header(lease.engine)
             if request.stream:
-                body = _released_after(completions.stream(request, plan), lease)
-                streaming = True  # from here the body owns the lease
+                body = _released_after(completions.stream(request, plan, queued.choice_admitted), lease, queued)
+                streaming = True  # from here the body owns the lease and the queue place
                 return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-            completed = await unless_disconnected(http, completions.complete(request, plan))
+            completed = await unless_disconnected(http, completions.complete(request, plan, queued.choice_admitted))
             if completed is None:
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
             return await asyncio.to_thread(JSONResponse, completed, headers=headers)
         finally:
             if not streaming:
+                queued.leave()
                 lease.release()
 
     return app
