@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,22 @@ def choice(*options: str) -> Kind[str]:
     return Kind(" / ".join(options), read)
 
 
+CRON_PRESETS = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]+")
+
+
+def _cron(text: str) -> str:
+    """A cron expression (five fields, or a preset such as ``@hourly``), or ``off``; the syntax only: the
+    scheduler reads the fields."""
+    value = " ".join(text.split())
+    if value.lower() == "off" or value.lower() in CRON_PRESETS:
+        return value.lower()
+    fields = value.split(" ")
+    if len(fields) != 5 or not all(CRON_FIELD.fullmatch(field) for field in fields):
+        raise ValueError(f"is not a cron expression (five fields, or {', '.join(CRON_PRESETS)}) or off")
+    return value
+
+
 TEXT: Kind[str] = Kind("text", str)
 PATH: Kind[Path] = Kind("path", lambda text: Path(text).expanduser())
 # A path or a URI (``s3://...``, ``mlflow+http://...``): ``~`` is expanded, anything else kept as written.
@@ -78,6 +95,7 @@ LOCATION: Kind[str] = Kind("path or URI", lambda text: str(Path(text).expanduser
 POSITIVE_NUMBER: Kind[float] = Kind("number > 0", _positive_number)
 POSITIVE_COUNT: Kind[int] = Kind("integer > 0", _positive_count)
 MINUTES: Kind[float] = Kind("minutes > 0", _minutes)
+CRON: Kind[str] = Kind("cron expression or off", _cron)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tracelearn.settings.setting import (
+    CRON,
     LOCATION,
     MINUTES,
     PATH,
@@ -83,6 +84,9 @@ LOOP_CONFIG = Setting("TRACELEARN_LOOP_CONFIG", PATH, None, "Default `loop.yaml`
 LOOP_WORKDIR = Setting("TRACELEARN_LOOP_WORKDIR", PATH, "./runs/loop", "Default folder of the loop DAG.", "DAGs")
 LOOP_ROUNDS = Setting("TRACELEARN_LOOP_ROUNDS", POSITIVE_COUNT, "3", "Default number of rounds of the loop DAG.",
                       "DAGs")
+BUILD_SCHEDULE = Setting("TRACELEARN_BUILD_SCHEDULE", CRON, "@hourly",
+                         "When the build DAG runs besides on new spans (a `tracelearn_spans` asset event): a cron "
+                         "expression in UTC, or `off` for asset events only.", "DAGs")
 BUILD_TASK_TIMEOUT = Setting("TRACELEARN_BUILD_TASK_TIMEOUT_MINUTES", MINUTES, "120",
                              "Time limit of each task of the build DAG.", "DAGs")
 TRAIN_TASK_TIMEOUT = Setting("TRACELEARN_TRAIN_TASK_TIMEOUT_MINUTES", MINUTES, "1440",
@@ -101,7 +105,7 @@ FRAMEWORK_ENVS = Setting("TRACELEARN_FRAMEWORK_ENVS", PATH, None,
 SETTINGS: tuple[Setting[Any], ...] = (
     DATA_ROOT, ROLL_BYTES, ROLL_SECONDS, COMPRESSION, MAX_ATTRIBUTE_BYTES, QUEUE_SIZE, QUEUE_BLOCK_MS, TOKEN_IDS,
     COLLECTOR_TOKEN, MODEL_CACHE, REGISTRY, REGISTRY_CACHE, PROMPTS, VLLM_PYTHON, VERL_PYTHON, PIPELINE_CONFIG, RUNS,
-    APO_OPTIMIZER_URL, LOOP_CONFIG, LOOP_WORKDIR, LOOP_ROUNDS, BUILD_TASK_TIMEOUT, TRAIN_TASK_TIMEOUT,
+    APO_OPTIMIZER_URL, LOOP_CONFIG, LOOP_WORKDIR, LOOP_ROUNDS, BUILD_SCHEDULE, BUILD_TASK_TIMEOUT, TRAIN_TASK_TIMEOUT,
     APO_TASK_TIMEOUT, LOOP_TASK_TIMEOUT, FRAMEWORK_ENVS,
 )
 BY_NAME: dict[str, Setting[Any]] = {setting.name: setting for setting in SETTINGS}

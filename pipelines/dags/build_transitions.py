@@ -1,15 +1,22 @@
-"""Spans -> rollouts + transitions, scheduled by new spans (Airflow 3 TaskFlow).
+"""Spans -> rollouts + transitions, scheduled by new spans or on a timetable (Airflow 3 TaskFlow).
 
 Thin wiring only: every task calls ``tracelearn.pipelines`` with paths and a config path; the data
 never goes through XCom (``build`` returns the written file paths and the summary counts).
+
+Schedule: an ``AssetOrTimeSchedule``. A ``tracelearn_spans`` asset event starts a run at once (a
+deployment emits one after its collector rolls or compacts a spans file: docs/pipeline.md shows the
+Airflow REST call), and the timetable ``$TRACELEARN_BUILD_SCHEDULE`` (a cron expression in UTC,
+default ``@hourly``, read when the file is parsed; ``off``: asset events only) builds new spans even
+when nothing emits an event. A scheduled run builds its logical date and the day before.
 
 Params (defaults come from the environment when the DAG file is parsed):
   data:   dataset root, spans under ``<data>/spans/`` (``$TRACELEARN_DATA``, default ``./data``)
   output: where rollouts and transitions are written (default: the data root)
   config: ``pipeline.yaml`` (``$TRACELEARN_PIPELINE_CONFIG``; empty: the built-in defaults)
   date:   the spans date partition to build; empty: the dates named by the triggering asset events
-          (``extra={"date": ...}`` or ``{"dates": [...]}``), else the run's logical date, else
-          every date partition of the spans dataset (asset-triggered runs have no logical date)
+          (``extra={"date": ...}`` or ``{"dates": [...]}``), else the run's logical date and the day
+          before (those holding spans), else every date partition of the spans dataset (asset-triggered
+          runs have no logical date); ``tracelearn.pipelines.build_dates`` says why
   watermark: build time for the lateness watermark (ISO 8601 with zone; empty: now). Set it to
           rebuild a partition exactly as an earlier run did.
 
@@ -28,10 +35,18 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
 from airflow.sdk.exceptions import AirflowFailException
 
-from tracelearn.settings.variables import BUILD_TASK_TIMEOUT, DATA_ROOT, PIPELINE_CONFIG
+from tracelearn.settings.variables import BUILD_SCHEDULE, BUILD_TASK_TIMEOUT, DATA_ROOT, PIPELINE_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +56,14 @@ SPANS = Asset(name="tracelearn_spans", uri="tracelearn://spans")
 TRANSITIONS = Asset(name="tracelearn_transitions", uri="tracelearn://transitions")
 
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=30)}
+BUILD_CRON = BUILD_SCHEDULE.value()
+SCHEDULE: Any = [SPANS] if BUILD_CRON == "off" else AssetOrTimeSchedule(
+    timetable=CronTriggerTimetable(BUILD_CRON, timezone="UTC"), assets=SPANS)
 
 
 @dag(
     dag_id="tracelearn_build_transitions",
-    schedule=[SPANS],
+    schedule=SCHEDULE,
     start_date=None,
     catchup=False,
     max_active_runs=1,
@@ -78,23 +96,17 @@ def tracelearn_build_transitions() -> None:
 
     @task
     def dates_to_build() -> list[str]:
-        """The date partitions this run builds (see the module docstring for the order of sources)."""
-        from tracelearn.pipelines.spans_input import spans_dates
+        """The date partitions this run builds (``tracelearn.pipelines.build_dates``)."""
+        from tracelearn.pipelines.build_dates import dates_to_build as dates_of_run
 
         context = get_current_context()
         params = context["params"]
-        if params["date"]:
-            return [params["date"]]
-        named: set[str] = set()
-        for events in (context.get("triggering_asset_events") or {}).values():
-            for event in events:
-                extra = event.extra or {}
-                named.update([extra["date"]] if "date" in extra else extra.get("dates", []))
-        if named:
-            return sorted(named)
-        if context.get("ds"):
-            return [context["ds"]]
-        return spans_dates(params["data"])
+        events = (context.get("triggering_asset_events") or {}).values()
+        dates = dates_of_run(params["data"], requested=params["date"] or None,
+                             event_extras=[event.extra for batch in events for event in batch],
+                             logical_date=context.get("logical_date"))
+        log.info("building date partitions: %s", ", ".join(dates) or "none (no spans for this run)")
+        return dates
 
     @task(inlets=[SPANS], outlets=[TRANSITIONS])
     def build(date: str, validated: dict[str, str | None]) -> dict[str, Any]:
