@@ -36,7 +36,8 @@ retried, instead of holding a worker slot.
 
 Run once without a scheduler:
   AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data/transitions \\
-    airflow dags test tracelearn_apo
+    airflow dags test tracelearn_apo --conf '{"agent": "python examples/calc/agent.py",
+      "tasks": "examples/calc/tasks_val.jsonl", "pipeline": "examples/calc/pipeline.yaml"}'
 """
 
 import logging

@@ -36,7 +36,8 @@ retried, instead of holding a worker slot.
 
 Run once without a scheduler:
   AIRFLOW__CORE__DAGS_FOLDER=<repo>/pipelines/dags TRACELEARN_DATA=./data \\
-    airflow dags test tracelearn_train
+    airflow dags test tracelearn_train --conf '{"agent": "python examples/calc/agent.py",
+      "eval_tasks": "examples/calc/tasks_heldout.jsonl", "eval_pipeline": "examples/calc/pipeline.yaml"}'
 """
 
 import logging
