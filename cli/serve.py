@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 @click.option("--max-body-mb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body accepted (413 beyond).")
 @click.option("--max-queued", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Most requests waiting for the model (parsed, not yet decoding; running ones are bounded by "
+              help="Most requests waiting for the model (read, not yet decoding; running ones are bounded by "
                    "--max-batch-size): beyond it a request is answered 429 with Retry-After at once, before its "
                    "prompt is tokenized. Embedded engine only.")
 @click.option("--max-queued-tokens", default=None, type=click.IntRange(min=1),
@@ -88,7 +88,7 @@ def serve(
     """Serve a model over the OpenAI chat-completions API (token ids and logprobs included).
 
     Requests waiting for the model are bounded (--max-queued; 429 with Retry-After beyond), and
-    --threads bounds the cores torch uses; /health reports both (queued_requests, torch_threads).
+    --threads bounds the cores torch uses; /health reports both (queue, torch_threads).
     """
     from tracelearn.registry import RegistryError, open_registry
 
