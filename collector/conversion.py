@@ -9,7 +9,7 @@ header, and cut from the sizes its records carry, so a replay cuts exactly the s
 that exists already is skipped: a conversion interrupted by a crash, or a second replay, never lands
 a row twice. Each batch's keys go to the de-duplication index once its files are written, and the
 segment is deleted at the end. Memory: one record's body and layout, ``BUILD_SPANS`` spans of Python
-objects, and one batch of rows (about ``chunk_bytes``), which the Parquet writer copies once.
+objects, and one batch of rows (about ``chunk_bytes``), written as built (never combined into one copy).
 
 Nothing acknowledged is lost on the way:
 
@@ -125,14 +125,15 @@ class _SegmentConversion:
         """Write the pending rows, one file per partition, and start the next conversion batch."""
         file_name = self.file_name()
         for partition in list(self.pending):
-            batches = self.pending.pop(partition)  # freed once combined: one partition is held twice at most
+            batches = self.pending.pop(partition)
             directory = partition_directory(self.root, self.spec.partition_columns, partition)
             entry = entry_name(self.name.stem, str(self.batch_number), *partition)
             if (directory / file_name).exists() or self.quarantine.holds(entry):
                 continue  # written before a crash, or by an earlier replay of this segment
-            table = pa.Table.from_batches(batches, schema=self.spec.schema).combine_chunks()
+            # Written as built, one chunk per row batch: the Parquet writer makes one row group of them
+            # all the same, and combining them first copied every row once more (fresh pages each time).
+            table = pa.Table.from_batches(batches, schema=self.spec.schema_with_metadata())
             del batches
-            table = table.replace_schema_metadata(self.spec.schema_with_metadata().metadata)
             written = write_or_quarantine(
                 table, directory, file_name, self.compression, self.quarantine, entry, str(self.path)
             )
