@@ -34,7 +34,7 @@ The load generator runs in separate processes (``multiprocessing`` spawn), each 
 keep-alive ``http.client`` connections (one thread per connection), so it never shares the server's
 GIL. Server CPU is read from ``/proc/PID/stat`` (utime + stime of the server process and its
 descendants) when the clients start and when the last one finishes; for the sidecar also when
-``/status`` says every acknowledged span is in Parquet (``spans_awaiting_conversion`` 0), and
+``/metrics`` says every acknowledged span is in Parquet (``spans_awaiting_conversion`` 0), and
 through its exit (``os.wait4``). Nothing is asserted on timings: the script prints ratios and PASS /
 BELOW TARGET lines.
 
