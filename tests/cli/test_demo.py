@@ -17,6 +17,7 @@ from tracelearn.training.loop import RoundState
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 3 minutes on a quiet 2-core machine; a loaded one once took over 10
 def test_quick_demo_runs_two_on_policy_rounds(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo", "--quick", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
