@@ -9,11 +9,9 @@ larger ``--rounds``, it goes on from the last round. SIGTERM stops it like Ctrl-
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
 import click
 from rich.console import Console
@@ -21,10 +19,6 @@ from rich.console import Console
 from tracelearn.training.loop import LoopError, prepare_loop, run_loop, serve_production
 from tracelearn.training.loop_report import loop_table, write_loop_report
 from tracelearn.training.loop_spec import LoopSpec, LoopSpecError, load_loop_spec
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_rounds_in_airflow(spec: LoopSpec, config: Path, workdir: Path, rounds: int, base_url: str | None,
@@ -86,7 +80,6 @@ def loop(config_path: Path, rounds: int, workdir: Path, base_url: str | None, tr
     if trainer is not None:
         spec = spec.replace(trainer=trainer)
     workdir = workdir.resolve()
-    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     failure: str | None = None
     try:

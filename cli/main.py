@@ -6,6 +6,9 @@ torch or airflow, and every command starts without paying for the others' import
 """
 
 import importlib
+import signal
+import threading
+from types import FrameType
 
 import click
 
@@ -76,3 +79,20 @@ class LazyCommands(click.Group):
 @click.version_option(package_name="tracelearn")
 def main() -> None:
     """tracelearn: make any AI agent learn from its own runs."""
+    stop_on_sigterm_like_ctrl_c()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_sigterm_like_ctrl_c() -> None:
+    """SIGTERM stops a command as Ctrl-C does, so its ``with`` blocks stop what it started.
+
+    Python's default for SIGTERM exits at once, skipping them: the model servers, sidecars and agents an
+    evaluation or the demo started (each in its own session, out of reach of a signal to the group) kept
+    running. A command that handles SIGTERM itself (``collector serve``, ``serve``, ``gateway``) replaces
+    this; a process that already handles it (a test runner) keeps its own.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -106,6 +106,9 @@ class ChildProcess:
             self.stop(grace_s=5.0)
             raise ChildTimeoutError(f"{self.name} ran past its timeout of {timeout_s:.0f} s and was killed; "
                                     f"last line: {self.tail()}{self._log_note()}") from None
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: the child (own session) must not outlive us
+            self.stop(grace_s=5.0)
+            raise
         self._finish_output()
         return code
 
