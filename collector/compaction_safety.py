@@ -21,7 +21,14 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracelearn.storage.atomic_files import TEMP_PREFIX, TEMP_SUFFIX, fsync_directory, local_host, process_gone
+from tracelearn.storage.atomic_files import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    fsync_directory,
+    local_host,
+    process_gone,
+    write_bytes_atomically,
+)
 
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
@@ -223,17 +230,7 @@ def write_journal(path: Path, output: str, inputs: Sequence[Path]) -> None:
         "pid": os.getpid(),
         "written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    temp = path.parent / f"{COMPACTION_TEMP_PREFIX}{path.name}.tmp"
-    try:
-        with temp.open("w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(path)
-        fsync_directory(path.parent)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, json.dumps(payload).encode(), path.parent / f"{COMPACTION_TEMP_PREFIX}{path.name}.tmp")
 
 
 def read_journals(directory: Path) -> list[Journal]:

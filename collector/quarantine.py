@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from tracelearn.storage.atomic_files import fsync_directory
+from tracelearn.storage.atomic_files import fsync_directory, write_bytes_atomically
 from tracelearn.storage.atomic_parquet import write_parquet_atomically
 
 QUARANTINE_DIR = "_quarantine"
@@ -47,17 +47,7 @@ def entry_name(*parts: str) -> str:
 
 
 def _write_bytes_atomically(path: Path, data: bytes | bytearray) -> None:
-    temp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(path)
-        fsync_directory(path.parent)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, data, path.with_name(f".tmp-{path.name}-{os.getpid()}"))
 
 
 @dataclass(frozen=True)

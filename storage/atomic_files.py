@@ -81,6 +81,21 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def write_bytes_atomically(path: Path, data: bytes | bytearray, temp: Path) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into ``temp`` (same directory; the caller names it so
+    its own cleanup recognises a leftover), fsync, rename, directory fsync. ``temp`` is gone either way."""
+    try:
+        with temp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temp.replace(path)
+        fsync_directory(path.parent)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def remove_abandoned_temp_files(directory: Path) -> int:
     """Delete temp files in ``directory`` whose writer pid (on this host) no longer runs."""
     removed = 0
