@@ -1,23 +1,11 @@
-"""Fixtures of the serving tests: one tiny random model (built once per session) and its engine."""
+"""Fixtures of the serving tests: an engine on the suite's tiny random model (tests/conftest.py)."""
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from support.tiny_model import build_tiny_model
 
-from tracelearn.models import LoadedModel, load_model, resolve_model
+from tracelearn.models import LoadedModel
 from tracelearn.serving.engine import GenerationEngine
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-chat-model")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(resolve_model(str(tiny_model_dir)), device="cpu")
 
 
 @pytest.fixture(scope="session")
